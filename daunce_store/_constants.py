@@ -1,0 +1,34 @@
+"""Names and numbers of the on-disk format, in one place.
+
+A daunce store is a Zarr v3 hierarchy plus a small commit log of JSON records kept beside it under
+``_daunce/``. Readers trust commit records only: a column's chunks become visible to them once its
+record exists, and a record is created with an atomic create-if-absent put.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "daunce-store"
+ROOT_ATTR = "daunce_store"  # root group attribute holding {format, format_version, seed, ...}
+
+TRAIN_GROUP = "train"
+QUERIES_GROUP = "queries"
+IDS_ARRAY = "ids"
+LOSSES_ARRAY = "losses"
+
+# Commit log (create-if-absent JSON records under LOG_PREFIX).
+LOG_PREFIX = "_daunce"
+SLOTS_PREFIX = f"{LOG_PREFIX}/slots"  # slots/<slot>.json : a claimed physical column
+COMMITS_PREFIX = f"{LOG_PREFIX}/commits"  # commits/<perturbation>.json : a committed column
+QUERY_COMMITS_PREFIX = f"{LOG_PREFIX}/query-commits"  # query-commits/<set>/<perturbation>.json
+LEASES_PREFIX = f"{LOG_PREFIX}/leases"  # leases/<perturbation>/<generation>.json
+
+# Columns are pre-allocated: Zarr chunks are sparse, so an unwritten column costs nothing on disk, and a
+# fixed capacity means appends never rewrite array metadata (which concurrent writers could race on).
+DEFAULT_CAPACITY = 1 << 16
+# Rows per chunk of the per-column layout (see bench/RESULTS.md for the measurements behind it).
+DEFAULT_CHUNK_ROWS = 1 << 18
+DEFAULT_LEASE_SECONDS = 600.0
+
+# Environment variable that forces the pure-Python / numba paths even when the extension is built.
+NO_EXT_ENV = "DAUNCE_STORE_NO_EXT"

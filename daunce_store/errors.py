@@ -1,0 +1,75 @@
+"""One error hierarchy: every error daunce-store raises on purpose is a ``DaunceStoreError``.
+
+Each message says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DaunceStoreError",
+    "InvalidInputError",
+    "NotADaunceStoreError",
+    "StoreVersionError",
+    "StoreExistsError",
+    "UnknownQuerySetError",
+    "UnknownIdError",
+    "AlreadyCommittedError",
+    "LeaseError",
+    "NotEnoughColumnsError",
+    "CorruptChunkError",
+    "CapacityError",
+]
+
+
+class DaunceStoreError(ValueError):
+    """Base class of every error raised by daunce-store."""
+
+
+class InvalidInputError(DaunceStoreError):
+    """Bad user input: NaN/inf losses, wrong length or dtype, duplicate ids, bad names, bad k."""
+
+
+class NotADaunceStoreError(DaunceStoreError, FileNotFoundError):
+    """The path holds no daunce store (nothing there, or a foreign Zarr hierarchy)."""
+
+
+class StoreVersionError(DaunceStoreError):
+    """The store was written by a newer format version than this package reads."""
+
+
+class StoreExistsError(DaunceStoreError, FileExistsError):
+    """``init`` was pointed at a path that already holds a store."""
+
+
+class UnknownQuerySetError(DaunceStoreError, KeyError):
+    """A query-set name that the store does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownIdError(DaunceStoreError, KeyError):
+    """A train or query id that the store does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyCommittedError(DaunceStoreError):
+    """A perturbation id that already has a committed column; appends are idempotent per id."""
+
+
+class LeaseError(DaunceStoreError):
+    """A lease could not be taken or renewed (another live worker holds it)."""
+
+
+class NotEnoughColumnsError(DaunceStoreError):
+    """Scoring needs at least two committed perturbation columns."""
+
+
+class CorruptChunkError(DaunceStoreError):
+    """A chunk failed its checksum or could not be decoded; the message names the chunk."""
+
+
+class CapacityError(DaunceStoreError):
+    """The store has no free column slot left."""

@@ -1,0 +1,96 @@
+"""The numpy reference backend: blocked, exact, ties to the lower row index.
+
+Every other backend must return the same indices and scores (to float32 tolerance) as this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk"]
+
+
+def prepare_rows(x: np.ndarray, measure: str) -> np.ndarray:
+    """Center each row over the K columns; for ``corr`` also scale it to unit norm.
+
+    Then cov(i, j) = <a_i, b_j> / (K - 1) and corr(i, j) = <a_i, b_j> (DESIGN §1). A constant row has
+    zero norm; its correlation with anything is defined as 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    mean = x.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
+    xc = x - mean
+    if measure == "corr":
+        norm = np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64)).astype(np.float32)
+        scale = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+        xc *= scale[:, None]
+    return np.ascontiguousarray(xc, dtype=np.float32)
+
+
+def prepare_queries(q: np.ndarray, measure: str) -> np.ndarray:
+    """Queries prepared like rows; for ``cov`` the 1/(K - 1) is folded in here, once."""
+    qc = prepare_rows(q, measure)
+    if measure == "cov":
+        qc /= np.float32(max(q.shape[1] - 1, 1))
+    return qc
+
+
+def merge_topk(
+    best_idx: np.ndarray, best_val: np.ndarray, idx: np.ndarray, val: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k largest of (best ∪ new) by (value desc, index asc)."""
+    all_idx = np.concatenate([best_idx, idx])
+    all_val = np.concatenate([best_val, val])
+    order = np.lexsort((all_idx, -all_val))[:k]
+    return all_idx[order], all_val[order]
+
+
+def _select_block(scores: np.ndarray, offset: int, k: int, best: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Fold one block's scores (R, m) into each query's running top-k (largest first)."""
+    r = scores.shape[0]
+    kk = min(k, r)
+    # The block's own k-th largest per query; only entries >= max(that, running k-th) can enter.
+    block_kth = np.partition(scores, r - kk, axis=0)[r - kk]
+    for j, (bi, bv) in enumerate(best):
+        thr = block_kth[j]
+        if len(bv) == k:
+            thr = max(thr, bv[-1])
+        cand = np.flatnonzero(scores[:, j] >= thr)
+        best[j] = merge_topk(bi, bv, cand + offset, scores[cand, j], k)
+
+
+def topk_numpy(
+    blocks: Iterable[tuple[int, np.ndarray]],
+    queries: np.ndarray,
+    k: int,
+    measure: str = "cov",
+    sides: tuple[str, ...] = ("pos", "neg"),
+    queries_prepared: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Top-k train rows per query for each side: ``{side: (indices (m, k) int64, scores (m, k) f32)}``.
+
+    ``pos`` = largest scores (proponents), ``neg`` = smallest (opponents); ties go to the lower index.
+    With ``queries_prepared`` the queries are used as given (already through ``prepare_queries``, or a
+    mean of such rows for aggregate influence).
+    """
+    qp = np.ascontiguousarray(queries, np.float32) if queries_prepared else prepare_queries(queries, measure)
+    m = qp.shape[0]
+    empty = (np.empty(0, np.int64), np.empty(0, np.float32))
+    best = {side: [empty] * m for side in sides}
+    n = 0
+    for offset, block in blocks:
+        scores = prepare_rows(block, measure) @ qp.T  # (R, m); never more than one block at a time
+        n = max(n, offset + block.shape[0])
+        if "pos" in sides:
+            _select_block(scores, offset, k, best["pos"])
+        if "neg" in sides:
+            _select_block(-scores, offset, k, best["neg"])
+    if n < k:
+        raise ValueError(f"k={k} exceeds the number of rows {n}")
+    out = {}
+    for side in sides:
+        idx = np.stack([b[0] for b in best[side]]).astype(np.int64)
+        val = np.stack([b[1] for b in best[side]]).astype(np.float32)
+        out[side] = (idx, val if side == "pos" else -val)
+    return out

@@ -1,0 +1,21 @@
+"""The loss store: Zarr arrays of per-example losses plus an atomic commit log."""
+
+from __future__ import annotations
+
+from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
+from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, init_store, open_store
+from daunce_store.store._storage import Storage
+
+__all__ = [
+    "Commit",
+    "Lease",
+    "LossStore",
+    "Snapshot",
+    "Storage",
+    "init_store",
+    "open_store",
+    "read_ids",
+    "read_losses",
+    "validate_ids",
+    "validate_losses",
+]

@@ -1,0 +1,109 @@
+"""Where a store lives: one object-store client for the commit log, one Zarr store for the arrays.
+
+Both local paths and URLs (``s3://``, ``gs://``, ``az://``, ``memory://``) go through obstore, whose
+``put(..., mode="create")`` is the one atomic primitive the commit log needs: ``link``/``O_EXCL`` on a
+local disk, a conditional put (``If-None-Match: *``) on an object store. So the same code is safe
+across processes on one machine and across machines on shared storage; no local file lock is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import obstore
+import obstore.store
+import zarr.storage
+
+__all__ = ["Storage"]
+
+
+class Storage:
+    """A store location: small JSON records (commit log) plus the Zarr store for the arrays.
+
+    Parameters
+    ----------
+    url
+        A local path, ``file://`` URL or any URL obstore understands (``s3://bucket/prefix``, ...).
+    storage_options
+        Passed to :func:`obstore.store.from_url` for URLs, e.g. ``{"endpoint": "http://127.0.0.1:9000",
+        "access_key_id": ..., "secret_access_key": ..., "client_options": {"allow_http": True}}``.
+    """
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        url = os.fspath(url)
+        parsed = urlparse(url)
+        self.url = url
+        self.is_local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
+        options = dict(storage_options or {})
+        if self.is_local:
+            path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
+            self.path: Path | None = path
+            self._log = obstore.store.LocalStore(str(path), mkdir=True) if path.exists() else None
+            self._zarr_store: zarr.storage.StoreLike = zarr.storage.LocalStore(str(path))
+        else:
+            self.path = None
+            if parsed.scheme == "memory":
+                self._log = obstore.store.MemoryStore()
+            else:
+                self._log = obstore.store.from_url(url, **options)
+            self._zarr_store = zarr.storage.ObjectStore(self._log)
+
+    # --- the commit log: small JSON records ---------------------------------------------------
+    def _log_store(self) -> Any:
+        if self._log is None:  # local path created after this object was made (init)
+            assert self.path is not None
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._log = obstore.store.LocalStore(str(self.path), mkdir=True)
+        return self._log
+
+    def exists(self) -> bool:
+        """Whether anything is stored at this location (a local directory, or any object under it)."""
+        if self.is_local:
+            assert self.path is not None
+            return self.path.exists() and any(self.path.iterdir())
+        return len(obstore.list(self._log_store(), chunk_size=1).collect()) > 0
+
+    def put_if_absent(self, key: str, record: dict[str, Any]) -> bool:
+        """Atomically create ``key`` holding ``record``; False when it already exists (nothing written)."""
+        data = json.dumps(record, sort_keys=True).encode()
+        try:
+            obstore.put(self._log_store(), key, data, mode="create")
+        except obstore.exceptions.AlreadyExistsError:
+            return False
+        return True
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        """Write ``key`` (whole-object replace, atomic on both local disks and object stores)."""
+        obstore.put(self._log_store(), key, json.dumps(record, sort_keys=True).encode())
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(bytes(obstore.get(self._log_store(), key).bytes()))
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (recursively), sorted."""
+        try:
+            listing = obstore.list(self._log_store(), prefix).collect()
+        except FileNotFoundError:
+            return []
+        return sorted(str(o["path"]) for o in listing)
+
+    def delete(self, key: str) -> None:
+        try:
+            obstore.delete(self._log_store(), key)
+        except FileNotFoundError:
+            pass
+
+    def size_bytes(self) -> int:
+        """Bytes stored at this location (all objects)."""
+        return sum(int(o["size"]) for o in obstore.list(self._log_store()).collect())
+
+    @property
+    def zarr_store(self) -> zarr.storage.StoreLike:
+        return self._zarr_store
