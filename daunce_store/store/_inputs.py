@@ -69,9 +69,22 @@ def validate_ids(ids: object, *, what: str = "ids") -> np.ndarray:
         raise InvalidInputError(f"{what}: expected a non-empty 1-d list of ids, got shape {arr.shape}")
     if arr.dtype.kind not in "iuUTO":
         raise InvalidInputError(f"{what}: ids must be strings or integers, got dtype {arr.dtype}")
-    strings = np.array([str(x) for x in arr.tolist()], dtype=object)
-    if any(s == "" for s in strings):
-        raise InvalidInputError(f"{what}: ids must not be empty strings")
+    values = arr.tolist()
+    missing = [i for i, x in enumerate(values) if x is None or (isinstance(x, float) and x != x)]
+    if missing:
+        raise InvalidInputError(
+            f"{what}: {len(missing)} ids are missing (None/NaN, first at position {missing[0]}); "
+            "every example needs an id"
+        )
+    if arr.dtype.kind == "O" and any(not isinstance(x, (str, int, np.integer)) or isinstance(x, bool) for x in values):
+        bad = next(x for x in values if not isinstance(x, (str, int, np.integer)) or isinstance(x, bool))
+        raise InvalidInputError(f"{what}: ids must be strings or integers, got {type(bad).__name__} {bad!r}")
+    strings = np.array([str(x) for x in values], dtype=object)
+    blank = [i for i, s in enumerate(strings) if not s.strip()]
+    if blank:
+        raise InvalidInputError(
+            f"{what}: ids must not be empty or blank strings (first at position {blank[0]})"
+        )
     uniq, counts = np.unique(strings.astype(str), return_counts=True)
     if len(uniq) != len(strings):
         dupes = uniq[counts > 1][:5].tolist()
@@ -90,7 +103,8 @@ def validate_losses(values: object, n: int, *, what: str) -> np.ndarray:
         raise InvalidInputError(
             f"{what}: expected {n} losses (one per example, in id order), got shape {arr.shape}"
         )
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as inf
+        out = arr.astype(np.float32)
     bad = ~np.isfinite(out)
     if bad.any():
         first = np.flatnonzero(bad)[:5].tolist()

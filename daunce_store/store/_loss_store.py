@@ -61,7 +61,7 @@ def _now() -> str:
 
 
 def _check_query_set_name(name: str) -> str:
-    if not isinstance(name, str) or not name.isidentifier():
+    if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
         raise InvalidInputError(
             f"query-set name {name!r} is not a plain identifier; use letters, digits and '_' "
             "(not starting with a digit), e.g. 'test' or 'backdoor_queries'"
@@ -158,10 +158,11 @@ class LossStore:
         self.mode = mode
         try:
             self._root = zarr.open_group(storage.zarr_store, mode="r" if mode == "r" else "r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError) as e:
+            # No zarr.json, a Zarr array instead of a group, or metadata that does not parse.
             raise NotADaunceStoreError(
-                f"{storage.url} is not a daunce store (no Zarr group there); create one with "
-                "`daunce init` or daunce_store.init()"
+                f"{storage.url} is not a daunce store (no readable Zarr group there: {type(e).__name__}); "
+                "create one with `daunce init` or daunce_store.init()"
             ) from e
         attrs = self._root.attrs.get(C.ROOT_ATTR)
         if not isinstance(attrs, dict) or attrs.get("format") != C.FORMAT_NAME:
@@ -654,6 +655,8 @@ def init_store(
     if capacity < 2 or chunk_rows < 1:
         raise InvalidInputError("capacity must be >= 2 and chunk_rows >= 1")
     storage = Storage(url, storage_options)
+    if storage.is_file:
+        raise StoreExistsError(f"{storage.url} is a file; a store is a directory, so pick another path")
     if storage.exists():
         raise StoreExistsError(f"{storage.url} already holds data; open it, or pick an empty path")
     root = zarr.open_group(storage.zarr_store, mode="w")
@@ -676,6 +679,8 @@ def open_store(url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", stora
     if mode not in ("r", "a"):
         raise InvalidInputError(f"mode must be 'r' or 'a', not {mode!r}")
     storage = Storage(url, storage_options)
+    if storage.is_file:
+        raise NotADaunceStoreError(f"{storage.url} is a file, not a daunce store (a directory made by `daunce init`)")
     if not storage.exists():
         raise NotADaunceStoreError(f"{storage.url}: nothing there; create a store with `daunce init`")
     return LossStore(storage, mode=mode)

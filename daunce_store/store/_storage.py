@@ -42,7 +42,7 @@ class Storage:
         if self.is_local:
             path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
             self.path: Path | None = path
-            self._log = obstore.store.LocalStore(str(path), mkdir=True) if path.exists() else None
+            self._log = obstore.store.LocalStore(str(path), mkdir=True) if path.is_dir() else None
             self._zarr_store: zarr.storage.StoreLike = zarr.storage.LocalStore(str(path))
         else:
             self.path = None
@@ -60,12 +60,21 @@ class Storage:
             self._log = obstore.store.LocalStore(str(self.path), mkdir=True)
         return self._log
 
+    @property
+    def is_file(self) -> bool:
+        """Whether a local path names a plain file (never a store; nothing may be created there)."""
+        return self.path is not None and self.path.is_file()
+
     def exists(self) -> bool:
-        """Whether anything is stored at this location (a local directory, or any object under it)."""
+        """Whether anything is stored at this location (a file, a non-empty directory, or any object
+        under the prefix)."""
         if self.is_local:
             assert self.path is not None
-            return self.path.exists() and any(self.path.iterdir())
-        return len(obstore.list(self._log_store(), chunk_size=1).collect()) > 0
+            if self.path.is_file():
+                return True
+            return self.path.is_dir() and any(self.path.iterdir())
+        stream = obstore.list(self._log_store(), chunk_size=1)
+        return next(iter(stream), None) is not None
 
     def put_if_absent(self, key: str, record: dict[str, Any]) -> bool:
         """Atomically create ``key`` holding ``record``; False when it already exists (nothing written)."""

@@ -1,0 +1,67 @@
+"""Helpers shared by the store tests: store locations and deterministic loss columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import obstore
+import obstore.store
+
+import daunce_store
+
+BUCKET = "daunce-test"
+
+
+class Location:
+    """Where a test's stores live: ``url(name)`` gives a fresh store URL, ``options`` the
+    storage_options to pass with it (None for local paths)."""
+
+    def __init__(self, kind: str, root: str, options: dict[str, Any] | None):
+        self.kind = kind
+        self.root = root
+        self.options = options
+
+    def url(self, name: str = "s.zarr") -> str:
+        return f"{self.root}/{name}"
+
+    def init(self, name: str = "s.zarr", *args: Any, **kwargs: Any) -> daunce_store.LossStore:
+        return daunce_store.init(self.url(name), *args, storage_options=self.options, **kwargs)
+
+    def open(self, name: str = "s.zarr", mode: str = "a") -> daunce_store.LossStore:
+        return daunce_store.open(self.url(name), mode=mode, storage_options=self.options)  # type: ignore[arg-type]
+
+    def objects(self, name: str = "s.zarr") -> dict[str, bytes]:
+        """Every object stored under the store URL with its bytes: equal before and after a refused
+        write means the store is unchanged bit for bit (data, metadata and commit log)."""
+        url = self.url(name)
+        if self.kind == "local":
+            root = Path(url)
+            if not root.exists():
+                return {}
+            if root.is_file():
+                return {"": root.read_bytes()}
+            return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        client = obstore.store.from_url(url, **(self.options or {}))
+        keys = sorted(str(o["path"]) for o in obstore.list(client).collect())
+        return {k: bytes(obstore.get(client, k).bytes()) for k in keys}
+
+    def __repr__(self) -> str:
+        return f"Location({self.kind})"
+
+
+
+def column(pid: int, n: int, salt: int = 0) -> np.ndarray:
+    """The deterministic float32 loss column of perturbation ``pid`` (so any process can check it)."""
+    return np.random.default_rng([pid, n, salt]).standard_normal(n).astype(np.float32)
+
+
+def fill(store: daunce_store.LossStore, pids: range | list[int], query_set: str | None = "test") -> None:
+    """Append the deterministic columns of ``pids`` (train, and ``query_set`` when given)."""
+    for pid in pids:
+        queries = {}
+        if query_set is not None:
+            m = store.query_sets()[query_set]
+            queries[query_set] = column(pid, m, salt=1)
+        store.append(f"p{pid}", column(pid, store.n_train), queries, metadata={"seed": pid})
