@@ -89,6 +89,17 @@ class Storage:
         """Write ``key`` (whole-object replace, atomic on both local disks and object stores)."""
         obstore.put(self._log_store(), key, json.dumps(record, sort_keys=True).encode())
 
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write raw bytes at ``key`` (e.g. a perturbation's adapter weights); whole-object replace."""
+        obstore.put(self._log_store(), key, bytes(data))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The raw bytes at ``key``, or None when there is nothing."""
+        try:
+            return bytes(obstore.get(self._log_store(), key).bytes())
+        except FileNotFoundError:
+            return None
+
     def get(self, key: str) -> dict[str, Any] | None:
         try:
             return json.loads(bytes(obstore.get(self._log_store(), key).bytes()))

@@ -1,0 +1,170 @@
+"""The perturbation config: one dataclass, saved into every commit's metadata, loadable from YAML.
+
+This module does not import torch, so a config can be read and validated from the scoring install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from daunce_store.errors import InvalidInputError
+
+__all__ = ["PerturbConfig", "DEFAULT_LORA"]
+
+# The reference LLM setting of the Daunce paper: LoRA on the MLP projections.
+DEFAULT_LORA: dict[str, Any] = {
+    "r": 64,
+    "alpha": 16,
+    "dropout": 0.05,
+    "target_modules": ["gate_proj", "up_proj", "down_proj"],  # Llama-style MLP; GPT-2: ["c_fc", "mlp.c_proj"]
+}
+
+_OBJECTIVES = ("if", "fisher", "blackbox")
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+_SCHEDULERS = ("cosine", "linear", "constant")
+_PRECISIONS = ("fp32", "bf16")
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclasses.dataclass
+class PerturbConfig:
+    """How each perturbation k fine-tunes the target model (DESIGN §1). Field help: ``PerturbConfig.help()``.
+
+    Examples
+    --------
+    >>> cfg = PerturbConfig(objective="fisher", ratio=0.5, epochs=3, lr=1e-2)
+    >>> cfg.to_dict()["objective"]
+    'fisher'
+    >>> PerturbConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    objective: str = _field("if", "Objective form: 'if' (influence-function form, c = 1 + rho(2 xi - 1)), "
+                            "'fisher' (squared loss change, c = rho(2 xi - 1)) or 'blackbox' (plain fine-tuning on D_k).")
+    ratio: float = _field(0.3, "Fraction r of the training set drawn into the random subset D_k.")
+    rho: float = _field(1.0, "Strength rho of the random per-example weights c_ik.")
+    gamma: float = _field(1.0, "Weight gamma of the loss-change term.")
+    epochs: int = _field(3, "Passes over D_k (ignored when max_steps is set).")
+    max_steps: int | None = _field(None, "Optimizer steps per perturbation (cycling over D_k); overrides epochs. "
+                                   "The usual setting for LLMs.")
+    batch_size: int = _field(32, "Training batch size.")
+    lr: float = _field(1e-3, "Peak learning rate.")
+    weight_decay: float = _field(0.0, "Weight decay of the optimizer.")
+    optimizer: str = _field("adamw", "'adamw', 'adam' or 'sgd'.")
+    scheduler: str = _field("cosine", "Learning-rate schedule after warm-up: 'cosine', 'linear' or 'constant'.")
+    warmup_ratio: float = _field(0.03, "Fraction of the steps spent in linear warm-up.")
+    eval_batch_size: int = _field(256, "Batch size of the no-grad evaluation passes over train and query sets.")
+    device: str = _field("cpu", "Torch device: 'cpu', 'cuda', 'cuda:1', ...")
+    precision: str = _field("fp32", "'fp32', or 'bf16' (autocast; meant for GPUs).")
+    lora: dict[str, Any] | None = _field(None, "LoRA adapter settings (keys r, alpha, dropout, target_modules); "
+                                         "None fine-tunes all trainable parameters. `lora: {}` gives the reference "
+                                         "r=64, alpha=16, dropout=0.05 on the MLP projections.")
+    keep_adapters: bool = _field(False, "Keep each perturbation's trained weights (the LoRA adapter, or the full "
+                                 "state) in the store under _daunce/adapters/, so a query set added later can be "
+                                 "evaluated under the same K models.")
+    lease_seconds: float = _field(600.0, "Lease time-to-live; a worker renews it while it trains, and another "
+                                  "worker takes over the perturbation of a worker silent for this long.")
+    num_perturbations: int | None = _field(None, "K: workers stop when perturbations 0..K-1 are committed "
+                                           "(`daunce perturb --until` overrides).")
+    factory: str | None = _field(None, "For `daunce perturb`: 'package.module:function' or 'path/file.py:function' "
+                                 "returning (model, task, train_data, query_data).")
+    factory_kwargs: dict[str, Any] = _field({}, "Keyword arguments passed to the factory.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidInputError(f"perturbation config: {msg}")
+
+        if self.objective not in _OBJECTIVES:
+            bad(f"objective {self.objective!r} is not one of {', '.join(_OBJECTIVES)}")
+        if not 0.0 < float(self.ratio) <= 1.0:
+            bad(f"ratio {self.ratio} must be in (0, 1]")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            bad(f"max_steps {self.max_steps} must be >= 1 (or null to use epochs)")
+        if int(self.epochs) < 1 and self.max_steps is None:
+            bad(f"epochs {self.epochs} must be >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1")
+        if float(self.lr) <= 0:
+            bad(f"lr {self.lr} must be > 0")
+        if self.optimizer not in _OPTIMIZERS:
+            bad(f"optimizer {self.optimizer!r} is not one of {', '.join(_OPTIMIZERS)}")
+        if self.scheduler not in _SCHEDULERS:
+            bad(f"scheduler {self.scheduler!r} is not one of {', '.join(_SCHEDULERS)}")
+        if not 0.0 <= float(self.warmup_ratio) < 1.0:
+            bad(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.precision not in _PRECISIONS:
+            bad(f"precision {self.precision!r} is not one of {', '.join(_PRECISIONS)}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                bad("lora must be a mapping (r, alpha, dropout, target_modules) or null")
+            unknown = set(self.lora) - set(DEFAULT_LORA)
+            if unknown:
+                bad(f"unknown lora keys {sorted(unknown)}; known: {sorted(DEFAULT_LORA)}")
+        if float(self.lease_seconds) <= 0:
+            bad("lease_seconds must be > 0")
+        if self.num_perturbations is not None and int(self.num_perturbations) < 1:
+            bad("num_perturbations must be >= 1")
+        if self.factory is not None and (not isinstance(self.factory, str) or ":" not in self.factory):
+            bad(f"factory {self.factory!r} must look like 'package.module:function' or 'file.py:function'")
+        if not isinstance(self.factory_kwargs, dict):
+            bad("factory_kwargs must be a mapping")
+
+    def lora_settings(self) -> dict[str, Any] | None:
+        """The LoRA settings with the reference defaults filled in, or None for full fine-tuning."""
+        return None if self.lora is None else {**DEFAULT_LORA, **self.lora}
+
+    # --- (de)serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PerturbConfig:
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"perturbation config must be a mapping, not {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"perturbation config: unknown keys {unknown}; known keys: {sorted(known)} "
+                "(see PerturbConfig.help())"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> PerturbConfig:
+        """Read a config from a YAML file (``yaml.safe_load``; keys are the field names)."""
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError as e:
+            raise InvalidInputError(f"config file {os.fspath(path)!r} does not exist") from e
+        except yaml.YAMLError as e:
+            raise InvalidInputError(f"config file {os.fspath(path)!r} is not valid YAML: {e}") from e
+        return cls.from_dict(data or {})
+
+    def replace(self, **changes: Any) -> PerturbConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: name, default and what it means."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+        return "\n".join(lines)

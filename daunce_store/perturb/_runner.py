@@ -1,0 +1,517 @@
+"""Run perturbations: draw D_k and xi_k, fine-tune a copy of theta0 with the Daunce objective, evaluate
+the signal of every train and query example, append the column to the store."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import math
+import platform
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from daunce_store.errors import AlreadyCommittedError, InvalidInputError, LeaseError
+from daunce_store.perturb._config import PerturbConfig
+from daunce_store.perturb._objective import batch_objective, perturbation_weights
+from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
+from daunce_store.perturb._task import Task
+
+__all__ = [
+    "run_perturbation",
+    "run_worker",
+    "draw_perturbation",
+    "evaluate_signal",
+    "perturbation_id",
+    "adapter_key",
+    "evaluate_stored",
+]
+
+ADAPTERS_PREFIX = "_daunce/adapters"
+
+
+def perturbation_id(k: int) -> str:
+    """The store id of perturbation k: ``f"{k:06d}"``."""
+    return f"{int(k):06d}"
+
+
+def adapter_key(perturbation: str) -> str:
+    return f"{ADAPTERS_PREFIX}/{perturbation}.safetensors"
+
+
+# --- randomness ----------------------------------------------------------------------------------
+def _seed_sequence(store_seed: int, k: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(store_seed), int(k)])
+
+
+def draw_perturbation(store_seed: int, k: int, n: int, ratio: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Perturbation k's random subset D_k (indices, in a random order), xi_k ~ U(0, 1) for every train
+    example, and the torch seed of its fine-tune; all from (store seed, k) only."""
+    ss = _seed_sequence(store_seed, k)
+    rng = np.random.default_rng(ss)
+    size = max(1, int(round(ratio * n)))
+    subset = rng.choice(n, size=size, replace=False)
+    xi = rng.random(n)
+    torch_seed = int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+    return subset, xi, torch_seed
+
+
+# --- batches -----------------------------------------------------------------------------------------
+def _fetch(data: Any, idx: np.ndarray, task: Task) -> Any:
+    if isinstance(data, torch.utils.data.TensorDataset) and type(task).collate is Task.collate:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return tuple(x[t] for x in data.tensors)  # what default_collate of the items gives, without the loop
+    return task.collate([data[int(i)] for i in idx])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _autocast(config: PerturbConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if config.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(order: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for s in range(0, len(order), size):
+        yield order[s : s + size]
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+def evaluate_signal(
+    model: torch.nn.Module,
+    task: Task,
+    data: Any,
+    config: PerturbConfig,
+    reporter: Reporter | None = None,
+    label: str = "",
+) -> np.ndarray:
+    """``task.signal`` of every item of ``data`` under ``model``, in order, batched and without grad."""
+    device = torch.device(config.device)
+    reporter = reporter or NullReporter()
+    n = len(data)
+    out = np.empty(n, dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    reporter.begin(label, "eval", math.ceil(n / config.eval_batch_size))
+    try:
+        with torch.no_grad(), _autocast(config, device):
+            for idx in _batches(np.arange(n), config.eval_batch_size):
+                batch = _to_device(_fetch(data, idx, task), device)
+                values = task.signal(task.outputs(model, batch), batch)
+                if values.shape != (len(idx),):
+                    raise InvalidInputError(
+                        f"{type(task).__name__}.signal returned shape {tuple(values.shape)} for a batch of "
+                        f"{len(idx)}; it must return one value per example"
+                    )
+                out[idx] = values.float().cpu().numpy()
+                reporter.advance()
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --- the model being fine-tuned --------------------------------------------------------------------------
+class _Prepared:
+    """The model to fine-tune, theta0's outputs, and how to save the trained weights."""
+
+    def __init__(self, model: torch.nn.Module, reference: Callable[[Any], torch.Tensor], state: Callable[[], dict[str, torch.Tensor]]):
+        self.model = model
+        self.reference = reference
+        self.state = state
+
+
+@contextlib.contextmanager
+def _prepared(model: torch.nn.Module, task: Task, config: PerturbConfig, torch_seed: int) -> Iterator[_Prepared]:
+    lora = config.lora_settings()
+    if lora is None:
+        # Full fine-tuning: a copy is trained, the caller's model stays theta0 (frozen, eval mode).
+        work = copy.deepcopy(model)
+        work.train()
+
+        def reference(batch: Any) -> torch.Tensor:
+            was = model.training
+            model.eval()
+            try:
+                return task.outputs(model, batch)
+            finally:
+                model.train(was)
+
+        yield _Prepared(work, reference, lambda: {k: v.detach() for k, v in work.state_dict().items()})
+        return
+
+    # LoRA: inject fresh adapters into the caller's model, train them, take them out again. theta0's
+    # outputs are the same model with the adapters disabled, so one copy of the weights is enough.
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    torch.manual_seed(torch_seed)  # the adapters' initialization is part of perturbation k
+    peft_config = LoraConfig(
+        r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+        target_modules=list(lora["target_modules"]) if not isinstance(lora["target_modules"], str) else lora["target_modules"],
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise InvalidInputError(
+            f"could not add LoRA adapters ({e}); set lora.target_modules to the names of the model's "
+            "linear layers, e.g. ['gate_proj', 'up_proj', 'down_proj'] for Llama-style models"
+        ) from e
+    peft_model.train()
+
+    def reference_lora(batch: Any) -> torch.Tensor:
+        was = peft_model.training
+        peft_model.eval()
+        try:
+            with peft_model.disable_adapter():
+                return task.outputs(peft_model, batch)
+        finally:
+            peft_model.train(was)
+
+    try:
+        yield _Prepared(peft_model, reference_lora, lambda: get_peft_model_state_dict(peft_model))
+    finally:
+        peft_model.unload()  # removes the adapter layers, restoring the original modules
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in getattr(model, "__dict__", {}):
+                delattr(model, attr)
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: PerturbConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.9)
+
+
+def _schedule(config: PerturbConfig, total: int) -> Callable[[int], float]:
+    warmup = int(config.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if config.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _training_order(subset: np.ndarray, config: PerturbConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """The batches of the fine-tune: epochs over D_k, or max_steps batches cycling over D_k."""
+    batches: list[np.ndarray] = []
+    target = config.max_steps
+    while True:
+        order = rng.permutation(subset)
+        for b in _batches(order, config.batch_size):
+            batches.append(b)
+            if target is not None and len(batches) == target:
+                return batches
+        if target is None and len(batches) >= config.epochs * math.ceil(len(subset) / config.batch_size):
+            return batches
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, shapes, dtypes, values); cached per model."""
+    if model not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _FINGERPRINTS[model] = h.hexdigest()
+    return _FINGERPRINTS[model]
+
+
+class _Heartbeat:
+    """Renews a lease from a background thread while the perturbation trains and evaluates."""
+
+    def __init__(self, store: Any, lease: Any, ttl: float):
+        self.lease = lease
+        self.lost: Exception | None = None
+        self._store, self._ttl = store, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.perturbation}", daemon=True) if lease else None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl / 3.0):
+            try:
+                self.lease = self._store.renew(self.lease, ttl=self._ttl)
+            except LeaseError as e:
+                self.lost = e
+                return
+            except Exception:  # a transient storage error: try again at the next beat
+                continue
+
+    def __enter__(self) -> _Heartbeat:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _check_sizes(store: Any, train_data: Any, query_data: Mapping[str, Any]) -> None:
+    if len(train_data) != store.n_train:
+        raise InvalidInputError(
+            f"train_data has {len(train_data)} examples but the store has {store.n_train} train ids; "
+            "pass the training set in the store's id order"
+        )
+    sets = store.query_sets()
+    for name, data in query_data.items():
+        if name not in sets:
+            raise InvalidInputError(
+                f"query set {name!r} is not in the store (it has: {', '.join(sets) or 'none'}); "
+                "add it with `daunce add-queries` first"
+            )
+        if len(data) != sets[name]:
+            raise InvalidInputError(f"query set {name!r} has {len(data)} examples but the store has {sets[name]} ids")
+
+
+# --- one perturbation -----------------------------------------------------------------------------------
+def run_perturbation(
+    store: Any,
+    k: int,
+    model: torch.nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Mapping[str, Any] | None,
+    config: PerturbConfig,
+    *,
+    lease: Any = None,
+    reporter: Reporter | None = None,
+) -> Any:
+    """Run perturbation ``k`` and append its column to ``store``; returns the :class:`~daunce_store.Commit`.
+
+    Seeds come from ``(store.seed, k)``: the subset D_k, the weights xi_k, the batch order and the
+    initialization of LoRA adapters, so re-running k gives the same column (on the same hardware and
+    thread count). ``model`` is theta0; it is left unchanged (LoRA adapters are added and removed in
+    place; full fine-tuning trains a copy). With ``lease`` the lease is renewed while training.
+
+    Examples
+    --------
+    >>> commit = run_perturbation(store, 0, model, ClassificationTask(), train, {"test": test},
+    ...                           PerturbConfig(epochs=2, lr=1e-2))          # doctest: +SKIP
+    """
+    query_data = dict(query_data or {})
+    _check_sizes(store, train_data, query_data)
+    reporter = reporter or NullReporter()
+    pid = perturbation_id(k)
+    device = torch.device(config.device)
+    model.to(device)
+    fingerprint = model_fingerprint(model)
+    subset, xi, torch_seed = draw_perturbation(store.seed, k, len(train_data), config.ratio)
+    c_all = torch.as_tensor(perturbation_weights(xi, config.objective, config.rho), dtype=torch.float32)
+    rng = np.random.default_rng(_seed_sequence(store.seed, k).spawn(1)[0])
+    order = _training_order(subset, config, rng)
+
+    with _Heartbeat(store, lease, config.lease_seconds) as beat:
+        torch.manual_seed(torch_seed)
+        t0 = time.perf_counter()
+        with _prepared(model, task, config, torch_seed) as prep:
+            params = list(task.trainable_parameters(prep.model))
+            if not params:
+                raise InvalidInputError("the task's trainable_parameters(model) is empty; nothing to fine-tune")
+            opt = _optimizer(params, config)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, len(order)))
+            reporter.begin(pid, "train", len(order))
+            losses_seen = []
+            for idx in order:
+                if beat.lost is not None:
+                    raise beat.lost
+                batch = _to_device(_fetch(train_data, idx, task), device)
+                c = c_all[torch.as_tensor(idx, dtype=torch.long)].to(device)
+                with _autocast(config, device):
+                    obj = batch_objective(task, prep.model, batch, c, config.objective, config.gamma, prep.reference)
+                if not torch.isfinite(obj):
+                    raise InvalidInputError(
+                        f"perturbation {pid}: the objective became {obj.item()} (diverged); lower lr or rho"
+                    )
+                opt.zero_grad(set_to_none=True)
+                obj.backward()
+                opt.step()
+                sched.step()
+                losses_seen.append(float(obj.detach()))
+                reporter.advance()
+            t_train = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            train_signal = evaluate_signal(prep.model, task, train_data, config, reporter, f"{pid} train")
+            query_signal = {
+                name: evaluate_signal(prep.model, task, data, config, reporter, f"{pid} {name}")
+                for name, data in query_data.items()
+            }
+            t_eval = time.perf_counter() - t1
+            adapter = None
+            if config.keep_adapters:
+                adapter = adapter_key(pid)
+                _save_state(store, adapter, prep.state())
+        if beat.lost is not None:
+            raise beat.lost
+    n_eval = len(train_data) + sum(len(d) for d in query_data.values())
+    metadata = {
+        "source": "daunce_store.perturb",
+        "perturbation_index": int(k),
+        "seed": [store.seed, int(k)],
+        "torch_seed": torch_seed,
+        "objective": config.objective,
+        "config": {key: v for key, v in config.to_dict().items()},
+        "task": task.describe(),
+        "subset_size": int(len(subset)),
+        "steps": len(order),
+        "final_objective": losses_seen[-1] if losses_seen else None,
+        "model_sha256": fingerprint,
+        "train_ids_sha256": hashlib.sha256("\n".join(store.train_ids.tolist()).encode()).hexdigest(),
+        "train_seconds": round(t_train, 4),
+        "eval_seconds": round(t_eval, 4),
+        "eval_examples_per_second": round(n_eval / max(t_eval, 1e-9), 1),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "host": platform.node(),
+        "adapter": adapter,
+    }
+    return store.append(pid, train_signal, query_signal, metadata=metadata, lease=beat.lease)
+
+
+# --- keeping the trained weights -----------------------------------------------------------------------------
+def _save_state(store: Any, key: str, state: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    store._storage.put_bytes(key, save(tensors))
+
+
+def _load_state(store: Any, key: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    data = store._storage.get_bytes(key)
+    if data is None:
+        raise InvalidInputError(f"{store.url} has no stored weights at {key!r}; run perturb with keep_adapters: true")
+    return load(data)
+
+
+def evaluate_stored(
+    store: Any,
+    model: torch.nn.Module,
+    task: Task,
+    name: str,
+    query_data: Any,
+    config: PerturbConfig,
+    *,
+    reporter: Reporter | None = None,
+) -> list[str]:
+    """Evaluate query set ``name`` under every committed perturbation whose weights the store kept,
+    and add the losses to those columns (:meth:`LossStore.append_query_losses`). Returns the ids filled."""
+    _check_sizes(store, [None] * store.n_train, {name: query_data})
+    reporter = reporter or NullReporter()
+    device = torch.device(config.device)
+    model.to(device)
+    snap = store.snapshot()
+    have = set(snap.query_slots.get(name, ()))
+    done = []
+    for commit in snap.commits:
+        key = commit.metadata.get("adapter")
+        if commit.slot in have or not key:
+            continue
+        cfg = PerturbConfig.from_dict(commit.metadata["config"]).replace(device=config.device, eval_batch_size=config.eval_batch_size)
+        state = _load_state(store, key)
+        with _prepared(model, task, cfg, 0) as prep:
+            if cfg.lora is None:
+                prep.model.load_state_dict(state)
+            else:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(prep.model, state)
+            values = evaluate_signal(prep.model, task, query_data, cfg, reporter, f"{commit.perturbation} {name}")
+        try:
+            store.append_query_losses(commit.perturbation, name, values)
+        except AlreadyCommittedError:
+            continue
+        done.append(commit.perturbation)
+    return done
+
+
+# --- a worker --------------------------------------------------------------------------------------------
+def run_worker(
+    store: Any,
+    model: torch.nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Mapping[str, Any] | None,
+    config: PerturbConfig,
+    *,
+    until: int,
+    worker: str | None = None,
+    progress: bool | Reporter = True,
+    poll_seconds: float | None = None,
+) -> list[Any]:
+    """Claim, run and commit perturbations ``0..until-1`` until every one of them is committed.
+
+    Several workers (threads, processes, machines) pointed at one store share the work through leases:
+    a worker that dies mid-run stops renewing its lease, and once it expires another worker redoes that
+    perturbation; a column is never committed twice. When every remaining perturbation is leased by a
+    live worker this one waits (``poll_seconds``, default a quarter of the lease) for them to finish or
+    expire. Returns the commits this worker made.
+    """
+    if int(until) < 1:
+        raise InvalidInputError(f"until={until}: ask for at least one perturbation")
+    query_data = dict(query_data or {})
+    _check_sizes(store, train_data, query_data)
+    reporter: Reporter
+    if isinstance(progress, Reporter):
+        reporter = progress
+    else:
+        reporter = RichReporter(worker=worker or "") if progress else NullReporter()
+    ids = [perturbation_id(k) for k in range(int(until))]
+    wait = poll_seconds if poll_seconds is not None else min(5.0, config.lease_seconds / 4)
+    commits: list[Any] = []
+    try:
+        while True:
+            committed = {c.perturbation for c in store.commits()}
+            remaining = [p for p in ids if p not in committed]
+            reporter.perturbations(len(ids), len(ids) - len(remaining))
+            if not remaining:
+                return commits
+            lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
+            if lease is None:
+                time.sleep(wait)
+                continue
+            try:
+                commits.append(
+                    run_perturbation(
+                        store, int(lease.perturbation), model, task, train_data, query_data, config,
+                        lease=lease, reporter=reporter,
+                    )
+                )
+            except (LeaseError, AlreadyCommittedError):
+                continue  # another worker took this one over; move on
+    finally:
+        reporter.close()

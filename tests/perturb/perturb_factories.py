@@ -1,0 +1,56 @@
+"""Model factories for the perturbation tests (``daunce perturb`` loads them by file path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from daunce_store.perturb import ClassificationTask
+
+N_TRAIN = 1200
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits, split 1200 train / 597 test in a fixed random order."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    tr, te = order[:N_TRAIN], order[N_TRAIN:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def digits_ids() -> tuple[list[str], list[str]]:
+    _, ytr, _, yte = digits_arrays()
+    return [f"train-{i}" for i in range(len(ytr))], [f"test-{j}" for j in range(len(yte))]
+
+
+def train_logreg(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 200) -> torch.nn.Linear:
+    """The target model theta0: L2-regularized multinomial logistic regression, trained to its optimum
+    by L-BFGS from zeros (deterministic, so retraining on a subset differs only by the data)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], 10)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xt), yt) + 0.5 * l2 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+def digits(l2: float = 1e-3, signal: str = "loss"):
+    """(model, task, train_data, query_data) for `daunce perturb`."""
+    xtr, ytr, xte, yte = digits_arrays()
+    model = train_logreg(xtr, ytr, l2)
+    train = torch.utils.data.TensorDataset(torch.as_tensor(xtr), torch.as_tensor(ytr))
+    test = torch.utils.data.TensorDataset(torch.as_tensor(xte), torch.as_tensor(yte))
+    return model, ClassificationTask(signal), train, {"test": test}
