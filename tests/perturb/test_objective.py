@@ -76,8 +76,8 @@ def test_forms_differ_away_from_theta0() -> None:
     task = _DoubleClassification()
     xi = np.linspace(0.05, 0.95, 6)
     values = {
-        o: float(batch_objective(task, model, batch, torch.as_tensor(perturbation_weights(xi, o, 1.0)), o, 1.0,
-                                 lambda b: task.outputs(frozen, b)))
+        o: batch_objective(task, model, batch, torch.as_tensor(perturbation_weights(xi, o, 1.0)), o, 1.0,
+                                 lambda b: task.outputs(frozen, b)).item()
         for o in ("if", "fisher", "blackbox")
     }
     assert len({round(v, 9) for v in values.values()}) == 3
