@@ -81,7 +81,7 @@ def test_forms_differ_away_from_theta0() -> None:
         for o in ("if", "fisher", "blackbox")
     }
     assert len({round(v, 9) for v in values.values()}) == 3
-    assert values["blackbox"] == pytest.approx(float(task.per_example_loss(task.outputs(model, batch), batch).mean()))
+    assert values["blackbox"] == pytest.approx(task.per_example_loss(task.outputs(model, batch), batch).mean().item())
 
 
 def test_perturbation_weights() -> None:
