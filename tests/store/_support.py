@@ -65,3 +65,29 @@ def fill(store: daunce_store.LossStore, pids: range | list[int], query_set: str 
             m = store.query_sets()[query_set]
             queries[query_set] = column(pid, m, salt=1)
         store.append(f"p{pid}", column(pid, store.n_train), queries, metadata={"seed": pid})
+
+
+def assert_consistent(store: daunce_store.LossStore, query_set: str | None = "test") -> list[int]:
+    """Every visible column is complete and bit-identical to :func:`column` of its perturbation, commit
+    records agree with what readers see, and no slot or perturbation is committed twice. Returns the
+    committed perturbation numbers (``p<k>`` -> k), sorted."""
+    commits = store.commits()
+    pids = [c.perturbation for c in commits]
+    slots = [c.slot for c in commits]
+    assert len(set(pids)) == len(pids), "a perturbation is committed twice"
+    assert len(set(slots)) == len(slots), "two commits share a slot"
+    snap = store.snapshot()
+    assert snap.perturbations == tuple(pids) and store.num_columns() == len(pids)
+    train = store.train_losses(snapshot=snap)
+    assert train.shape == (store.n_train, len(pids))
+    nums = [int(p.removeprefix("p")) for p in pids]
+    for j, k in enumerate(nums):
+        np.testing.assert_array_equal(train[:, j], column(k, store.n_train), err_msg=f"column p{k} differs")
+    if query_set is not None:
+        m = store.query_sets()[query_set]
+        with_q = [c for c in commits if query_set in c.query_sets]
+        q = store.query_losses(query_set, snapshot=snap)
+        assert q.shape == (m, len(with_q))
+        for j, c in enumerate(with_q):
+            np.testing.assert_array_equal(q[:, j], column(int(c.perturbation[1:]), m, salt=1))
+    return sorted(nums)

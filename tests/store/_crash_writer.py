@@ -1,0 +1,28 @@
+"""A writer process for the crash-injection tests: appends the deterministic columns p<start>,
+p<start+1>, ... to a store in a loop until it is killed. Prints ``ready`` once the store is open.
+
+    python _crash_writer.py STORE START
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _support import column
+
+import daunce_store
+
+
+def main() -> None:
+    url, start = sys.argv[1], int(sys.argv[2])
+    store = daunce_store.open(url)
+    m = store.query_sets()["test"]
+    print("ready", flush=True)
+    pid = start
+    while True:
+        store.append(f"p{pid}", column(pid, store.n_train), {"test": column(pid, m, salt=1)}, metadata={"seed": pid})
+        pid += 1
+
+
+if __name__ == "__main__":
+    main()
