@@ -54,3 +54,50 @@ def digits(l2: float = 1e-3, signal: str = "loss"):
     train = torch.utils.data.TensorDataset(torch.as_tensor(xtr), torch.as_tensor(ytr))
     test = torch.utils.data.TensorDataset(torch.as_tensor(xte), torch.as_tensor(yte))
     return model, ClassificationTask(signal), train, {"test": test}
+
+
+# --- language models -------------------------------------------------------------------------------------
+def topic_texts(n: int, words: int = 40) -> list[str]:
+    """Short passages of the standard library's pydoc topics text (always installed, no network)."""
+    import pydoc_data.topics
+
+    out = []
+    for _, text in sorted(pydoc_data.topics.topics.items()):
+        ws = text.split()
+        for s in range(0, len(ws) - words, words):
+            out.append(" ".join(ws[s : s + words]))
+    return out[:n]
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained here, in-process, on the pydoc topics text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>"])
+    tok.train_from_iterator(topic_texts(400), trainer=trainer)
+    return tok
+
+
+def tiny_llama(vocab_size: int = 400, seed: int = 0):
+    """A 2-layer Llama with random weights, built from a config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_lm(n_train: int = 24, n_query: int = 6, max_length: int = 32):
+    """(model, task, train_data, query_data): prompt = the first 6 words of a passage, target = the rest."""
+    from daunce_store.perturb import CausalLMTask
+
+    tok = tiny_tokenizer()
+    task = CausalLMTask(pad_token_id=tok.token_to_id("<pad>"), max_length=max_length)
+    items = []
+    for j, text in enumerate(topic_texts(n_train + n_query, words=24)):
+        ws = text.split()[: 10 + (7 * j) % 15]  # varied lengths, so batches are padded
+        items.append(CausalLMTask.encode(tok, " ".join(ws[:6]), " ".join(ws[6:]), max_length=max_length))
+    return tiny_llama(tok.get_vocab_size()), task, items[:n_train], {"test": items[n_train:]}
