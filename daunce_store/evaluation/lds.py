@@ -1,0 +1,244 @@
+"""The linear datamodeling score (LDS) on the digits testbed, and the full method comparison.
+
+LDS (Park et al., TRAK, 2023): draw S random subsets D_s (a fraction α of the training set), retrain the
+target model on each, and measure each query's output f_j(D_s). An attribution method with scores
+τ(i, j) predicts g_j(D_s) = Σ_{i ∈ D_s} τ(i, j); the LDS of query j is the Spearman correlation over s
+between f_j and g_j, and the reported LDS is its mean over queries.
+
+Sign convention (the whole package's): τ(i, j) > 0 means i is a *proponent* of j: training on i raises j's
+margin and lowers its loss. So the measured output here is the query's **margin** (true logit minus
+logsumexp of the others), and the prediction is +Σ τ. (Measuring the loss instead, the prediction is
+−Σ τ; :func:`lds` takes ``output="loss"`` for that.) Daunce's cov/corr are positive for proponents
+because a train loss and a query loss that move together across perturbations mean aligned gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError
+from daunce_store.evaluation._digits import (
+    DigitsData,
+    fit,
+    load_digits_split,
+    make_model,
+    per_example_loss,
+    per_example_margin,
+)
+
+__all__ = [
+    "LDSBenchmark",
+    "make_lds_benchmark",
+    "lds",
+    "LDSComparison",
+    "compare_methods",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LDSBenchmark:
+    """Fixed subsets and the outputs measured after retraining on them.
+
+    ``masks[s, i]``: train example i is in subset s; ``outputs[s, j]``: query j's measured output
+    (mean over ``seeds`` retrainings) under the model trained on subset s.
+    """
+
+    masks: np.ndarray
+    outputs: np.ndarray
+    output: str
+    seeds: int
+
+    @property
+    def num_subsets(self) -> int:
+        return int(self.masks.shape[0])
+
+
+def make_lds_benchmark(
+    data: DigitsData,
+    *,
+    num_subsets: int = 100,
+    fraction: float = 0.5,
+    model_kind: str = "logreg",
+    weight_decay: float = 1e-3,
+    seeds: int = 1,
+    output: str = "margin",
+    seed: int = 1234,
+    progress: Callable[[int, int], None] | None = None,
+) -> LDSBenchmark:
+    """Retrain ``model_kind`` on ``num_subsets`` random subsets of ``fraction`` of the train set and measure
+    every test query's ``output`` ("margin" or "loss"); ``seeds`` > 1 averages retrainings from different
+    initializations (needed for non-convex models; logistic regression is convex and fitted to
+    convergence, so one is exact)."""
+    if num_subsets < 2:
+        raise InvalidInputError(f"num_subsets must be >= 2 for a rank correlation, not {num_subsets}")
+    if not 0.0 < fraction < 1.0:
+        raise InvalidInputError(f"fraction must be in (0, 1), not {fraction}")
+    if output not in ("margin", "loss"):
+        raise InvalidInputError(f"output must be 'margin' or 'loss', not {output!r}")
+    import torch
+
+    n = len(data.y_train)
+    rng = np.random.default_rng(seed)
+    size = int(round(fraction * n))
+    masks = np.zeros((num_subsets, n), dtype=bool)
+    outputs = np.zeros((num_subsets, len(data.y_test)), dtype=np.float64)
+    measure = per_example_margin if output == "margin" else per_example_loss
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny full-batch fits: one thread is fastest and deterministic
+    try:
+        for s in range(num_subsets):
+            masks[s, rng.choice(n, size=size, replace=False)] = True
+            for r in range(seeds):
+                model = fit(make_model(model_kind, seed=r), data.x_train[masks[s]], data.y_train[masks[s]], weight_decay=weight_decay)
+                outputs[s] += measure(model, data.x_test, data.y_test) / seeds
+            if progress is not None:
+                progress(s + 1, num_subsets)
+    finally:
+        torch.set_num_threads(threads)
+    return LDSBenchmark(masks, outputs, output, seeds)
+
+
+def _rank_columns(a: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(a, axis=0)
+
+
+def lds(scores: np.ndarray, bench: LDSBenchmark) -> np.ndarray:
+    """Per-query LDS (Spearman over the subsets) of a (n_train, m) proponent score matrix; NaN for a query
+    whose measured or predicted output does not vary. ``np.nanmean`` of it is the LDS."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (bench.masks.shape[1], bench.outputs.shape[1]):
+        raise InvalidInputError(
+            f"scores have shape {scores.shape}; the benchmark needs (n_train, m) = "
+            f"{(bench.masks.shape[1], bench.outputs.shape[1])}"
+        )
+    predicted = bench.masks.astype(np.float64) @ scores  # (S, m): Σ_{i ∈ D_s} τ(i, j)
+    measured = bench.outputs if bench.output == "margin" else -bench.outputs  # a loss falls when a proponent is in
+    rp, rm = _rank_columns(predicted), _rank_columns(measured)
+    rp -= rp.mean(axis=0)
+    rm -= rm.mean(axis=0)
+    denom = np.sqrt((rp * rp).sum(axis=0) * (rm * rm).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (rp * rm).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+@dataclasses.dataclass
+class LDSComparison:
+    """Result of :func:`compare_methods`: one row per (method, K) with the mean LDS and its spread."""
+
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def best(self, method: str) -> float:
+        vals = [r["lds"] for r in self.rows if r["method"] == method]
+        if not vals:
+            raise InvalidInputError(f"no rows for method {method!r}")
+        return max(vals)
+
+
+def compare_methods(
+    *,
+    ks: Sequence[int] = (8, 16, 32, 64, 128),
+    num_subsets: int = 100,
+    weight_decay: float = 1e-3,
+    trak_models: int = 10,
+    trak_proj_dim: int = 512,
+    daunce_config: Any = None,
+    signal: str = "loss",
+    max_groups: int = 8,
+    workdir: str | Path | None = None,
+    seed: int = 0,
+    n_queries: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> LDSComparison:
+    """Run the LDS comparison on digits logistic regression: Daunce (cov, corr) at each K in ``ks``, and
+    gradient dot / cosine, the exact-Hessian influence function and TRAK, all on the same model,
+    queries and subsets. Daunce's K-curve averages ``max_groups`` disjoint groups of K columns from one
+    store of max(ks) perturbations (the spread is reported as ``std``)."""
+    import torch
+
+    from daunce_store.evaluation import baselines
+    from daunce_store.evaluation._daunce import column_groups, fill_store, score_matrix
+
+    data = load_digits_split(seed=seed)
+    if n_queries is not None:
+        data = data.replace(x_test=data.x_test[:n_queries], y_test=data.y_test[:n_queries], test_index=data.test_index[:n_queries])
+    xtr, ytr, xq, yq = data.x_train, data.y_train, data.x_test, data.y_test
+    torch.set_num_threads(1)
+    target = fit(make_model("logreg"), xtr, ytr, weight_decay=weight_decay)
+    acc = float((per_example_margin(target, xq, yq) > 0).mean())
+    log(f"target: logistic regression on {len(ytr)} digits, weight decay {weight_decay}, test accuracy {acc:.3f}")
+
+    t = time.perf_counter()
+    bench = make_lds_benchmark(data, num_subsets=num_subsets, weight_decay=weight_decay, seed=seed + 1234)
+    log(f"LDS benchmark: {num_subsets} subsets of 50% retrained in {time.perf_counter() - t:.1f}s")
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, scores: np.ndarray, k: int | None = None, seconds: float | None = None, spread: Sequence[float] = ()) -> None:
+        per_query = lds(scores, bench)
+        values = [float(np.nanmean(per_query))] + [float(v) for v in spread]
+        row = {"method": method, "K": k, "lds": float(np.mean(values)), "std": float(np.std(values)) if len(values) > 1 else None,
+               "groups": len(values), "seconds": None if seconds is None else round(seconds, 2)}
+        rows.append(row)
+        log(f"  {method:<28} K={'' if k is None else k!s:<5} LDS {row['lds']:.3f}" + (f" ± {row['std']:.3f} over {len(values)} groups" if row["std"] is not None else ""))
+
+    for name, fn in (
+        ("gradient dot", lambda: baselines.grad_dot_scores(target, xtr, ytr, xq, yq)),
+        ("gradient cosine", lambda: baselines.grad_cosine_scores(target, xtr, ytr, xq, yq)),
+        ("influence function (exact H)", lambda: baselines.influence_function_scores(target, xtr, ytr, xq, yq, weight_decay=weight_decay)),
+    ):
+        t = time.perf_counter()
+        scores = fn()
+        add(name, scores, seconds=time.perf_counter() - t)
+
+    # TRAK's ensemble: models trained on independent random halves of the training set (as in the TRAK
+    # paper's subsampled ensembles; a convex model trained on all of D would give M identical copies).
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed + 99)
+    members = []
+    for _ in range(trak_models):
+        half = rng.choice(len(ytr), size=len(ytr) // 2, replace=False)
+        members.append(fit(make_model("logreg"), xtr[half], ytr[half], weight_decay=weight_decay))
+    for m in (1, trak_models):
+        tm = time.perf_counter()
+        scores = baselines.trak_scores(members[:m] if m > 1 else [target], xtr, ytr, xq, yq, proj_dim=trak_proj_dim)
+        add(f"TRAK (traker, M={m})", scores, seconds=time.perf_counter() - tm + (time.perf_counter() - t if m > 1 else 0))
+
+    kmax = max(ks)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(workdir or tmp) / "lds-daunce.zarr"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        t = time.perf_counter()
+        torch.set_num_threads(1)
+        store = fill_store(path, target, xtr, ytr, {"test": (xq, yq)}, kmax, config=daunce_config, signal=signal, progress=progress)
+        seconds = time.perf_counter() - t
+        log(f"Daunce: {kmax} perturbations in {seconds:.1f}s")
+        for measure in ("cov", "corr"):
+            for k in ks:
+                groups = column_groups(store, "test", k, max_groups=max_groups)
+                vals = [float(np.nanmean(lds(score_matrix(store, "test", measure, columns=g), bench))) for g in groups]
+                add(f"Daunce {measure}", score_matrix(store, "test", measure, columns=groups[0]), k=k, seconds=seconds * k / kmax, spread=vals[1:])
+    settings = {
+        "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
+        "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal,
+        "daunce_config": (daunce_config.to_dict() if daunce_config is not None else None),
+        "trak_models": trak_models, "trak_proj_dim": trak_proj_dim,
+    }
+    return LDSComparison(rows, settings)
