@@ -2,6 +2,7 @@
 //! tests; `python` holds the thin PyO3 wrappers; this file only registers them.
 
 pub mod stats;
+pub mod topk;
 mod python;
 
 use pyo3::prelude::*;

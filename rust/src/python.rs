@@ -1,20 +1,117 @@
 //! Thin PyO3 wrappers: take read-only numpy views, release the GIL, return owned numpy arrays.
 
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::stats;
+use crate::topk::{Measure, SideResult, TopKAccumulator, TopKError};
+
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous float32 array")))
+}
+
+fn to_py_err(e: TopKError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
 
 /// Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block.
 #[pyfunction]
 fn row_variance<'py>(py: Python<'py>, block: PyReadonlyArray2<'py, f32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let k = block.shape()[1];
-    let data = block.as_slice().map_err(|_| pyo3::exceptions::PyValueError::new_err("block must be C-contiguous"))?;
+    let data = contiguous(&block, "block")?;
     let out = py.detach(|| stats::row_variance(data, k));
     Ok(out.into_pyarray(py))
 }
 
+/// Streaming top-k: feed row blocks with `push_block(offset, block)`, then `finish()`.
+#[pyclass(module = "daunce_store._kernel", name = "TopKAccumulator")]
+struct PyTopKAccumulator {
+    inner: Option<TopKAccumulator>,
+    ncols: usize,
+    k: usize,
+}
+
+impl PyTopKAccumulator {
+    fn acc(&mut self) -> PyResult<&mut TopKAccumulator> {
+        self.inner.as_mut().ok_or_else(|| PyRuntimeError::new_err("this accumulator is finished; make a new one"))
+    }
+}
+
+#[pymethods]
+impl PyTopKAccumulator {
+    #[new]
+    #[pyo3(signature = (queries, k, measure = "cov", pos = true, neg = true, queries_prepared = false))]
+    fn new(
+        py: Python<'_>,
+        queries: PyReadonlyArray2<'_, f32>,
+        k: usize,
+        measure: &str,
+        pos: bool,
+        neg: bool,
+        queries_prepared: bool,
+    ) -> PyResult<Self> {
+        let measure = Measure::parse(measure)
+            .ok_or_else(|| PyValueError::new_err(format!("measure must be cov or corr, not {measure:?}")))?;
+        let ncols = queries.shape()[1];
+        let q = contiguous(&queries, "queries")?;
+        let inner = py
+            .detach(|| TopKAccumulator::new(q, ncols, k, measure, pos, neg, queries_prepared))
+            .map_err(to_py_err)?;
+        Ok(PyTopKAccumulator { inner: Some(inner), ncols, k })
+    }
+
+    /// Fold rows `offset .. offset + R` of a C-contiguous float32 (R, K) block.
+    fn push_block(&mut self, py: Python<'_>, offset: u64, block: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
+        let ncols = self.ncols;
+        if block.shape()[1] != ncols {
+            return Err(PyValueError::new_err(format!(
+                "block has {} columns but the queries have {ncols}; score with the columns both have",
+                block.shape()[1]
+            )));
+        }
+        let data = contiguous(&block, "block")?;
+        let acc = self.acc()?;
+        py.detach(|| acc.push_block(offset, data)).map_err(to_py_err)
+    }
+
+    /// Fold precomputed scores (R,) of rows `offset .. offset + R` (single-query accumulators).
+    fn push_scores(&mut self, py: Python<'_>, offset: u64, scores: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let data = contiguous(&scores, "scores")?;
+        let acc = self.acc()?;
+        py.detach(|| acc.push_scores(offset, data)).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn rows_seen(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |a| a.rows_seen())
+    }
+
+    /// `{side: (indices (m, k) int64, scores (m, k) float32)}`, best first; ends the accumulator.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let acc = self.inner.take().ok_or_else(|| PyRuntimeError::new_err("this accumulator is already finished"))?;
+        let m = acc.num_queries();
+        let k = self.k;
+        let (pos, neg) = py.detach(|| acc.finish()).map_err(to_py_err)?;
+        let out = PyDict::new(py);
+        for (name, side) in [("pos", pos), ("neg", neg)] {
+            if let Some(SideResult { indices, scores }) = side {
+                let idx = Array2::from_shape_vec((m, k), indices).expect("m * k indices").into_pyarray(py);
+                let sc = Array2::from_shape_vec((m, k), scores).expect("m * k scores").into_pyarray(py);
+                out.set_item(name, (idx, sc))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(row_variance, m)?)?;
+    m.add_class::<PyTopKAccumulator>()?;
     Ok(())
 }

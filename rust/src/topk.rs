@@ -1,0 +1,769 @@
+//! Streaming top-k attribution (DESIGN §4), plain Rust on slices.
+//!
+//! Scores are dot products of prepared rows: every train row and query row is centered over the K
+//! perturbation columns (for `corr` also scaled to unit norm; a constant row stays all zero, so its
+//! correlation with anything is 0), and for `cov` the 1/(K - 1) is folded into the queries once. Then
+//! cov(i, j) = <a_i, b_j> / (K - 1) and corr(i, j) = <a_i, b_j> (DESIGN §1).
+//!
+//! Per block: prepare a chunk of rows, one GEMM chunk × preparedQᵀ per tile of queries (so the score
+//! tile stays in cache whatever m is), then fused selection: each query's scores are scanned against
+//! its running k-th score and only the candidates that beat it are inserted into a small buffer,
+//! which is cut back to k with a linear-time selection when it fills. No block is ever sorted.
+//!
+//! The accumulator keeps one independent state per worker thread ("lane"); a pushed block is split
+//! into contiguous row ranges, one per lane, and the lanes are merged once in [`TopKAccumulator::finish`].
+//! Memory is O(lanes · (chunk · K + m · k)), independent of the number of rows n.
+//!
+//! Order: `pos` = largest score first, `neg` = smallest first; equal scores go to the lower row index.
+
+use rayon::prelude::*;
+use std::cmp::Ordering;
+
+/// Which score: covariance or Pearson correlation across the K perturbations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    Cov,
+    Corr,
+}
+
+impl Measure {
+    pub fn parse(s: &str) -> Option<Measure> {
+        match s {
+            "cov" => Some(Measure::Cov),
+            "corr" => Some(Measure::Corr),
+            _ => None,
+        }
+    }
+}
+
+/// Errors the kernel reports; the Python layer turns them into `DaunceStoreError`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopKError {
+    Shape(String),
+    TooFewRows { k: usize, n: u64 },
+}
+
+impl std::fmt::Display for TopKError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopKError::Shape(s) => write!(f, "{s}"),
+            TopKError::TooFewRows { k, n } => write!(f, "k={k} exceeds the number of rows {n}"),
+        }
+    }
+}
+
+/// Sum in f64 with 8 independent accumulators (so it vectorizes; the order is fixed, so equal rows
+/// give equal sums).
+#[inline(always)]
+fn sum_f64(xs: &[f32], sq: bool) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for t in 0..8 {
+            let v = c[t] as f64;
+            acc[t] += if sq { v * v } else { v };
+        }
+    }
+    let mut tail = 0f64;
+    for &x in rest {
+        let v = x as f64;
+        tail += if sq { v * v } else { v };
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Center `row` over its K values into `out`; for `corr` also scale to unit norm.
+///
+/// Follows the numpy reference: the mean is summed in f64 and rounded to f32, the subtraction is in
+/// f32, the norm is summed in f64 from the f32 centered values.
+#[inline(always)]
+pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) {
+    let k = row.len();
+    let mean = (sum_f64(row, false) / k as f64) as f32;
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = x - mean;
+    }
+    if measure == Measure::Corr {
+        let norm = sum_f64(out, true).sqrt() as f32;
+        let scale = if norm > 0.0 { 1.0f32 / norm } else { 0.0 };
+        for o in out.iter_mut() {
+            *o *= scale;
+        }
+    }
+}
+
+/// Prepare every row of a row-major (R × K) block into `out` (same shape).
+#[inline(always)]
+pub fn prepare_rows(x: &[f32], k: usize, measure: Measure, out: &mut [f32]) {
+    for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        prepare_row(row, measure, o);
+    }
+}
+
+/// Queries prepared like rows; for `cov` the 1/(K - 1) is folded in here, once.
+pub fn prepare_queries(q: &[f32], k: usize, measure: Measure) -> Vec<f32> {
+    let mut out = vec![0.0f32; q.len()];
+    prepare_rows(q, k, measure, &mut out);
+    if measure == Measure::Cov {
+        let d = (k.max(2) - 1) as f32;
+        for o in out.iter_mut() {
+            *o /= d;
+        }
+    }
+    out
+}
+
+/// One candidate: `key` is the score with the side's sign applied (larger is better on both sides).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Entry {
+    key: f32,
+    idx: u64,
+}
+
+/// Better-first order: larger key, then lower index.
+#[inline]
+fn better(a: &Entry, b: &Entry) -> Ordering {
+    b.key.total_cmp(&a.key).then(a.idx.cmp(&b.idx))
+}
+
+/// The running top-k of one query on one side: a buffer cut back to k whenever it reaches `cap`.
+/// Once it has held k entries, `thr` is the k-th best so far; a candidate must beat it to enter.
+#[derive(Clone, Debug)]
+struct Running {
+    buf: Vec<Entry>,
+    thr: Entry,
+    full: bool,
+}
+
+impl Running {
+    fn new() -> Self {
+        Running { buf: Vec::new(), thr: Entry { key: f32::NEG_INFINITY, idx: u64::MAX }, full: false }
+    }
+
+    /// The smallest key that can still enter (ties are settled in `offer`).
+    #[inline]
+    fn floor(&self) -> f32 {
+        if self.full {
+            self.thr.key
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
+    #[inline]
+    fn offer(&mut self, e: Entry, k: usize, cap: usize) {
+        if self.full && better(&e, &self.thr) != Ordering::Less {
+            return;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(cap);
+        }
+        self.buf.push(e);
+        if self.buf.len() >= cap {
+            self.cut(k);
+        }
+    }
+
+    fn cut(&mut self, k: usize) {
+        // Linear-time selection: the k best end up in front, the k-th best at k - 1.
+        self.buf.select_nth_unstable_by(k - 1, better);
+        self.buf.truncate(k);
+        self.thr = self.buf[k - 1];
+        self.full = true;
+    }
+}
+
+/// Buffer capacity for a top-k: k plus room for a batch of candidates between two cuts.
+fn capacity_for(k: usize) -> usize {
+    k + k.clamp(64, 4096)
+}
+
+/// Scratch and state of one worker thread.
+struct Lane {
+    pos: Vec<Running>,
+    neg: Vec<Running>,
+    prepared: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// Score tile: `out` (mt × rc, row-major) = `q` (mt × K) · `a`ᵀ with `a` (rc × K), single-threaded.
+#[inline]
+fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, out: &mut [f32]) {
+    debug_assert!(q.len() >= mt * k && a.len() >= rc * k && out.len() >= mt * rc);
+    // SAFETY: the slices hold the (mt × K), (rc × K) and (mt × rc) matrices the strides describe.
+    unsafe {
+        gemm::gemm(
+            mt,
+            rc,
+            k,
+            out.as_mut_ptr(),
+            1,
+            rc as isize,
+            false,
+            q.as_ptr(),
+            1,
+            k as isize,
+            a.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Fold one query's scores for rows `base .. base + s.len()` into its running top-k: `pos` sees the
+/// scores, `neg` their negation (so "larger key is better" holds on both sides).
+#[inline(always)]
+fn select_scores<const POS: bool, const NEG: bool>(s: &[f32], base: u64, k: usize, cap: usize, p: &mut Running, n: &mut Running) {
+    const W: usize = 32;
+    let mut c0 = 0;
+    while c0 < s.len() {
+        let c1 = (c0 + W).min(s.len());
+        let chunk = &s[c0..c1];
+        // A branch-free test over a short run (vectorizes); only runs holding a candidate are walked.
+        let (pf, nf) = (p.floor(), -n.floor());
+        let mut hit = false;
+        if chunk.len() == W {
+            let mut m = 0u32;
+            for &x in chunk {
+                m |= ((POS && x >= pf) as u32) | ((NEG && x <= nf) as u32);
+            }
+            hit = m != 0;
+        } else {
+            for &x in chunk {
+                hit |= (POS && x >= pf) || (NEG && x <= nf);
+            }
+        }
+        if hit {
+            for (t, &x) in chunk.iter().enumerate() {
+                let idx = base + (c0 + t) as u64;
+                if POS && x >= p.floor() {
+                    p.offer(Entry { key: x, idx }, k, cap);
+                }
+                if NEG && -x >= n.floor() {
+                    n.offer(Entry { key: -x, idx }, k, cap);
+                }
+            }
+        }
+        c0 = c1;
+    }
+}
+
+/// What one lane needs to fold rows `r0 .. r1` of a block.
+struct Pass<'a> {
+    block: &'a [f32],
+    offset: u64,
+    kc: usize,
+    k: usize,
+    cap: usize,
+    m: usize,
+    measure: Measure,
+    rc: usize,
+    mt: usize,
+    pos: bool,
+    neg: bool,
+    queries: &'a [f32],
+}
+
+/// Prepare rows `r0 .. r1` chunk by chunk, score each chunk against every tile of queries, select.
+#[inline(always)]
+fn lane_pass(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
+    let (kc, k, cap, m, rc, mt) = (p.kc, p.k, p.cap, p.m, p.rc, p.mt);
+    lane.prepared.resize(rc * kc, 0.0);
+    lane.scores.resize(rc * mt.min(m), 0.0);
+    let mut dummy = Running::new();
+    let mut c0 = r0;
+    while c0 < r1 {
+        let c1 = (c0 + rc).min(r1);
+        let nr = c1 - c0;
+        let prep = &mut lane.prepared[..nr * kc];
+        prepare_rows(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep);
+        let base = p.offset + c0 as u64;
+        let mut j0 = 0;
+        while j0 < m {
+            let j1 = (j0 + mt).min(m);
+            let tile = &mut lane.scores[..(j1 - j0) * nr];
+            gemm_tile(&p.queries[j0 * kc..j1 * kc], prep, kc, j1 - j0, nr, tile);
+            for (t, s) in tile.chunks_exact(nr).enumerate() {
+                let j = j0 + t;
+                match (p.pos, p.neg) {
+                    (true, true) => {
+                        let (ps, ns) = (&mut lane.pos[j], &mut lane.neg[j]);
+                        select_scores::<true, true>(s, base, k, cap, ps, ns)
+                    }
+                    (true, false) => select_scores::<true, false>(s, base, k, cap, &mut lane.pos[j], &mut dummy),
+                    (false, true) => select_scores::<false, true>(s, base, k, cap, &mut dummy, &mut lane.neg[j]),
+                    (false, false) => {}
+                }
+            }
+            j0 = j1;
+        }
+        c0 = c1;
+    }
+}
+
+// The crate is built for baseline x86-64 (SSE2); these copies of the row preparation and selection
+// loops are compiled for wider vectors and picked at run time. (The GEMM crate dispatches itself.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+unsafe fn lane_pass_avx512(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
+    lane_pass(lane, p, r0, r1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lane_pass_avx2(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
+    lane_pass(lane, p, r0, r1)
+}
+
+fn lane_pass_dispatch(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { lane_pass_avx512(lane, p, r0, r1) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { lane_pass_avx2(lane, p, r0, r1) };
+        }
+    }
+    lane_pass(lane, p, r0, r1)
+}
+
+/// Result of one side: row-major (m × k) indices and scores (sign restored).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideResult {
+    pub indices: Vec<i64>,
+    pub scores: Vec<f32>,
+}
+
+/// Streaming top-k over row blocks, for m queries on one or both sides.
+///
+/// ```
+/// use _kernel::topk::{Measure, TopKAccumulator};
+/// let q = [1.0f32, 0.0, -1.0];
+/// let mut acc = TopKAccumulator::new(&q, 3, 1, Measure::Cov, true, false, false).unwrap();
+/// acc.push_block(0, &[1.0, 0.0, -1.0, -1.0, 0.0, 1.0]).unwrap();
+/// let (pos, _) = acc.finish().unwrap();
+/// assert_eq!(pos.unwrap().indices, vec![0]);
+/// ```
+pub struct TopKAccumulator {
+    k: usize,
+    cap: usize,
+    ncols: usize,
+    measure: Measure,
+    m: usize,
+    queries: Vec<f32>,
+    pos: bool,
+    neg: bool,
+    lanes: Vec<Lane>,
+    rows_seen: u64,
+    /// Rows per chunk (prepared chunk + score tile stay in L2) and queries per tile.
+    chunk_rows: usize,
+    query_tile: usize,
+}
+
+impl TopKAccumulator {
+    /// `queries`: row-major (m × K). With `queries_prepared` they are used as given (already through
+    /// [`prepare_queries`], or a mean of such rows for aggregate influence).
+    pub fn new(
+        queries: &[f32],
+        ncols: usize,
+        k: usize,
+        measure: Measure,
+        pos: bool,
+        neg: bool,
+        queries_prepared: bool,
+    ) -> Result<Self, TopKError> {
+        if ncols == 0 || queries.len() % ncols != 0 {
+            return Err(TopKError::Shape(format!(
+                "queries hold {} values, not a whole number of rows of K={ncols}",
+                queries.len()
+            )));
+        }
+        if k == 0 {
+            return Err(TopKError::Shape("k must be >= 1".into()));
+        }
+        if !pos && !neg {
+            return Err(TopKError::Shape("ask for at least one side (pos or neg)".into()));
+        }
+        let m = queries.len() / ncols;
+        let queries = if queries_prepared { queries.to_vec() } else { prepare_queries(queries, ncols, measure) };
+        let nlanes = rayon::current_num_threads().max(1);
+        let lanes = (0..nlanes)
+            .map(|_| Lane {
+                pos: if pos { vec![Running::new(); m] } else { Vec::new() },
+                neg: if neg { vec![Running::new(); m] } else { Vec::new() },
+                prepared: Vec::new(),
+                scores: Vec::new(),
+            })
+            .collect();
+        let chunk_rows = (65536 / ncols).clamp(64, 1024);
+        Ok(TopKAccumulator {
+            k,
+            cap: capacity_for(k),
+            ncols,
+            measure,
+            m,
+            queries,
+            pos,
+            neg,
+            lanes,
+            rows_seen: 0,
+            chunk_rows,
+            query_tile: 128,
+        })
+    }
+
+    pub fn num_queries(&self) -> usize {
+        self.m
+    }
+
+    pub fn rows_seen(&self) -> u64 {
+        self.rows_seen
+    }
+
+    /// Fold rows `offset .. offset + R` (a row-major R × K block) into the running top-k.
+    pub fn push_block(&mut self, offset: u64, block: &[f32]) -> Result<(), TopKError> {
+        let kc = self.ncols;
+        if block.len() % kc != 0 {
+            return Err(TopKError::Shape(format!(
+                "block holds {} values, not a whole number of rows of K={kc}; blocks and queries need the same columns",
+                block.len()
+            )));
+        }
+        let r = block.len() / kc;
+        if r == 0 {
+            return Ok(());
+        }
+        self.rows_seen += r as u64;
+        let nlanes = self.lanes.len();
+        // Contiguous row ranges, one per lane, rounded to whole chunks where possible.
+        let per = r.div_ceil(nlanes);
+        let pass = Pass {
+            block,
+            offset,
+            kc,
+            k: self.k,
+            cap: self.cap,
+            m: self.m,
+            measure: self.measure,
+            rc: self.chunk_rows,
+            mt: self.query_tile,
+            pos: self.pos,
+            neg: self.neg,
+            queries: &self.queries,
+        };
+        self.lanes.par_iter_mut().enumerate().for_each(|(li, lane)| {
+            let r0 = (li * per).min(r);
+            let r1 = ((li + 1) * per).min(r);
+            if r0 < r1 {
+                lane_pass_dispatch(lane, &pass, r0, r1);
+            }
+        });
+        Ok(())
+    }
+
+    /// Fold precomputed scores of rows `offset .. offset + R` for a single query (m = 1), e.g. the
+    /// self-influence var(i) = cov(i, i), which needs no GEMM but the same selection.
+    pub fn push_scores(&mut self, offset: u64, scores: &[f32]) -> Result<(), TopKError> {
+        if self.m != 1 {
+            return Err(TopKError::Shape(format!("push_scores needs exactly one query, this accumulator has {}", self.m)));
+        }
+        let r = scores.len();
+        if r == 0 {
+            return Ok(());
+        }
+        self.rows_seen += r as u64;
+        let per = r.div_ceil(self.lanes.len());
+        let (k, cap, pos, neg) = (self.k, self.cap, self.pos, self.neg);
+        self.lanes.par_iter_mut().enumerate().for_each(|(li, lane)| {
+            let (r0, r1) = ((li * per).min(r), ((li + 1) * per).min(r));
+            if r0 >= r1 {
+                return;
+            }
+            let (s, base) = (&scores[r0..r1], offset + r0 as u64);
+            let mut dummy = Running::new();
+            match (pos, neg) {
+                (true, true) => {
+                    let (p, n) = (&mut lane.pos[0], &mut lane.neg[0]);
+                    select_scores::<true, true>(s, base, k, cap, p, n)
+                }
+                (true, false) => select_scores::<true, false>(s, base, k, cap, &mut lane.pos[0], &mut dummy),
+                (false, true) => select_scores::<false, true>(s, base, k, cap, &mut dummy, &mut lane.neg[0]),
+                (false, false) => {}
+            }
+        });
+        Ok(())
+    }
+
+    /// Merge the lanes: `(pos, neg)` results, each row-major (m × k), best first.
+    pub fn finish(self) -> Result<(Option<SideResult>, Option<SideResult>), TopKError> {
+        if self.rows_seen < self.k as u64 {
+            return Err(TopKError::TooFewRows { k: self.k, n: self.rows_seen });
+        }
+        let (k, m) = (self.k, self.m);
+        let mut lanes = self.lanes;
+        let merge = |lanes: &mut [Lane], positive: bool| -> SideResult {
+            let mut parts: Vec<Vec<Running>> =
+                lanes.iter_mut().map(|l| std::mem::take(if positive { &mut l.pos } else { &mut l.neg })).collect();
+            let mut indices = vec![0i64; m * k];
+            let mut scores = vec![0f32; m * k];
+            // Gather query j's buffers from every lane (take, so memory is released as we go).
+            let per_query: Vec<Vec<Entry>> = (0..m)
+                .map(|j| {
+                    let mut all = Vec::new();
+                    for p in parts.iter_mut() {
+                        all.append(&mut p[j].buf);
+                        p[j].buf = Vec::new();
+                    }
+                    all
+                })
+                .collect();
+            drop(parts);
+            indices
+                .par_chunks_mut(k)
+                .zip(scores.par_chunks_mut(k))
+                .zip(per_query.into_par_iter())
+                .for_each(|((idx, sc), mut all)| {
+                    if all.len() > k {
+                        all.select_nth_unstable_by(k - 1, better);
+                        all.truncate(k);
+                    }
+                    all.sort_unstable_by(better);
+                    for (t, e) in all.iter().enumerate() {
+                        idx[t] = e.idx as i64;
+                        sc[t] = if positive { e.key } else { -e.key };
+                    }
+                });
+            SideResult { indices, scores }
+        };
+        let pos = if self.pos { Some(merge(&mut lanes, true)) } else { None };
+        let neg = if self.neg { Some(merge(&mut lanes, false)) } else { None };
+        Ok((pos, neg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force in f64 on prepared rows: (score, index) sorted by the side's order.
+    fn brute(x: &[f32], q: &[f32], kc: usize, k: usize, measure: Measure, positive: bool) -> Vec<Vec<(i64, f32)>> {
+        let n = x.len() / kc;
+        let mut xp = vec![0.0; x.len()];
+        prepare_rows(x, kc, measure, &mut xp);
+        let qp = prepare_queries(q, kc, measure);
+        qp.chunks_exact(kc)
+            .map(|qr| {
+                let mut s: Vec<(i64, f32)> = (0..n)
+                    .map(|i| {
+                        let d: f64 = xp[i * kc..(i + 1) * kc].iter().zip(qr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        (i as i64, d as f32)
+                    })
+                    .collect();
+                s.sort_by(|a, b| {
+                    let (ka, kb) = if positive { (a.1, b.1) } else { (-a.1, -b.1) };
+                    kb.total_cmp(&ka).then(a.0.cmp(&b.0))
+                });
+                s.truncate(k);
+                s
+            })
+            .collect()
+    }
+
+    /// A tiny deterministic generator (no extra dev-dependency).
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn run(x: &[f32], q: &[f32], kc: usize, k: usize, measure: Measure, block: usize) -> (SideResult, SideResult) {
+        let mut acc = TopKAccumulator::new(q, kc, k, measure, true, true, false).unwrap();
+        let n = x.len() / kc;
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + block).min(n);
+            acc.push_block(r0 as u64, &x[r0 * kc..r1 * kc]).unwrap();
+            r0 = r1;
+        }
+        let (p, n) = acc.finish().unwrap();
+        (p.unwrap(), n.unwrap())
+    }
+
+    fn check(x: &[f32], q: &[f32], kc: usize, k: usize, measure: Measure, block: usize) {
+        let (p, n) = run(x, q, kc, k, measure, block);
+        for (res, positive) in [(p, true), (n, false)] {
+            let want = brute(x, q, kc, k, measure, positive);
+            for (j, w) in want.iter().enumerate() {
+                for (t, &(wi, ws)) in w.iter().enumerate() {
+                    let (gi, gs) = (res.indices[j * k + t], res.scores[j * k + t]);
+                    assert!((gs - ws).abs() <= 1e-4 * (1.0 + ws.abs()), "query {j} rank {t}: {gs} vs {ws}");
+                    // Indices must agree unless the brute-force scores are a near tie.
+                    let tied = w.iter().any(|&(i2, s2)| i2 != wi && (s2 - ws).abs() <= 1e-4);
+                    if !tied {
+                        assert_eq!(gi, wi, "query {j} rank {t}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_matches_brute_force() {
+        let mut seed = 1;
+        let (n, m, kc) = (5000, 7, 16);
+        let x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
+        let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+        for &(k, block) in &[(1, 5000), (10, 777), (100, 64), (4999, 1000), (5000, 3000)] {
+            check(&x, &q, kc, k, Measure::Cov, block);
+            check(&x, &q, kc, k, Measure::Corr, block);
+        }
+    }
+
+    #[test]
+    fn many_queries_span_tiles() {
+        let mut seed = 7;
+        let (n, m, kc) = (700, 300, 8);
+        let x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
+        let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+        check(&x, &q, kc, 5, Measure::Corr, 256);
+    }
+
+    #[test]
+    fn ties_go_to_lower_index() {
+        // Every row identical: all scores tie, so the top-k is rows 0..k on both sides.
+        let kc = 4;
+        let row = [1.0f32, 2.0, 0.0, 5.0];
+        let x: Vec<f32> = (0..300).flat_map(|_| row).collect();
+        let (p, n) = run(&x, &[0.0, 1.0, 0.0, 3.0], kc, 10, Measure::Cov, 64);
+        assert_eq!(p.indices, (0..10).collect::<Vec<i64>>());
+        assert_eq!(n.indices, (0..10).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn ties_with_blocks_pushed_out_of_order() {
+        let kc = 4;
+        let x: Vec<f32> = (0..100).flat_map(|_| [1.0f32, 0.0, 0.0, 0.0]).collect();
+        let mut acc = TopKAccumulator::new(&[1.0, 0.0, 0.0, 0.0], kc, 3, Measure::Corr, true, false, false).unwrap();
+        acc.push_block(50, &x[50 * kc..]).unwrap();
+        acc.push_block(0, &x[..50 * kc]).unwrap();
+        let (p, _) = acc.finish().unwrap();
+        assert_eq!(p.unwrap().indices, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn pushed_scores_select_like_blocks() {
+        let s: Vec<f32> = vec![3.0, 1.0, 3.0, -2.0, 0.5, -2.0, 7.0];
+        let mut acc = TopKAccumulator::new(&[0.0, 1.0], 2, 3, Measure::Cov, true, true, true).unwrap();
+        acc.push_scores(0, &s[..4]).unwrap();
+        acc.push_scores(4, &s[4..]).unwrap();
+        let (p, n) = acc.finish().unwrap();
+        let (p, n) = (p.unwrap(), n.unwrap());
+        assert_eq!((p.indices, p.scores), (vec![6, 0, 2], vec![7.0, 3.0, 3.0]));
+        assert_eq!((n.indices, n.scores), (vec![3, 5, 4], vec![-2.0, -2.0, 0.5]));
+    }
+
+    #[test]
+    fn constant_rows_have_zero_correlation() {
+        let mut out = [9.0f32; 3];
+        prepare_row(&[2.0, 2.0, 2.0], Measure::Corr, &mut out);
+        assert_eq!(out, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn too_few_rows_is_an_error() {
+        let mut acc = TopKAccumulator::new(&[1.0, 2.0], 2, 5, Measure::Cov, true, true, false).unwrap();
+        acc.push_block(0, &[1.0, 2.0, 3.0, 1.0]).unwrap();
+        assert_eq!(acc.finish().unwrap_err(), TopKError::TooFewRows { k: 5, n: 2 });
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(TopKAccumulator::new(&[1.0, 2.0, 3.0], 2, 1, Measure::Cov, true, true, false).is_err());
+        let mut acc = TopKAccumulator::new(&[1.0, 2.0], 2, 1, Measure::Cov, true, true, false).unwrap();
+        assert!(acc.push_block(0, &[1.0, 2.0, 3.0]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod profile {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --release -- --ignored --nocapture profile`: where the time of one pass goes.
+    #[test]
+    #[ignore]
+    fn profile_parts() {
+        let (n, kc, m, k) = (1usize << 20, 64usize, 100usize, 100usize);
+        let mut seed = 3u64;
+        let x: Vec<f32> = (0..n * kc).map(|_| tests_lcg(&mut seed)).collect();
+        let q: Vec<f32> = (0..m * kc).map(|_| tests_lcg(&mut seed)).collect();
+        let qp = prepare_queries(&q, kc, Measure::Cov);
+        let rc = 1024;
+        let mut prep = vec![0f32; rc * kc];
+        let mut out = vec![0f32; rc * m];
+        let t = Instant::now();
+        for c in x.chunks_exact(rc * kc) {
+            unsafe { prep_v4(c, kc, &mut prep) };
+        }
+        println!("prepare {:?}", t.elapsed());
+        let t = Instant::now();
+        for _ in 0..n / rc {
+            gemm_tile(&qp, &prep, kc, m, rc, &mut out);
+        }
+        println!("gemm (1 thread) {:?}  {:.1} GFLOP/s", t.elapsed(), 2.0 * (n * kc * m) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let t = Instant::now();
+        for _ in 0..n / rc {
+            // The alternative GEMM crate, same shapes and strides.
+            unsafe {
+                matrixmultiply::sgemm(m, kc, rc, 1.0, qp.as_ptr(), kc as isize, 1, prep.as_ptr(), 1, kc as isize, 0.0, out.as_mut_ptr(), rc as isize, 1);
+            }
+        }
+        println!("matrixmultiply (1 thread) {:?}  {:.1} GFLOP/s", t.elapsed(), 2.0 * (n * kc * m) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let t = Instant::now();
+        let mut ps: Vec<Running> = vec![Running::new(); m];
+        let mut ns: Vec<Running> = vec![Running::new(); m];
+        let cap = capacity_for(k);
+        for c in 0..n / rc {
+            unsafe { sel_v4(&out, rc, m, (c * rc) as u64, k, cap, &mut ps, &mut ns) };
+        }
+        println!("select {:?}", t.elapsed());
+        let t = Instant::now();
+        let mut acc = TopKAccumulator::new(&q, kc, k, Measure::Cov, true, true, false).unwrap();
+        for (b, c) in x.chunks(65536 * kc).enumerate() {
+            acc.push_block((b * 65536) as u64, c).unwrap();
+        }
+        acc.finish().unwrap();
+        println!("accumulator ({} threads) {:?}", rayon::current_num_threads(), t.elapsed());
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+    unsafe fn prep_v4(c: &[f32], kc: usize, prep: &mut [f32]) {
+        prepare_rows(c, kc, Measure::Cov, prep);
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn sel_v4(out: &[f32], rc: usize, m: usize, base: u64, k: usize, cap: usize, ps: &mut [Running], ns: &mut [Running]) {
+        for j in 0..m {
+            select_scores::<true, true>(&out[j * rc..(j + 1) * rc], base, k, cap, &mut ps[j], &mut ns[j]);
+        }
+    }
+
+    fn tests_lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
