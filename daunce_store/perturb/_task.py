@@ -181,7 +181,7 @@ class CausalLMTask(Task):
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
     if not text:
         return []
-    out = tokenizer.encode(text)
+    out = tokenizer.encode(text, add_special_tokens=False)  # both HF tokenizer kinds take this flag
     return list(out.ids) if hasattr(out, "ids") else list(out)
 
 

