@@ -143,13 +143,23 @@ def init(
 def add_queries(
     store: StoreArg,
     query_set: Annotated[list[str], typer.Option("--query-set", help="NAME=FILE with the new query set's ids; repeatable.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: evaluate the new sets under its stored adapters (keep_adapters: true).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Torch device for --config (cpu, cuda, cuda:1).")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Add query sets to an existing store."""
+    """Add query sets to an existing store (and, with --config, fill their losses from stored adapters)."""
     try:
         s = _open(store, "a", storage_options)
-        for name, path in _parse_pairs(query_set, "--query-set").items():
+        pairs = _parse_pairs(query_set, "--query-set")
+        for name, path in pairs.items():
             s.add_query_set(name, read_ids(path))
+        if config is not None:
+            from daunce_store.perturb import PerturbConfig, evaluate_query_sets
+
+            filled = evaluate_query_sets(store, PerturbConfig.from_yaml(config), list(pairs), device=device,
+                                         storage_options=_storage_options(storage_options), base_dir=config.parent)
+            for name, ids in filled.items():
+                console.print(f"{name}: losses under {len(ids)} stored perturbations")
     except DaunceStoreError as e:
         _fail(e)
     console.print(f"query sets now: {s.query_sets()}")
@@ -177,6 +187,30 @@ def append(
     except DaunceStoreError as e:
         _fail(e)
     console.print(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})")
+
+
+@app.command()
+def perturb(
+    store: StoreArg,
+    config: Annotated[Path, typer.Option("--config", help="YAML perturbation config (PerturbConfig fields; `factory` names the model).")],
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes (spawned) sharing the work through leases.")] = 1,
+    device: Annotated[Optional[str], typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 (overrides the config).")] = None,
+    until: Annotated[Optional[int], typer.Option("--until", help="K: run until perturbations 0..K-1 are committed (overrides num_perturbations).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
+    try:
+        from daunce_store.perturb import PerturbConfig, run_workers
+
+        cfg = PerturbConfig.from_yaml(config)
+        done = run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent,
+                           storage_options=_storage_options(storage_options), console=err_console, progress=progress)
+    except ImportError as e:
+        _fail(InvalidInputError(f"{e}; `daunce perturb` needs the training extra: pip install 'daunce-store[train]'"))
+    except DaunceStoreError as e:
+        _fail(e)
+    console.print(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}")
 
 
 @app.command()
@@ -263,13 +297,91 @@ def self_influence(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
-    k_perturbations: Annotated[int, typer.Option("--perturbations", "-K", help="Number of perturbed models.")] = 32,
+    k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 8 with --llm).")] = None,
+    measure: Annotated[Measure, typer.Option(help="Score to rank by.")] = Measure.corr,
+    llm: Annotated[bool, typer.Option("--llm", help="SmolLM2-135M with LoRA perturbations on real dialogues instead of digits.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device for --llm (cpu, cuda).")] = "cpu",
+    num_dialogues: Annotated[int, typer.Option(help="Training dialogues for --llm.")] = 200,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps per perturbation for --llm.")] = 8,
 ) -> None:
-    """End-to-end run on scikit-learn's bundled digits: perturb, store, score, show."""
-    from daunce_store.demo import run_demo
+    """End-to-end run on real data: perturb, store, score, show top proponents/opponents and a PNG grid."""
+    try:
+        if llm:
+            from daunce_store.demo_llm import run_llm_demo
+
+            run_llm_demo(workdir, k_perturbations or 8, console, measure=measure.value, device=device,
+                         num_dialogues=num_dialogues, steps=steps)
+        else:
+            from daunce_store.demo import run_demo
+
+            run_demo(workdir, k_perturbations or 64, console, measure=measure.value)
+    except DaunceStoreError as e:
+        _fail(e)
+
+
+eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _rows_table(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(str(col))
+    for r in rows:
+        table.add_row(*("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
+    console.print(table)
+
+
+@eval_app.command("lds")
+def eval_lds(
+    ks: Annotated[list[int], typer.Option("-K", help="Daunce K values; repeatable.")] = [8, 16, 32],
+    subsets: Annotated[int, typer.Option(help="Retrained 50% subsets (S).")] = 50,
+    trak_models: Annotated[int, typer.Option(help="TRAK ensemble size.")] = 5,
+    ratio: Annotated[float, typer.Option(help="Daunce subset ratio r.")] = 0.3,
+    queries: Annotated[Optional[int], typer.Option(help="Use only the first N test queries.")] = None,
+) -> None:
+    """LDS of Daunce (cov, corr) and gradient / influence-function / TRAK baselines on digits."""
+    from daunce_store.evaluation._daunce import default_config
+    from daunce_store.evaluation.lds import compare_methods
 
     try:
-        run_demo(workdir, k_perturbations, console)
+        result = compare_methods(ks=ks, num_subsets=subsets, trak_models=trak_models, n_queries=queries,
+                                 daunce_config=default_config(ratio=ratio), log=console.print)
+        _rows_table(f"LDS on digits ({subsets} subsets)", result.rows)
+    except DaunceStoreError as e:
+        _fail(e)
+
+
+@eval_app.command("backdoor")
+def eval_backdoor(
+    k_perturbations: Annotated[int, typer.Option("--perturbations", "-K")] = 32,
+    fraction: Annotated[float, typer.Option(help="Fraction of train images poisoned.")] = 0.03,
+    baselines: Annotated[bool, typer.Option(help="Also rank by gradient cosine and the influence function.")] = True,
+) -> None:
+    """Precision@k of poisoned (triggered, relabeled) examples among triggered queries' top proponents."""
+    from daunce_store.evaluation.poison import run_backdoor
+
+    try:
+        r = run_backdoor(num_perturbations=k_perturbations, fraction=fraction, baselines=baselines)
+        console.print(f"{r.num_poisoned} poisoned, attack success {r.attack_success:.0%}, clean accuracy {r.clean_accuracy:.1%}; "
+                      f"random ranking expects precision {r.random_precision:.3f}")
+        _rows_table(f"backdoor retrieval, {r.num_queries} triggered queries, K={r.num_perturbations}", r.rows())
+    except DaunceStoreError as e:
+        _fail(e)
+
+
+@eval_app.command("mislabel")
+def eval_mislabel(
+    k_perturbations: Annotated[int, typer.Option("--perturbations", "-K")] = 32,
+    fraction: Annotated[float, typer.Option(help="Fraction of train labels flipped.")] = 0.05,
+) -> None:
+    """Precision/recall of flipped labels in the top-k by self-influence vs by the target model's loss."""
+    from daunce_store.evaluation.poison import run_mislabel
+
+    try:
+        r = run_mislabel(num_perturbations=k_perturbations, fraction=fraction)
+        console.print(f"{r.num_flipped} labels flipped; random ranking expects precision {r.random_precision:.3f}")
+        _rows_table(f"mislabel detection, K={r.num_perturbations}", r.rows())
     except DaunceStoreError as e:
         _fail(e)
 

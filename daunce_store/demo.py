@@ -1,89 +1,161 @@
-"""``daunce demo``: Daunce end to end on scikit-learn's bundled digits (no network, a few seconds).
+"""``daunce demo``: Daunce end to end on scikit-learn's bundled digits (no network, well under a minute).
 
-This version uses the black-box form (plain refits on random subsets, DESIGN §1) with a scikit-learn
-logistic regression, so it runs from the scoring install alone.
+It trains a torch logistic regression (the target θ0), runs K perturbations with the runner
+(:func:`daunce_store.perturb.run_worker`, IF objective, DESIGN §1) into a store, and shows for a few
+test queries the top proponents and opponents (a rich table and a PNG grid), then how the top-k settle
+as K grows. Needs the ``train`` extra (torch).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
 import daunce_store
+from daunce_store.errors import InvalidInputError
 
-__all__ = ["run_demo"]
-
-
-def _per_example_loss(model: object, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    proba = model.predict_proba(x)  # type: ignore[attr-defined]
-    cols = np.searchsorted(model.classes_, y)  # type: ignore[attr-defined]
-    return -np.log(np.clip(proba[np.arange(len(y)), cols], 1e-12, None))
+__all__ = ["run_demo", "topk_overlap", "draw_grid"]
 
 
-def run_demo(workdir: Path, k_perturbations: int, console: Console) -> Path:
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise InvalidInputError("`daunce demo` trains a torch model; install the extra: pip install -e '.[train]'") from e
 
-    digits = load_digits()
-    x, y = digits.data / 16.0, digits.target
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(y))
-    train, test = order[:1500], order[1500:]
+
+def prefix_snapshot(store: daunce_store.LossStore, count: int) -> daunce_store.Snapshot:
+    """The snapshot of the first ``count`` committed columns (in slot order): the store as it was at K = count."""
+    snap = store.snapshot()
+    commits = snap.commits[:count]
+    kept = {c.slot for c in commits}
+    return daunce_store.Snapshot(commits, {q: tuple(s for s in slots if s in kept) for q, slots in snap.query_slots.items()})
+
+
+def topk_overlap(a: daunce_store.Attribution, b: daunce_store.Attribution, side: str = "pos") -> float:
+    """Mean over queries of |top-k(a) ∩ top-k(b)| / k."""
+    ia, ib = a.indices[side], b.indices[side]
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(ia, ib)]))
+
+
+def run_demo(
+    workdir: Path,
+    k_perturbations: int = 64,
+    console: Console | None = None,
+    *,
+    num_queries: int = 4,
+    top: int = 5,
+    measure: str = "corr",
+    seed: int = 0,
+) -> Path:
+    """Run the demo; returns the path of the PNG grid."""
+    _require_torch()
+    import torch
+
+    from daunce_store.evaluation._daunce import default_config, fill_store
+    from daunce_store.evaluation._digits import fit, load_digits_split, make_model, predict_logits
+    from daunce_store.perturb import RichReporter
+
+    console = console or Console()
+    if k_perturbations < 4:
+        raise InvalidInputError(f"--perturbations must be >= 4 (the settling check compares K/2 with K), not {k_perturbations}")
+    torch.set_num_threads(1)
+    data = load_digits_split(seed=seed)
+    model = fit(make_model("logreg"), data.x_train, data.y_train, weight_decay=1e-3)
+    acc = float((predict_logits(model, data.x_test).argmax(1) == data.y_test).mean())
+    console.print(
+        f"[bold]digits[/]: {len(data.y_train)} train / {len(data.y_test)} test images (8×8); target model: "
+        f"logistic regression, test accuracy {acc:.1%}"
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "digits.zarr"
     if path.exists():
         shutil.rmtree(path)
-    store = daunce_store.init(path, [f"train-{i}" for i in train], {"test": [f"test-{i}" for i in test]}, seed=0)
-    for k in track(range(k_perturbations), description="perturbations", console=console):
-        sub = np.random.default_rng((store.seed, k)).random(len(train)) < 0.3
-        model = LogisticRegression(max_iter=200).fit(x[train][sub], y[train][sub])
-        store.append(
-            f"p{k:04d}",
-            _per_example_loss(model, x[train], y[train]),
-            {"test": _per_example_loss(model, x[test], y[test])},
-            metadata={"objective": "blackbox", "ratio": 0.3, "seed": [store.seed, k]},
-        )
-    queries = [f"test-{i}" for i in test[:3]]
-    result = store.topk("test", queries, k=5)
-    table = Table(title=f"top-5 proponents / opponents (K={result.num_columns})")
-    for col in ("query (label)", "side", "rank", "train example (label)", "score"):
-        table.add_column(col)
-    for r in result.records():
-        q = int(r["query"].split("-")[1])
-        t = int(r["train_id"].split("-")[1])
-        table.add_row(f"{r['query']} ({y[q]})", r["side"], str(r["rank"]), f"{r['train_id']} ({y[t]})", f"{r['score']:.4f}")
+    console.print(f"running K={k_perturbations} Daunce perturbations (IF objective, 30% subsets) into {path}")
+    store = fill_store(path, model, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, k_perturbations,
+                       config=default_config(), seed=seed, progress=RichReporter(console=console), train_ids=data.train_ids)
+
+    # A few queries: the first test images of different digits.
+    _, first = np.unique(data.y_test, return_index=True)
+    qrows = np.sort(first)[:num_queries]
+    queries = [f"test-{j}" for j in qrows]
+    result = store.topk("test", queries, k=top, measure=measure)
+    pred = predict_logits(model, data.x_test).argmax(1)
+    _print_table(console, result, data, pred)
+    picture = draw_grid(result, data, workdir / "topk.png")
+    console.print(f"picture of the queries and their top training images: [bold]{picture}[/]")
+
+    # How the top-10 settle: the same queries scored on the first K/4 and K/2 columns vs all K.
+    k10 = min(10, store.n_train)
+    full = store.topk("test", k=k10, measure=measure)
+    table = Table(title=f"top-{k10} overlap with K={k_perturbations} (all {len(data.y_test)} test queries, {measure})")
+    for col in ("K", "proponents", "opponents"):
+        table.add_column(col, justify="right")
+    for count in sorted({max(2, k_perturbations // 4), k_perturbations // 2}):
+        part = store.topk("test", k=k10, measure=measure, snapshot=prefix_snapshot(store, count))
+        table.add_row(str(count), f"{topk_overlap(part, full, 'pos'):.0%}", f"{topk_overlap(part, full, 'neg'):.0%}")
     console.print(table)
-    picture = _draw(result, x, y, workdir / "topk.png")
-    console.print(f"picture of the top examples: {picture}")
+    console.print("A larger K (`daunce demo -K 256`) moves these overlaps toward 100%.")
     return picture
 
 
-def _draw(result: daunce_store.Attribution, x: np.ndarray, y: np.ndarray, out: Path) -> Path:
+def _print_table(console: Console, result: daunce_store.Attribution, data: Any, pred: np.ndarray) -> None:
+    table = Table(title=f"top-{result.indices['pos'].shape[1]} proponents (+) and opponents (−) per query "
+                        f"(K={result.num_columns}, {result.measure})")
+    for col in ("query (label / predicted)", "side", "rank", "train example (label)", "score"):
+        table.add_column(col)
+    for r in result.records():
+        j = int(r["query"].split("-")[1])
+        i = int(r["train_id"].split("-")[1])
+        table.add_row(
+            f"{r['query']} ({data.y_test[j]} / {pred[j]})", "+" if r["side"] == "pos" else "−", str(r["rank"]),
+            f"{r['train_id']} ({data.y_train[i]})", f"{r['score']:+.4f}",
+        )
+    console.print(table)
+
+
+def draw_grid(result: daunce_store.Attribution, data: Any, out: Path) -> Path:
+    """One row per query: the query image, its top proponents, then its top opponents, each titled with
+    its label and score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = result.indices["pos"].shape[1]
-    fig, axes = plt.subplots(len(result.queries), 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.6 * len(result.queries)))
+    cols = 2 * k + 2
+    fig, axes = plt.subplots(
+        len(result.queries), cols, figsize=(1.15 * (cols - 0.7), 1.45 * len(result.queries) + 0.4),
+        gridspec_kw={"width_ratios": [1, 0.3] + [1] * (2 * k)},
+    )
     axes = np.atleast_2d(axes)
     for j, q in enumerate(result.queries):
-        qi = int(q.split("-")[1])
-        panels = [(qi, f"query\nlabel {y[qi]}")]
-        for side in ("pos", "neg"):
-            for i, s in zip(result.indices[side][j], result.scores[side][j]):
-                ti = int(result.train_ids[i].split("-")[1])
-                panels.append((ti, f"{'+' if side == 'pos' else '-'} {y[ti]}\n{s:.3f}"))
-        for ax, (idx, title) in zip(axes[j], panels):
-            ax.imshow(x[idx].reshape(8, 8), cmap="gray_r")
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+        qj = int(q.split("-")[1])
+        row = axes[j]
+        _panel(row[0], data.x_test[qj], f"query\nlabel {data.y_test[qj]}", "tab:blue")
+        row[1].axis("off")
+        for side, start, color in (("pos", 2, "tab:green"), ("neg", 2 + k, "tab:red")):
+            for r, (i, s) in enumerate(zip(result.indices[side][j], result.scores[side][j])):
+                _panel(row[start + r], data.x_train[i], f"label {data.y_train[i]}\n{s:+.3f}", color)
+    fig.text(0.5 * (2 + k) / cols, 0.995, "top proponents (+)", ha="center", va="top", color="tab:green", fontsize=10)
+    fig.text((2 + 1.5 * k) / cols, 0.995, "top opponents (−)", ha="center", va="top", color="tab:red", fontsize=10)
+    fig.suptitle(f"Daunce on digits, K={result.num_columns} ({result.measure})", x=0.02, y=0.995, ha="left", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _panel(ax: Any, pixels: np.ndarray, title: str, color: str) -> None:
+    ax.imshow(np.asarray(pixels).reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=7, color=color)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(1.5)

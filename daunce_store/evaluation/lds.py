@@ -31,6 +31,7 @@ from daunce_store.evaluation._digits import (
     make_model,
     per_example_loss,
     per_example_margin,
+    predict_logits,
 )
 
 __all__ = [
@@ -157,6 +158,7 @@ def compare_methods(
     trak_models: int = 10,
     trak_proj_dim: int = 512,
     daunce_config: Any = None,
+    daunce_configs: dict[str, Any] | None = None,
     signal: str = "loss",
     max_groups: int = 8,
     workdir: str | Path | None = None,
@@ -167,7 +169,8 @@ def compare_methods(
 ) -> LDSComparison:
     """Run the LDS comparison on digits logistic regression: Daunce (cov, corr) at each K in ``ks``, and
     gradient dot / cosine, the exact-Hessian influence function and TRAK, all on the same model,
-    queries and subsets. Daunce's K-curve averages ``max_groups`` disjoint groups of K columns from one
+    queries and subsets. ``daunce_configs`` maps a label to a perturbation config to compare several
+    (default: ``{"": daunce_config}``). Daunce's K-curve averages ``max_groups`` disjoint groups of K columns from one
     store of max(ks) perturbations (the spread is reported as ``std``)."""
     import torch
 
@@ -180,7 +183,7 @@ def compare_methods(
     xtr, ytr, xq, yq = data.x_train, data.y_train, data.x_test, data.y_test
     torch.set_num_threads(1)
     target = fit(make_model("logreg"), xtr, ytr, weight_decay=weight_decay)
-    acc = float((per_example_margin(target, xq, yq) > 0).mean())
+    acc = float((predict_logits(target, xq).argmax(1) == yq).mean())
     log(f"target: logistic regression on {len(ytr)} digits, weight decay {weight_decay}, test accuracy {acc:.3f}")
 
     t = time.perf_counter()
@@ -219,26 +222,30 @@ def compare_methods(
         add(f"TRAK (traker, M={m})", scores, seconds=time.perf_counter() - tm + (time.perf_counter() - t if m > 1 else 0))
 
     kmax = max(ks)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(workdir or tmp) / "lds-daunce.zarr"
-        if path.exists():
-            import shutil
+    configs = daunce_configs or {"": daunce_config}
+    for label, config in configs.items():
+        suffix = f" ({label})" if label else ""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(workdir or tmp) / f"lds-daunce{label.replace(' ', '_').replace('=', '')}.zarr"
+            if path.exists():
+                import shutil
 
-            shutil.rmtree(path)
-        t = time.perf_counter()
-        torch.set_num_threads(1)
-        store = fill_store(path, target, xtr, ytr, {"test": (xq, yq)}, kmax, config=daunce_config, signal=signal, progress=progress)
-        seconds = time.perf_counter() - t
-        log(f"Daunce: {kmax} perturbations in {seconds:.1f}s")
-        for measure in ("cov", "corr"):
-            for k in ks:
-                groups = column_groups(store, "test", k, max_groups=max_groups)
-                vals = [float(np.nanmean(lds(score_matrix(store, "test", measure, columns=g), bench))) for g in groups]
-                add(f"Daunce {measure}", score_matrix(store, "test", measure, columns=groups[0]), k=k, seconds=seconds * k / kmax, spread=vals[1:])
+                shutil.rmtree(path)
+            t = time.perf_counter()
+            torch.set_num_threads(1)
+            store = fill_store(path, target, xtr, ytr, {"test": (xq, yq)}, kmax, config=config, signal=signal, progress=progress)
+            seconds = time.perf_counter() - t
+            log(f"Daunce{suffix}: {kmax} perturbations in {seconds:.1f}s")
+            for measure in ("cov", "corr"):
+                for k in ks:
+                    groups = column_groups(store, "test", k, max_groups=max_groups)
+                    vals = [float(np.nanmean(lds(score_matrix(store, "test", measure, columns=g), bench))) for g in groups]
+                    add(f"Daunce {measure}{suffix}", score_matrix(store, "test", measure, columns=groups[0]), k=k,
+                        seconds=seconds * k / kmax, spread=vals[1:])
     settings = {
         "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
         "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal,
-        "daunce_config": (daunce_config.to_dict() if daunce_config is not None else None),
+        "daunce_configs": {label: (c.to_dict() if c is not None else None) for label, c in configs.items()},
         "trak_models": trak_models, "trak_proj_dim": trak_proj_dim,
     }
     return LDSComparison(rows, settings)

@@ -1,0 +1,90 @@
+"""The LDS harness: the metric on constructed cases, then the baselines and Daunce on real digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from daunce_store.errors import InvalidInputError  # noqa: E402
+from daunce_store.evaluation import LDSBenchmark, fit, lds, load_digits_split, make_lds_benchmark, make_model  # noqa: E402
+from daunce_store.evaluation import baselines  # noqa: E402
+
+pytestmark = pytest.mark.train
+
+
+def _linear_bench(tau: np.ndarray, s: int = 40, output: str = "margin", seed: int = 0) -> LDSBenchmark:
+    rng = np.random.default_rng(seed)
+    masks = rng.random((s, tau.shape[0])) < 0.5
+    outputs = masks @ tau
+    return LDSBenchmark(masks, outputs if output == "margin" else -outputs, output, 1)
+
+
+def test_lds_is_one_for_exact_scores_and_minus_one_for_flipped() -> None:
+    tau = np.random.default_rng(1).standard_normal((50, 6))
+    bench = _linear_bench(tau)
+    assert np.allclose(lds(tau, bench), 1.0)
+    assert np.allclose(lds(-tau, bench), -1.0)
+    noise = np.random.default_rng(2).standard_normal(tau.shape)
+    assert abs(np.nanmean(lds(noise, bench))) < 0.3
+
+
+def test_lds_with_loss_outputs_keeps_the_proponent_sign() -> None:
+    # A measured loss falls when proponents are in the subset: exact proponent scores still give +1.
+    tau = np.random.default_rng(3).standard_normal((30, 4))
+    assert np.allclose(lds(tau, _linear_bench(tau, output="loss")), 1.0)
+
+
+def test_lds_constant_query_is_nan_and_bad_shape_is_refused() -> None:
+    tau = np.random.default_rng(4).standard_normal((20, 3))
+    bench = _linear_bench(tau)
+    scores = tau.copy()
+    scores[:, 1] = 0.0
+    per_query = lds(scores, bench)
+    assert np.isnan(per_query[1]) and not np.isnan(per_query[0])
+    with pytest.raises(InvalidInputError, match="n_train, m"):
+        lds(tau[:10], bench)
+
+
+@pytest.fixture(scope="module")
+def digits_bench():
+    torch.set_num_threads(1)
+    data = load_digits_split()
+    data = data.replace(x_test=data.x_test[:40], y_test=data.y_test[:40], test_index=data.test_index[:40])
+    bench = make_lds_benchmark(data, num_subsets=24, seed=7)
+    model = fit(make_model("logreg"), data.x_train, data.y_train, weight_decay=1e-3)
+    return data, bench, model
+
+
+def test_exact_influence_function_predicts_retraining_on_digits(digits_bench) -> None:
+    data, bench, model = digits_bench
+    scores = baselines.influence_function_scores(model, data.x_train, data.y_train, data.x_test, data.y_test, weight_decay=1e-3)
+    assert np.nanmean(lds(scores, bench)) > 0.8  # convex model, exact Hessian: near the ceiling
+    dot = baselines.grad_dot_scores(model, data.x_train, data.y_train, data.x_test, data.y_test)
+    assert np.nanmean(lds(dot, bench)) > 0.15
+
+
+def test_trak_from_traker_has_positive_lds(digits_bench) -> None:
+    pytest.importorskip("trak")
+    data, bench, model = digits_bench
+    scores = baselines.trak_scores([model], data.x_train, data.y_train, data.x_test, data.y_test, proj_dim=256)
+    assert scores.shape == (len(data.y_train), len(data.y_test))
+    assert np.nanmean(lds(scores, bench)) > 0.1
+
+
+def test_daunce_scores_from_the_store_have_positive_lds(digits_bench, tmp_path: Path) -> None:
+    from daunce_store.evaluation._daunce import column_groups, fill_store, score_matrix
+
+    data, bench, model = digits_bench
+    store = fill_store(tmp_path / "s.zarr", model, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, 16, progress=False)
+    cov = np.nanmean(lds(score_matrix(store, "test", "cov"), bench))
+    # Random scores give LDS ~ 0 ± 0.03 here; a sign error gives a negative LDS.
+    assert cov > 0.2
+    assert np.nanmean(lds(score_matrix(store, "test", "corr"), bench)) > 0.15
+    # The dense matrix ranks like the store's own top-k.
+    top = store.topk("test", ["test-0"], k=5, measure="cov", side="pos")
+    assert top.indices["pos"][0].tolist() == np.argsort(-score_matrix(store, "test", "cov")[:, 0], kind="stable")[:5].tolist()
+    assert [len(g) for g in column_groups(store, "test", 4)] == [4, 4, 4, 4]
