@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
-from daunce_store.scoring._backend import MEASURES, SIDES, topk
+from daunce_store.scoring._backend import MEASURES, SIDES, make_accumulator, row_variance, topk
 from daunce_store.scoring._numpy import prepare_queries
 
 if TYPE_CHECKING:
@@ -168,28 +168,21 @@ def self_influence(
     *,
     k: int = 10,
     side: str = "pos",
+    backend: str = "auto",
     snapshot: Snapshot | None = None,
     block_rows: int | None = None,
 ) -> Attribution:
     """Self-influence var_k(L_i) = cov(i, i) per train example; top-k largest (``pos``: likely mislabeled
-    or outliers) and/or smallest (``neg``)."""
-    from daunce_store.scoring._numpy import merge_topk
-
+    or outliers) and/or smallest (``neg``). Same streaming selection as :func:`topk_store`."""
     sides = resolve_sides(side)
     check_k(k, store.n_train)
     snap = snapshot or store.snapshot()
     _check_columns(len(snap), None)
-    best = {s: (np.empty(0, np.int64), np.empty(0, np.float32)) for s in sides}
+    # One "query" whose scores are pushed precomputed: the row variances of each block.
+    acc = make_accumulator(np.zeros((1, 2), np.float32), k, "cov", sides, backend, queries_prepared=True)
     for offset, block in store.iter_row_blocks(snapshot=snap, block_rows=block_rows):
-        var = block.var(axis=1, ddof=1, dtype=np.float64).astype(np.float32)
-        idx = np.arange(offset, offset + len(var))
-        for s in sides:
-            sign = 1 if s == "pos" else -1
-            bi, bv = best[s]
-            best[s] = merge_topk(bi, bv, idx, sign * var, k)
+        acc.push_scores(offset, row_variance(block, backend))
+    best = acc.finish()
     return Attribution(
-        ("<self>",), store.train_ids,
-        {s: best[s][0][None, :] for s in sides},
-        {s: (best[s][1] if s == "pos" else -best[s][1])[None, :] for s in sides},
-        "var", len(snap),
+        ("<self>",), store.train_ids, {s: best[s][0] for s in sides}, {s: best[s][1] for s in sides}, "var", len(snap),
     )

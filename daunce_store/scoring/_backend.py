@@ -1,33 +1,150 @@
-"""Picks the scoring backend. ``auto`` = rust, then numba, then numpy."""
+"""Picks the scoring backend. ``auto`` = rust, then numba, then numpy.
+
+Every backend is a streaming accumulator with the same three methods — ``push_block(offset, block)``,
+``push_scores(offset, scores)`` (precomputed single-query scores, e.g. self-influence) and ``finish()``
+— so callers feed the store's prefetching ``iter_row_blocks`` block by block and memory stays
+O(R·K + m·k) whatever n is. Setting ``DAUNCE_STORE_NO_EXT=1`` hides the Rust extension.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 import numpy as np
 
+from daunce_store._constants import NO_EXT_ENV
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._numpy import topk_numpy
+from daunce_store.scoring._numpy import NumpyTopK
 
-__all__ = ["available_backends", "topk", "MEASURES", "SIDES"]
+__all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "MEASURES", "SIDES", "BACKENDS"]
 
 MEASURES = ("cov", "corr")
 SIDES = ("pos", "neg")
+BACKENDS = ("rust", "numba", "numpy")
+
+
+class Accumulator(Protocol):
+    def push_block(self, offset: int, block: np.ndarray) -> None: ...
+    def push_scores(self, offset: int, scores: np.ndarray) -> None: ...
+    def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...
+
+
+def _ext_disabled() -> bool:
+    return os.environ.get(NO_EXT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module() -> Any:
+    try:
+        from daunce_store import _kernel
+    except ImportError:
+        return None
+    return _kernel if hasattr(_kernel, "TopKAccumulator") else None
+
+
+def _rust() -> Any:
+    return None if _ext_disabled() else _kernel_module()
 
 
 def available_backends() -> list[str]:
-    return ["numpy"]
+    """The backends usable here, in ``auto`` order."""
+    from daunce_store.scoring import _numba
+
+    names = []
+    if _rust() is not None:
+        names.append("rust")
+    if _numba.available():
+        names.append("numba")
+    names.append("numpy")
+    return names
 
 
-def _resolve(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
+    if backend not in ("auto", *BACKENDS):
+        raise InvalidInputError(f"unknown backend {backend!r}; use auto, rust, numba or numpy")
     names = available_backends()
     if backend == "auto":
         return names[0]
-    if backend not in ("rust", "numba", "numpy"):
-        raise InvalidInputError(f"unknown backend {backend!r}; use auto, rust, numba or numpy")
     if backend not in names:
-        raise InvalidInputError(f"backend {backend!r} is not available here (available: {', '.join(names)})")
+        why = f" ({NO_EXT_ENV} is set)" if backend == "rust" and _ext_disabled() else ""
+        raise InvalidInputError(
+            f"backend {backend!r} is not available here{why} (available: {', '.join(names)}); "
+            "build the extension with `maturin develop --release` or pick another backend"
+        )
     return backend
+
+
+class _RustTopK:
+    """Adapts the extension's accumulator: float32 C-contiguous inputs, kernel errors as ours."""
+
+    def __init__(self, queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...], queries_prepared: bool):
+        try:
+            self._acc = _kernel_module().TopKAccumulator(
+                np.ascontiguousarray(queries, np.float32), int(k), measure, "pos" in sides, "neg" in sides, queries_prepared
+            )
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    def push_block(self, offset: int, block: np.ndarray) -> None:
+        try:
+            self._acc.push_block(int(offset), np.ascontiguousarray(block, np.float32))
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    def push_scores(self, offset: int, scores: np.ndarray) -> None:
+        try:
+            self._acc.push_scores(int(offset), np.ascontiguousarray(scores, np.float32).reshape(-1))
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        try:
+            return dict(self._acc.finish())
+        except ValueError as e:
+            raise InvalidInputError(f"{e}; use a smaller k") from None
+
+
+def _check(queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...]) -> np.ndarray:
+    if measure not in MEASURES:
+        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
+    if not sides or set(sides) - set(SIDES):
+        raise InvalidInputError(f"sides must be a non-empty subset of {SIDES}, not {sides!r}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k must be a whole number >= 1, not {k!r}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[0] < 1 or queries.shape[1] < 2:
+        raise InvalidInputError(f"queries must be an (m, K) array with m >= 1 and K >= 2, not shape {queries.shape}")
+    return queries
+
+
+def make_accumulator(
+    queries: np.ndarray,
+    k: int,
+    measure: str = "cov",
+    sides: tuple[str, ...] = SIDES,
+    backend: str = "auto",
+    queries_prepared: bool = False,
+) -> Accumulator:
+    """A streaming top-k accumulator of the chosen backend."""
+    queries = _check(queries, k, measure, tuple(sides))
+    name = resolve_backend(backend)
+    if name == "rust":
+        return _RustTopK(queries, k, measure, tuple(sides), queries_prepared)
+    if name == "numba":
+        from daunce_store.scoring._numba import NumbaTopK
+
+        return NumbaTopK(queries, k, measure, tuple(sides), queries_prepared)
+    return NumpyTopK(queries, k, measure, tuple(sides), queries_prepared)
+
+
+def row_variance(block: np.ndarray, backend: str = "auto") -> np.ndarray:
+    """Per-row variance over K (ddof = 1), float32: the self-influence cov(i, i)."""
+    if resolve_backend(backend) == "rust":
+        return _kernel_module().row_variance(np.ascontiguousarray(block, np.float32))
+    return block.var(axis=1, ddof=1, dtype=np.float64).astype(np.float32)
 
 
 def topk(
@@ -39,16 +156,19 @@ def topk(
     backend: str = "auto",
     queries_prepared: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Streaming top-k: ``{side: (indices (m, k), scores (m, k))}`` over row blocks of train losses.
+    """Streaming top-k: ``{side: (indices (m, k) int64, scores (m, k) float32)}`` over row blocks.
 
-    See :func:`daunce_store.scoring._numpy.topk_numpy` for the contract every backend meets.
+    Rows are centered over K (``corr``: also unit-normed; a constant row's correlation is 0);
+    cov(i, j) = <a_i, b_j> / (K - 1). ``pos`` = largest first, ``neg`` = smallest first, equal scores
+    go to the lower row index. Every backend returns the same indices and, to float32 tolerance, the
+    same scores as the numpy reference :func:`daunce_store.scoring._numpy.topk_numpy`.
+
+    >>> import numpy as np
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3) ** 2
+    >>> topk([(0, x)], x[:1], k=2, measure="corr")["pos"][0]
+    array([[0, 1]])
     """
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
-    if not sides or set(sides) - set(SIDES):
-        raise InvalidInputError(f"sides must be a non-empty subset of {SIDES}, not {sides!r}")
-    if k < 1:
-        raise InvalidInputError(f"k must be >= 1, not {k}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    name = _resolve(backend)
-    return topk_numpy(blocks, queries, k, measure, tuple(sides), queries_prepared)
+    acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared)
+    for offset, block in blocks:
+        acc.push_block(offset, block)
+    return acc.finish()

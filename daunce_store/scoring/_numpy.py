@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk"]
+__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK"]
 
 
 def prepare_rows(x: np.ndarray, measure: str) -> np.ndarray:
@@ -60,6 +60,55 @@ def _select_block(scores: np.ndarray, offset: int, k: int, best: list[tuple[np.n
         best[j] = merge_topk(bi, bv, cand + offset, scores[cand, j], k)
 
 
+class NumpyTopK:
+    """The reference as a streaming accumulator: ``push_block(offset, block)`` then ``finish()``.
+
+    ``push_scores(offset, scores)`` folds precomputed scores of a single query (e.g. self-influence).
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = ("pos", "neg"),
+                 queries_prepared: bool = False):
+        self.qp = np.ascontiguousarray(queries, np.float32) if queries_prepared else prepare_queries(queries, measure)
+        self.k, self.measure, self.sides = k, measure, tuple(sides)
+        empty = (np.empty(0, np.int64), np.empty(0, np.float32))
+        self.best = {side: [empty] * self.qp.shape[0] for side in self.sides}
+        self.rows_seen = 0
+
+    def push_scores(self, offset: int, scores: np.ndarray) -> None:
+        """Fold scores (R,) or (R, m) of rows ``offset .. offset + R``."""
+        scores = scores[:, None] if scores.ndim == 1 else scores
+        if scores.shape[0] == 0:
+            return
+        self.rows_seen += scores.shape[0]
+        if "pos" in self.sides:
+            _select_block(scores, offset, self.k, self.best["pos"])
+        if "neg" in self.sides:
+            _select_block(-scores, offset, self.k, self.best["neg"])
+
+    def push_block(self, offset: int, block: np.ndarray) -> None:
+        if block.ndim != 2 or block.shape[1] != self.qp.shape[1]:
+            from daunce_store.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"block has shape {block.shape} but the queries have {self.qp.shape[1]} columns; "
+                "score with the columns both have"
+            )
+        # (R, m); never more than one block at a time
+        self.push_scores(offset, prepare_rows(block, self.measure) @ self.qp.T)
+
+    def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        from daunce_store.errors import InvalidInputError
+
+        if self.rows_seen < self.k:
+            raise InvalidInputError(f"k={self.k} exceeds the number of rows {self.rows_seen}; use a smaller k")
+        out = {}
+        for side in self.sides:
+            idx = np.stack([b[0] for b in self.best[side]]).astype(np.int64)
+            val = np.stack([b[1] for b in self.best[side]]).astype(np.float32)
+            out[side] = (idx, val if side == "pos" else -val)
+        return out
+
+
 def topk_numpy(
     blocks: Iterable[tuple[int, np.ndarray]],
     queries: np.ndarray,
@@ -74,23 +123,7 @@ def topk_numpy(
     With ``queries_prepared`` the queries are used as given (already through ``prepare_queries``, or a
     mean of such rows for aggregate influence).
     """
-    qp = np.ascontiguousarray(queries, np.float32) if queries_prepared else prepare_queries(queries, measure)
-    m = qp.shape[0]
-    empty = (np.empty(0, np.int64), np.empty(0, np.float32))
-    best = {side: [empty] * m for side in sides}
-    n = 0
+    acc = NumpyTopK(queries, k, measure, sides, queries_prepared)
     for offset, block in blocks:
-        scores = prepare_rows(block, measure) @ qp.T  # (R, m); never more than one block at a time
-        n = max(n, offset + block.shape[0])
-        if "pos" in sides:
-            _select_block(scores, offset, k, best["pos"])
-        if "neg" in sides:
-            _select_block(-scores, offset, k, best["neg"])
-    if n < k:
-        raise ValueError(f"k={k} exceeds the number of rows {n}")
-    out = {}
-    for side in sides:
-        idx = np.stack([b[0] for b in best[side]]).astype(np.int64)
-        val = np.stack([b[1] for b in best[side]]).astype(np.float32)
-        out[side] = (idx, val if side == "pos" else -val)
-    return out
+        acc.push_block(offset, block)
+    return acc.finish()

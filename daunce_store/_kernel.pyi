@@ -1,0 +1,37 @@
+"""Type stubs for the Rust extension ``daunce_store._kernel`` (rust/src/python.rs)."""
+
+import numpy as np
+import numpy.typing as npt
+
+def row_variance(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block, summed in float64."""
+
+class TopKAccumulator:
+    """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
+
+    Memory is O(threads · (chunk · K + m · k)), independent of how many rows are pushed.
+    """
+
+    def __init__(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        measure: str = "cov",
+        pos: bool = True,
+        neg: bool = True,
+        queries_prepared: bool = False,
+    ) -> None:
+        """``queries``: C-contiguous float32 (m, K). ``measure``: "cov" or "corr". With
+        ``queries_prepared`` the rows are used as given (centered, scaled; see ``prepare_queries``)."""
+
+    @property
+    def rows_seen(self) -> int: ...
+    def push_block(self, offset: int, block: npt.NDArray[np.float32]) -> None:
+        """Fold rows ``offset .. offset + R`` of a C-contiguous float32 (R, K) block (any order)."""
+
+    def push_scores(self, offset: int, scores: npt.NDArray[np.float32]) -> None:
+        """Fold precomputed scores (R,) of rows ``offset .. offset + R``; single-query accumulators."""
+
+    def finish(self) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """``{side: (indices (m, k), scores (m, k))}`` best first (ties: lower index); ValueError if
+        fewer than k rows were pushed. The accumulator cannot be used afterwards."""
