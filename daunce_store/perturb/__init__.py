@@ -29,6 +29,7 @@ from daunce_store.perturb._runner import (
     run_perturbation,
     run_worker,
 )
+from daunce_store.perturb._workers import WorkerError, build_from_config, evaluate_query_sets, load_factory, run_workers
 from daunce_store.perturb._task import CausalLMTask, ClassificationTask, Task, margin, sequence_loss
 
 __all__ = [
@@ -41,6 +42,11 @@ __all__ = [
     "Reporter",
     "RichReporter",
     "Task",
+    "WorkerError",
+    "build_from_config",
+    "evaluate_query_sets",
+    "load_factory",
+    "run_workers",
     "adapter_key",
     "batch_objective",
     "draw_perturbation",

@@ -47,13 +47,15 @@ def train_logreg(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 20
     return model
 
 
-def digits(l2: float = 1e-3, signal: str = "loss"):
-    """(model, task, train_data, query_data) for `daunce perturb`."""
+def digits(l2: float = 1e-3, signal: str = "loss", later: bool = False):
+    """(model, task, train_data, query_data) for `daunce perturb`; ``later`` adds a query set 'later'
+    (the test set again) for `daunce add-queries --config`."""
     xtr, ytr, xte, yte = digits_arrays()
     model = train_logreg(xtr, ytr, l2)
     train = torch.utils.data.TensorDataset(torch.as_tensor(xtr), torch.as_tensor(ytr))
     test = torch.utils.data.TensorDataset(torch.as_tensor(xte), torch.as_tensor(yte))
-    return model, ClassificationTask(signal), train, {"test": test}
+    queries = {"test": test, "later": test} if later else {"test": test}
+    return model, ClassificationTask(signal), train, queries
 
 
 # --- language models -------------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""``daunce perturb``: build the model from a factory named in the config, and run N worker processes
+(``spawn`` start method) that share the perturbations through the store's leases."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daunce_store.errors import DaunceStoreError, InvalidInputError
+from daunce_store.perturb._config import PerturbConfig
+
+__all__ = ["WorkerError", "load_factory", "build_from_config", "run_workers", "evaluate_query_sets"]
+
+
+class WorkerError(DaunceStoreError):
+    """A worker process failed; its traceback is on stderr. Committed columns stay valid: re-run to finish."""
+
+
+def load_factory(spec: str, base_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The function named by ``'package.module:function'`` or ``'path/to/file.py:function'``.
+
+    A relative file path is looked up next to ``base_dir`` (the config file's folder) first, then in
+    the current directory.
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInputError(f"factory {spec!r} must look like 'package.module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).exists():
+            path = Path(base_dir) / path
+        if not path.exists():
+            raise InvalidInputError(f"factory file {module_name!r} does not exist (looked in {base_dir} and {os.getcwd()})")
+        path = path.resolve()
+        # Import it under its own name, with its folder on sys.path so it can import its neighbours.
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec_ is not None and spec_.loader is not None
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules.setdefault(path.stem, module)
+        spec_.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise InvalidInputError(f"factory module {module_name!r} cannot be imported: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise InvalidInputError(f"factory module {module_name!r} has no function {attr!r}") from None
+
+
+def build_from_config(config: PerturbConfig, base_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Call the config's factory: ``(model, task, train_data, query_data)``."""
+    if not config.factory:
+        raise InvalidInputError(
+            "the config names no factory; add `factory: 'package.module:function'` returning "
+            "(model, task, train_data, query_data)"
+        )
+    built = load_factory(config.factory, base_dir)(**config.factory_kwargs)
+    if not isinstance(built, (tuple, list)) or len(built) != 4:
+        raise InvalidInputError(f"factory {config.factory!r} must return (model, task, train_data, query_data)")
+    model, task, train, queries = built
+    return model, task, train, dict(queries or {})
+
+
+def _known_sets(store: Any, queries: dict[str, Any]) -> dict[str, Any]:
+    """The factory's query sets that the store has (others are for `daunce add-queries --config` later)."""
+    return {name: data for name, data in queries.items() if name in store.query_sets()}
+
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[str, Any], base_dir: str | None,
+                 until: int, worker: str, queue: Any, threads: int) -> None:
+    import torch
+
+    import daunce_store
+    from daunce_store.perturb._progress import QueueReporter
+    from daunce_store.perturb._runner import run_worker
+
+    torch.set_num_threads(threads)
+    cfg = PerturbConfig.from_dict(config)
+    model, task, train, queries = build_from_config(cfg, base_dir)
+    store = daunce_store.open(url, storage_options=storage_options)
+    queries = _known_sets(store, queries)
+    # No queue without progress bars: a child blocked on a full, unread queue would never exit.
+    reporter = QueueReporter(queue, worker) if queue is not None else False
+    run_worker(store, model, task, train, queries, cfg, until=until, worker=worker, progress=reporter)
+
+
+def _devices(device: str, workers: int) -> list[str]:
+    if device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count > 1:
+            return [f"cuda:{i % count}" for i in range(workers)]
+    return [device] * workers
+
+
+def run_workers(
+    url: str,
+    config: PerturbConfig,
+    *,
+    until: int | None = None,
+    workers: int = 1,
+    device: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    console: Any = None,
+    progress: bool = True,
+) -> int:
+    """Run perturbations 0..until-1 into the store at ``url`` with ``workers`` processes; returns the
+    number of committed columns among them. One worker runs in this process; more are ``spawn``-ed
+    processes (one CPU share or one GPU each) that cooperate through leases, so this can also be run
+    on several machines against one store."""
+    import daunce_store
+
+    until = until or config.num_perturbations
+    if not until or until < 1:
+        raise InvalidInputError("how many perturbations? pass --until K or set num_perturbations in the config")
+    if workers < 1:
+        raise InvalidInputError(f"--workers {workers}: need at least one worker")
+    if device:
+        config = config.replace(device=device)
+    store = daunce_store.open(url, storage_options=storage_options)  # fail early on a bad store
+    ids = {f"{k:06d}" for k in range(until)}
+    if workers == 1:
+        from daunce_store.perturb._progress import NullReporter, RichReporter
+        from daunce_store.perturb._runner import run_worker
+
+        model, task, train, queries = build_from_config(config, base_dir)
+        queries = _known_sets(store, queries)
+        reporter = RichReporter(console) if progress else NullReporter()
+        run_worker(store, model, task, train, queries, config, until=until, progress=reporter)
+    else:
+        from daunce_store.perturb._progress import serve_queue_progress
+
+        ctx = multiprocessing.get_context("spawn")  # fork after torch/zarr threads start can hang
+        queue = ctx.Queue() if progress else None
+        host = os.uname().nodename if hasattr(os, "uname") else "host"
+        procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(url, storage_options, config.replace(device=dev).to_dict(),
+                      None if base_dir is None else os.fspath(base_dir), until, f"{host}:{os.getpid()}:w{i}", queue,
+                      _threads(workers) if dev == "cpu" else 1),
+                name=f"daunce-worker-{i}",
+            )
+            for i, dev in enumerate(_devices(config.device, workers))
+        ]
+        for p in procs:
+            p.start()
+        try:
+            if progress:
+                serve_queue_progress(queue, procs, console)
+            for p in procs:
+                p.join()
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+        failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
+        if failed:
+            raise WorkerError(
+                f"{len(failed)} of {workers} workers failed: {', '.join(failed)}; see their tracebacks above. "
+                "Committed columns are valid; fix the cause and run the same command again to finish"
+            )
+    return len(ids & {c.perturbation for c in store.commits()})
+
+
+def evaluate_query_sets(
+    url: str,
+    config: PerturbConfig,
+    names: Sequence[str],
+    *,
+    device: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, list[str]]:
+    """Evaluate query sets ``names`` (added after the run) under the perturbations' stored weights; the
+    config's factory must return them in its query_data. Returns the perturbation ids filled per set."""
+    import daunce_store
+    from daunce_store.perturb._runner import evaluate_stored
+
+    if device:
+        config = config.replace(device=device)
+    store = daunce_store.open(url, storage_options=storage_options)
+    model, task, _, queries = build_from_config(config, base_dir)
+    out = {}
+    for name in names:
+        if name not in queries:
+            raise InvalidInputError(
+                f"the factory {config.factory!r} returns no query set {name!r} (it returns {sorted(queries)}); "
+                "return the new query set's examples under that name"
+            )
+        out[name] = evaluate_stored(store, model, task, name, queries[name], config)
+    return out
