@@ -277,18 +277,60 @@ def influence(
         _fail(e)
 
 
+class StabilityFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def stability(
+    store: StoreArg,
+    query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
+    query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
+    k: Annotated[int, typer.Option("-k", help="Length of the top-k lists.")] = 10,
+    measure: Annotated[Measure, typer.Option()] = Measure.cov,
+    side: Annotated[Side, typer.Option()] = Side.both,
+    fraction: Annotated[list[float], typer.Option("--fraction", help="Column fraction; repeatable.")] = [0.25, 0.5, 1.0],
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the columns (0: none).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the resamples.")] = 0,
+    backend: Annotated[Backend, typer.Option()] = Backend.auto,
+    format: Annotated[StabilityFormat, typer.Option("--format")] = StabilityFormat.table,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Has K converged? Top-k overlap with the full-K list over nested column subsets, and bootstrap
+    standard errors of the listed scores."""
+    try:
+        s = _open(store, "r", storage_options)
+        result = s.stability(query_set, query or None, k=k, measure=measure.value, side=side.value,
+                             fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend.value)
+    except DaunceStoreError as e:
+        _fail(e)
+        return
+    if format == StabilityFormat.json:
+        sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records()}, indent=1) + "\n")
+        return
+    table = Table(title=f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)")
+    rows = result.summary_records()
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("query", "side") else "right")
+    for r in rows:
+        table.add_row(*(v if isinstance(v, str) else f"{v:.3g}" for v in r.values()))
+    console.print(table)
+
+
 @app.command("self-influence")
 def self_influence(
     store: StoreArg,
     k: Annotated[int, typer.Option("-k")] = 10,
     side: Annotated[Side, typer.Option(help="pos: highest variance (mislabels, outliers).")] = Side.pos,
+    backend: Annotated[Backend, typer.Option()] = Backend.auto,
     format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Self-influence (loss variance across perturbations): mislabel and outlier search."""
     try:
-        result = _open(store, "r", storage_options).self_influence(k=k, side=side.value)
+        result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, backend=backend.value)
         _emit(result, format, output, "self-influence")
     except DaunceStoreError as e:
         _fail(e)

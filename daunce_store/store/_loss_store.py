@@ -552,6 +552,12 @@ class LossStore:
 
         return influence(self, query_set, queries, **kwargs)
 
+    def stability(self, query_set: str, queries: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Top-k convergence diagnostics (nested column subsets, bootstrap); see :func:`daunce_store.scoring.stability`."""
+        from daunce_store.scoring import stability
+
+        return stability(self, query_set, queries, **kwargs)
+
     def self_influence(self, **kwargs: Any) -> Any:
         """Self-influence (loss variance across perturbations); see :func:`daunce_store.scoring.self_influence`."""
         from daunce_store.scoring import self_influence

@@ -1,0 +1,205 @@
+"""Convergence diagnostics: is K large enough for these top-k lists?
+
+Two questions, answered from one streaming pass over the train losses:
+
+* **Nested subsets** — would the first K/4, K/2, ... committed columns have given the same top-k? The
+  overlap of each subset's top-k set with the full-K top-k set shows whether the lists have settled
+  (DESIGN §1: accuracy grows with K and saturates near K ≈ 200).
+* **Bootstrap** — resample the K columns with replacement B times: the spread of each listed score over
+  the resamples is its standard error, and the mean overlap of the resampled top-k sets with the full one
+  says how much of the list is noise.
+
+Every block is read once and pushed to every subset's and every resample's accumulator, so I/O is paid
+once. The standard errors need the K losses of the listed rows only; they are re-read afterwards from
+the blocks that hold them (k·m rows, not n).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError
+from daunce_store.scoring._attribution import _check_columns, _query_rows, check_k, resolve_sides
+from daunce_store.scoring._backend import MEASURES, make_accumulator
+from daunce_store.scoring._numpy import prepare_queries, prepare_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from daunce_store.store import LossStore, Snapshot
+
+__all__ = ["Stability", "stability"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stability:
+    """Top-k stability per query and side.
+
+    ``indices``/``scores``: the full-K top-k (m, k). ``overlap[side]``: (m, F), the fraction of the
+    full-K top-k set also in the top-k of the first ``columns[f]`` columns. ``bootstrap_overlap[side]``:
+    (m,), mean overlap of the resampled top-k sets with the full one. ``stderr[side]``: (m, k), the
+    bootstrap standard error of each listed score.
+    """
+
+    queries: tuple[str, ...]
+    train_ids: np.ndarray
+    measure: str
+    k: int
+    num_columns: int
+    columns: tuple[int, ...]
+    bootstrap: int
+    indices: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    stderr: dict[str, np.ndarray]
+    overlap: dict[str, np.ndarray]
+    bootstrap_overlap: dict[str, np.ndarray]
+
+    def summary_records(self) -> list[dict[str, Any]]:
+        """One dict per (query, side): overlaps per column count, bootstrap overlap, median relative SE."""
+        out = []
+        for j, q in enumerate(self.queries):
+            for side in self.indices:
+                rec: dict[str, Any] = {"query": q, "side": side}
+                for f, c in enumerate(self.columns):
+                    rec[f"overlap@K={c}"] = float(self.overlap[side][j, f])
+                rec["bootstrap_overlap"] = float(self.bootstrap_overlap[side][j]) if self.bootstrap else float("nan")
+                sc, se = self.scores[side][j], self.stderr[side][j]
+                rel = np.divide(se, np.abs(sc), out=np.full_like(se, np.inf), where=sc != 0)
+                rec["median_rel_stderr"] = float(np.median(rel)) if self.bootstrap else float("nan")
+                out.append(rec)
+        return out
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per (query, side, rank): the listed row, its score and standard error, and the
+        query's overlaps (repeated on each of its rows)."""
+        summary = {(r["query"], r["side"]): r for r in self.summary_records()}
+        out = []
+        for j, q in enumerate(self.queries):
+            for side in self.indices:
+                extra = {key: v for key, v in summary[(q, side)].items() if key not in ("query", "side")}
+                for rank in range(self.k):
+                    i = int(self.indices[side][j, rank])
+                    out.append({"query": q, "side": side, "rank": rank + 1, "train_id": str(self.train_ids[i]),
+                                "train_index": i, "score": float(self.scores[side][j, rank]),
+                                "stderr": float(self.stderr[side][j, rank]), **extra})
+        return out
+
+    def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records())
+
+    def summary(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.summary_records())
+
+
+def _column_counts(fractions: Sequence[float], num: int) -> tuple[int, ...]:
+    if not fractions:
+        raise InvalidInputError("give at least one fraction of the columns, e.g. (0.25, 0.5, 1.0)")
+    counts = []
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise InvalidInputError(f"fractions must be in (0, 1], not {f!r}")
+        counts.append(min(num, max(2, math.ceil(f * num))))
+    return tuple(sorted(set(counts) | {num}))
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, |set(a_j) ∩ set(b_j)| / k."""
+    return np.array([len(np.intersect1d(x, y, assume_unique=True)) / len(y) for x, y in zip(a, b)])
+
+
+def _gather_rows(store: LossStore, rows: np.ndarray, slots: Sequence[int]) -> np.ndarray:
+    """The K losses of the given (sorted, unique) train rows, reading only the row blocks that hold them."""
+    out = np.empty((len(rows), len(slots)), np.float32)
+    step = store.chunk_rows
+    start = 0
+    while start < len(rows):
+        block = rows[start] // step
+        stop = int(np.searchsorted(rows, (block + 1) * step))
+        r0, r1 = int(rows[start]), int(rows[stop - 1]) + 1
+        span = store._read_rows(store._train_losses, r0, r1, slots)  # noqa: SLF001 - the store's own row reader
+        out[start:stop] = span[rows[start:stop] - r0]
+        start = stop
+    return out
+
+
+def stability(
+    store: LossStore,
+    query_set: str,
+    queries: Sequence[str] | None = None,
+    *,
+    k: int = 10,
+    measure: str = "cov",
+    side: str = "both",
+    fractions: Sequence[float] = (0.25, 0.5, 1.0),
+    bootstrap: int = 20,
+    seed: int = 0,
+    backend: str = "auto",
+    snapshot: Snapshot | None = None,
+    block_rows: int | None = None,
+) -> Stability:
+    """Convergence diagnostics for the top-k of each query of ``query_set``.
+
+    Over nested column subsets (the first ``f·K`` committed columns for each ``f`` in ``fractions``)
+    and ``bootstrap`` resamples of the K columns (with replacement, seeded by ``seed``), report per query
+    the overlap of each top-k set with the full-K top-k and each listed score's bootstrap standard error.
+
+    >>> st = store.stability("test", k=10, bootstrap=20)          # doctest: +SKIP
+    >>> st.summary()                                               # doctest: +SKIP
+       query side  overlap@K=16  overlap@K=32  overlap@K=64  bootstrap_overlap  median_rel_stderr
+    """
+    if measure not in MEASURES:
+        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
+    if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise InvalidInputError(f"bootstrap must be a whole number >= 0, not {bootstrap!r}")
+    sides = resolve_sides(side)
+    check_k(k, store.n_train)
+    snap = snapshot or store.snapshot()
+    rows, names = _query_rows(store, query_set, queries)
+    q = store.query_losses(query_set, snapshot=snap)[rows]
+    num = q.shape[1]
+    _check_columns(num, query_set)
+    counts = _column_counts(fractions, num)
+    rng = np.random.default_rng(seed)
+    resamples = [np.sort(rng.integers(0, num, size=num)) for _ in range(bootstrap)]
+    # A resample that drew one column only has no variance: draw again (vanishingly rare for K > 3).
+    resamples = [r if len(np.unique(r)) > 1 else np.arange(num) for r in resamples]
+
+    variants: list[np.ndarray | slice] = [slice(0, c) for c in counts] + resamples
+    accs = [make_accumulator(np.ascontiguousarray(q[:, v]), k, measure, sides, backend) for v in variants]
+    for offset, block in store.iter_row_blocks(snapshot=snap, query_set=query_set, block_rows=block_rows):
+        for v, acc in zip(variants, accs):
+            acc.push_block(offset, block if isinstance(v, slice) and v.stop == num else np.ascontiguousarray(block[:, v]))
+    results = [acc.finish() for acc in accs]
+    full = results[len(counts) - 1]
+
+    overlap = {s: np.stack([_overlap(r[s][0], full[s][0]) for r in results[: len(counts)]], axis=1) for s in sides}
+    boot = results[len(counts):]
+    boot_overlap = {s: (np.mean([_overlap(r[s][0], full[s][0]) for r in boot], axis=0) if boot else np.full(len(rows), np.nan)) for s in sides}
+
+    stderr = {s: np.full(full[s][0].shape, np.nan, np.float32) for s in sides}
+    if boot:
+        slots = store._resolve_slots(snap, query_set, None)  # noqa: SLF001 - same columns as the blocks
+        listed = np.unique(np.concatenate([full[s][0].ravel() for s in sides]))
+        losses = _gather_rows(store, listed, slots)
+        for s in sides:
+            where = np.searchsorted(listed, full[s][0])  # (m, k) rows into `losses`
+            reps = []
+            for r in resamples:
+                a = prepare_rows(losses[:, r], measure)[where]  # (m, k, K)
+                b = prepare_queries(np.ascontiguousarray(q[:, r]), measure)  # (m, K)
+                reps.append(np.einsum("jtc,jc->jt", a, b, dtype=np.float64))
+            stderr[s] = np.std(np.stack(reps), axis=0, ddof=1).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
+    return Stability(
+        queries=names, train_ids=store.train_ids, measure=measure, k=int(k), num_columns=num, columns=counts,
+        bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
+        stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
+    )
