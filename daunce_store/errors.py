@@ -17,6 +17,7 @@ __all__ = [
     "LeaseError",
     "NotEnoughColumnsError",
     "CorruptChunkError",
+    "CorruptRecordError",
     "CapacityError",
 ]
 
@@ -69,6 +70,10 @@ class NotEnoughColumnsError(DaunceStoreError):
 
 class CorruptChunkError(DaunceStoreError):
     """A chunk failed its checksum or could not be decoded; the message names the chunk."""
+
+
+class CorruptRecordError(DaunceStoreError):
+    """A commit-log record (commit, slot or lease JSON) is truncated or not what this package wrote."""
 
 
 class CapacityError(DaunceStoreError):

@@ -40,6 +40,7 @@ from daunce_store.errors import (
     AlreadyCommittedError,
     CapacityError,
     CorruptChunkError,
+    CorruptRecordError,
     InvalidInputError,
     LeaseError,
     NotADaunceStoreError,
@@ -185,6 +186,7 @@ class LossStore:
         self._train_ids: np.ndarray | None = None
         self._train_index: dict[str, int] | None = None
         self._query_cache: dict[str, tuple[Any, np.ndarray, dict[str, int]]] = {}
+        self._commit_cache: dict[str, Commit] = {}
 
     # --- identity ------------------------------------------------------------------------------
     @property
@@ -265,9 +267,19 @@ class LossStore:
     # --- commits and snapshots ------------------------------------------------------------------
     def commits(self) -> list[Commit]:
         """Every committed column, in slot order."""
-        records = [self._storage.get(k) for k in self._storage.list(C.COMMITS_PREFIX)]
-        commits = [Commit.from_record(r) for r in records if r is not None]
-        return sorted(commits, key=lambda c: c.slot)
+        # Commit records are immutable once created (create-if-absent, never rewritten), so each is
+        # fetched once per handle; a snapshot costs one listing plus the records that are new.
+        keys = self._storage.list(C.COMMITS_PREFIX)
+        new = [k for k in keys if k not in self._commit_cache]
+        for key, rec in zip(new, self._storage.get_many(new)):
+            if rec is not None:
+                self._commit_cache[key] = _commit_from_record(key, rec, self.url)
+        return sorted((self._commit_cache[k] for k in keys if k in self._commit_cache), key=lambda c: c.slot)
+
+    def _committed_ids(self) -> set[str]:
+        """Committed perturbation ids, from one listing (a record's name is its perturbation id)."""
+        prefix = C.COMMITS_PREFIX + "/"
+        return {k[len(prefix):].removesuffix(".json") for k in self._storage.list(C.COMMITS_PREFIX)}
 
     def snapshot(self) -> Snapshot:
         """The committed columns now. Later appends do not change a snapshot already taken."""
@@ -406,10 +418,12 @@ class LossStore:
         """Lease a perturbation id for ``ttl`` seconds; None if it is committed or leased by a live worker."""
         self._require_writable()
         pid = _check_perturbation_id(perturbation)
-        if self.is_committed(pid):
-            return None
         current = self._current_lease(pid)
         if current is not None and not current.get("released") and current["expires_at"] >= time.time():
+            return None
+        # Checked after reading the lease: a holder commits before it releases, so a released lease
+        # seen above means its commit is visible here (checking first would race with that commit).
+        if self.is_committed(pid):
             return None
         lease = Lease(
             perturbation=pid,
@@ -425,7 +439,7 @@ class LossStore:
 
     def claim_next(self, candidates: Sequence[str | int], *, worker: str | None = None, ttl: float = C.DEFAULT_LEASE_SECONDS) -> Lease | None:
         """Lease the first of ``candidates`` that is neither committed nor leased; None when none is left."""
-        committed = {c.perturbation for c in self.commits()}
+        committed = self._committed_ids()
         for pid in candidates:
             if str(pid) in committed:
                 continue
@@ -454,7 +468,7 @@ class LossStore:
     def leases(self) -> list[dict[str, Any]]:
         """Live (unexpired, unreleased, uncommitted) leases."""
         pids = {k.split("/")[2] for k in self._storage.list(C.LEASES_PREFIX + "/")}
-        committed = {c.perturbation for c in self.commits()}
+        committed = self._committed_ids()
         out = []
         for pid in sorted(pids - committed):
             cur = self._current_lease(pid)
@@ -583,6 +597,16 @@ class LossStore:
             "seed": self.seed,
             "size_bytes": self._storage.size_bytes(),
         }
+
+
+def _commit_from_record(key: str, rec: dict[str, Any], url: str) -> Commit:
+    try:
+        return Commit.from_record(rec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptRecordError(
+            f"commit record {key!r} of {url} lacks or garbles {e}; it was not written by daunce-store "
+            "(restore it from a copy)"
+        ) from None
 
 
 def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 import obstore
 import obstore.store
 import zarr.storage
+
+from daunce_store.errors import CorruptRecordError
 
 __all__ = ["Storage"]
 
@@ -101,10 +104,28 @@ class Storage:
             return None
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The record at ``key``, None if absent; CorruptRecordError if it is not a JSON object."""
         try:
-            return json.loads(bytes(obstore.get(self._log_store(), key).bytes()))
+            data = bytes(obstore.get(self._log_store(), key).bytes())
         except FileNotFoundError:
             return None
+        try:
+            record = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptRecordError(
+                f"record {key!r} of {self.url} is damaged ({len(data)} bytes, not JSON: {e}); restore it from a "
+                "copy, or delete it if it is a lease or an unreferenced slot"
+            ) from None
+        if not isinstance(record, dict):
+            raise CorruptRecordError(f"record {key!r} of {self.url} holds {type(record).__name__}, not a JSON object")
+        return record
+
+    def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        """:meth:`get` of many keys, fetched in parallel (one round trip each on an object store)."""
+        if len(keys) < 8:
+            return [self.get(k) for k in keys]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(self.get, keys))
 
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (recursively), sorted."""
