@@ -1,0 +1,95 @@
+"""Damaged bytes are reported by name, never read silently: a flipped byte in a chunk fails its crc32c
+check (CorruptChunkError naming ``train/losses/c/<row>/<slot>``), a garbled commit-log record gives a
+CorruptRecordError naming the record."""
+
+from __future__ import annotations
+
+import numpy as np
+import obstore
+import pytest
+
+from _support import Location, fill
+from daunce_store import errors
+from daunce_store.store import Storage
+
+N, M = 64, 3
+
+
+@pytest.fixture
+def store(location: Location):
+    s = location.init("s.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]}, chunk_rows=16, capacity=8)
+    fill(s, range(4))
+    return s
+
+
+def _raw(location: Location):
+    return Storage(location.url(), location.options)._log_store()
+
+
+def _flip_byte(location: Location, key: str, offset: int) -> None:
+    data = bytearray(bytes(obstore.get(_raw(location), key).bytes()))
+    data[offset] ^= 0x40
+    obstore.put(_raw(location), key, bytes(data))
+
+
+def _write(location: Location, key: str, data: bytes) -> None:
+    obstore.put(_raw(location), key, data)
+
+
+@pytest.mark.parametrize("offset", [0, 37, -1], ids=["first", "middle", "checksum"])
+def test_flipped_byte_in_train_chunk(location: Location, store, offset: int) -> None:
+    slot = {c.perturbation: c.slot for c in store.commits()}["p2"]
+    key = f"train/losses/c/2/{slot}"  # rows 32..47 of perturbation p2
+    assert key in location.objects()
+    _flip_byte(location, key, offset)
+    reopened = location.open(mode="r")
+    for read in (
+        lambda: reopened.train_losses(),
+        lambda: list(reopened.iter_row_blocks(block_rows=16)),
+        lambda: reopened.topk("test", k=3),
+        lambda: reopened.self_influence(k=3),
+    ):
+        with pytest.raises(errors.CorruptChunkError, match=f"chunk '{key}' .* is corrupt") as info:
+            read()
+        assert f"slot {slot}" in str(info.value)
+    # Rows in other chunks and other columns still read.
+    np.testing.assert_array_equal(reopened.train_losses(columns=[0, 1])[:16], store.train_losses(columns=[0, 1])[:16])
+
+
+def test_flipped_byte_in_query_chunk(location: Location, store) -> None:
+    _flip_byte(location, "queries/test/losses/c/0/1", 5)
+    with pytest.raises(errors.CorruptChunkError, match="chunk 'queries/test/losses/c/0/1'"):
+        location.open(mode="r").query_losses("test")
+
+
+def test_truncated_chunk(location: Location, store) -> None:
+    key = "train/losses/c/0/0"
+    data = bytes(obstore.get(_raw(location), key).bytes())
+    _write(location, key, data[: len(data) // 2])
+    with pytest.raises(errors.CorruptChunkError, match=f"chunk '{key}'"):
+        location.open(mode="r").train_losses()
+
+
+@pytest.mark.parametrize(
+    "garbage, match",
+    [(b'{"perturbation": "p1", "sl', "not JSON"), (b"\xff\xfe\x00", "not JSON"), (b"[1, 2]", "not a JSON object"), (b'{"perturbation": "p1"}', "lacks or garbles 'slot'")],
+    ids=["truncated", "binary", "list", "missing-field"],
+)
+def test_garbled_commit_record(location: Location, store, garbage: bytes, match: str) -> None:
+    _write(location, "_daunce/commits/p1.json", garbage)
+    reopened = location.open(mode="r")
+    for call in (reopened.commits, reopened.snapshot, reopened.train_losses, reopened.status):
+        with pytest.raises(errors.CorruptRecordError, match=f"'_daunce/commits/p1.json' .*{match}"):
+            call()
+
+
+def test_garbled_lease_record(location: Location, store) -> None:
+    _write(location, "_daunce/leases/p9/00000000.json", b"{")
+    with pytest.raises(errors.CorruptRecordError, match="_daunce/leases/p9/00000000.json"):
+        location.open().claim("p9")
+
+
+def test_garbled_root_metadata(location: Location, store) -> None:
+    _write(location, "zarr.json", b"{not json")
+    with pytest.raises(errors.NotADaunceStoreError, match="not a daunce store"):
+        location.open()
