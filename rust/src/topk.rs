@@ -343,6 +343,35 @@ fn lane_pass_dispatch(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
     lane_pass(lane, p, r0, r1)
 }
 
+/// Worker threads: `RAYON_NUM_THREADS` if set (the usual knob), else the cores this process may use.
+pub fn num_lanes() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Run `f(lane_index, lane)` for every lane, lane 0 on the calling thread and the others on scoped
+/// threads. Not a rayon pool on purpose: rayon's idle workers spin for a while after each job, and on
+/// a small machine that steals the core the store's reader thread needs to prefetch the next block.
+fn for_each_lane<F>(lanes: &mut [Lane], f: F)
+where
+    F: Fn(usize, &mut Lane) + Sync,
+{
+    match lanes {
+        [] => {}
+        [only] => f(0, only),
+        [first, rest @ ..] => std::thread::scope(|scope| {
+            let f = &f;
+            for (i, lane) in rest.iter_mut().enumerate() {
+                scope.spawn(move || f(i + 1, lane));
+            }
+            f(0, first);
+        }),
+    }
+}
+
 /// Result of one side: row-major (m × k) indices and scores (sign restored).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SideResult {
@@ -402,7 +431,7 @@ impl TopKAccumulator {
         }
         let m = queries.len() / ncols;
         let queries = if queries_prepared { queries.to_vec() } else { prepare_queries(queries, ncols, measure) };
-        let nlanes = rayon::current_num_threads().max(1);
+        let nlanes = num_lanes();
         let lanes = (0..nlanes)
             .map(|_| Lane {
                 pos: if pos { vec![Running::new(); m] } else { Vec::new() },
@@ -467,7 +496,7 @@ impl TopKAccumulator {
             neg: self.neg,
             queries: &self.queries,
         };
-        self.lanes.par_iter_mut().enumerate().for_each(|(li, lane)| {
+        for_each_lane(&mut self.lanes, |li, lane| {
             let r0 = (li * per).min(r);
             let r1 = ((li + 1) * per).min(r);
             if r0 < r1 {
@@ -490,7 +519,7 @@ impl TopKAccumulator {
         self.rows_seen += r as u64;
         let per = r.div_ceil(self.lanes.len());
         let (k, cap, pos, neg) = (self.k, self.cap, self.pos, self.neg);
-        self.lanes.par_iter_mut().enumerate().for_each(|(li, lane)| {
+        for_each_lane(&mut self.lanes, |li, lane| {
             let (r0, r1) = ((li * per).min(r), ((li + 1) * per).min(r));
             if r0 >= r1 {
                 return;
@@ -748,7 +777,7 @@ mod profile {
             acc.push_block((b * 65536) as u64, c).unwrap();
         }
         acc.finish().unwrap();
-        println!("accumulator ({} threads) {:?}", rayon::current_num_threads(), t.elapsed());
+        println!("accumulator ({} threads) {:?}", num_lanes(), t.elapsed());
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
