@@ -213,10 +213,15 @@ def perturb(
     console.print(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}")
 
 
+class StatusFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
 @app.command()
 def status(
     store: StoreArg,
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    format: Annotated[StatusFormat, typer.Option("--format", help="table or json")] = StatusFormat.table,
     storage_options: StorageOpt = None,
 ) -> None:
     """Sizes, committed columns, leases in flight, size on disk, format version."""
@@ -224,13 +229,33 @@ def status(
         info = _open(store, "r", storage_options).status()
     except DaunceStoreError as e:
         _fail(e)
-    if format == "json":
+    if format == StatusFormat.json:
         sys.stdout.write(json.dumps(info, indent=1) + "\n")
         return
     table = Table(title=f"daunce store {info['url']}", show_header=False)
     for key, value in info.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)
+
+
+class ExportForm(str, Enum):
+    wide = "wide"
+    long = "long"
+
+
+@app.command()
+def export(
+    store: StoreArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, FILE.csv or FILE.jsonl.")],
+    form: Annotated[ExportForm, typer.Option(help="wide: set, id, one column per perturbation; long: set, id, perturbation, loss.")] = ExportForm.wide,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Export the train and query loss matrices, with ids, to parquet, csv or jsonl."""
+    try:
+        rows = _open(store, "r", storage_options).export(output, form=form.value)
+    except DaunceStoreError as e:
+        _fail(e)
+    err_console.print(f"wrote {rows} rows ({form.value} form) to {output}")
 
 
 @app.command()

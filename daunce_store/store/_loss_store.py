@@ -578,10 +578,31 @@ class LossStore:
 
         return self_influence(self, **kwargs)
 
+    # --- export ---------------------------------------------------------------------------------
+    def to_pandas(self, *, form: Literal["wide", "long"] = "wide", snapshot: Snapshot | None = None) -> Any:
+        """Train and query loss matrices with their ids in one DataFrame.
+
+        ``wide``: columns ``set``, ``id`` and one float32 column per perturbation (NaN where a query set
+        has no losses for it); ``long``: ``set``, ``id``, ``perturbation``, ``loss``.
+
+        >>> store.to_pandas().set_index(["set", "id"]).loc["train"]   # doctest: +SKIP
+        """
+        from daunce_store.store._export import losses_to_pandas
+
+        return losses_to_pandas(self, form=form, snapshot=snapshot)
+
+    def export(self, path: str | os.PathLike[str], *, form: Literal["wide", "long"] = "wide", fmt: str | None = None, snapshot: Snapshot | None = None) -> int:
+        """Write :meth:`to_pandas`'s table to a .parquet, .csv or .jsonl file, one row block at a time;
+        returns the number of rows written."""
+        from daunce_store.store._export import export_losses
+
+        return export_losses(self, path, form=form, fmt=fmt, snapshot=snapshot)
+
     # --- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """A summary: sizes, committed K, live leases, bytes on disk, format version."""
         snap = self.snapshot()
+        leases = self.leases()
         return {
             "url": self.url,
             "format_version": int(self._info.get("format_version", 0)),
@@ -590,13 +611,20 @@ class LossStore:
                 name: {"m": m, "columns": len(snap.query_slots.get(name, ()))} for name, m in self.query_sets().items()
             },
             "committed_columns": len(snap),
-            "leases_in_flight": len(self.leases()),
+            "leases_in_flight": len(leases),
+            "leases": [
+                {"perturbation": r["perturbation"], "worker": r["worker"], "expires_at": _iso(r["expires_at"])} for r in leases
+            ],
             "slots_claimed": len(self._storage.list(C.SLOTS_PREFIX)),
             "capacity": self.capacity,
             "chunk_rows": self.chunk_rows,
             "seed": self.seed,
             "size_bytes": self._storage.size_bytes(),
         }
+
+
+def _iso(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _commit_from_record(key: str, rec: dict[str, Any], url: str) -> Commit:

@@ -101,3 +101,18 @@ def test_status(store) -> None:
     assert info["query_sets"] == {"test": {"m": M, "columns": K}}
     assert info["format_version"] == 1 and info["leases_in_flight"] == 0
     assert info["size_bytes"] > N * K * 4
+
+
+def test_to_pandas_and_export(location: Location, store, tmp_path) -> None:
+    import pandas as pd
+
+    wide = store.to_pandas()
+    assert list(wide.columns) == ["set", "id"] + [f"p{k}" for k in range(K)]
+    assert len(wide) == N + M and (wide["set"] == "train").sum() == N
+    np.testing.assert_array_equal(wide.loc[wide["set"] == "test", "p3"].to_numpy(), column(3, M, salt=1))
+    long = store.to_pandas(form="long")
+    assert len(long) == (N + M) * K
+    assert store.export(tmp_path / "x.parquet", form="long") == (N + M) * K
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "x.parquet"), long)
+    with pytest.raises(errors.InvalidInputError, match="wide' or 'long"):
+        store.to_pandas(form="tall")

@@ -1,0 +1,129 @@
+"""Loss matrices out of a store, as pandas frames or files (parquet, csv, jsonl), with their ids.
+
+Two shapes:
+
+* ``wide`` (default): one row per example, columns ``set`` (``train`` or a query-set name), ``id``, then
+  one float32 column per committed perturbation (in slot order). A query set with no losses for a
+  perturbation has NaN there. This is the matrix a pandas user wants (``df.set_index(["set", "id"])``).
+* ``long``: one row per (example, perturbation): ``set``, ``id``, ``perturbation``, ``loss``.
+
+Files are written one row block at a time, so exporting does not need the whole matrix in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from daunce_store.store._loss_store import LossStore, Snapshot
+
+__all__ = ["EXPORT_FORMATS", "export_losses", "losses_to_pandas"]
+
+EXPORT_FORMATS = ("parquet", "csv", "jsonl")
+Form = Literal["wide", "long"]
+KEY_COLUMNS = ("set", "id")
+
+
+def _frames(store: LossStore, form: Form, snapshot: Snapshot | None, block_rows: int | None) -> Iterator[pd.DataFrame]:
+    import pandas as pd
+
+    if form not in ("wide", "long"):
+        raise InvalidInputError(f"form must be 'wide' or 'long', not {form!r}")
+    snap = snapshot or store.snapshot()
+    names = list(snap.perturbations)
+    if form == "wide" and set(names) & set(KEY_COLUMNS):
+        raise InvalidInputError(
+            f"a perturbation is named {sorted(set(names) & set(KEY_COLUMNS))}, which clashes with the key "
+            "columns of the wide form; export with form='long'"
+        )
+    position = {slot: j for j, slot in enumerate(snap.slots)}
+
+    def frame(set_name: str, ids: np.ndarray, block: np.ndarray, cols: list[str]) -> pd.DataFrame:
+        if form == "wide":
+            data = {"set": np.full(len(ids), set_name, dtype=object), "id": ids.astype(object)}
+            data.update({name: block[:, j] for j, name in enumerate(cols)})
+            return pd.DataFrame(data, columns=[*KEY_COLUMNS, *cols])
+        k = len(cols)
+        return pd.DataFrame(
+            {
+                "set": np.full(len(ids) * k, set_name, dtype=object),
+                "id": np.repeat(ids.astype(object), k),
+                "perturbation": np.tile(np.array(cols, dtype=object), len(ids)),
+                "loss": block.reshape(-1),
+            }
+        )
+
+    train_ids = store.train_ids
+    for offset, block in store.iter_row_blocks(snapshot=snap, block_rows=block_rows):
+        yield frame("train", train_ids[offset : offset + len(block)], block, names)
+    for qset in store.query_sets():
+        slots = list(snap.query_slots.get(qset, ()))
+        losses = store.query_losses(qset, snapshot=snap)  # (m, len(slots)), slot order
+        ids = store.query_ids(qset)
+        if form == "wide":  # align to every committed perturbation, NaN where this set has none
+            full = np.full((len(ids), len(names)), np.nan, dtype=np.float32)
+            full[:, [position[s] for s in slots]] = losses
+            yield frame(qset, ids, full, names)
+        else:
+            yield frame(qset, ids, np.ascontiguousarray(losses), [names[position[s]] for s in slots])
+
+
+def losses_to_pandas(store: LossStore, *, form: Form = "wide", snapshot: Snapshot | None = None) -> pd.DataFrame:
+    """The train and query loss matrices of ``store`` in one frame (see the module docstring)."""
+    import pandas as pd
+
+    return pd.concat(list(_frames(store, form, snapshot, None)), ignore_index=True)
+
+
+def export_losses(
+    store: LossStore,
+    path: str | os.PathLike[str],
+    *,
+    form: Form = "wide",
+    fmt: str | None = None,
+    snapshot: Snapshot | None = None,
+    block_rows: int | None = None,
+) -> int:
+    """Write the loss matrices to ``path`` (format from ``fmt`` or the suffix); returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidInputError(f"cannot export to {path.name!r}: use a .parquet, .csv or .jsonl file (or fmt=)")
+    rows = 0
+    tmp = path.with_name(path.name + ".partial")
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            for i, df in enumerate(_frames(store, form, snapshot, block_rows)):
+                if fmt == "parquet":
+                    table = pa.Table.from_pandas(df, preserve_index=False)
+                    if writer is None:
+                        writer = pq.ParquetWriter(f, table.schema)
+                    writer.write_table(table)
+                elif fmt == "csv":
+                    df.to_csv(f, header=(i == 0), index=False)
+                else:
+                    text = df.to_json(orient="records", lines=True)
+                    f.write((text if text.endswith("\n") or not text else text + "\n").encode())
+                rows += len(df)
+            if writer is not None:
+                writer.close()
+                writer = None
+        os.replace(tmp, path)  # a failed export leaves no half-written file under the asked-for name
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return rows
