@@ -22,6 +22,15 @@ SLOTS_PREFIX = f"{LOG_PREFIX}/slots"  # slots/<slot>.json : a claimed physical c
 COMMITS_PREFIX = f"{LOG_PREFIX}/commits"  # commits/<perturbation>.json : a committed column
 QUERY_COMMITS_PREFIX = f"{LOG_PREFIX}/query-commits"  # query-commits/<set>/<perturbation>.json
 LEASES_PREFIX = f"{LOG_PREFIX}/leases"  # leases/<perturbation>/<generation>.json
+PACK_CLAIMS_PREFIX = f"{LOG_PREFIX}/pack-claims"  # pack-claims/<group>.json : a compactor owns a group
+PACKS_PREFIX = f"{LOG_PREFIX}/packs"  # packs/<group>.json : committed columns packed into a group
+
+# Compaction: committed per-column chunks are copied, PACK_WIDTH columns at a time, into the wide array
+# train/packed with chunks (min(chunk_rows, PACK_ROWS), PACK_WIDTH); wide chunks read several times
+# faster than 1-wide ones (bench/RESULTS.md, "Store layout").
+PACKED_ARRAY = "packed"
+DEFAULT_PACK_WIDTH = 64
+PACK_ROWS = 1 << 16
 
 # Columns are pre-allocated: Zarr chunks are sparse, so an unwritten column costs nothing on disk, and a
 # fixed capacity means appends never rewrite array metadata (which concurrent writers could race on).

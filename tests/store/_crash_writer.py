@@ -1,7 +1,9 @@
 """A writer process for the crash-injection tests: appends the deterministic columns p<start>,
 p<start+1>, ... to a store in a loop until it is killed. Prints ``ready`` once the store is open.
 
-    python _crash_writer.py STORE START
+    python _crash_writer.py STORE START [compact]
+
+With ``compact`` it runs :meth:`LossStore.compact` after every append, so kills also land in compaction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import daunce_store
 
 def main() -> None:
     url, start = sys.argv[1], int(sys.argv[2])
+    compact = sys.argv[3:] == ["compact"]
     store = daunce_store.open(url)
     m = store.query_sets()["test"]
     print("ready", flush=True)
@@ -22,6 +25,8 @@ def main() -> None:
     while True:
         store.append(f"p{pid}", column(pid, store.n_train), {"test": column(pid, m, salt=1)}, metadata={"seed": pid})
         pid += 1
+        if compact:
+            store.compact()
 
 
 if __name__ == "__main__":
