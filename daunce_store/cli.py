@@ -238,6 +238,21 @@ def status(
     console.print(table)
 
 
+@app.command()
+def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
+    """Pack committed columns into wide row-block chunks (faster scans); safe while workers append."""
+    try:
+        s = _open(store, "a", storage_options)
+        groups = s.compact()
+        info = s.status()
+    except DaunceStoreError as e:
+        _fail(e)
+    console.print(
+        f"packed {len(groups)} new group(s) of {s.pack_width} columns; "
+        f"{info['packed_columns']} of {info['committed_columns']} committed columns are packed"
+    )
+
+
 class ExportForm(str, Enum):
     wide = "wide"
     long = "long"

@@ -124,3 +124,17 @@ def test_export_bad_suffix_writes_nothing(store: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(store), "-o", str(tmp_path / "out.xlsx")])
     assert result.exit_code == 2 and "use a .parquet, .csv or .jsonl" in result.output
     assert not (tmp_path / "out.xlsx").exists()
+
+
+def test_compact(store: Path) -> None:
+    s = daunce_store.open(store)
+    before = s.train_losses()
+    for k in range(K, 64):
+        s.append(f"p{k}", _losses(k, N))
+    result = runner.invoke(app, ["compact", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "packed 1 new group(s) of 64 columns; 64 of 64" in " ".join(result.output.split())
+    assert (store / "train" / "packed" / "c").exists()
+    np.testing.assert_array_equal(daunce_store.open(store, mode="r").train_losses()[:, :K], before)
+    info = json.loads(runner.invoke(app, ["status", str(store), "--format", "json"]).stdout)
+    assert info["packed_columns"] == 64
