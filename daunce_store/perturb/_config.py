@@ -6,6 +6,7 @@ This module does not import torch, so a config can be read and validated from th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -121,6 +122,10 @@ class PerturbConfig:
             bad(f"factory {self.factory!r} must look like 'package.module:function' or 'file.py:function'")
         if not isinstance(self.factory_kwargs, dict):
             bad("factory_kwargs must be a mapping")
+        try:  # the config is saved in every commit record
+            json.dumps(self.to_dict())
+        except (TypeError, ValueError) as e:
+            bad(f"every value must be JSON-serializable (it is saved with each column): {e}")
 
     def lora_settings(self) -> dict[str, Any] | None:
         """The LoRA settings with the reference defaults filled in, or None for full fine-tuning."""

@@ -314,8 +314,9 @@ def run_perturbation(
 
     Seeds come from ``(store.seed, k)``: the subset D_k, the weights xi_k, the batch order and the
     initialization of LoRA adapters, so re-running k gives the same column (on the same hardware and
-    thread count). ``model`` is theta0; it is left unchanged (LoRA adapters are added and removed in
-    place; full fine-tuning trains a copy). With ``lease`` the lease is renewed while training.
+    thread count). ``model`` is theta0: it is moved to ``config.device`` and otherwise left unchanged (LoRA
+    adapters are added and removed in place; full fine-tuning trains a copy). With ``lease`` the lease is
+    renewed while training, and given back if the perturbation fails.
 
     Examples
     --------
@@ -334,7 +335,23 @@ def run_perturbation(
     rng = np.random.default_rng(_seed_sequence(store.seed, k).spawn(1)[0])
     order = _training_order(subset, config, rng)
 
-    with _Heartbeat(store, lease, config.lease_seconds) as beat:
+    beat = _Heartbeat(store, lease, config.lease_seconds)
+    try:
+        return _train_evaluate_append(store, k, pid, model, task, train_data, query_data, config, beat, reporter,
+                                      subset, c_all, order, torch_seed, fingerprint, device)
+    except BaseException as e:
+        # Give the id back at once (another worker may take it) unless the lease is already someone else's.
+        if lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
+            with contextlib.suppress(Exception):
+                store.release(beat.lease)
+        raise
+
+
+def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module, task: Task, train_data: Any,
+                           query_data: dict[str, Any], config: PerturbConfig, beat: _Heartbeat, reporter: Reporter,
+                           subset: np.ndarray, c_all: torch.Tensor, order: list[np.ndarray], torch_seed: int,
+                           fingerprint: str, device: torch.device) -> Any:
+    with beat:
         torch.manual_seed(torch_seed)
         t0 = time.perf_counter()
         with _prepared(model, task, config, torch_seed) as prep:

@@ -99,7 +99,7 @@ def test_lora_objective_gradient_at_theta0_with_adapters_disabled_as_reference()
 
 
 def _lm_store(path: Path, n: int, m: int) -> daunce_store.LossStore:
-    return daunce_store.init(path, [f"t{i}" for i in range(n)], {"test": [f"q{j}" for j in range(m)]}, chunk_rows=64, capacity=8)
+    return daunce_store.init(path, [f"t{i}" for i in range(n)], {"test": [f"q{j}" for j in range(m)]}, chunk_rows=64, capacity=64)
 
 
 LORA_CFG = PerturbConfig(

@@ -105,7 +105,7 @@ def test_draws_depend_on_store_seed_and_k_only() -> None:
 
 def _digits_store(path: Path, seed: int = 0) -> daunce_store.LossStore:
     tid, qid = F.digits_ids()
-    return daunce_store.init(path, tid, {"test": qid}, seed=seed, chunk_rows=4096, capacity=16)
+    return daunce_store.init(path, tid, {"test": qid}, seed=seed, chunk_rows=4096, capacity=64)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +181,18 @@ def test_config_yaml_roundtrip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="does not exist"):
         PerturbConfig.from_yaml(tmp_path / "missing.yaml")
     assert "objective" in PerturbConfig.help()
+
+
+def test_a_diverged_fine_tune_is_refused_and_its_lease_given_back(tmp_path: Path, digits) -> None:
+    model, _, train, queries = digits
+
+    class Exploding(ClassificationTask):
+        def per_example_loss(self, outputs, batch):
+            return super().per_example_loss(outputs, batch) * float("nan")
+
+    store = _digits_store(tmp_path / "s.zarr")
+    lease = store.claim("000002", ttl=600)
+    with pytest.raises(InvalidInputError, match="diverged"):
+        run_perturbation(store, 2, model, Exploding(), train, queries, PerturbConfig(objective="blackbox"), lease=lease)
+    assert store.num_columns() == 0 and store.leases() == []
+    assert store.claim("000002") is not None  # free for another worker at once, not after 600 s

@@ -35,7 +35,7 @@ def test_smollm2_lora_perturbations_on_dialogues(tmp_path: Path) -> None:
     theta0 = evaluate_signal(model, task, queries["test"], cfg)
     assert np.isfinite(theta0).all() and theta0.mean() < 6.0, theta0
     store = daunce_store.init(tmp_path / "smol.zarr", [f"t{i}" for i in range(len(train))],
-                              {"test": [f"q{j}" for j in range(len(queries["test"]))]}, chunk_rows=64, capacity=4)
+                              {"test": [f"q{j}" for j in range(len(queries["test"]))]}, chunk_rows=64, capacity=64)
     commits = run_worker(store, model, task, train, queries, cfg, until=2, progress=False)
     assert [c.perturbation for c in commits] == ["000000", "000001"]
     L, Q = store.train_losses(), store.query_losses("test")
