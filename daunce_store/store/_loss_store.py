@@ -634,7 +634,7 @@ class LossStore:
             lo, hi = min(p for _, p in pairs), max(p for _, p in pairs) + 1
             try:
                 block = packed[r0:r1, group * width + lo : group * width + hi]
-            except ValueError as e:
+            except (ValueError, RuntimeError) as e:
                 raise CorruptChunkError(self._locate_corruption(packed, r0, r1, [group * width + p for _, p in pairs], e)) from e
             out[:, [j for j, _ in pairs]] = block[:, [p - lo for _, p in pairs]]
         if young:
@@ -648,7 +648,7 @@ class LossStore:
         try:
             for j, slot in enumerate(slots):
                 buf[j] = arr[r0:r1, slot]
-        except ValueError as e:  # crc32c mismatch or undecodable chunk
+        except (ValueError, RuntimeError) as e:  # crc32c mismatch or undecodable chunk (zarrs: RuntimeError)
             raise CorruptChunkError(self._locate_corruption(arr, r0, r1, slots, e)) from e
         return np.ascontiguousarray(buf.T)
 
@@ -658,7 +658,7 @@ class LossStore:
             for c0 in range(r0 - r0 % rows, r1, rows):
                 try:
                     arr[c0 : min(c0 + rows, arr.shape[0]), slot]
-                except ValueError as e:
+                except (ValueError, RuntimeError) as e:
                     key = f"{arr.path}/c/{c0 // rows}/{slot // width}"
                     return (
                         f"chunk {key!r} of {self.url} is corrupt ({e}); the column in slot {slot} cannot be "
@@ -821,13 +821,15 @@ def init_store(
     seed: int = 0,
     capacity: int = C.DEFAULT_CAPACITY,
     chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
-    pack_width: int = C.DEFAULT_PACK_WIDTH,
+    pack_width: int | None = None,
     storage_options: dict[str, Any] | None = None,
     attributes: Mapping[str, Any] | None = None,
 ) -> LossStore:
     """Create a new, empty store (no columns) at ``url``; StoreExistsError if something is there."""
     ids = validate_ids(train_ids, what="train ids")
     sets = {_check_query_set_name(k): validate_ids(v, what=f"query set {k!r} ids") for k, v in (query_sets or {}).items()}
+    if pack_width is None:  # columns per compacted group (see LossStore.compact)
+        pack_width = min(C.DEFAULT_PACK_WIDTH, capacity)
     if capacity < 2 or chunk_rows < 1 or not 1 <= pack_width <= capacity:
         raise InvalidInputError("capacity must be >= 2, chunk_rows >= 1 and 1 <= pack_width <= capacity")
     storage = Storage(url, storage_options)

@@ -93,3 +93,21 @@ def test_garbled_root_metadata(location: Location, store) -> None:
     _write(location, "zarr.json", b"{not json")
     with pytest.raises(errors.NotADaunceStoreError, match="not a daunce store"):
         location.open()
+
+
+def test_flipped_byte_with_zarrs_pipeline(tmp_path) -> None:
+    """The Rust codec pipeline (PyPI ``zarrs``) raises RuntimeError on a bad checksum; still named."""
+    pytest.importorskip("zarrs")
+    import zarr
+
+    import daunce_store
+
+    s = daunce_store.init(tmp_path / "s.zarr", [f"t{i}" for i in range(N)], chunk_rows=16)
+    fill(s, range(3), query_set=None)
+    chunk = tmp_path / "s.zarr" / "train" / "losses" / "c" / "1" / "2"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 1
+    chunk.write_bytes(bytes(data))
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        with pytest.raises(errors.CorruptChunkError, match="chunk 'train/losses/c/1/2'"):
+            daunce_store.open(tmp_path / "s.zarr", mode="r").train_losses()
