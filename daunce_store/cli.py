@@ -379,20 +379,22 @@ def self_influence(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
-    k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 8 with --llm).")] = None,
+    k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 4 with --llm).")] = None,
     measure: Annotated[Measure, typer.Option(help="Score to rank by.")] = Measure.corr,
     llm: Annotated[bool, typer.Option("--llm", help="SmolLM2-135M with LoRA perturbations on real dialogues instead of digits.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for --llm (cpu, cuda).")] = "cpu",
-    num_dialogues: Annotated[int, typer.Option(help="Training dialogues for --llm.")] = 200,
-    steps: Annotated[int, typer.Option(help="Fine-tuning steps per perturbation for --llm.")] = 8,
+    num_dialogues: Annotated[int, typer.Option(help="Training dialogues for --llm.")] = 48,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps per perturbation for --llm.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size for --llm.")] = 4,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 on a GPU, for --llm.")] = "fp32",
 ) -> None:
     """End-to-end run on real data: perturb, store, score, show top proponents/opponents and a PNG grid."""
     try:
         if llm:
             from daunce_store.demo_llm import run_llm_demo
 
-            run_llm_demo(workdir, k_perturbations or 8, console, measure=measure.value, device=device,
-                         num_dialogues=num_dialogues, steps=steps)
+            run_llm_demo(workdir, k_perturbations or 4, console, measure=measure.value, device=device,
+                         num_dialogues=num_dialogues, steps=steps, batch_size=batch_size, precision=precision)
         else:
             from daunce_store.demo import run_demo
 
