@@ -90,15 +90,16 @@ def run_demo(
     picture = draw_grid(result, data, workdir / "topk.png")
     console.print(f"picture of the queries and their top training images: [bold]{picture}[/]")
 
-    # How the top-10 settle: the same queries scored on the first K/4 and K/2 columns vs all K.
+    # How the top-10 settle: the top-10 of the first K/4 and K/2 columns against all K (nested), and
+    # of bootstrap resamples of the K columns (store.stability: one pass over the losses).
     k10 = min(10, store.n_train)
-    full = store.topk("test", k=k10, measure=measure)
-    table = Table(title=f"top-{k10} overlap with K={k_perturbations} (all {len(data.y_test)} test queries, {measure})")
-    for col in ("K", "proponents", "opponents"):
+    st = store.stability("test", k=k10, measure=measure, fractions=(0.25, 0.5, 1.0), bootstrap=20, seed=seed)
+    table = Table(title=f"top-{k10} overlap with the top-{k10} at K={k_perturbations} (mean over all {len(data.y_test)} test queries, {measure})")
+    for col in ("columns used", "proponents", "opponents"):
         table.add_column(col, justify="right")
-    for count in sorted({max(2, k_perturbations // 4), k_perturbations // 2}):
-        part = store.topk("test", k=k10, measure=measure, snapshot=prefix_snapshot(store, count))
-        table.add_row(str(count), f"{topk_overlap(part, full, 'pos'):.0%}", f"{topk_overlap(part, full, 'neg'):.0%}")
+    for f, count in enumerate(st.columns[:-1]):
+        table.add_row(f"first {count}", f"{st.overlap['pos'][:, f].mean():.0%}", f"{st.overlap['neg'][:, f].mean():.0%}")
+    table.add_row("bootstrap resamples of all K", f"{np.nanmean(st.bootstrap_overlap['pos']):.0%}", f"{np.nanmean(st.bootstrap_overlap['neg']):.0%}")
     console.print(table)
     console.print("A larger K (`daunce demo -K 256`) moves these overlaps toward 100%.")
     return picture
@@ -142,8 +143,9 @@ def draw_grid(result: daunce_store.Attribution, data: Any, out: Path) -> Path:
         for side, start, color in (("pos", 2, "tab:green"), ("neg", 2 + k, "tab:red")):
             for r, (i, s) in enumerate(zip(result.indices[side][j], result.scores[side][j])):
                 _panel(row[start + r], data.x_train[i], f"label {data.y_train[i]}\n{s:+.3f}", color)
-    fig.text(0.5 * (2 + k) / cols, 0.995, "top proponents (+)", ha="center", va="top", color="tab:green", fontsize=10)
-    fig.text((2 + 1.5 * k) / cols, 0.995, "top opponents (−)", ha="center", va="top", color="tab:red", fontsize=10)
+    width = 1.3 + 2 * k  # the width ratios: query, spacer, 2k panels
+    fig.text((1.3 + 0.5 * k) / width, 0.995, "top proponents (+)", ha="center", va="top", color="tab:green", fontsize=10)
+    fig.text((1.3 + 1.5 * k) / width, 0.995, "top opponents (−)", ha="center", va="top", color="tab:red", fontsize=10)
     fig.suptitle(f"Daunce on digits, K={result.num_columns} ({result.measure})", x=0.02, y=0.995, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out, dpi=110)
