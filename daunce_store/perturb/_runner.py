@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import io
 import math
 import platform
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np

@@ -13,7 +13,6 @@ pytest.importorskip("peft")
 
 import daunce_store  # noqa: E402
 from daunce_store.perturb import (  # noqa: E402
-    CausalLMTask,
     PerturbConfig,
     batch_objective,
     evaluate_signal,

@@ -3,7 +3,6 @@ attribution agrees with retraining (leave-group-out)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
