@@ -119,3 +119,17 @@ def test_a_killed_worker_is_redone_and_k_is_exact(tmp_path: Path) -> None:
     s = daunce_store.open(store, mode="r")
     assert s.num_columns() == 4 and np.isfinite(s.train_losses()).all()
     assert s.status()["slots_claimed"] >= 4 and not s.leases()
+    # The redone perturbation is the one the dead worker would have made: same seeds, same column.
+    import torch
+
+    from daunce_store.perturb import PerturbConfig, build_from_config, run_perturbation
+
+    torch.set_num_threads(1)
+    (pid,) = killed
+    cfg = PerturbConfig.from_yaml(config)
+    model, task, train, queries = build_from_config(cfg)
+    fresh = daunce_store.init(tmp_path / "fresh.zarr", list(s.train_ids), {"test": list(s.query_ids("test"))},
+                              chunk_rows=4096, capacity=64)
+    run_perturbation(fresh, int(pid), model, task, train, queries, cfg)
+    slot = next(c.slot for c in s.commits() if c.perturbation == pid)
+    np.testing.assert_allclose(s.train_losses(columns=[slot])[:, 0], fresh.train_losses()[:, 0], rtol=1e-5, atol=1e-6)
