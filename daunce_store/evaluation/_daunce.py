@@ -43,12 +43,13 @@ def fill_store(
     config: Any = None,
     signal: str = "loss",
     seed: int = 0,
-    progress: bool = True,
+    progress: Any = True,
     train_ids: Sequence[str] | None = None,
 ) -> daunce_store.LossStore:
     """Create a store at ``path`` and commit perturbations 0..k-1 of ``model`` (θ0) into it.
 
-    ``query_sets`` maps a query-set name to its (x, y) arrays. Returns the store.
+    ``query_sets`` maps a query-set name to its (x, y) arrays; ``progress`` is a bool or a runner
+    ``Reporter``. Returns the store.
     """
     import torch
 

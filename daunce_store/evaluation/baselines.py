@@ -68,40 +68,27 @@ def grad_cosine_scores(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_q
 
 
 def exact_hessian(model: Any, x: np.ndarray, y: np.ndarray, weight_decay: float) -> np.ndarray:
-    """The exact (P, P) Hessian of the training objective mean ℓ + (weight_decay/2)‖θ‖² at the model."""
-    import torch
-    from torch.func import functional_call
-
-    from daunce_store.evaluation._digits import training_objective
-
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [v.shape for _, v in model.named_parameters()]
-    sizes = [v.numel() for _, v in model.named_parameters()]
-    flat0 = torch.cat([v.detach().reshape(-1) for _, v in model.named_parameters()]).double()
-    xt = torch.as_tensor(x, dtype=torch.float64)
-    yt = torch.as_tensor(y, dtype=torch.int64)
-    model64 = _double_copy(model)
-
-    def objective(flat: Any) -> Any:
-        parts = torch.split(flat, sizes)
-        p = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
-
-        class _Wrapped(torch.nn.Module):
-            def forward(self, inp: Any) -> Any:
-                return functional_call(model64, p, (inp,))
-
-            def parameters(self, recurse: bool = True) -> Any:  # noqa: ARG002 - the objective's wd term
-                return iter(p.values())
-
-        return training_objective(_Wrapped(), xt, yt, weight_decay)
-
-    return torch.autograd.functional.hessian(objective, flat0).numpy()
-
-
-def _double_copy(model: Any) -> Any:
+    """The exact (P, P) Hessian, in float64, of the training objective that
+    :func:`~daunce_store.evaluation.fit` minimizes, mean ℓ + (weight_decay/2)‖θ‖², at the model."""
     import copy
 
-    return copy.deepcopy(model).double()
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    model64 = copy.deepcopy(model).double()
+    names = [k for k, _ in model64.named_parameters()]
+    shapes = [v.shape for _, v in model64.named_parameters()]
+    sizes = [v.numel() for _, v in model64.named_parameters()]
+    flat0 = torch.cat([v.detach().reshape(-1) for _, v in model64.named_parameters()])
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+
+    def objective(flat: Any) -> Any:
+        params = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return F.cross_entropy(functional_call(model64, params, (xt,)), yt) + 0.5 * weight_decay * (flat * flat).sum()
+
+    return torch.autograd.functional.hessian(objective, flat0).numpy()
 
 
 def influence_function_scores(
