@@ -119,7 +119,7 @@ def read_packed(packed: zarr.Array, young: zarr.Array, k: int, young_k: int, row
             out[:, k + j] = young[r0:r1, k + j]
 
 
-def bench_store(n: int, ks: list[int], pipelines: list[str]) -> None:
+def bench_store(n: int, ks: list[int], pipelines: list[str], block_rows: list[int]) -> None:
     """The real store end to end: LossStore.append per column, iter_row_blocks scans before and after
     `compact` (K = 64 and 256 columns; the scan consumer only touches each block)."""
     import daunce_store
@@ -129,8 +129,8 @@ def bench_store(n: int, ks: list[int], pipelines: list[str]) -> None:
     rng = np.random.default_rng(1)
     try:
         store = daunce_store.init(path, np.arange(n), capacity=1024)
-        row(["store path", "pipeline", "K", "append 1 col (s)", "compact 64 cols (s)", "scan GB/s", "size (GB)"])
-        row(["---"] * 7)
+        row(["store path", "pipeline", "K", "block rows", "append 1 col (s)", "compact 64 cols (s)", "scan GB/s", "size (GB)"])
+        row(["---"] * 8)
         appended, append_s = 0, []
         for k in sorted(ks):
             while appended < k:
@@ -147,17 +147,19 @@ def bench_store(n: int, ks: list[int], pipelines: list[str]) -> None:
                     if groups:
                         compact_s = f"{(time.perf_counter() - t) / len(groups):.2f}"
                 for pipeline in pipelines:
-                    cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"} if pipeline == "zarrs" else {}
-                    with zarr.config.set(cfg):
-                        reader = daunce_store.open(path, mode="r")
+                    for rows in block_rows:
+                        cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"} if pipeline == "zarrs" else {}
+                        with zarr.config.set(cfg):
+                            reader = daunce_store.open(path, mode="r")
 
-                        def scan() -> None:
-                            for _, block in reader.iter_row_blocks():
-                                block[0, 0]
+                            def scan() -> None:
+                                for _, block in reader.iter_row_blocks(block_rows=rows):
+                                    block[0, 0]
 
-                        scan()
-                        s = timed(scan, repeat=2)
-                    row([label, pipeline, k, f"{statistics.median(append_s):.3f}", compact_s, f"{n * k * 4 / s / 1e9:.2f}", f"{du(path) / 1e9:.2f}"])
+                            scan()
+                            s = timed(scan, repeat=2)
+                        row([label, pipeline, k, rows, f"{statistics.median(append_s):.3f}", compact_s,
+                             f"{n * k * 4 / s / 1e9:.2f}", f"{du(path) / 1e9:.2f}"])
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -177,14 +179,14 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--codecs", nargs="+", default=["none"], choices=["none", "lz4"])
     ap.add_argument("--pipelines", nargs="+", default=["zarr", "zarrs"], choices=["zarr", "zarrs"])
-    ap.add_argument("--read-rows", type=int, default=1 << 18, help="rows per block of a full scan")
+    ap.add_argument("--read-rows", type=int, nargs="+", default=[1 << 18], help="rows per block of a full scan")
     ap.add_argument("--json", type=Path, default=None, help="also append results here (JSON lines)")
     ap.add_argument("--store", action="store_true", help="measure the real LossStore (append, scan, compact) instead")
     args = ap.parse_args()
     if args.store:
         DATA.mkdir(exist_ok=True)
         print(f"# {time.strftime('%Y-%m-%d %H:%M')} LossStore n={args.n}, load avg {os.getloadavg()[0]:.1f}", flush=True)
-        bench_store(args.n, args.k, args.pipelines)
+        bench_store(args.n, args.k, args.pipelines, args.read_rows)
         return
 
     DATA.mkdir(exist_ok=True)
@@ -232,13 +234,13 @@ def main() -> None:
                         for k in args.k:
                             paths: dict[str, object] = {}
                             if layout.startswith("col"):
-                                paths["per-column"] = lambda: read_percol(a, k, args.read_rows)
-                                paths["per-column, 4 threads"] = lambda: read_percol(a, k, args.read_rows, threads=4)
+                                paths["per-column"] = lambda: read_percol(a, k, args.read_rows[0])
+                                paths["per-column, 4 threads"] = lambda: read_percol(a, k, args.read_rows[0], threads=4)
                             elif layout == "packed64":
-                                paths["packed + 0 young"] = lambda: read_packed(p, a, k, 0, args.read_rows)
-                                paths["packed + 63 young"] = lambda: read_packed(p, a, k - 64, 63, args.read_rows)
+                                paths["packed + 0 young"] = lambda: read_packed(p, a, k, 0, args.read_rows[0])
+                                paths["packed + 63 young"] = lambda: read_packed(p, a, k - 64, 63, args.read_rows[0])
                             else:
-                                paths["wide"] = lambda: read_wide(a, k, args.read_rows)
+                                paths["wide"] = lambda: read_wide(a, k, args.read_rows[0])
                             for name, fn in paths.items():
                                 fn()  # warm the page cache
                                 s = timed(fn, repeat=2)

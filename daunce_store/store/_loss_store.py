@@ -636,9 +636,11 @@ class LossStore:
                 block = packed[r0:r1, group * width + lo : group * width + hi]
             except (ValueError, RuntimeError) as e:
                 raise CorruptChunkError(self._locate_corruption(packed, r0, r1, [group * width + p for _, p in pairs], e)) from e
-            out[:, [j for j, _ in pairs]] = block[:, [p - lo for _, p in pairs]]
+            if len(groups) == 1 and not young and [p - lo for _, p in pairs] == list(range(block.shape[1])):
+                return np.ascontiguousarray(block)  # the common case: one whole group, in order
+            _scatter_columns(out, [(j, p - lo) for j, p in pairs], block)
         if young:
-            out[:, [j for j, _ in young]] = self._read_columns(arr, r0, r1, [s for _, s in young])
+            _scatter_columns(out, [(j, i) for i, (j, _) in enumerate(young)], self._read_columns(arr, r0, r1, [s for _, s in young]))
         return out
 
     def _read_columns(self, arr: Any, r0: int, r1: int, slots: Sequence[int]) -> np.ndarray:
@@ -738,6 +740,19 @@ class LossStore:
             "seed": self.seed,
             "size_bytes": self._storage.size_bytes(),
         }
+
+
+def _scatter_columns(out: np.ndarray, pairs: list[tuple[int, int]], src: np.ndarray) -> None:
+    """``out[:, j] = src[:, i]`` for each (j, i), copying runs of consecutive columns as slices
+    (numpy's fancy column indexing is ~40x slower than a slice copy on (2^18, 64) blocks)."""
+    pairs = sorted(pairs)
+    start = 0
+    for end in range(1, len(pairs) + 1):
+        if end == len(pairs) or pairs[end] != (pairs[end - 1][0] + 1, pairs[end - 1][1] + 1):
+            j0, i0 = pairs[start]
+            length = end - start
+            out[:, j0 : j0 + length] = src[:, i0 : i0 + length]
+            start = end
 
 
 def _iso(timestamp: float) -> str:
