@@ -64,7 +64,13 @@ def load_dialogues() -> list[tuple[str, str, str]]:
             for conv in (yaml.safe_load(f) or {}).get("conversations", []):
                 conv = [str(u).strip() for u in conv]
                 out.extend((name[:-4], a, b) for a, b in zip(conv[:-1], conv[1:]) if a and b)
-    return out
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for topic, a, b in out:  # the corpus repeats some pairs across files; keep the first
+        if (a.lower(), b.lower()) not in seen:
+            seen.add((a.lower(), b.lower()))
+            unique.append((topic, a, b))
+    return unique
 
 
 def _prompt(utterance: str) -> str:
