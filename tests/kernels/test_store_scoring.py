@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from daunce_store.scoring._numpy import prepare_queries
-
 from _topk_support import assert_valid_topk, exact_scores, expected_topk
 
 
@@ -32,8 +30,6 @@ def test_influence_is_topk_of_mean_score(small_store, backend):
         got = {side: (res.indices[side], res.scores[side]) for side in ("pos", "neg")}
         assert_valid_topk(got, s, 9, 1e-5)
         assert res.queries == ("test:mean-of-3",)
-    mean_q = prepare_queries(query, "cov").mean(axis=0)
-    assert mean_q.shape == (train.shape[1],)
 
 
 def test_self_influence_is_row_variance(small_store, backend):
@@ -99,4 +95,5 @@ def test_streaming_memory_stays_far_below_store_size(tmp_path: Path):
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         growth = out["peak"] - out["base"]
+        print(f"{backend}: peak RSS grew {growth / 1e6:.0f} MB over {losses_bytes / 1e6:.0f} MB of losses")
         assert growth < losses_bytes / 4, f"{backend}: peak RSS grew {growth / 1e6:.0f} MB scoring a {losses_bytes / 1e6:.0f} MB store"
