@@ -349,10 +349,16 @@ def stability(
     if format == StabilityFormat.json:
         sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records()}, indent=1) + "\n")
         return
-    table = Table(title=f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)")
+    table = Table(
+        title=f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)",
+        caption="K=c: overlap of the top-k of the first c columns with the full list; boot: mean overlap over "
+        "resamples; SE/|score|: median bootstrap standard error relative to the score",
+    )
     rows = result.summary_records()
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("query", "side") else "right")
+    short = {"bootstrap_overlap": "boot", "median_rel_stderr": "SE/|score|"}
+    for col in rows[0]:  # overlap@K=16 -> K=16: the top-k overlap with the full list at that K
+        label = short.get(col, col.removeprefix("overlap@"))
+        table.add_column(label, justify="left" if col in ("query", "side") else "right")
     for r in rows:
         table.add_row(*(v if isinstance(v, str) else f"{v:.3g}" for v in r.values()))
     console.print(table)
