@@ -152,6 +152,8 @@ class LDSComparison:
 
 def compare_methods(
     *,
+    model_kind: str = "logreg",
+    if_damping: float = 0.0,
     ks: Sequence[int] = (8, 16, 32, 64, 128),
     num_subsets: int = 100,
     weight_decay: float = 1e-3,
@@ -168,7 +170,8 @@ def compare_methods(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> LDSComparison:
-    """Run the LDS comparison on digits logistic regression: Daunce (cov, corr) at each K in ``ks``, and
+    """Run the LDS comparison on a digits classifier (``model_kind``: logistic regression, or a small MLP
+    whose exact Hessian gets ``if_damping``·I added where it is not positive definite): Daunce (cov, corr) at each K in ``ks``, and
     gradient dot / cosine, the exact-Hessian influence function and TRAK, all on the same model,
     queries and subsets. ``daunce_configs`` maps a label to a perturbation config to compare several
     (default: ``{"": daunce_config}``). Daunce's K-curve averages ``max_groups`` disjoint groups of K columns from one
@@ -183,12 +186,14 @@ def compare_methods(
         data = data.replace(x_test=data.x_test[:n_queries], y_test=data.y_test[:n_queries], test_index=data.test_index[:n_queries])
     xtr, ytr, xq, yq = data.x_train, data.y_train, data.x_test, data.y_test
     torch.set_num_threads(1)
-    target = fit(make_model("logreg"), xtr, ytr, weight_decay=weight_decay)
+    target = fit(make_model(model_kind), xtr, ytr, weight_decay=weight_decay)
     acc = float((predict_logits(target, xq).argmax(1) == yq).mean())
-    log(f"target: logistic regression on {len(ytr)} digits, weight decay {weight_decay}, test accuracy {acc:.3f}")
+    log(f"target: {model_kind} on {len(ytr)} digits, weight decay {weight_decay}, test accuracy {acc:.3f}")
 
     t = time.perf_counter()
-    bench = make_lds_benchmark(data, num_subsets=num_subsets, weight_decay=weight_decay, seed=seed + 1234)
+    # Non-convex models are retrained from θ0's own initialization (seed 0), so a subset's outputs are
+    # a deterministic function of the subset.
+    bench = make_lds_benchmark(data, num_subsets=num_subsets, model_kind=model_kind, weight_decay=weight_decay, seed=seed + 1234)
     log(f"LDS benchmark: {num_subsets} subsets of 50% retrained in {time.perf_counter() - t:.1f}s")
     rows: list[dict[str, Any]] = []
 
@@ -203,7 +208,7 @@ def compare_methods(
     for name, fn in (
         ("gradient dot", lambda: baselines.grad_dot_scores(target, xtr, ytr, xq, yq)),
         ("gradient cosine", lambda: baselines.grad_cosine_scores(target, xtr, ytr, xq, yq)),
-        ("influence function (exact H)", lambda: baselines.influence_function_scores(target, xtr, ytr, xq, yq, weight_decay=weight_decay)),
+        ("influence function (exact H)", lambda: baselines.influence_function_scores(target, xtr, ytr, xq, yq, weight_decay=weight_decay, damping=if_damping)),
     ):
         t = time.perf_counter()
         scores = fn()
@@ -218,7 +223,7 @@ def compare_methods(
     members = []
     for _ in range(trak_models):
         half = rng.choice(len(ytr), size=len(ytr) // 2, replace=False)
-        members.append(fit(make_model("logreg"), xtr[half], ytr[half], weight_decay=weight_decay))
+        members.append(fit(make_model(model_kind), xtr[half], ytr[half], weight_decay=weight_decay))
     t_members = time.perf_counter() - t
     for lam in trak_lambdas:
         for m in (1, trak_models):
@@ -232,6 +237,7 @@ def compare_methods(
     gt = baselines.per_example_grads(target, xtr, ytr)
     gq = baselines.per_example_grads(target, xq, yq)
     h = baselines.exact_hessian(target, xtr, ytr, weight_decay)
+    h[np.diag_indices_from(h)] += if_damping
     fisher = gt.T @ gt / len(gt)
     a = np.linalg.solve(h, np.linalg.solve(h, fisher).T).T  # H⁻¹ F H⁻¹
     add("Daunce IF-form limit K→∞ (analytic)", gt @ a @ gq.T)
@@ -259,7 +265,7 @@ def compare_methods(
                     add(f"Daunce {measure}{suffix}", score_matrix(store, "test", measure, columns=groups[0]), k=k,
                         seconds=seconds * k / kmax, spread=vals[1:])
     settings = {
-        "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
+        "model_kind": model_kind, "if_damping": if_damping, "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
         "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal,
         "daunce_configs": {label: (c.to_dict() if c is not None else None) for label, c in configs.items()},
         "trak_models": trak_models, "trak_proj_dim": trak_proj_dim, "trak_lambdas": list(trak_lambdas),
