@@ -1,7 +1,8 @@
 """The numba backend: the fallback when the Rust extension is not built; same results as the reference.
 
 Rows are prepared by a compiled loop (same arithmetic as :func:`daunce_store.scoring._numpy.prepare_rows`),
-scores come from one BLAS matmul per tile of rows, and selection is compiled: each query's scores are
+scores come from one BLAS matmul per tile of rows, and selection is compiled (releasing the GIL, so the
+store's reader thread keeps prefetching): each query's scores are
 compared with its running k-th score, and only the candidates that beat it go into a buffer, which is cut
 back to k in linear time (a partition, ties to the lower row index) when it fills.
 """
@@ -31,7 +32,7 @@ _TILE_VALUES = 1 << 22
 
 if numba is not None:
 
-    @njit(parallel=True, cache=True, fastmath=False)
+    @njit(parallel=True, cache=True, nogil=True)
     def _prepare_rows(x: np.ndarray, corr: bool) -> np.ndarray:  # pragma: no cover - compiled
         r, kc = x.shape
         out = np.empty((r, kc), np.float32)
@@ -53,7 +54,7 @@ if numba is not None:
                     out[i, t] *= scale
         return out
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _cut(keys: np.ndarray, idxs: np.ndarray, c: int, k: int) -> tuple[float, int]:  # pragma: no cover
         """Keep the k best of keys[:c] (larger key, then lower index) in front; return the k-th."""
         vals = keys[:c]
@@ -81,7 +82,7 @@ if numba is not None:
             w += 1
         return kth, eq[-1]
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _select(scores, base, sign, k, keys, idxs, counts, thr_key, thr_idx, full):  # pragma: no cover
         """Fold scores (m, R) of rows base .. base + R; key = sign * score, larger is better."""
         m, r = scores.shape

@@ -2,7 +2,7 @@
 
 /// Per-row unbiased variance (ddof = 1): the Daunce self-influence cov(i, i). Accumulates in f64.
 pub fn row_variance(data: &[f32], k: usize) -> Vec<f32> {
-    assert!(k >= 2 && data.len() % k == 0, "need K >= 2 columns and a whole number of rows");
+    assert!(k >= 2 && data.len().is_multiple_of(k), "need K >= 2 columns and a whole number of rows");
     data.chunks_exact(k)
         .map(|row| {
             let mean = row.iter().map(|&x| x as f64).sum::<f64>() / k as f64;

@@ -417,7 +417,7 @@ impl TopKAccumulator {
         neg: bool,
         queries_prepared: bool,
     ) -> Result<Self, TopKError> {
-        if ncols == 0 || queries.len() % ncols != 0 {
+        if ncols == 0 || !queries.len().is_multiple_of(ncols) {
             return Err(TopKError::Shape(format!(
                 "queries hold {} values, not a whole number of rows of K={ncols}",
                 queries.len()
@@ -468,7 +468,7 @@ impl TopKAccumulator {
     /// Fold rows `offset .. offset + R` (a row-major R × K block) into the running top-k.
     pub fn push_block(&mut self, offset: u64, block: &[f32]) -> Result<(), TopKError> {
         let kc = self.ncols;
-        if block.len() % kc != 0 {
+        if !block.len().is_multiple_of(kc) {
             return Err(TopKError::Shape(format!(
                 "block holds {} values, not a whole number of rows of K={kc}; blocks and queries need the same columns",
                 block.len()
