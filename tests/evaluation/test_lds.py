@@ -70,9 +70,10 @@ def test_exact_influence_function_predicts_retraining_on_digits(digits_bench) ->
 def test_trak_from_traker_has_positive_lds(digits_bench) -> None:
     pytest.importorskip("trak")
     data, bench, model = digits_bench
-    scores = baselines.trak_scores([model], data.x_train, data.y_train, data.x_test, data.y_test, proj_dim=256)
+    scores = baselines.trak_scores([model], data.x_train, data.y_train, data.x_test, data.y_test, proj_dim=1024, lambda_reg=10.0)
     assert scores.shape == (len(data.y_train), len(data.y_test))
-    assert np.nanmean(lds(scores, bench)) > 0.1
+    # Damped TRAK on a linear model is close to an influence function (bench/RESULTS.md: 0.76 with S = 100).
+    assert np.nanmean(lds(scores, bench)) > 0.5
 
 
 def test_daunce_scores_from_the_store_have_positive_lds(digits_bench, tmp_path: Path) -> None:
