@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
-DATA = Path(__file__).with_name("_data")
+DATA = Path(__file__).with_name("_data") / f"layout-{os.getpid()}"  # own folder: other benches share _data
 LAYOUTS = ("col16", "col18", "col20", "grp16", "grp64", "shard64", "packed64")
 
 
@@ -184,12 +184,15 @@ def main() -> None:
     ap.add_argument("--store", action="store_true", help="measure the real LossStore (append, scan, compact) instead")
     args = ap.parse_args()
     if args.store:
-        DATA.mkdir(exist_ok=True)
+        DATA.mkdir(parents=True, exist_ok=True)
         print(f"# {time.strftime('%Y-%m-%d %H:%M')} LossStore n={args.n}, load avg {os.getloadavg()[0]:.1f}", flush=True)
-        bench_store(args.n, args.k, args.pipelines, args.read_rows)
+        try:
+            bench_store(args.n, args.k, args.pipelines, args.read_rows)
+        finally:
+            shutil.rmtree(DATA, ignore_errors=True)
         return
 
-    DATA.mkdir(exist_ok=True)
+    DATA.mkdir(parents=True, exist_ok=True)
     kmax = max(args.k)
     cap = max(256, kmax + 64)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, "
@@ -258,10 +261,7 @@ def main() -> None:
         with open(args.json, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-    try:
-        DATA.rmdir()
-    except OSError:
-        pass
+    shutil.rmtree(DATA, ignore_errors=True)
 
 
 if __name__ == "__main__":
