@@ -205,7 +205,9 @@ what closes it:
    the IF's g H⁻¹ g ({if_exact:.3f}): the per-example noise of the objective has the covariance of the *empirical*
    Fisher F of the loss gradients, which differs from H. The Fisher form's limit is {lim_fisher:.3f}. Perturbing with
    noise whose covariance is the Gauss-Newton matrix (e.g. output-space noise drawn from the model's own
-   predictive, not ±ρ times the observed gradient) would make the limit the IF itself.
+   predictive, not ±ρ times the observed gradient) would make the limit the IF itself; a quick prototype of
+   that (outside the runner, r = 1.0, same fine-tune) was no better at finite K (0.53 at K = 128), so it raises
+   the ceiling, not the K ≤ 128 numbers.
 3. At finite K the estimate is noisy: the gap from the K = 128 row to the K→∞ limit halves roughly every 4× in K
    (LDS {c1(8):.2f} → {c1(32):.2f} → {c1(128):.2f} for K = 8 → 32 → 128 at r = 1.0). r = 1.0 beats the paper's r = 0.3 here
    ({c1(128):.3f} vs {curve[('Daunce cov (r=0.3)', 128)]:.3f} at K = 128) because every column then carries every example's random weight. cov beats corr on LDS
