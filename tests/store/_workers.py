@@ -47,3 +47,19 @@ def racing_worker(url: str, options: dict[str, Any] | None, worker: int, rounds:
         except AlreadyCommittedError:
             outcome[k] = "lost"
     results.put((worker, outcome))
+
+
+def compact_worker(url: str, options: dict[str, Any] | None, until: int, results: Any) -> None:
+    """Compact over and over while others append, until ``until`` columns are committed."""
+    try:
+        store = daunce_store.open(url, storage_options=options)
+        groups = []
+        while True:
+            done = store.num_columns() >= until
+            groups += store.compact()
+            if done:
+                break
+        results.put(groups)
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")
+        raise

@@ -88,3 +88,26 @@ def test_two_workers_racing_on_one_id_commit_once(location: Location) -> None:
         assert commits[f"p{k}"].metadata["worker"] == winners[0]
         # The visible column is the winner's data, whole, never a mix of the two writers'.
         np.testing.assert_array_equal(train[:, k], column(k, N, salt=10 + winners[0]))
+
+
+def test_compactors_alongside_appending_workers(location: Location) -> None:
+    location.init("s.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]}, chunk_rows=64, capacity=512, pack_width=4)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    candidates = [f"p{k}" for k in range(40)]
+    procs = [ctx.Process(target=_workers.lease_worker, args=(location.url(), location.options, candidates, results)) for _ in range(3)]
+    procs += [ctx.Process(target=_workers.compact_worker, args=(location.url(), location.options, 40, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    done = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert not [d for d in done if isinstance(d, str)], done
+    groups = [g for d in done for g in d if isinstance(g, int)]  # compactors report group numbers
+    assert len(groups) == len(set(groups))  # two compactors never wrote the same group
+    store = location.open(mode="r")
+    assert assert_consistent(store) == list(range(40))  # reads go through the packed groups
+    packs = store._pack_map()
+    assert len(packs) >= 36 and set(packs) <= set(store.snapshot().slots)
+    np.testing.assert_array_equal(store.train_losses(), store._read_rows(store._train_losses, 0, N, list(store.snapshot().slots), use_packs=False))
