@@ -9,6 +9,9 @@ Layout (Zarr v3, see ``_constants``)::
     _daunce/slots/<slot>.json      a claimed physical column (create-if-absent)
     _daunce/commits/<id>.json      a committed perturbation: its slot and metadata (create-if-absent)
     _daunce/leases/<id>/<gen>.json work claims; a newer generation supersedes an expired one
+    train/packed    (n, capacity)  float32, chunks (2^16, pack_width): compacted copies of committed columns
+    _daunce/pack-claims/<g>.json   a compactor owns packed group g (create-if-absent)
+    _daunce/packs/<g>.json         group g is written: its slots, in order (create-if-absent, after the data)
 
 Why it is crash- and concurrency-safe: every column is written into a slot that one writer claimed
 atomically, chunks are one column wide so no two writers ever touch the same chunk, a committed slot is
