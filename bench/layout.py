@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 DATA = Path(__file__).with_name("_data") / f"layout-{os.getpid()}"  # own folder: other benches share _data
 LAYOUTS = ("col16", "col18", "col20", "grp16", "grp64", "shard64", "packed64")
