@@ -1,13 +1,14 @@
 """A writer process for the crash-injection tests: appends the deterministic columns p<start>,
 p<start+1>, ... to a store in a loop until it is killed. Prints ``ready`` once the store is open.
 
-    python _crash_writer.py STORE START [compact]
+    python _crash_writer.py STORE START {append,compact} [STORAGE_OPTIONS_JSON]
 
 With ``compact`` it runs :meth:`LossStore.compact` after every append, so kills also land in compaction.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from _support import column
@@ -17,8 +18,9 @@ import daunce_store
 
 def main() -> None:
     url, start = sys.argv[1], int(sys.argv[2])
-    compact = sys.argv[3:] == ["compact"]
-    store = daunce_store.open(url)
+    compact = sys.argv[3] == "compact"
+    options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+    store = daunce_store.open(url, storage_options=options)
     m = store.query_sets()["test"]
     print("ready", flush=True)
     pid = start
