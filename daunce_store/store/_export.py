@@ -101,6 +101,8 @@ def export_losses(
     fmt = fmt or path.suffix.lstrip(".")
     if fmt not in EXPORT_FORMATS:
         raise InvalidInputError(f"cannot export to {path.name!r}: use a .parquet, .csv or .jsonl file (or fmt=)")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"cannot export to {path}: the folder {path.parent} does not exist")
     rows = 0
     tmp = path.with_name(path.name + ".partial")
     writer = None

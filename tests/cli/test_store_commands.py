@@ -138,3 +138,8 @@ def test_compact(store: Path) -> None:
     np.testing.assert_array_equal(daunce_store.open(store, mode="r").train_losses()[:, :K], before)
     info = json.loads(runner.invoke(app, ["status", str(store), "--format", "json"]).stdout)
     assert info["packed_columns"] == 64
+
+
+def test_export_into_missing_folder(store: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", str(store), "-o", str(tmp_path / "nope" / "out.csv")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
