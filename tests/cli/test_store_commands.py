@@ -142,4 +142,4 @@ def test_compact(store: Path) -> None:
 
 def test_export_into_missing_folder(store: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(store), "-o", str(tmp_path / "nope" / "out.csv")])
-    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split()) and "Traceback" not in result.output
