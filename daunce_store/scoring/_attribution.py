@@ -109,6 +109,28 @@ def _query_rows(store: LossStore, query_set: str, queries: Sequence[str] | None)
     return rows, tuple(str(q) for q in queries)
 
 
+def query_scoring_inputs(
+    store: LossStore,
+    query_set: str,
+    queries: Sequence[str] | None,
+    k: int,
+    measure: str,
+    side: str,
+    snapshot: Snapshot | None,
+) -> tuple[tuple[str, ...], Snapshot, np.ndarray, tuple[str, ...], np.ndarray]:
+    """Validate a query-scoring request and load its queries: (sides, snapshot, query rows, query names,
+    (m, K) query losses over the snapshot's columns for ``query_set``)."""
+    if measure not in MEASURES:
+        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
+    sides = resolve_sides(side)
+    check_k(k, store.n_train)
+    snap = snapshot or store.snapshot()
+    rows, names = _query_rows(store, query_set, queries)
+    q = store.query_losses(query_set, snapshot=snap)[rows]
+    _check_columns(q.shape[1], query_set)
+    return sides, snap, rows, names, q
+
+
 def topk_store(
     store: LossStore,
     query_set: str,
@@ -122,14 +144,7 @@ def topk_store(
     block_rows: int | None = None,
 ) -> Attribution:
     """Top-k proponents/opponents among train examples for each query of ``query_set``."""
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
-    sides = resolve_sides(side)
-    check_k(k, store.n_train)
-    snap = snapshot or store.snapshot()
-    rows, names = _query_rows(store, query_set, queries)
-    q = store.query_losses(query_set, snapshot=snap)[rows]
-    _check_columns(q.shape[1], query_set)
+    sides, snap, rows, names, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
     blocks = store.iter_row_blocks(snapshot=snap, query_set=query_set, block_rows=block_rows)
     result = topk(blocks, q, k, measure, sides, backend)
     return Attribution(names, store.train_ids, {s: result[s][0] for s in sides}, {s: result[s][1] for s in sides}, measure, q.shape[1])
@@ -148,14 +163,7 @@ def influence(
 ) -> Attribution:
     """Aggregate influence of each train example on a whole query set: the mean of its scores over the
     queries (exact: scores are linear in the prepared query rows), top-k per side."""
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
-    sides = resolve_sides(side)
-    check_k(k, store.n_train)
-    snap = snapshot or store.snapshot()
-    rows, _ = _query_rows(store, query_set, queries)
-    q = store.query_losses(query_set, snapshot=snap)[rows]
-    _check_columns(q.shape[1], query_set)
+    sides, snap, rows, _, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
     mean_query = prepare_queries(q, measure).mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
     blocks = store.iter_row_blocks(snapshot=snap, query_set=query_set)
     result = topk(blocks, mean_query, k, measure, sides, backend, queries_prepared=True)

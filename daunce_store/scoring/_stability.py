@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._attribution import _check_columns, _query_rows, check_k, resolve_sides
-from daunce_store.scoring._backend import MEASURES, make_accumulator
+from daunce_store.scoring._attribution import query_scoring_inputs
+from daunce_store.scoring._backend import make_accumulator
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 
 if TYPE_CHECKING:
@@ -156,17 +156,10 @@ def stability(
     >>> st.summary()                                               # doctest: +SKIP
        query side  overlap@K=16  overlap@K=32  overlap@K=64  bootstrap_overlap  median_rel_stderr
     """
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
     if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
         raise InvalidInputError(f"bootstrap must be a whole number >= 0, not {bootstrap!r}")
-    sides = resolve_sides(side)
-    check_k(k, store.n_train)
-    snap = snapshot or store.snapshot()
-    rows, names = _query_rows(store, query_set, queries)
-    q = store.query_losses(query_set, snapshot=snap)[rows]
+    sides, snap, rows, names, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
     num = q.shape[1]
-    _check_columns(num, query_set)
     counts = _column_counts(fractions, num)
     rng = np.random.default_rng(seed)
     resamples = [np.sort(rng.integers(0, num, size=num)) for _ in range(bootstrap)]
