@@ -125,13 +125,14 @@ def init(
     seed: Annotated[int, typer.Option(help="Store seed; perturbation k is seeded from (seed, k).")] = 0,
     capacity: Annotated[int, typer.Option(help="Maximum number of perturbation columns.")] = 1 << 16,
     chunk_rows: Annotated[int, typer.Option(help="Rows per chunk.")] = 1 << 18,
+    pack_width: Annotated[Optional[int], typer.Option(help="Columns per wide chunk made by `daunce compact` (default min(64, capacity)).")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Create an empty store from train ids (and query sets)."""
     try:
         sets = {name: read_ids(path) for name, path in _parse_pairs(query_set, "--query-set").items()}
         s = daunce_store.init(
-            store, read_ids(train_ids), sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows,
+            store, read_ids(train_ids), sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows, pack_width=pack_width,
             storage_options=_storage_options(storage_options),
         )
     except DaunceStoreError as e:
@@ -197,6 +198,7 @@ def perturb(
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 (overrides the config).")] = None,
     until: Annotated[Optional[int], typer.Option("--until", help="K: run until perturbations 0..K-1 are committed (overrides num_perturbations).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    compact: Annotated[bool, typer.Option("--compact/--no-compact", help="Afterwards, pack full groups of committed columns into wide chunks for fast scans.")] = True,
     storage_options: StorageOpt = None,
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
@@ -206,6 +208,8 @@ def perturb(
         cfg = PerturbConfig.from_yaml(config)
         done = run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent,
                            storage_options=_storage_options(storage_options), console=err_console, progress=progress)
+        if compact:  # safe beside other workers still appending; packs only full groups
+            _open(store, "a", storage_options).compact()
     except ImportError as e:
         _fail(InvalidInputError(f"{e}; `daunce perturb` needs the training extra: pip install 'daunce-store[train]'"))
     except DaunceStoreError as e:

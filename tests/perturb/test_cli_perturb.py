@@ -50,7 +50,7 @@ def _init(tmp_path: Path) -> Path:
     (tmp_path / "test.txt").write_text("\n".join(qid) + "\n")
     store = tmp_path / "digits.zarr"
     _run("init", str(store), "--train-ids", str(tmp_path / "train.txt"), "--query-set", f"test={tmp_path / 'test.txt'}",
-         "--chunk-rows", "4096", "--capacity", "64")
+         "--chunk-rows", "4096", "--capacity", "64", "--pack-width", "4")
     return store
 
 
@@ -80,6 +80,8 @@ def test_two_workers_share_the_perturbations(tmp_path: Path) -> None:
     assert len({r["worker"] for r in records}) == 2, [r["worker"] for r in records]
     s = daunce_store.open(store, mode="r")
     assert np.isfinite(s.train_losses()).all() and s.query_losses("test").shape == (597, 8)
+    # `perturb` compacts at the end: both full groups of 4 columns are packed into wide chunks.
+    assert s.status()["packed_columns"] == 8
     # A query set added later gets its losses from the stored weights (full fine-tunes here).
     (tmp_path / "later.txt").write_text("\n".join(f"later-{j}" for j in range(597)) + "\n")
     config.write_text(config.read_text() + "factory_kwargs: {later: true}\n")
