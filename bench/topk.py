@@ -48,14 +48,15 @@ def _ram_data(n: int, kc: int) -> np.ndarray:
     return x
 
 
-def store_path(n: int, kc: int) -> Path:
-    return DATA / f"store_{n}_{kc}.zarr"
+def store_path(n: int, kc: int, packed: bool = False) -> Path:
+    return DATA / f"store_{n}_{kc}{'_packed' if packed else ''}.zarr"
 
 
-def build_store(n: int, kc: int) -> Path:
+def build_store(n: int, kc: int, packed: bool = False) -> Path:
+    """An on-disk store of kc random columns; ``packed``: then compacted into wide chunks (`daunce compact`)."""
     import daunce_store
 
-    path = store_path(n, kc)
+    path = store_path(n, kc, packed)
     if (path / "_daunce").exists() and daunce_store.open(path, mode="r").num_columns() == kc:
         return path
     shutil.rmtree(path, ignore_errors=True)
@@ -65,6 +66,8 @@ def build_store(n: int, kc: int) -> Path:
     for c in range(kc):
         col = np.random.default_rng(100 + c).standard_normal(n, dtype=np.float32)
         store.append(f"p{c}", col, {"bench": q[:, c]})
+    if packed:
+        store.compact()
     print(f"built {path.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return path
 
@@ -123,7 +126,7 @@ def run_one(method: str, where: str, n: int, kc: int, m: int, k: int, repeat: in
 
     q = _queries(m, kc)
     x = _ram_data(n, kc) if where == "ram" else None
-    store = daunce_store.open(store_path(n, kc), mode="r") if where == "disk" else None
+    store = daunce_store.open(store_path(n, kc, where == "packed"), mode="r") if where != "ram" else None
 
     def blocks():
         return _blocks_ram(x) if x is not None else store.iter_row_blocks()
@@ -162,7 +165,7 @@ def run_one(method: str, where: str, n: int, kc: int, m: int, k: int, repeat: in
 def _wanted(method: str, where: str, n: int, kc: int, m: int) -> bool:
     """What fits this 2-core machine in an afternoon: the slow baselines only where they take < ~2 min."""
     if method == "read":
-        return where == "disk" and m == 1
+        return where != "ram" and m == 1
     if method == "sgemm":
         return where == "ram"
     if method == "numpy":
@@ -179,7 +182,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,100,1000")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--methods", default="rust,numba,numpy,faiss,sgemm,read")
-    ap.add_argument("--where", default="ram,disk")
+    ap.add_argument("--where", default="ram,disk,packed", help="ram, disk (per-column store), packed (compacted store)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per measurement")
     ap.add_argument("--one", nargs=6, metavar=("METHOD", "WHERE", "N", "K", "M", "REPEAT"), help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
@@ -200,11 +203,11 @@ def main() -> None:
     for n in map(_size, args.sizes.split(",")):
         for kc in map(int, args.ks.split(",")):
             for where in args.where.split(","):
-                if where == "disk":
-                    build_store(n, kc)
+                if where != "ram":
+                    build_store(n, kc, packed=where == "packed")
                 for m in map(int, args.ms.split(",")):
                     for method in methods:
-                        if method == "read" and where != "disk" or not _wanted(method, where, n, kc, m):
+                        if method == "read" and where == "ram" or not _wanted(method, where, n, kc, m):
                             continue
                         repeat = 2 if n * kc * max(m, 10) <= 1_000_000 * 64 * 100 else 1
                         cmd = [sys.executable, __file__, "--k", str(args.k), "--one", method, where, str(n), str(kc), str(m), str(repeat)]
@@ -238,16 +241,16 @@ def print_table() -> None:
             r = get(meth)
             cells.append("—" if r is None else ("err" if "error" in r else f"{r['seconds']:.3g} s"))
         g = latest.get(("sgemm", "ram", n, kc, m))
-        rd = latest.get(("read", "disk", n, kc, 1))
+        rd = latest.get(("read", where, n, kc, 1))
         floors = [g["seconds"] if g and "error" not in g else None]
-        if where == "disk":
+        if where != "ram":
             floors.append(rd["seconds"] if rd and "error" not in rd else None)
         floor = max((f for f in floors if f), default=None)
         rust, faiss = get("rust"), get("faiss")
         ratio = f"{rust['seconds'] / floor:.2f}×" if rust and floor and "error" not in rust else "—"
         fr = f"{faiss['seconds'] / rust['seconds']:.1f}×" if rust and faiss and "error" not in faiss and "error" not in rust else "—"
         gcell = f"{g['seconds']:.3g} s ({g['gflops']:.0f} GFLOP/s)" if g and "error" not in g else "—"
-        rcell = f"{rd['seconds']:.3g} s ({rd['gbps']:.2f} GB/s)" if where == "disk" and rd and "error" not in rd else "—"
+        rcell = f"{rd['seconds']:.3g} s ({rd['gbps']:.2f} GB/s)" if where != "ram" and rd and "error" not in rd else "—"
         mem = f"{rust['peak_rss_mb']:.0f} MB" if rust and "error" not in rust else "—"
         print(f"| {where} | {n:,} | {kc} | {m} | " + " | ".join(cells) + f" | {gcell} | {rcell} | {ratio} | {fr} | {mem} |")
     print()
