@@ -19,7 +19,7 @@ from rich.table import Table
 import daunce_store
 from daunce_store.errors import InvalidInputError
 
-__all__ = ["run_demo", "topk_overlap", "draw_grid"]
+__all__ = ["run_demo", "draw_grid"]
 
 
 def _require_torch() -> None:
@@ -27,20 +27,6 @@ def _require_torch() -> None:
         import torch  # noqa: F401
     except ImportError as e:
         raise InvalidInputError("`daunce demo` trains a torch model; install the extra: pip install -e '.[train]'") from e
-
-
-def prefix_snapshot(store: daunce_store.LossStore, count: int) -> daunce_store.Snapshot:
-    """The snapshot of the first ``count`` committed columns (in slot order): the store as it was at K = count."""
-    snap = store.snapshot()
-    commits = snap.commits[:count]
-    kept = {c.slot for c in commits}
-    return daunce_store.Snapshot(commits, {q: tuple(s for s in slots if s in kept) for q, slots in snap.query_slots.items()})
-
-
-def topk_overlap(a: daunce_store.Attribution, b: daunce_store.Attribution, side: str = "pos") -> float:
-    """Mean over queries of |top-k(a) ∩ top-k(b)| / k."""
-    ia, ib = a.indices[side], b.indices[side]
-    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(ia, ib)]))
 
 
 def run_demo(

@@ -103,7 +103,6 @@ def run_llm_demo(
     import torch
 
     import daunce_store
-    from daunce_store.demo import prefix_snapshot, topk_overlap
     from daunce_store.perturb import CausalLMTask, PerturbConfig, RichReporter, run_worker
 
     console = console or Console()
@@ -155,8 +154,9 @@ def run_llm_demo(
     out = workdir / "llm_topk.json"
     result.write(out)
     if k_perturbations >= 4:
-        half = store.topk("queries", k=top, measure=measure, snapshot=prefix_snapshot(store, k_perturbations // 2))
-        console.print(f"top-{top} overlap, K={k_perturbations // 2} vs K={k_perturbations}: proponents "
-                      f"{topk_overlap(half, result, 'pos'):.0%}, opponents {topk_overlap(half, result, 'neg'):.0%}")
+        # The first half of the columns against all of them: the same diagnostic as `daunce stability`.
+        st = store.stability("queries", k=top, measure=measure, fractions=(0.5,), bootstrap=0)
+        console.print(f"top-{top} overlap, K={st.columns[0]} vs K={k_perturbations}: proponents "
+                      f"{st.overlap['pos'][:, 0].mean():.0%}, opponents {st.overlap['neg'][:, 0].mean():.0%}")
     console.print(f"all records: [bold]{out}[/]  (CPU defaults show the mechanics; use a GPU and -K 128 for rankings)")
     return out
