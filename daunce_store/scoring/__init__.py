@@ -1,9 +1,27 @@
-"""Scoring: the streaming top-k kernel and its backends, and the attribution results built on it."""
+"""Scoring: the streaming top-k kernel and its backends, the score measures, and the attribution results
+built on them."""
 
 from __future__ import annotations
 
-from daunce_store.scoring._attribution import Attribution, influence, self_influence, topk_store
+from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
 from daunce_store.scoring._backend import available_backends, topk
+from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
 
-__all__ = ["Attribution", "Stability", "available_backends", "influence", "self_influence", "stability", "topk", "topk_store"]
+__all__ = [
+    "DEFAULT_MEASURE",
+    "MEASURES",
+    "MEASURE_HELP",
+    "MEASURE_NAMES",
+    "Attribution",
+    "Measure",
+    "Scores",
+    "Stability",
+    "available_backends",
+    "influence",
+    "scores",
+    "self_influence",
+    "stability",
+    "topk",
+    "topk_store",
+]

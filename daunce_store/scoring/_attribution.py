@@ -7,21 +7,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
-from daunce_store.scoring._backend import MEASURES, SIDES, make_accumulator, row_variance, topk
-from daunce_store.scoring._numpy import prepare_queries
+from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
+from daunce_store.scoring._measures import (
+    AUTO,
+    DEFAULT_MEASURE,
+    MEASURE_NAMES,
+    MEASURES,
+    Gram,
+    Measure,
+    Prepared,
+    gram_for,
+    metric_self_scores,
+    prepare,
+    resolve_measure,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from daunce_store.store import LossStore, Snapshot
 
-__all__ = ["Attribution", "topk_store", "influence", "self_influence", "resolve_sides", "check_k"]
+__all__ = ["Attribution", "Scores", "topk_store", "influence", "scores", "self_influence", "resolve_sides", "check_k"]
 
 RECORD_FIELDS = ("query", "side", "rank", "train_id", "train_index", "score")
 
@@ -109,26 +121,103 @@ def _query_rows(store: LossStore, query_set: str, queries: Sequence[str] | None)
     return rows, tuple(str(q) for q in queries)
 
 
-def query_scoring_inputs(
+@dataclasses.dataclass(frozen=True)
+class ScoringRequest:
+    """A validated query-scoring request: the snapshot, the query rows and names, the columns (slots)
+    and the prepared measure. Shared by topk, influence, scores and stability."""
+
+    sides: tuple[str, ...]
+    snapshot: Snapshot
+    rows: np.ndarray
+    names: tuple[str, ...]
+    slots: list[int]
+    positions: np.ndarray | None
+    losses: np.ndarray  # (m, K') query losses over the chosen columns
+    measure: Measure
+    gram: Gram | None
+
+    @property
+    def num_columns(self) -> int:
+        return int(self.losses.shape[1])
+
+    def prepared(self, positions: np.ndarray | None = None) -> Prepared:
+        """The measure prepared for these queries, on the request's columns or a selection of them."""
+        if positions is None:
+            return prepare(self.measure, self.losses, self.gram, self.positions)
+        chosen = positions if self.positions is None else self.positions[positions]
+        return prepare(self.measure, self.losses[:, positions], self.gram, chosen)
+
+    def blocks(self, store: LossStore, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Train row blocks over the request's columns (positions applied)."""
+        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, columns=self.slots, block_rows=block_rows):
+            yield offset, block if self.positions is None else np.ascontiguousarray(block[:, self.positions])
+
+
+def _positions(columns: Sequence[int] | None, num: int, query_set: str | None) -> np.ndarray | None:
+    if columns is None:
+        return None
+    pos = np.asarray(list(columns), dtype=np.int64)
+    if pos.ndim != 1 or len(pos) == 0:
+        raise InvalidInputError("columns must be a non-empty list of column positions 0..K-1")
+    bad = pos[(pos < 0) | (pos >= num)]
+    if len(bad):
+        where = f" with losses for query set {query_set!r}" if query_set else ""
+        raise InvalidInputError(
+            f"column position {int(bad[0])} is out of range: the snapshot has K={num} committed columns{where} "
+            f"(positions 0..{num - 1}); see `daunce status`"
+        )
+    return pos
+
+
+def measure_inputs(
+    store: LossStore, measure: str, snapshot: Snapshot | None, query_set: str | None,
+    columns: Sequence[int] | None = None, block_rows: int | None = None,
+) -> tuple[Snapshot, list[int], np.ndarray | None, Measure, Gram | None]:
+    """Snapshot, slots, positions, the resolved measure and its Gram (one pass, cached) for a request
+    on the columns of ``query_set`` (every committed column when None)."""
+    snap = snapshot or store.snapshot()
+    if query_set is None:
+        slots = list(snap.slots)
+    else:
+        store.query_ids(query_set)  # UnknownQuerySetError for a bad name
+        slots = list(snap.query_slots.get(query_set, ()))
+    positions = _positions(columns, len(slots), query_set)
+    _check_columns(len(slots) if positions is None else len(positions), query_set)
+    resolved = resolve_measure(measure, snap, slots)
+    gram = gram_for(store, snap, slots, resolved.preconditioner, block_rows) if resolved.preconditioner else None
+    return snap, slots, positions, resolved, gram
+
+
+def scoring_request(
     store: LossStore,
     query_set: str,
     queries: Sequence[str] | None,
-    k: int,
+    k: int | None,
     measure: str,
     side: str,
     snapshot: Snapshot | None,
-) -> tuple[tuple[str, ...], Snapshot, np.ndarray, tuple[str, ...], np.ndarray]:
-    """Validate a query-scoring request and load its queries: (sides, snapshot, query rows, query names,
-    (m, K) query losses over the snapshot's columns for ``query_set``)."""
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
+    columns: Sequence[int] | None = None,
+    block_rows: int | None = None,
+) -> ScoringRequest:
+    """Validate a query-scoring request and load its queries (``k`` None: no top-k, dense scores)."""
+    if measure != AUTO and measure not in MEASURES:
+        raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {measure!r}")
     sides = resolve_sides(side)
-    check_k(k, store.n_train)
+    if k is not None:
+        check_k(k, store.n_train)
     snap = snapshot or store.snapshot()
     rows, names = _query_rows(store, query_set, queries)
+    snap, slots, positions, resolved, gram = measure_inputs(store, measure, snap, query_set, columns, block_rows)
     q = store.query_losses(query_set, snapshot=snap)[rows]
-    _check_columns(q.shape[1], query_set)
-    return sides, snap, rows, names, q
+    if positions is not None:
+        q = q[:, positions]
+    return ScoringRequest(sides, snap, rows, names, slots, positions, np.ascontiguousarray(q), resolved, gram)
+
+
+def _attribution(req: ScoringRequest, names: tuple[str, ...], train_ids: np.ndarray, result: dict[str, tuple[np.ndarray, np.ndarray]],
+                 measure: str) -> Attribution:
+    s = req.sides
+    return Attribution(names, train_ids, {x: result[x][0] for x in s}, {x: result[x][1] for x in s}, measure, req.num_columns)
 
 
 def topk_store(
@@ -137,17 +226,26 @@ def topk_store(
     queries: Sequence[str] | None = None,
     *,
     k: int = 10,
-    measure: str = "cov",
+    measure: str = DEFAULT_MEASURE,
     side: str = "both",
     backend: str = "auto",
     snapshot: Snapshot | None = None,
+    columns: Sequence[int] | None = None,
     block_rows: int | None = None,
 ) -> Attribution:
-    """Top-k proponents/opponents among train examples for each query of ``query_set``."""
-    sides, snap, rows, names, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
-    blocks = store.iter_row_blocks(snapshot=snap, query_set=query_set, block_rows=block_rows)
-    result = topk(blocks, q, k, measure, sides, backend)
-    return Attribution(names, store.train_ids, {s: result[s][0] for s in sides}, {s: result[s][1] for s in sides}, measure, q.shape[1])
+    """Top-k proponents/opponents among train examples for each query of ``query_set``.
+
+    ``measure``: see :data:`daunce_store.scoring.MEASURES` (``auto``: nystrom when every column records
+    its draw, else whitened). ``columns``: positions 0..K-1 of the snapshot's columns for this query set
+    (default: all).
+    """
+    req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns, block_rows)
+    prep = req.prepared()
+    q, prepared = prep.kernel_queries
+    acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
+    for offset, block in req.blocks(store, block_rows):
+        acc.push_block(offset, prep.block(block))
+    return _attribution(req, req.names, store.train_ids, acc.finish(), req.measure.name)
 
 
 def influence(
@@ -156,41 +254,114 @@ def influence(
     queries: Sequence[str] | None = None,
     *,
     k: int = 10,
-    measure: str = "cov",
+    measure: str = DEFAULT_MEASURE,
     side: str = "both",
     backend: str = "auto",
     snapshot: Snapshot | None = None,
+    columns: Sequence[int] | None = None,
 ) -> Attribution:
     """Aggregate influence of each train example on a whole query set: the mean of its scores over the
     queries (exact: scores are linear in the prepared query rows), top-k per side."""
-    sides, snap, rows, _, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
-    mean_query = prepare_queries(q, measure).mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
-    blocks = store.iter_row_blocks(snapshot=snap, query_set=query_set)
-    result = topk(blocks, mean_query, k, measure, sides, backend, queries_prepared=True)
-    label = f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(rows)}"
-    return Attribution((label,), store.train_ids, {s: result[s][0] for s in sides}, {s: result[s][1] for s in sides}, measure, q.shape[1])
+    req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns)
+    prep = req.prepared()
+    mean_query = prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
+    acc = make_accumulator(mean_query, k, prep.kernel, req.sides, backend, queries_prepared=True)
+    for offset, block in req.blocks(store):
+        acc.push_block(offset, prep.block(block))
+    label = f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(req.rows)}"
+    return _attribution(req, (label,), store.train_ids, acc.finish(), req.measure.name)
 
 
 def self_influence(
     store: LossStore,
     *,
     k: int = 10,
+    measure: str = DEFAULT_MEASURE,
     side: str = "pos",
     backend: str = "auto",
     snapshot: Snapshot | None = None,
     block_rows: int | None = None,
 ) -> Attribution:
-    """Self-influence var_k(L_i) = cov(i, i) per train example; top-k largest (``pos``: likely mislabeled
-    or outliers) and/or smallest (``neg``). Same streaming selection as :func:`topk_store`."""
+    """Self-influence of each train example, top-k largest (``pos``: likely mislabeled or outliers)
+    and/or smallest (``neg``): var_k(L_i) = cov(i, i) for ``cov``, ū_iᵀ M ū_i for ``whitened`` and
+    ``nystrom`` (``auto``: nystrom when every column records its draw). Same streaming selection as
+    :func:`topk_store`."""
     sides = resolve_sides(side)
     check_k(k, store.n_train)
-    snap = snapshot or store.snapshot()
-    _check_columns(len(snap), None)
-    # One "query" whose scores are pushed precomputed: the row variances of each block.
+    if measure in MEASURES and MEASURES[measure].normalized:
+        raise InvalidInputError(
+            f"self-influence under {measure!r} is 1 for every example (that measure divides by the self-score); "
+            "use cov, whitened or nystrom"
+        )
+    snap, slots, _, resolved, gram = measure_inputs(store, measure, snapshot, None, None, block_rows)
+    metric = None if gram is None else gram.preconditioner()
+    # One "query" whose scores are pushed precomputed: the self-scores of each block.
     acc = make_accumulator(np.zeros((1, 2), np.float32), k, "cov", sides, backend, queries_prepared=True)
-    for offset, block in store.iter_row_blocks(snapshot=snap, block_rows=block_rows):
-        acc.push_scores(offset, row_variance(block, backend))
+    for offset, block in store.iter_row_blocks(snapshot=snap, columns=slots, block_rows=block_rows):
+        acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
     best = acc.finish()
-    return Attribution(
-        ("<self>",), store.train_ids, {s: best[s][0] for s in sides}, {s: best[s][1] for s in sides}, "var", len(snap),
-    )
+    name = "var" if resolved.name == "cov" else resolved.name
+    return Attribution(("<self>",), store.train_ids, {s: best[s][0] for s in sides}, {s: best[s][1] for s in sides}, name, len(slots))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Dense scores of every train example for each query (or their mean over the query set), computed
+    block by block: iterate for ``(row_offset, (R, m) float32)`` blocks, or gather with :meth:`to_numpy`
+    / :meth:`to_pandas` (n × m in memory: for evaluation and moderate n).
+
+    ``scores[i, j]`` is the value :meth:`LossStore.topk` ranks (positive: proponent).
+    """
+
+    queries: tuple[str, ...]
+    train_ids: np.ndarray
+    measure: str
+    num_columns: int
+    _request: ScoringRequest
+    _prepared: Prepared
+    _store: Any
+    _block_rows: int | None
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        for offset, block in self._request.blocks(self._store, self._block_rows):
+            yield offset, self._prepared.dense(block).astype(np.float32)
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty((len(self.train_ids), len(self.queries)), np.float32)
+        for offset, block in self:
+            out[offset : offset + len(block)] = block
+        return out
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per train example (index: train id), one column per query."""
+        import pandas as pd
+
+        return pd.DataFrame(self.to_numpy(), index=pd.Index(self.train_ids, name="train_id"), columns=list(self.queries))
+
+
+def scores(
+    store: LossStore,
+    query_set: str,
+    queries: Sequence[str] | None = None,
+    *,
+    measure: str = DEFAULT_MEASURE,
+    aggregate: str | None = None,
+    snapshot: Snapshot | None = None,
+    columns: Sequence[int] | None = None,
+    block_rows: int | None = None,
+) -> Scores:
+    """Dense scores under ``measure`` of every train example for each query of ``query_set``;
+    ``aggregate="mean"``: one column, the mean over the queries (what :func:`influence` ranks).
+
+    >>> store.scores("test", measure="nystrom").to_numpy().shape       # doctest: +SKIP
+    (1437, 360)
+    """
+    if aggregate not in (None, "mean"):
+        raise InvalidInputError(f"aggregate must be None or 'mean', not {aggregate!r}")
+    req = scoring_request(store, query_set, queries, None, measure, "both", snapshot, columns, block_rows)
+    prep = req.prepared()
+    names = req.names
+    if aggregate == "mean":
+        prep = dataclasses.replace(prep, queries=prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :])
+        names = (f"{query_set}:mean",)
+    return Scores(names, store.train_ids, req.measure.name, req.num_columns, req, prep, store, block_rows)

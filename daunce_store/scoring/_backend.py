@@ -19,9 +19,9 @@ from daunce_store._constants import NO_EXT_ENV
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import NumpyTopK
 
-__all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "MEASURES", "SIDES", "BACKENDS"]
+__all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES", "SIDES", "BACKENDS"]
 
-MEASURES = ("cov", "corr")
+KERNEL_MEASURES = ("cov", "corr")  # row preparations the kernels know; score measures: _measures.py
 SIDES = ("pos", "neg")
 BACKENDS = ("rust", "numba", "numpy")
 
@@ -108,8 +108,8 @@ class _RustTopK:
 
 
 def _check(queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...]) -> np.ndarray:
-    if measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {MEASURES}, not {measure!r}")
+    if measure not in KERNEL_MEASURES:
+        raise InvalidInputError(f"kernel measure must be one of {KERNEL_MEASURES}, not {measure!r}")
     if not sides or set(sides) - set(SIDES):
         raise InvalidInputError(f"sides must be a non-empty subset of {SIDES}, not {sides!r}")
     if not isinstance(k, (int, np.integer)) or k < 1:

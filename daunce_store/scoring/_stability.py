@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._attribution import query_scoring_inputs
+from daunce_store.scoring._attribution import scoring_request
 from daunce_store.scoring._backend import make_accumulator
-from daunce_store.scoring._numpy import prepare_queries, prepare_rows
+from daunce_store.scoring._measures import DEFAULT_MEASURE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,7 +137,7 @@ def stability(
     queries: Sequence[str] | None = None,
     *,
     k: int = 10,
-    measure: str = "cov",
+    measure: str = DEFAULT_MEASURE,
     side: str = "both",
     fractions: Sequence[float] = (0.25, 0.5, 1.0),
     bootstrap: int = 20,
@@ -151,6 +151,8 @@ def stability(
     Over nested column subsets (the first ``f·K`` committed columns for each ``f`` in ``fractions``)
     and ``bootstrap`` resamples of the K columns (with replacement, seeded by ``seed``), report per query
     the overlap of each top-k set with the full-K top-k and each listed score's bootstrap standard error.
+    Preconditioned measures (nystrom, whitened) get each subset's and resample's K × K matrix from one
+    extra pass (see :mod:`daunce_store.scoring._measures`).
 
     >>> st = store.stability("test", k=10, bootstrap=20)          # doctest: +SKIP
     >>> st.summary()                                               # doctest: +SKIP
@@ -158,41 +160,43 @@ def stability(
     """
     if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
         raise InvalidInputError(f"bootstrap must be a whole number >= 0, not {bootstrap!r}")
-    sides, snap, rows, names, q = query_scoring_inputs(store, query_set, queries, k, measure, side, snapshot)
-    num = q.shape[1]
+    req = scoring_request(store, query_set, queries, k, measure, side, snapshot, None, block_rows)
+    sides, num = req.sides, req.num_columns
     counts = _column_counts(fractions, num)
     rng = np.random.default_rng(seed)
     resamples = [np.sort(rng.integers(0, num, size=num)) for _ in range(bootstrap)]
     # A resample that drew one column only has no variance: draw again (vanishingly rare for K > 3).
     resamples = [r if len(np.unique(r)) > 1 else np.arange(num) for r in resamples]
 
-    variants: list[np.ndarray | slice] = [slice(0, c) for c in counts] + resamples
-    accs = [make_accumulator(np.ascontiguousarray(q[:, v]), k, measure, sides, backend) for v in variants]
-    for offset, block in store.iter_row_blocks(snapshot=snap, query_set=query_set, block_rows=block_rows):
-        for v, acc in zip(variants, accs):
-            acc.push_block(offset, block if isinstance(v, slice) and v.stop == num else np.ascontiguousarray(block[:, v]))
+    variants = [np.arange(c) for c in counts] + resamples
+    preps = [req.prepared(v) for v in variants]
+    accs = []
+    for prep in preps:
+        q, prepared = prep.kernel_queries
+        accs.append(make_accumulator(q, k, prep.kernel, sides, backend, queries_prepared=prepared))
+    whole = [np.array_equal(v, np.arange(num)) for v in variants]  # no column copy for these
+    for offset, block in req.blocks(store, block_rows):
+        for v, full_width, prep, acc in zip(variants, whole, preps, accs):
+            acc.push_block(offset, prep.block(block if full_width else np.ascontiguousarray(block[:, v])))
     results = [acc.finish() for acc in accs]
     full = results[len(counts) - 1]
 
     overlap = {s: np.stack([_overlap(r[s][0], full[s][0]) for r in results[: len(counts)]], axis=1) for s in sides}
     boot = results[len(counts):]
-    boot_overlap = {s: (np.mean([_overlap(r[s][0], full[s][0]) for r in boot], axis=0) if boot else np.full(len(rows), np.nan)) for s in sides}
+    boot_overlap = {s: (np.mean([_overlap(r[s][0], full[s][0]) for r in boot], axis=0) if boot else np.full(len(req.rows), np.nan)) for s in sides}
 
     stderr = {s: np.full(full[s][0].shape, np.nan, np.float32) for s in sides}
     if boot:
-        slots = store._resolve_slots(snap, query_set, None)  # noqa: SLF001 - same columns as the blocks
         listed = np.unique(np.concatenate([full[s][0].ravel() for s in sides]))
-        losses = _gather_rows(store, listed, slots)
+        losses = _gather_rows(store, listed, req.slots)
+        reps = [prep.dense(np.ascontiguousarray(losses[:, r])) for r, prep in zip(resamples, preps[len(counts):])]  # (L, m) each
+        cols = np.arange(len(req.rows))[:, None]
         for s in sides:
             where = np.searchsorted(listed, full[s][0])  # (m, k) rows into `losses`
-            reps = []
-            for r in resamples:
-                a = prepare_rows(losses[:, r], measure)[where]  # (m, k, K)
-                b = prepare_queries(np.ascontiguousarray(q[:, r]), measure)  # (m, K)
-                reps.append(np.einsum("jtc,jc->jt", a, b, dtype=np.float64))
-            stderr[s] = np.std(np.stack(reps), axis=0, ddof=1).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
+            picked = np.stack([d[where, cols] for d in reps])  # (B, m, k)
+            stderr[s] = np.std(picked, axis=0, ddof=1).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
     return Stability(
-        queries=names, train_ids=store.train_ids, measure=measure, k=int(k), num_columns=num, columns=counts,
+        queries=req.names, train_ids=store.train_ids, measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
     )

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights
 from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, init_store, open_store
 from daunce_store.store._storage import Storage
 
 __all__ = [
+    "DRAW_SCHEME",
     "Commit",
     "Lease",
     "LossStore",
+    "PerturbationDraw",
     "Snapshot",
     "Storage",
     "init_store",
     "open_store",
+    "perturbation_weights",
     "read_ids",
     "read_losses",
     "validate_ids",

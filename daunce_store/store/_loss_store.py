@@ -192,6 +192,9 @@ class LossStore:
         self._commit_cache: dict[str, Commit] = {}
         self._pack_cache: dict[str, dict[str, Any]] = {}
         self._packed: Any = None
+        # Data derived from committed columns (e.g. a scoring measure's K x K matrix), keyed by what it
+        # was computed from: committed columns never change, so an entry never goes stale.
+        self.derived_cache: dict[Any, Any] = {}
 
     # --- identity ------------------------------------------------------------------------------
     @property
@@ -692,6 +695,13 @@ class LossStore:
         from daunce_store.scoring import stability
 
         return stability(self, query_set, queries, **kwargs)
+
+    def scores(self, query_set: str, queries: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Dense scores (in row blocks, or ``.to_numpy()`` / ``.to_pandas()``) under a measure; see
+        :func:`daunce_store.scoring.scores`."""
+        from daunce_store.scoring import scores
+
+        return scores(self, query_set, queries, **kwargs)
 
     def self_influence(self, **kwargs: Any) -> Any:
         """Self-influence (loss variance across perturbations); see :func:`daunce_store.scoring.self_influence`."""

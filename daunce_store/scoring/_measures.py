@@ -1,0 +1,244 @@
+"""Score measures, in one place: what each one computes and how it becomes a call of the top-k kernel.
+
+Every measure scores train example i against query j as ⟨a_i, b_j⟩, where the kernel prepares a_i from
+i's K losses ("cov" rows: centered over K; "corr" rows: centered and unit-normed) and b_j is a prepared
+query row (DESIGN §4). The measures differ only in a K × K matrix M applied to the queries (DESIGN §1.1):
+
+* ``cov``  — M = I/(K − 1): the covariance of the losses, the paper's estimator. Targets g_iᵀH⁻¹FH⁻¹g_j.
+* ``corr`` — cov normalised by both standard deviations (Pearson).
+* ``nystrom`` — M = pinv(sym(W̄ᵀŪ)) with small eigenvalues raised to ``NYSTROM_FLOOR``·λ_max. The centered
+  train columns are a sketch Ū = T W̄ of the influence kernel T = G H⁻¹ Gᵀ with the perturbations' own
+  weights W (regenerated from each commit's recorded draw), so Ū M q̄_j is a Nyström estimate of T's
+  column j: the influence function itself, not H⁻¹FH⁻¹. Needs every column's draw.
+* ``whitened`` — M = (ŪᵀŪ + λI)⁻¹, λ = ``WHITEN_RIDGE``·tr(ŪᵀŪ)/K: needs no weights (black-box runs,
+  imported columns).
+* ``nystrom-corr``, ``whitened-corr`` — the same scores divided by √(train self-score) (and by the query's):
+  the counterpart of corr, for retrieval (a backdoor's few strong proponents). The kernel gets rows
+  transformed by M^½ and normalises them.
+
+The K × K matrices come from one extra pass over the train losses (``Gram``), accumulated once per
+column set and cached on the store handle; any column subset or bootstrap resample of those columns gets
+its M from the same pass without reading again (centering is a projection: P Eᵀ A E P).
+
+Adding a measure: one entry in ``MEASURES`` and, if it needs a new matrix, a branch in
+:meth:`Gram.preconditioner`; the kernels only ever see "cov" or "corr".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
+from daunce_store.scoring._numpy import prepare_queries, prepare_rows
+from daunce_store.store import PerturbationDraw
+
+if TYPE_CHECKING:
+    from daunce_store.store import LossStore, Snapshot
+
+__all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores"]
+
+# Measured on the LDS testbeds (bench/RESULTS.md, "Accuracy"): a plain ridge on sym(W̄ᵀŪ) collapses at
+# K = 256 (near-zero and negative eigenvalues); raising them to 2-3 % of the largest is stable.
+NYSTROM_FLOOR = 0.03
+# Whitening ridge λ = 0.3 · tr(ŪᵀŪ)/K: LDS is flat around it (0.1-1.0 measured within 0.01-0.02).
+WHITEN_RIDGE = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A score measure: the kernel's row preparation and the K × K preconditioner (None: plain cov/corr)."""
+
+    name: str
+    kernel: str  # "cov" or "corr": how the kernel prepares rows
+    preconditioner: str | None  # None, "whitened" or "nystrom"
+    help: str
+
+    @property
+    def normalized(self) -> bool:
+        return self.kernel == "corr"
+
+
+MEASURES: dict[str, Measure] = {
+    m.name: m
+    for m in (
+        Measure("nystrom", "cov", "nystrom", "targets the influence function (best LDS; needs the runner's recorded draws)"),
+        Measure("whitened", "cov", "whitened", "whitened covariance (no weights needed: black-box or imported columns)"),
+        Measure("cov", "cov", None, "plain covariance of the losses across perturbations (the paper's estimator)"),
+        Measure("corr", "corr", None, "Pearson correlation across perturbations"),
+        Measure("nystrom-corr", "corr", "nystrom", "nystrom normalised by the train example's self-score (retrieval)"),
+        Measure("whitened-corr", "corr", "whitened", "whitened normalised by the train example's self-score (retrieval)"),
+    )
+}
+AUTO = "auto"
+DEFAULT_MEASURE = AUTO
+MEASURE_NAMES = (AUTO, *MEASURES)
+MEASURE_HELP = "; ".join(
+    [f"{AUTO}: nystrom when every column records its draw, else whitened"] + [f"{m.name}: {m.help}" for m in MEASURES.values()]
+)
+
+
+def draws_of(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw | None]:
+    """The recorded draw of the column in each slot (None where its commit records none)."""
+    by_slot = {c.slot: c for c in snapshot.commits}
+    return [PerturbationDraw.from_metadata(by_slot[s].metadata) if s in by_slot else None for s in slots]
+
+
+def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence[int] = ()) -> Measure:
+    """The :class:`Measure` called ``name``; ``auto`` becomes nystrom when every column in ``slots``
+    records its draw, else whitened. Nyström on columns without draws is a clear error."""
+    if name != AUTO and name not in MEASURES:
+        raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {name!r}")
+    if snapshot is None or (name != AUTO and MEASURES[name].preconditioner != "nystrom"):
+        return MEASURES["nystrom" if name == AUTO else name]
+    missing = sum(d is None for d in draws_of(snapshot, slots))
+    if name == AUTO:
+        return MEASURES["whitened" if missing else "nystrom"]
+    if missing:
+        raise InvalidInputError(
+            f"measure {name!r} needs each perturbation's random weights, but {missing} of {len(slots)} columns "
+            "record no draw (appended without metadata['draw'], e.g. black-box or imported columns); use "
+            "--measure whitened, or append with metadata={'draw': PerturbationDraw(...).to_metadata()}"
+        )
+    return MEASURES[name]
+
+
+def _center(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gram:
+    """Σ_i x_i ū_iᵀ over every train row, (K, K) float64, for the columns it was accumulated on.
+
+    ū_i: row i's losses centered over the K columns; x_i = ū_i (``whitened``), or the perturbations'
+    linearized weights w_ik = a_ik·1[i∈D_k]/|D_k| (``nystrom``).
+    """
+
+    kind: str
+    matrix: np.ndarray
+
+    @classmethod
+    def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw | None] = ()) -> Gram:
+        matrix: np.ndarray | None = None
+        sizes = np.zeros(len(draws))
+        for offset, block in blocks:
+            u = _center(block)
+            r0, r1 = offset, offset + len(block)
+            if kind == "nystrom":
+                w = np.empty_like(u)
+                for j, d in enumerate(draws):
+                    assert d is not None
+                    w[:, j] = d.linear_weights(r0, r1)
+                    sizes[j] += d.in_subset(r0, r1).sum()
+                part = w.T @ u
+            else:
+                part = u.T @ u
+            matrix = part if matrix is None else matrix + part
+        if matrix is None:
+            raise InvalidInputError("the store has no train rows to score")
+        if kind == "nystrom":
+            matrix = matrix / np.maximum(sizes, 1.0)[:, None]  # row k of WᵀŪ carries 1/|D_k|
+        return cls(kind, matrix)
+
+    def selected(self, positions: np.ndarray | None) -> np.ndarray:
+        """P Eᵀ A E P: the centered Gram of a column selection (positions may repeat: a bootstrap)."""
+        a = self.matrix if positions is None else self.matrix[np.ix_(positions, positions)]
+        p = np.eye(len(a)) - 1.0 / len(a)
+        return p @ a @ p
+
+    def asymmetry(self, positions: np.ndarray | None = None) -> float:
+        """‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ: 0 for a perfectly linear response (a health check:
+        lower went with better Nyström scores)."""
+        b = self.selected(positions)
+        return float(np.linalg.norm(b - b.T) / max(np.linalg.norm(b + b.T), 1e-300))
+
+    def preconditioner(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """M, projected onto the centered subspace (P M P), (K', K') float64."""
+        b = self.selected(positions)
+        kk = len(b)
+        p = np.eye(kk) - 1.0 / kk
+        if self.kind == "whitened":
+            ridge = WHITEN_RIDGE * np.trace(b) / kk
+            if not ridge > 0:
+                raise NotEnoughColumnsError("every train loss is constant across the perturbations; nothing to score")
+            m = np.linalg.inv(b + ridge * np.eye(kk))
+        else:
+            vals, vecs = np.linalg.eigh(0.5 * (b + b.T))
+            top = vals.max()
+            if not top > 0:
+                raise InvalidInputError(
+                    "the train losses do not respond to the recorded perturbation weights (W̄ᵀŪ has no positive "
+                    "eigenvalue): the draws recorded with the columns do not match them; use --measure whitened"
+                )
+            vals = np.maximum(vals, NYSTROM_FLOOR * top)
+            m = (vecs / vals) @ vecs.T
+        return p @ m @ p
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One scoring request, ready for the kernel: ``queries`` (m, K) float32 prepared rows, the kernel's
+    row preparation, and an optional (K, K) ``transform`` of each centered block (normalised measures).
+
+    ``raw`` (plain cov/corr) hands the kernel the raw query losses, exactly as before measures existed.
+    """
+
+    measure: Measure
+    kernel: str
+    queries: np.ndarray
+    raw_queries: np.ndarray | None
+    transform: np.ndarray | None
+
+    @property
+    def kernel_queries(self) -> tuple[np.ndarray, bool]:
+        """(queries, queries_prepared) for :func:`make_accumulator`."""
+        return (self.raw_queries, False) if self.raw_queries is not None else (self.queries, True)
+
+    def block(self, block: np.ndarray) -> np.ndarray:
+        """A store block as the kernel must see it."""
+        if self.transform is None:
+            return block
+        return np.ascontiguousarray(_center(block).astype(np.float32) @ self.transform)
+
+    def dense(self, block: np.ndarray) -> np.ndarray:
+        """(R, m) scores of a block's rows (the numpy reference of what the kernel ranks)."""
+        return prepare_rows(self.block(block), self.kernel) @ self.queries.T
+
+
+def metric_self_scores(block: np.ndarray, metric: np.ndarray) -> np.ndarray:
+    """ū_iᵀ M ū_i per row of a block, (R,) float32: the self-influence of a preconditioned measure."""
+    u = _center(block)
+    return np.einsum("ij,ij->i", u @ metric, u).astype(np.float32)
+
+
+def prepare(measure: Measure, q: np.ndarray, gram: Gram | None, positions: np.ndarray | None = None) -> Prepared:
+    """Prepare queries ``q`` (m, K') — already restricted to ``positions`` of the Gram's columns."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if measure.preconditioner is None:
+        return Prepared(measure, measure.kernel, prepare_queries(q, measure.kernel), q, None)
+    assert gram is not None and gram.kind == measure.preconditioner
+    m = gram.preconditioner(positions)
+    qc = _center(q)
+    if not measure.normalized:
+        return Prepared(measure, "cov", np.ascontiguousarray((qc @ m).astype(np.float32)), None, None)
+    vals, vecs = np.linalg.eigh(m)
+    root = (vecs * np.sqrt(np.maximum(vals, 0.0))) @ vecs.T  # M^½ (symmetric, range ⊥ 1)
+    queries = prepare_rows((qc @ root).astype(np.float32), "corr")
+    return Prepared(measure, "corr", queries, None, root.astype(np.float32))
+
+
+def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, block_rows: int | None = None) -> Gram:
+    """The Gram of ``kind`` over the columns in ``slots`` (one streaming pass), cached on the store handle:
+    committed columns never change, so a Gram stays valid for the same slots."""
+    key = ("gram", kind, tuple(int(s) for s in slots))
+    cache = store.derived_cache
+    if key not in cache:
+        draws = draws_of(snapshot, slots) if kind == "nystrom" else []
+        blocks = store.iter_row_blocks(snapshot=snapshot, columns=list(slots), block_rows=block_rows)
+        cache[key] = Gram.accumulate(kind, blocks, draws)
+    return cache[key]
