@@ -14,7 +14,7 @@ from rich.table import Table
 
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
-from daunce_store.scoring import Attribution
+from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, Attribution
 from daunce_store.store import read_ids, read_losses
 
 app = typer.Typer(
@@ -29,9 +29,9 @@ err_console = Console(stderr=True)
 StoreArg = Annotated[str, typer.Argument(help="Store path or URL (s3://bucket/prefix, ...).")]
 
 
-class Measure(str, Enum):
-    cov = "cov"
-    corr = "corr"
+# The score measures come from one place (daunce_store.scoring._measures); "nystrom-corr" is not an identifier.
+Measure = Enum("Measure", {name.replace("-", "_"): name for name in MEASURE_NAMES}, type=str)  # type: ignore[misc]
+MEASURE_OPTION_HELP = f"Score measure. {MEASURE_HELP}."
 
 
 class Side(str, Enum):
@@ -283,7 +283,7 @@ def topk(
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
     k: Annotated[int, typer.Option("-k", help="How many train examples per query and side.")] = 10,
-    measure: Annotated[Measure, typer.Option(help="cov or corr.")] = Measure.cov,
+    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
     side: Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")] = Side.both,
     backend: Annotated[Backend, typer.Option(help="Scoring backend.")] = Backend.auto,
     format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
@@ -305,7 +305,7 @@ def influence(
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Restrict to these query ids; repeatable.")] = [],
     k: Annotated[int, typer.Option("-k")] = 10,
-    measure: Annotated[Measure, typer.Option()] = Measure.cov,
+    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
     side: Annotated[Side, typer.Option()] = Side.both,
     backend: Annotated[Backend, typer.Option()] = Backend.auto,
     format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
@@ -332,7 +332,7 @@ def stability(
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
     k: Annotated[int, typer.Option("-k", help="Length of the top-k lists.")] = 10,
-    measure: Annotated[Measure, typer.Option()] = Measure.cov,
+    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
     side: Annotated[Side, typer.Option()] = Side.both,
     fraction: Annotated[list[float], typer.Option("--fraction", help="Column fraction; repeatable.")] = [0.25, 0.5, 1.0],
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the columns (0: none).")] = 20,
@@ -372,15 +372,16 @@ def stability(
 def self_influence(
     store: StoreArg,
     k: Annotated[int, typer.Option("-k")] = 10,
-    side: Annotated[Side, typer.Option(help="pos: highest variance (mislabels, outliers).")] = Side.pos,
+    side: Annotated[Side, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = Side.pos,
+    measure: Annotated[Measure, typer.Option(help="auto, nystrom, whitened or cov (self-score u^T M u; cov: the loss variance).")] = Measure(DEFAULT_MEASURE),
     backend: Annotated[Backend, typer.Option()] = Backend.auto,
     format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Self-influence (loss variance across perturbations): mislabel and outlier search."""
+    """Self-influence (each example's own score): mislabel and outlier search."""
     try:
-        result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, backend=backend.value)
+        result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value)
         _emit(result, format, output, "self-influence")
     except DaunceStoreError as e:
         _fail(e)

@@ -31,9 +31,9 @@ def store64(tmp_path):
 
 def test_full_columns_reproduce_topk_and_subsets_match_their_own_topk(store64, backend):
     store, x, q = store64
-    st = store.stability("test", k=10, fractions=(0.25, 0.5), bootstrap=0, backend=backend)
+    st = store.stability("test", k=10, measure="cov", fractions=(0.25, 0.5), bootstrap=0, backend=backend)
     assert st.columns == (16, 32, 64)
-    top = store.topk("test", k=10, backend=backend)
+    top = store.topk("test", k=10, measure="cov", backend=backend)
     for side in ("pos", "neg"):
         np.testing.assert_array_equal(st.indices[side], top.indices[side])
         np.testing.assert_allclose(st.overlap[side][:, -1], 1.0)

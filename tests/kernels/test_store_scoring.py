@@ -35,7 +35,7 @@ def test_influence_is_topk_of_mean_score(small_store, backend):
 def test_self_influence_is_row_variance(small_store, backend):
     store, train, _ = small_store
     var = train.astype(np.float64).var(axis=1, ddof=1)[:, None]
-    res = store.self_influence(k=12, side="both", backend=backend, block_rows=64)
+    res = store.self_influence(k=12, side="both", measure="cov", backend=backend, block_rows=64)
     for side in ("pos", "neg"):
         want_idx, want_sc = expected_topk(var, 12, side)
         np.testing.assert_array_equal(res.indices[side], want_idx)
@@ -51,7 +51,7 @@ def test_self_influence_ties_go_to_lower_index(tmp_path, backend):
     for c in range(4):
         store.append(f"p{c}", train[:, c])
     var = train.astype(np.float64).var(axis=1, ddof=1)[:, None]
-    res = store.self_influence(k=40, side="both", backend=backend, block_rows=100)
+    res = store.self_influence(k=40, side="both", measure="cov", backend=backend, block_rows=100)
     for side in ("pos", "neg"):
         np.testing.assert_array_equal(res.indices[side], expected_topk(var, 40, side)[0])
 
@@ -63,7 +63,7 @@ import daunce_store
 store = daunce_store.open(sys.argv[1], mode="r")
 proc = psutil.Process()
 q = store.query_losses("test")
-store.topk("test", k=5, backend=sys.argv[2], block_rows=1024)  # warm up (numba compiles, pools start)
+store.topk("test", k=5, measure="cov", backend=sys.argv[2], block_rows=1024)  # warm up (numba compiles, pools start)
 base = proc.memory_info().rss
 peak = [base]
 done = threading.Event()
@@ -72,7 +72,7 @@ def watch():
         peak[0] = max(peak[0], proc.memory_info().rss)
         time.sleep(0.002)
 t = threading.Thread(target=watch); t.start()
-res = store.topk("test", k=100, backend=sys.argv[2], block_rows=65536)
+res = store.topk("test", k=100, measure="cov", backend=sys.argv[2], block_rows=65536)
 done.set(); t.join()
 print(json.dumps({"base": base, "peak": peak[0], "first": int(res.indices["pos"][0, 0])}))
 """

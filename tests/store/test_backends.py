@@ -47,7 +47,7 @@ def test_snapshot_is_isolated_from_later_appends(location: Location, store) -> N
 
 def test_topk_matches_dense_covariance(store) -> None:
     train, query = store.train_losses(), store.query_losses("test")
-    result = store.topk("test", k=5, backend="numpy")
+    result = store.topk("test", k=5, measure="cov", backend="numpy")
     full = np.cov(np.vstack([train, query]).astype(np.float64))[:N, N:]
     for j in range(M):
         want = np.argsort(-full[:, j], kind="stable")[:5]

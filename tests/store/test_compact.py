@@ -39,7 +39,7 @@ def test_compact_packs_full_groups_and_reads_the_same(location: Location, store)
     fill(store, range(10, 12))
     assert store.compact() == [2]
     assert assert_consistent(location.open(mode="r")) == list(range(12))
-    result = location.open(mode="r").topk("test", k=3, backend="numpy")
+    result = location.open(mode="r").topk("test", k=3, measure="cov", backend="numpy")
     dense = np.cov(np.vstack([store.train_losses(), store.query_losses("test")]).astype(np.float64))[:N, N:]
     np.testing.assert_array_equal(result.indices["pos"][0], np.argsort(-dense[:, 0], kind="stable")[:3])
 

@@ -24,7 +24,7 @@ def test_row_blocks_cover_every_row_once(small_store):
 
 def test_topk_matches_dense_covariance(small_store):
     store, train, query = small_store
-    result = store.topk("test", k=5)
+    result = store.topk("test", k=5, measure="cov")
     full = np.cov(np.vstack([train, query]))[: len(train), len(train) :]
     for j in range(query.shape[0]):
         want = np.argsort(-full[:, j], kind="stable")[:5]
