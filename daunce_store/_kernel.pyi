@@ -6,6 +6,10 @@ import numpy.typing as npt
 def row_variance(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block, summed in float64."""
 
+def splitmix64_uniforms(key: int, r0: int, count: int) -> npt.NDArray[np.float64]:
+    """SplitMix64 uniforms U[0, 1) of rows ``r0 .. r0 + count`` of stream ``key`` (row i: counter i + 1);
+    bit-identical to the numpy fallback in ``daunce_store/store/_draws.py``."""
+
 class TopKAccumulator:
     """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
 

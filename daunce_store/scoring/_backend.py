@@ -8,14 +8,14 @@ O(R·K + m·k) whatever n is. Setting ``DAUNCE_STORE_NO_EXT=1`` hides the Rust e
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
 
 from daunce_store._constants import NO_EXT_ENV
+from daunce_store._ext import _built, extension
+from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import NumpyTopK
 
@@ -32,21 +32,13 @@ class Accumulator(Protocol):
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...
 
 
-def _ext_disabled() -> bool:
-    return os.environ.get(NO_EXT_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-@functools.lru_cache(maxsize=None)
 def _kernel_module() -> Any:
-    try:
-        from daunce_store import _kernel
-    except ImportError:
-        return None
-    return _kernel if hasattr(_kernel, "TopKAccumulator") else None
+    """The built extension even when it is switched off (only for resolving an explicit ``rust``)."""
+    return _built()
 
 
 def _rust() -> Any:
-    return None if _ext_disabled() else _kernel_module()
+    return extension()
 
 
 def available_backends() -> list[str]:

@@ -133,8 +133,8 @@ class Gram:
                 w = np.empty_like(u)
                 for j, d in enumerate(draws):
                     assert d is not None
-                    w[:, j] = d.linear_weights(r0, r1)
-                    sizes[j] += d.in_subset(r0, r1).sum()
+                    w[:, j], member = d.linear_weights(r0, r1)
+                    sizes[j] += member.sum()
                 part = w.T @ u
             else:
                 part = u.T @ u

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from daunce_store._ext import extension
 from daunce_store.errors import CorruptRecordError, InvalidInputError
 
 __all__ = ["DRAW_SCHEME", "OBJECTIVES", "PerturbationDraw", "perturbation_weights"]
@@ -31,7 +32,10 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _uniforms(key: np.uint64, r0: int, r1: int) -> np.ndarray:
-    """U[0, 1) values of counters r0 .. r1-1 (float64, 53 random bits each)."""
+    """U[0, 1) values of rows r0 .. r1-1 (row i: counter i + 1; float64, 53 random bits each)."""
+    fast = getattr(extension(), "splitmix64_uniforms", None)
+    if fast is not None:  # the same integer arithmetic in Rust, ~10x faster (the Nyström pass regenerates n·K)
+        return fast(int(key), int(r0), int(r1 - r0))
     x = key + (np.arange(r0 + 1, r1 + 1, dtype=np.uint64) * _GOLDEN)  # uint64 arithmetic wraps mod 2^64
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
@@ -99,16 +103,16 @@ class PerturbationDraw:
         """The objective's per-example weights c_ik of rows r0 .. r1-1."""
         return perturbation_weights(self.xi(r0, r1), self.objective, float(self.rho))
 
-    def linear_weights(self, r0: int, r1: int) -> np.ndarray:
-        """a_ik · 1[i ∈ D_k] of rows r0 .. r1-1 (float64): linearized, the fine-tune moves θ by
-        H⁻¹ Σ_i a_ik 1[i∈D_k] g_i / |D_k| (DESIGN §1.1). a = c − γ (IF form), c (Fisher form; its H is
-        the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a term that is the same for every k)."""
+    def linear_weights(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(a_ik · 1[i ∈ D_k], 1[i ∈ D_k]) of rows r0 .. r1-1 (float64, bool): linearized, the fine-tune
+        moves θ by H⁻¹ Σ_i a_ik 1[i∈D_k] g_i / |D_k| (DESIGN §1.1). a = c − γ (IF form), c (Fisher form;
+        its H is the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a term the same for every k)."""
         member = self.in_subset(r0, r1)
         if self.objective == "blackbox":
             a = -np.ones(r1 - r0)
         else:
             a = self.c(r0, r1) - (float(self.gamma) if self.objective == "if" else 0.0)
-        return np.where(member, a, 0.0)
+        return np.where(member, a, 0.0), member
 
     # --- the commit record ---------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::draws;
 use crate::stats;
 use crate::topk::{Measure, SideResult, TopKAccumulator, TopKError};
 
@@ -27,6 +28,12 @@ fn row_variance<'py>(py: Python<'py>, block: PyReadonlyArray2<'py, f32>) -> PyRe
     let data = contiguous(&block, "block")?;
     let out = py.detach(|| stats::row_variance(data, k));
     Ok(out.into_pyarray(py))
+}
+
+/// SplitMix64 uniforms U[0, 1) of rows `r0 .. r0 + count` of stream `key` (the perturbation draws).
+#[pyfunction]
+fn splitmix64_uniforms<'py>(py: Python<'py>, key: u64, r0: u64, count: usize) -> Bound<'py, PyArray1<f64>> {
+    py.detach(|| draws::uniforms(key, r0, count)).into_pyarray(py)
 }
 
 /// Streaming top-k: feed row blocks with `push_block(offset, block)`, then `finish()`.
@@ -112,6 +119,7 @@ impl PyTopKAccumulator {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(row_variance, m)?)?;
+    m.add_function(wrap_pyfunction!(splitmix64_uniforms, m)?)?;
     m.add_class::<PyTopKAccumulator>()?;
     Ok(())
 }

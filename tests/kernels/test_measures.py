@@ -31,8 +31,8 @@ def _weights(draws: list[PerturbationDraw], n: int) -> np.ndarray:
     """W (n, K): w_ik = a_ik 1[i ∈ D_k] / |D_k|, each column drawn whole (not block by block)."""
     cols = []
     for d in draws:
-        member = d.in_subset(0, n)
-        cols.append(d.linear_weights(0, n) / member.sum())
+        weights, member = d.linear_weights(0, n)
+        cols.append(weights / member.sum())
     return np.stack(cols, axis=1)
 
 
