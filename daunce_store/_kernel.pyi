@@ -10,6 +10,12 @@ def splitmix64_uniforms(key: int, r0: int, count: int) -> npt.NDArray[np.float64
     """SplitMix64 uniforms U[0, 1) of rows ``r0 .. r0 + count`` of stream ``key`` (row i: counter i + 1);
     bit-identical to the numpy fallback in ``daunce_store/store/_draws.py``."""
 
+def draw_linear_weights(
+    key_subset: int, key_xi: int, ratio: float, base: float, rho: float, shift: float, blackbox: bool, r0: int, count: int
+) -> tuple[npt.NDArray[np.float64], int]:
+    """Linearized perturbation weights a_ik·1[i ∈ D_k] of rows ``r0 .. r0 + count`` and how many of them
+    are in D_k; bit-identical to ``PerturbationDraw.linear_weights``'s numpy path."""
+
 class TopKAccumulator:
     """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
 

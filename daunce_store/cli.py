@@ -351,12 +351,15 @@ def stability(
         _fail(e)
         return
     if format == StabilityFormat.json:
-        sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records()}, indent=1) + "\n")
+        sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records(),
+                                     "asymmetry": result.asymmetry}, indent=1) + "\n")
         return
     table = Table(
         title=f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)",
         caption="K=c: overlap of the top-k of the first c columns with the full list; boot: mean overlap over "
-        "resamples; SE/|score|: median bootstrap standard error relative to the score",
+        "resamples; SE/|score|: median bootstrap standard error relative to the score"
+        + ("" if result.asymmetry is None else
+           f"; asymmetry of W^T U {result.asymmetry:.3f} (0 = the fine-tunes respond linearly; lower is healthier)"),
     )
     rows = result.summary_records()
     short = {"bootstrap_overlap": "boot", "median_rel_stderr": "SE/|score|"}

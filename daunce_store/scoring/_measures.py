@@ -127,17 +127,18 @@ class Gram:
         matrix: np.ndarray | None = None
         sizes = np.zeros(len(draws))
         for offset, block in blocks:
-            u = _center(block)
-            r0, r1 = offset, offset + len(block)
+            # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
+            u = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
             if kind == "nystrom":
                 w = np.empty_like(u)
                 for j, d in enumerate(draws):
                     assert d is not None
-                    w[:, j], member = d.linear_weights(r0, r1)
-                    sizes[j] += member.sum()
-                part = w.T @ u
+                    weights, members = d.linear_weights(offset, offset + len(block))
+                    w[:, j] = weights
+                    sizes[j] += members
+                part = (w.T @ u).astype(np.float64)
             else:
-                part = u.T @ u
+                part = (u.T @ u).astype(np.float64)
             matrix = part if matrix is None else matrix + part
         if matrix is None:
             raise InvalidInputError("the store has no train rows to score")
@@ -203,7 +204,8 @@ class Prepared:
         """A store block as the kernel must see it."""
         if self.transform is None:
             return block
-        return np.ascontiguousarray(_center(block).astype(np.float32) @ self.transform)
+        centered = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+        return np.ascontiguousarray(centered @ self.transform)
 
     def dense(self, block: np.ndarray) -> np.ndarray:
         """(R, m) scores of a block's rows (the numpy reference of what the kernel ranks)."""

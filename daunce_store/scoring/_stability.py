@@ -58,6 +58,9 @@ class Stability:
     stderr: dict[str, np.ndarray]
     overlap: dict[str, np.ndarray]
     bootstrap_overlap: dict[str, np.ndarray]
+    # Nyström health: asymmetry of the centered W̄ᵀŪ (0 = the losses respond linearly to the weights;
+    # lower went with better scores on the LDS testbeds). None for measures without weights.
+    asymmetry: float | None = None
 
     def summary_records(self) -> list[dict[str, Any]]:
         """One dict per (query, side): overlaps per column count, bootstrap overlap, median relative SE."""
@@ -199,4 +202,5 @@ def stability(
         queries=req.names, train_ids=store.train_ids, measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
+        asymmetry=req.gram.asymmetry() if req.gram is not None and req.gram.kind == "nystrom" else None,
     )

@@ -103,16 +103,24 @@ class PerturbationDraw:
         """The objective's per-example weights c_ik of rows r0 .. r1-1."""
         return perturbation_weights(self.xi(r0, r1), self.objective, float(self.rho))
 
-    def linear_weights(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(a_ik · 1[i ∈ D_k], 1[i ∈ D_k]) of rows r0 .. r1-1 (float64, bool): linearized, the fine-tune
-        moves θ by H⁻¹ Σ_i a_ik 1[i∈D_k] g_i / |D_k| (DESIGN §1.1). a = c − γ (IF form), c (Fisher form;
-        its H is the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a term the same for every k)."""
+    def linear_weights(self, r0: int, r1: int) -> tuple[np.ndarray, int]:
+        """(a_ik · 1[i ∈ D_k] of rows r0 .. r1-1 as float64, how many of those rows are in D_k).
+
+        Linearized, the fine-tune moves θ by H⁻¹ Σ_i a_ik 1[i∈D_k] g_i / |D_k| (DESIGN §1.1): a = c − γ
+        (IF form), c (Fisher form; its H is the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a
+        term that is the same for every k).
+        """
+        base, shift = (1.0, float(self.gamma)) if self.objective == "if" else (0.0, 0.0)
+        fused = getattr(extension(), "draw_linear_weights", None)
+        if fused is not None:  # one pass in Rust; the Nyström measure regenerates n·K of these
+            return fused(int(self._key(_SUBSET_STREAM)), int(self._key(_XI_STREAM)), float(self.ratio), base,
+                         float(self.rho), shift, self.objective == "blackbox", int(r0), int(r1 - r0))
         member = self.in_subset(r0, r1)
         if self.objective == "blackbox":
             a = -np.ones(r1 - r0)
-        else:
-            a = self.c(r0, r1) - (float(self.gamma) if self.objective == "if" else 0.0)
-        return np.where(member, a, 0.0), member
+        else:  # the same operations, in the same order, as the Rust path: bit-identical results
+            a = (base + float(self.rho) * (2.0 * self.xi(r0, r1) - 1.0)) - shift
+        return np.where(member, a, 0.0), int(member.sum())
 
     # --- the commit record ---------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, Any]:

@@ -21,6 +21,25 @@ pub fn uniforms(key: u64, r0: u64, count: usize) -> Vec<f64> {
     (0..count as u64).map(|i| uniform(key, r0 + i + 1)).collect()
 }
 
+/// The linearized weights a_ik · 1[i ∈ D_k] of rows `r0 .. r0 + out.len()` into `out`, and how many of
+/// those rows are in D_k. Row i is in D_k when its `key_subset` uniform is below `ratio`; then
+/// a = (base + rho (2 xi - 1)) - shift with xi its `key_xi` uniform (IF: base 1, shift gamma; Fisher:
+/// base 0, shift 0), or -1 for black-box runs: the same operations, in the same order, as the numpy path.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_weights(key_subset: u64, key_xi: u64, ratio: f64, base: f64, rho: f64, shift: f64, blackbox: bool, r0: u64, out: &mut [f64]) -> u64 {
+    let mut members = 0;
+    for (i, o) in out.iter_mut().enumerate() {
+        let counter = r0 + i as u64 + 1;
+        *o = if uniform(key_subset, counter) < ratio {
+            members += 1;
+            if blackbox { -1.0 } else { (base + rho * (2.0 * uniform(key_xi, counter) - 1.0)) - shift }
+        } else {
+            0.0
+        };
+    }
+    members
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,6 +48,18 @@ mod tests {
     fn matches_splitmix64_reference_outputs() {
         // SplitMix64 seeded with 0 yields 0xE220A8397B1DCDAF first (the published reference sequence).
         assert_eq!(uniform(0, 1), (0xE220_A839_7B1D_CDAFu64 >> 11) as f64 / (1u64 << 53) as f64);
+    }
+
+    #[test]
+    fn weights_follow_membership() {
+        let mut w = vec![0.0; 1000];
+        let members = linear_weights(1, 2, 0.3, 1.0, 1.0, 1.0, false, 0, &mut w);
+        let member: Vec<bool> = uniforms(1, 0, 1000).iter().map(|&u| u < 0.3).collect();
+        assert_eq!(members, member.iter().filter(|&&m| m).count() as u64);
+        let xi = uniforms(2, 0, 1000);
+        for i in 0..1000 {
+            assert_eq!(w[i], if member[i] { (1.0 + (2.0 * xi[i] - 1.0)) - 1.0 } else { 0.0 });
+        }
     }
 
     #[test]

@@ -36,6 +36,21 @@ fn splitmix64_uniforms<'py>(py: Python<'py>, key: u64, r0: u64, count: usize) ->
     py.detach(|| draws::uniforms(key, r0, count)).into_pyarray(py)
 }
 
+/// The linearized perturbation weights of rows `r0 .. r0 + count` and how many are in the subset
+/// (see `draws::linear_weights`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn draw_linear_weights<'py>(
+    py: Python<'py>, key_subset: u64, key_xi: u64, ratio: f64, base: f64, rho: f64, shift: f64, blackbox: bool, r0: u64, count: usize,
+) -> (Bound<'py, PyArray1<f64>>, u64) {
+    let (w, members) = py.detach(|| {
+        let mut w = vec![0.0; count];
+        let members = draws::linear_weights(key_subset, key_xi, ratio, base, rho, shift, blackbox, r0, &mut w);
+        (w, members)
+    });
+    (w.into_pyarray(py), members)
+}
+
 /// Streaming top-k: feed row blocks with `push_block(offset, block)`, then `finish()`.
 #[pyclass(module = "daunce_store._kernel", name = "TopKAccumulator")]
 struct PyTopKAccumulator {
@@ -120,6 +135,7 @@ impl PyTopKAccumulator {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(row_variance, m)?)?;
     m.add_function(wrap_pyfunction!(splitmix64_uniforms, m)?)?;
+    m.add_function(wrap_pyfunction!(draw_linear_weights, m)?)?;
     m.add_class::<PyTopKAccumulator>()?;
     Ok(())
 }

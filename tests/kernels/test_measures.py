@@ -31,8 +31,8 @@ def _weights(draws: list[PerturbationDraw], n: int) -> np.ndarray:
     """W (n, K): w_ik = a_ik 1[i ∈ D_k] / |D_k|, each column drawn whole (not block by block)."""
     cols = []
     for d in draws:
-        weights, member = d.linear_weights(0, n)
-        cols.append(weights / member.sum())
+        weights, members = d.linear_weights(0, n)
+        cols.append(weights / members)
     return np.stack(cols, axis=1)
 
 
@@ -130,6 +130,8 @@ def test_stability_full_list_is_the_topk(linear_store, backend):
         np.testing.assert_array_equal(st.indices[side], top.indices[side])
         assert np.all(np.isfinite(st.stderr[side])) and np.all(st.stderr[side] >= 0)
     assert st.measure == "nystrom" and st.columns == (12, 24)
+    assert 0.0 <= st.asymmetry < 0.2  # a linear response: W̄ᵀŪ = W̄ᵀTW̄ is nearly symmetric
+    assert store.stability("test", k=3, measure="whitened", bootstrap=0).asymmetry is None
 
 
 def test_nystrom_recovers_the_influence_kernel_better_than_cov(linear_store):
