@@ -9,11 +9,25 @@ with a Zarr loss store and a streaming top-k kernel.
 from __future__ import annotations
 
 from daunce_store import errors
+from daunce_store._api import Store, init
+from daunce_store._api import open  # noqa: A001 - the obvious name for the entry point
 from daunce_store.errors import DaunceStoreError
-from daunce_store.scoring import Attribution
-from daunce_store.store import Commit, Lease, LossStore, Snapshot
-from daunce_store.store import init_store as init
-from daunce_store.store import open_store as open  # noqa: A001 - the obvious name for the entry point
+from daunce_store.scoring import Attribution, Scores, Stability
+from daunce_store.store import Commit, Lease, LossStore, PerturbationDraw, Snapshot
 
-__all__ = ["Attribution", "Commit", "DaunceStoreError", "Lease", "LossStore", "Snapshot", "errors", "init", "open"]
+__all__ = [
+    "Attribution",
+    "Commit",
+    "DaunceStoreError",
+    "Lease",
+    "LossStore",
+    "PerturbationDraw",
+    "Scores",
+    "Snapshot",
+    "Stability",
+    "Store",
+    "errors",
+    "init",
+    "open",
+]
 __version__ = "0.1.0"

@@ -149,7 +149,7 @@ class ScoringRequest:
 
     def blocks(self, store: LossStore, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Train row blocks over the request's columns (positions applied)."""
-        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, columns=self.slots, block_rows=block_rows):
+        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, slots=self.slots, block_rows=block_rows):
             yield offset, block if self.positions is None else np.ascontiguousarray(block[:, self.positions])
 
 
@@ -297,7 +297,7 @@ def self_influence(
     metric = None if gram is None else gram.preconditioner()
     # One "query" whose scores are pushed precomputed: the self-scores of each block.
     acc = make_accumulator(np.zeros((1, 2), np.float32), k, "cov", sides, backend, queries_prepared=True)
-    for offset, block in store.iter_row_blocks(snapshot=snap, columns=slots, block_rows=block_rows):
+    for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=block_rows):
         acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
     best = acc.finish()
     name = "var" if resolved.name == "cov" else resolved.name

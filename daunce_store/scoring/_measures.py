@@ -241,6 +241,6 @@ def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: s
     cache = store.derived_cache
     if key not in cache:
         draws = draws_of(snapshot, slots) if kind == "nystrom" else []
-        blocks = store.iter_row_blocks(snapshot=snapshot, columns=list(slots), block_rows=block_rows)
+        blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
         cache[key] = Gram.accumulate(kind, blocks, draws)
     return cache[key]

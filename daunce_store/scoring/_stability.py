@@ -119,21 +119,6 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([len(np.intersect1d(x, y, assume_unique=True)) / len(y) for x, y in zip(a, b)])
 
 
-def _gather_rows(store: LossStore, rows: np.ndarray, slots: Sequence[int]) -> np.ndarray:
-    """The K losses of the given (sorted, unique) train rows, reading only the row blocks that hold them."""
-    out = np.empty((len(rows), len(slots)), np.float32)
-    step = store.chunk_rows
-    start = 0
-    while start < len(rows):
-        block = rows[start] // step
-        stop = int(np.searchsorted(rows, (block + 1) * step))
-        r0, r1 = int(rows[start]), int(rows[stop - 1]) + 1
-        span = store._read_rows(store._train_losses, r0, r1, slots)  # noqa: SLF001 - the store's own row reader
-        out[start:stop] = span[rows[start:stop] - r0]
-        start = stop
-    return out
-
-
 def stability(
     store: LossStore,
     query_set: str,
@@ -191,7 +176,7 @@ def stability(
     stderr = {s: np.full(full[s][0].shape, np.nan, np.float32) for s in sides}
     if boot:
         listed = np.unique(np.concatenate([full[s][0].ravel() for s in sides]))
-        losses = _gather_rows(store, listed, req.slots)
+        losses = store.train_rows(listed, snapshot=req.snapshot, slots=req.slots)
         reps = [prep.dense(np.ascontiguousarray(losses[:, r])) for r, prep in zip(resamples, preps[len(counts):])]  # (L, m) each
         cols = np.arange(len(req.rows))[:, None]
         for s in sides:

@@ -35,7 +35,7 @@ def test_compact_packs_full_groups_and_reads_the_same(location: Location, store)
         np.testing.assert_array_equal(block, before[off : off + 30])
     # Any subset and order of columns, mixing packed and young ones.
     cols = [9, 0, 5, 4, 8]
-    np.testing.assert_array_equal(reopened.train_losses(columns=cols), np.stack([column(k, N) for k in cols], 1))
+    np.testing.assert_array_equal(reopened.train_losses(slots=cols), np.stack([column(k, N) for k in cols], 1))
     fill(store, range(10, 12))
     assert store.compact() == [2]
     assert assert_consistent(location.open(mode="r")) == list(range(12))

@@ -81,7 +81,7 @@ def test_two_workers_racing_on_one_id_commit_once(location: Location) -> None:
     store = location.open(mode="r")
     commits = {c.perturbation: c for c in store.commits()}
     assert sorted(commits) == sorted(f"p{k}" for k in range(rounds))
-    train = store.train_losses(columns=[commits[f"p{k}"].slot for k in range(rounds)])
+    train = store.train_losses(slots=[commits[f"p{k}"].slot for k in range(rounds)])
     for k in range(rounds):
         winners = [w for w in (0, 1) if outcomes[w][k] == "won"]
         assert len(winners) == 1, (k, outcomes)

@@ -53,7 +53,7 @@ def test_flipped_byte_in_train_chunk(location: Location, store, offset: int) -> 
             read()
         assert f"slot {slot}" in str(info.value)
     # Rows in other chunks and other columns still read.
-    np.testing.assert_array_equal(reopened.train_losses(columns=[0, 1])[:16], store.train_losses(columns=[0, 1])[:16])
+    np.testing.assert_array_equal(reopened.train_losses(slots=[0, 1])[:16], store.train_losses(slots=[0, 1])[:16])
 
 
 def test_flipped_byte_in_query_chunk(location: Location, store) -> None:

@@ -79,7 +79,7 @@ def test_sigkill_during_append_never_exposes_partial_columns(
         again = location.open(mode="r")
         assert again.num_columns() == killed + 1
         slot = {c.perturbation: c.slot for c in again.commits()}[f"p{killed}"]
-        assert (again.train_losses(columns=[slot])[:, 0] == column(killed, N)).all()
+        assert (again.train_losses(slots=[slot])[:, 0] == column(killed, N)).all()
         if compact:  # compaction after a killed compaction packs the rest, and reads stay right
             reopened.compact()
             packed = reopened._pack_map()

@@ -1,0 +1,109 @@
+"""The public façade: :class:`Store`, a :class:`~daunce_store.store.LossStore` that also scores.
+
+The store package knows nothing of scoring; this module sits on top of both (imports run one way:
+store ← scoring ← this façade), so the methods users call most have real signatures.
+
+>>> import daunce_store
+>>> store = daunce_store.open("attrib.zarr")                                  # doctest: +SKIP
+>>> store.topk("test", ["q17"], k=10).to_pandas()                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from daunce_store import _constants as C
+from daunce_store import scoring
+from daunce_store.scoring import Attribution, Scores, Stability
+from daunce_store.scoring._measures import DEFAULT_MEASURE
+from daunce_store.store import LossStore, Snapshot, init_store, open_store
+
+__all__ = ["Store", "init", "open"]
+
+Side = Literal["pos", "neg", "both"]
+Backend = Literal["auto", "rust", "numba", "numpy"]
+
+
+class Store(LossStore):
+    """A daunce store with scoring: what :func:`daunce_store.open` and :func:`daunce_store.init` return.
+
+    ``measure`` everywhere is one of :data:`daunce_store.scoring.MEASURE_NAMES` (``auto``: nystrom when
+    every column records its perturbation draw, else whitened); ``backend`` is auto, rust, numba or numpy
+    (the same answer from each); ``columns`` are positions 0..K-1 of the snapshot's columns for the query set.
+    """
+
+    def topk(
+        self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
+        side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
+        columns: Sequence[int] | None = None, block_rows: int | None = None,
+    ) -> Attribution:
+        """Top-k proponents (``pos``) and opponents (``neg``) among the train examples for each query.
+
+        >>> store.topk("test", ["q0"], k=5, measure="nystrom").to_pandas()   # doctest: +SKIP
+        """
+        return scoring.topk_store(self, query_set, queries, k=k, measure=measure, side=side, backend=backend,
+                                  snapshot=snapshot, columns=columns, block_rows=block_rows)
+
+    def influence(
+        self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
+        side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
+        columns: Sequence[int] | None = None,
+    ) -> Attribution:
+        """Aggregate influence on a whole query set (the mean score over its queries), top-k per side."""
+        return scoring.influence(self, query_set, queries, k=k, measure=measure, side=side, backend=backend,
+                                 snapshot=snapshot, columns=columns)
+
+    def self_influence(
+        self, *, k: int = 10, measure: str = DEFAULT_MEASURE, side: Side = "pos", backend: Backend = "auto",
+        snapshot: Snapshot | None = None, block_rows: int | None = None,
+    ) -> Attribution:
+        """Self-influence ū_iᵀ M ū_i (``cov``: the loss variance): top-k, for mislabel and outlier search."""
+        return scoring.self_influence(self, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
+                                      block_rows=block_rows)
+
+    def stability(
+        self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
+        side: Side = "both", fractions: Sequence[float] = (0.25, 0.5, 1.0), bootstrap: int = 20, seed: int = 0,
+        backend: Backend = "auto", snapshot: Snapshot | None = None, block_rows: int | None = None,
+    ) -> Stability:
+        """Has K converged? Top-k overlap over nested column subsets and bootstrap standard errors."""
+        return scoring.stability(self, query_set, queries, k=k, measure=measure, side=side, fractions=fractions,
+                                 bootstrap=bootstrap, seed=seed, backend=backend, snapshot=snapshot, block_rows=block_rows)
+
+    def scores(
+        self, query_set: str, queries: Sequence[str] | None = None, *, measure: str = DEFAULT_MEASURE,
+        aggregate: Literal["mean"] | None = None, snapshot: Snapshot | None = None, columns: Sequence[int] | None = None,
+        block_rows: int | None = None,
+    ) -> Scores:
+        """Dense scores of every train example per query (or their mean), in row blocks or as a frame."""
+        return scoring.scores(self, query_set, queries, measure=measure, aggregate=aggregate, snapshot=snapshot,
+                              columns=columns, block_rows=block_rows)
+
+
+def init(
+    url: str | os.PathLike[str],
+    train_ids: Sequence[str] | np.ndarray,
+    query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None,
+    *,
+    seed: int = 0,
+    capacity: int = C.DEFAULT_CAPACITY,
+    chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+    pack_width: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> Store:
+    """Create a new, empty store at ``url`` (a local path or ``s3://...``); StoreExistsError if something
+    is there. Perturbation k is seeded from (``seed``, k)."""
+    return init_store(url, train_ids, query_sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows,
+                      pack_width=pack_width, storage_options=storage_options, attributes=attributes, store_class=Store)
+
+
+def open(  # noqa: A001 - the obvious name for the entry point
+    url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", storage_options: dict[str, Any] | None = None,
+) -> Store:
+    """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
+    return open_store(url, mode, storage_options, store_class=Store)

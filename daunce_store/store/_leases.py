@@ -1,0 +1,106 @@
+"""Leases: how N workers split K perturbation ids without a coordinator.
+
+A lease is a chain of generation records ``leases/<id>/<generation>.json``, each created only if absent:
+taking over an expired lease, renewing one and releasing one all create the next generation, so of two
+workers racing for the same step exactly one wins. The newest generation is the current state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from daunce_store import _constants as C
+from daunce_store.errors import LeaseError
+from daunce_store.store._records import Lease, check_perturbation_id, default_worker_name, iso, lease_is_live
+from daunce_store.store._storage import Storage
+
+__all__ = ["LeasesMixin"]
+
+
+class LeasesMixin:
+    """The lease methods of :class:`~daunce_store.LossStore`."""
+
+    _storage: Storage
+
+    if TYPE_CHECKING:  # provided by LossStore (stubs outside TYPE_CHECKING would shadow them in the MRO)
+        def _require_writable(self) -> None: ...
+        def _committed_ids(self) -> set[str]: ...  # type: ignore[empty-body]
+        def is_committed(self, perturbation: str) -> bool: ...  # type: ignore[empty-body]
+
+    def _current_lease(self, pid: str) -> dict[str, Any] | None:
+        keys = self._storage.list(f"{C.LEASES_PREFIX}/{pid}/")
+        records = [r for r in (self._storage.get(k) for k in keys) if r is not None]
+        return max(records, key=lambda r: r["generation"]) if records else None
+
+    def _put_generation(self, lease: Lease | dict[str, Any]) -> bool:
+        rec = lease.record() if isinstance(lease, Lease) else lease
+        return self._storage.put_if_absent(f"{C.LEASES_PREFIX}/{rec['perturbation']}/{int(rec['generation']):08d}.json", rec)
+
+    def _check_lease(self, pid: str, lease: Lease | None) -> None:
+        current = self._current_lease(pid)
+        if not lease_is_live(current, time.time()):
+            return
+        assert current is not None
+        if lease is None or current["token"] != lease.token:
+            raise LeaseError(
+                f"perturbation {pid!r} is leased by worker {current['worker']!r} until "
+                f"{iso(current['expires_at'])}; append another id, or wait for the lease to expire"
+            )
+
+    def claim(self, perturbation: str | int, *, worker: str | None = None, ttl: float = C.DEFAULT_LEASE_SECONDS) -> Lease | None:
+        """Lease a perturbation id for ``ttl`` seconds; None if it is committed or leased by a live worker."""
+        self._require_writable()
+        pid = check_perturbation_id(perturbation)
+        current = self._current_lease(pid)
+        if lease_is_live(current, time.time()):
+            return None
+        # Checked after reading the lease: a holder commits before it releases, so a released lease
+        # seen above means its commit is visible here (checking first would race with that commit).
+        if self.is_committed(pid):
+            return None
+        lease = Lease(
+            perturbation=pid,
+            generation=(current["generation"] + 1) if current else 0,
+            worker=worker or default_worker_name(),
+            token=uuid.uuid4().hex,
+            expires_at=time.time() + ttl,
+        )
+        # Create-if-absent on the next generation: of two workers taking over one lease, one wins.
+        return lease if self._put_generation(lease) else None
+
+    def claim_next(self, candidates: Sequence[str | int], *, worker: str | None = None, ttl: float = C.DEFAULT_LEASE_SECONDS) -> Lease | None:
+        """Lease the first of ``candidates`` that is neither committed nor leased; None when none is left."""
+        committed = self._committed_ids()
+        for pid in candidates:
+            if str(pid) in committed:
+                continue
+            lease = self.claim(pid, worker=worker, ttl=ttl)
+            if lease is not None:
+                return lease
+        return None
+
+    def renew(self, lease: Lease, ttl: float = C.DEFAULT_LEASE_SECONDS) -> Lease:
+        """Extend a lease (a heartbeat for long fine-tunes); LeaseError if it was lost."""
+        current = self._current_lease(lease.perturbation)
+        if current is None or current["token"] != lease.token:
+            raise LeaseError(f"lease on {lease.perturbation!r} was taken over by another worker")
+        renewed = dataclasses.replace(lease, generation=lease.generation + 1, expires_at=time.time() + ttl)
+        if not self._put_generation(renewed):
+            raise LeaseError(f"lease on {lease.perturbation!r} was taken over by another worker")
+        return renewed
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back early (its perturbation was committed, or the worker gives up)."""
+        self._put_generation(dict(lease.record(), generation=lease.generation + 1, released=True, expires_at=0.0))
+
+    def leases(self) -> list[dict[str, Any]]:
+        """Live (unexpired, unreleased, uncommitted) leases."""
+        pids = {k.split("/")[2] for k in self._storage.list(C.LEASES_PREFIX + "/")}
+        committed = self._committed_ids()
+        now = time.time()
+        current = (self._current_lease(pid) for pid in sorted(pids - committed))
+        return [rec for rec in current if rec is not None and lease_is_live(rec, now)]
