@@ -24,6 +24,7 @@ QUERY_COMMITS_PREFIX = f"{LOG_PREFIX}/query-commits"  # query-commits/<set>/<per
 LEASES_PREFIX = f"{LOG_PREFIX}/leases"  # leases/<perturbation>/<generation>.json
 PACK_CLAIMS_PREFIX = f"{LOG_PREFIX}/pack-claims"  # pack-claims/<group>.json : a compactor owns a group
 PACKS_PREFIX = f"{LOG_PREFIX}/packs"  # packs/<group>.json : committed columns packed into a group
+ADAPTERS_PREFIX = f"{LOG_PREFIX}/adapters"  # adapters/<perturbation>.safetensors : a perturbation's trained weights
 
 # Compaction: committed per-column chunks are copied, PACK_WIDTH columns at a time, into the wide array
 # train/packed with chunks (min(chunk_rows, PACK_ROWS), PACK_WIDTH); wide chunks read several times

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -14,8 +16,8 @@ from rich.table import Table
 
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
-from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, Attribution
-from daunce_store.store import read_ids, read_losses
+from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
+from daunce_store.store import TABLE_FORMATS, read_ids, read_losses, write_frames
 
 app = typer.Typer(
     name="daunce",
@@ -34,25 +36,9 @@ Measure = Enum("Measure", {name.replace("-", "_"): name for name in MEASURE_NAME
 MEASURE_OPTION_HELP = f"Score measure. {MEASURE_HELP}."
 
 
-class Side(str, Enum):
-    pos = "pos"
-    neg = "neg"
-    both = "both"
-
-
-class OutFormat(str, Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    parquet = "parquet"
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    rust = "rust"
-    numba = "numba"
-    numpy = "numpy"
+Side = Enum("Side", {name: name for name in (*SIDES, "both")}, type=str)  # type: ignore[misc]
+OutFormat = Enum("OutFormat", {name: name for name in ("table", *TABLE_FORMATS)}, type=str)  # type: ignore[misc]
+Backend = Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # type: ignore[misc]
 
 
 def _fail(err: Exception) -> None:
@@ -72,16 +58,45 @@ def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _storage_options(options: Optional[str]) -> dict[str, Any] | None:
-    if not options:
+def _json_object(text: Optional[str], option: str) -> dict[str, Any] | None:
+    if not text:
         return None
     try:
-        value = json.loads(options)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidInputError(f"--storage-options must be a JSON object: {e}") from e
+        raise InvalidInputError(f"{option} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
-        raise InvalidInputError("--storage-options must be a JSON object")
+        raise InvalidInputError(f"{option} must be a JSON object")
     return value
+
+
+def _storage_options(options: Optional[str]) -> dict[str, Any] | None:
+    return _json_object(options, "--storage-options")
+
+
+def _training_extra(command: str) -> Any:
+    """daunce_store.perturb, or a clear error naming the extra it needs."""
+    try:
+        import daunce_store.perturb as perturb
+    except ImportError as e:
+        raise InvalidInputError(f"{e}; `{command}` needs the training extra: pip install 'daunce-store[train]'") from None
+    return perturb
+
+
+def _command(on: typer.Typer, name: Optional[str] = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command; any DaunceStoreError it raises becomes one red line and exit code 2."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)  # typer reads the wrapped signature
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                fn(*args, **kwargs)
+            except DaunceStoreError as e:
+                _fail(e)
+
+        return on.command(name)(run)
+
+    return register
 
 
 StorageOpt = Annotated[
@@ -94,30 +109,22 @@ def _open(store: str, mode: str, storage_options: Optional[str]) -> daunce_store
     return daunce_store.open(store, mode=mode, storage_options=_storage_options(storage_options))  # type: ignore[arg-type]
 
 
-def _emit(result: Attribution, fmt: OutFormat, output: Optional[Path], title: str) -> None:
-    if output is not None:
-        result.write(output, None if fmt == OutFormat.table else fmt.value)
-        err_console.print(f"wrote {len(result.records())} records to {output}")
-        return
-    if fmt == OutFormat.table:
+def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
+    if fmt.value == "table" and output is None:
         table = Table(title=f"{title} ({result.measure}, K={result.num_columns})")
         for col in ("query", "side", "rank", "train_id", "train_index", "score"):
             table.add_column(col, justify="right" if col in ("rank", "train_index", "score") else "left")
         for r in result.records():
             table.add_row(r["query"], r["side"], str(r["rank"]), r["train_id"], str(r["train_index"]), f"{r['score']:.4g}")
         console.print(table)
-    elif fmt == OutFormat.json:
-        sys.stdout.write(json.dumps(result.records(), indent=1) + "\n")
-    elif fmt == OutFormat.jsonl:
-        for r in result.records():
-            sys.stdout.write(json.dumps(r) + "\n")
-    elif fmt == OutFormat.csv:
-        result.to_pandas().to_csv(sys.stdout, index=False)
+    elif output is not None:
+        result.write(output, None if fmt.value == "table" else fmt.value)
+        err_console.print(f"wrote {len(result.records())} records to {output}")
     else:
-        raise InvalidInputError("--format parquet needs --output PATH")
+        write_frames([result.to_pandas()], sys.stdout, fmt.value)
 
 
-@app.command()
+@_command(app)
 def init(
     store: StoreArg,
     train_ids: Annotated[Path, typer.Option("--train-ids", help="Train ids: text (one per line), CSV or parquet [FILE:COLUMN].")],
@@ -129,18 +136,15 @@ def init(
     storage_options: StorageOpt = None,
 ) -> None:
     """Create an empty store from train ids (and query sets)."""
-    try:
-        sets = {name: read_ids(path) for name, path in _parse_pairs(query_set, "--query-set").items()}
-        s = daunce_store.init(
-            store, read_ids(train_ids), sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows, pack_width=pack_width,
-            storage_options=_storage_options(storage_options),
-        )
-    except DaunceStoreError as e:
-        _fail(e)
+    sets = {name: read_ids(path) for name, path in _parse_pairs(query_set, "--query-set").items()}
+    s = daunce_store.init(
+        store, read_ids(train_ids), sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows, pack_width=pack_width,
+        storage_options=_storage_options(storage_options),
+    )
     console.print(f"created {s.url}: n_train={s.n_train}, query sets {s.query_sets()}")
 
 
-@app.command("add-queries")
+@_command(app, "add-queries")
 def add_queries(
     store: StoreArg,
     query_set: Annotated[list[str], typer.Option("--query-set", help="NAME=FILE with the new query set's ids; repeatable.")],
@@ -149,24 +153,20 @@ def add_queries(
     storage_options: StorageOpt = None,
 ) -> None:
     """Add query sets to an existing store (and, with --config, fill their losses from stored adapters)."""
-    try:
-        s = _open(store, "a", storage_options)
-        pairs = _parse_pairs(query_set, "--query-set")
-        for name, path in pairs.items():
-            s.add_query_set(name, read_ids(path))
-        if config is not None:
-            from daunce_store.perturb import PerturbConfig, evaluate_query_sets
-
-            filled = evaluate_query_sets(store, PerturbConfig.from_yaml(config), list(pairs), device=device,
-                                         storage_options=_storage_options(storage_options), base_dir=config.parent)
-            for name, ids in filled.items():
-                console.print(f"{name}: losses under {len(ids)} stored perturbations")
-    except DaunceStoreError as e:
-        _fail(e)
+    s = _open(store, "a", storage_options)
+    pairs = _parse_pairs(query_set, "--query-set")
+    for name, path in pairs.items():
+        s.add_query_set(name, read_ids(path))
+    if config is not None:
+        perturb = _training_extra("daunce add-queries --config")
+        filled = perturb.evaluate_query_sets(store, perturb.PerturbConfig.from_yaml(config), list(pairs), device=device,
+                                             storage_options=_storage_options(storage_options), base_dir=config.parent)
+        for name, ids in filled.items():
+            console.print(f"{name}: losses under {len(ids)} stored perturbations")
     console.print(f"query sets now: {s.query_sets()}")
 
 
-@app.command()
+@_command(app)
 def append(
     store: StoreArg,
     perturbation: Annotated[str, typer.Option("--perturbation", help="Perturbation id (unique per column).")],
@@ -176,21 +176,14 @@ def append(
     storage_options: StorageOpt = None,
 ) -> None:
     """Append one perturbation's loss column computed anywhere (e.g. a black-box fine-tuning API)."""
-    try:
-        meta = json.loads(metadata) if metadata else {}
-        if not isinstance(meta, dict):
-            raise InvalidInputError("--metadata must be a JSON object")
-        s = _open(store, "a", storage_options)
-        queries = {name: read_losses(path) for name, path in _parse_pairs(query, "--query").items()}
-        commit = s.append(perturbation, read_losses(train), queries, metadata={"source": "append", **meta})
-    except json.JSONDecodeError as e:
-        _fail(InvalidInputError(f"--metadata is not valid JSON: {e}"))
-    except DaunceStoreError as e:
-        _fail(e)
+    meta = _json_object(metadata, "--metadata") or {}
+    s = _open(store, "a", storage_options)
+    queries = {name: read_losses(path) for name, path in _parse_pairs(query, "--query").items()}
+    commit = s.append(perturbation, read_losses(train), queries, metadata={"source": "append", **meta})
     console.print(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})")
 
 
-@app.command()
+@_command(app)
 def perturb(
     store: StoreArg,
     config: Annotated[Path, typer.Option("--config", help="YAML perturbation config (PerturbConfig fields; `factory` names the model).")],
@@ -202,18 +195,12 @@ def perturb(
     storage_options: StorageOpt = None,
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
-    try:
-        from daunce_store.perturb import PerturbConfig, run_workers
-
-        cfg = PerturbConfig.from_yaml(config)
-        done = run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent,
-                           storage_options=_storage_options(storage_options), console=err_console, progress=progress)
-        if compact:  # safe beside other workers still appending; packs only full groups
-            _open(store, "a", storage_options).compact()
-    except ImportError as e:
-        _fail(InvalidInputError(f"{e}; `daunce perturb` needs the training extra: pip install 'daunce-store[train]'"))
-    except DaunceStoreError as e:
-        _fail(e)
+    perturb = _training_extra("daunce perturb")
+    cfg = perturb.PerturbConfig.from_yaml(config)
+    done = perturb.run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent,
+                               storage_options=_storage_options(storage_options), console=err_console, progress=progress)
+    if compact:  # safe beside other workers still appending; packs only full groups
+        _open(store, "a", storage_options).compact()
     console.print(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}")
 
 
@@ -222,17 +209,14 @@ class StatusFormat(str, Enum):
     json = "json"
 
 
-@app.command()
+@_command(app)
 def status(
     store: StoreArg,
     format: Annotated[StatusFormat, typer.Option("--format", help="table or json")] = StatusFormat.table,
     storage_options: StorageOpt = None,
 ) -> None:
     """Sizes, committed columns, leases in flight, size on disk, format version."""
-    try:
-        info = _open(store, "r", storage_options).status()
-    except DaunceStoreError as e:
-        _fail(e)
+    info = _open(store, "r", storage_options).status()
     if format == StatusFormat.json:
         sys.stdout.write(json.dumps(info, indent=1) + "\n")
         return
@@ -242,15 +226,12 @@ def status(
     console.print(table)
 
 
-@app.command()
+@_command(app)
 def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
     """Pack committed columns into wide row-block chunks (faster scans); safe while workers append."""
-    try:
-        s = _open(store, "a", storage_options)
-        groups = s.compact()
-        info = s.status()
-    except DaunceStoreError as e:
-        _fail(e)
+    s = _open(store, "a", storage_options)
+    groups = s.compact()
+    info = s.status()
     console.print(
         f"packed {len(groups)} new group(s) of {s.pack_width} columns; "
         f"{info['packed_columns']} of {info['committed_columns']} committed columns are packed"
@@ -262,7 +243,7 @@ class ExportForm(str, Enum):
     long = "long"
 
 
-@app.command()
+@_command(app)
 def export(
     store: StoreArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, FILE.csv or FILE.jsonl.")],
@@ -270,55 +251,46 @@ def export(
     storage_options: StorageOpt = None,
 ) -> None:
     """Export the train and query loss matrices, with ids, to parquet, csv or jsonl."""
-    try:
-        rows = _open(store, "r", storage_options).export(output, form=form.value)
-    except DaunceStoreError as e:
-        _fail(e)
+    rows = _open(store, "r", storage_options).export(output, form=form.value)
     err_console.print(f"wrote {rows} rows ({form.value} form) to {output}")
 
 
-@app.command()
+@_command(app)
 def topk(
     store: StoreArg,
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
     k: Annotated[int, typer.Option("-k", help="How many train examples per query and side.")] = 10,
     measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")] = Side.both,
-    backend: Annotated[Backend, typer.Option(help="Scoring backend.")] = Backend.auto,
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
+    side: Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")] = Side("both"),
+    backend: Annotated[Backend, typer.Option(help="Scoring backend.")] = Backend("auto"),
+    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to a file instead.")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Top-k proponents and opponents per query."""
-    try:
-        s = _open(store, "r", storage_options)
-        result = s.topk(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
-        _emit(result, format, output, f"top-{k} for {query_set}")
-    except DaunceStoreError as e:
-        _fail(e)
+    s = _open(store, "r", storage_options)
+    result = s.topk(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
+    _emit(result, format, output, f"top-{k} for {query_set}")
 
 
-@app.command()
+@_command(app)
 def influence(
     store: StoreArg,
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Restrict to these query ids; repeatable.")] = [],
     k: Annotated[int, typer.Option("-k")] = 10,
     measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option()] = Side.both,
-    backend: Annotated[Backend, typer.Option()] = Backend.auto,
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
+    side: Annotated[Side, typer.Option()] = Side("both"),
+    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
+    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Aggregate influence of each train example on a whole query set (mean score), top-k."""
-    try:
-        s = _open(store, "r", storage_options)
-        result = s.influence(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
-        _emit(result, format, output, f"influence on {query_set}")
-    except DaunceStoreError as e:
-        _fail(e)
+    s = _open(store, "r", storage_options)
+    result = s.influence(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
+    _emit(result, format, output, f"influence on {query_set}")
 
 
 class StabilityFormat(str, Enum):
@@ -326,30 +298,26 @@ class StabilityFormat(str, Enum):
     json = "json"
 
 
-@app.command()
+@_command(app)
 def stability(
     store: StoreArg,
     query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
     query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
     k: Annotated[int, typer.Option("-k", help="Length of the top-k lists.")] = 10,
     measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option()] = Side.both,
+    side: Annotated[Side, typer.Option()] = Side("both"),
     fraction: Annotated[list[float], typer.Option("--fraction", help="Column fraction; repeatable.")] = [0.25, 0.5, 1.0],
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the columns (0: none).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the resamples.")] = 0,
-    backend: Annotated[Backend, typer.Option()] = Backend.auto,
+    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
     format: Annotated[StabilityFormat, typer.Option("--format")] = StabilityFormat.table,
     storage_options: StorageOpt = None,
 ) -> None:
     """Has K converged? Top-k overlap with the full-K list over nested column subsets, and bootstrap
     standard errors of the listed scores."""
-    try:
-        s = _open(store, "r", storage_options)
-        result = s.stability(query_set, query or None, k=k, measure=measure.value, side=side.value,
-                             fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend.value)
-    except DaunceStoreError as e:
-        _fail(e)
-        return
+    s = _open(store, "r", storage_options)
+    result = s.stability(query_set, query or None, k=k, measure=measure.value, side=side.value,
+                         fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend.value)
     if format == StabilityFormat.json:
         sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records(),
                                      "asymmetry": result.asymmetry}, indent=1) + "\n")
@@ -371,26 +339,23 @@ def stability(
     console.print(table)
 
 
-@app.command("self-influence")
+@_command(app, "self-influence")
 def self_influence(
     store: StoreArg,
     k: Annotated[int, typer.Option("-k")] = 10,
-    side: Annotated[Side, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = Side.pos,
+    side: Annotated[Side, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = Side("pos"),
     measure: Annotated[Measure, typer.Option(help="auto, nystrom, whitened or cov (self-score u^T M u; cov: the loss variance).")] = Measure(DEFAULT_MEASURE),
-    backend: Annotated[Backend, typer.Option()] = Backend.auto,
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat.table,
+    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
+    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""
-    try:
-        result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value)
-        _emit(result, format, output, "self-influence")
-    except DaunceStoreError as e:
-        _fail(e)
+    result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value)
+    _emit(result, format, output, "self-influence")
 
 
-@app.command()
+@_command(app)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
     k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 4 with --llm).")] = None,
@@ -403,18 +368,15 @@ def demo(
     precision: Annotated[str, typer.Option(help="fp32, or bf16 on a GPU, for --llm.")] = "fp32",
 ) -> None:
     """End-to-end run on real data: perturb, store, score, show top proponents/opponents and a PNG grid."""
-    try:
-        if llm:
-            from daunce_store.demo_llm import run_llm_demo
+    if llm:
+        from daunce_store.demo_llm import run_llm_demo
 
-            run_llm_demo(workdir, k_perturbations or 4, console, measure=measure.value, device=device,
-                         num_dialogues=num_dialogues, steps=steps, batch_size=batch_size, precision=precision)
-        else:
-            from daunce_store.demo import run_demo
+        run_llm_demo(workdir, k_perturbations or 4, console, measure=measure.value, device=device,
+                     num_dialogues=num_dialogues, steps=steps, batch_size=batch_size, precision=precision)
+    else:
+        from daunce_store.demo import run_demo
 
-            run_demo(workdir, k_perturbations or 64, console, measure=measure.value)
-    except DaunceStoreError as e:
-        _fail(e)
+        run_demo(workdir, k_perturbations or 64, console, measure=measure.value)
 
 
 eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection.", no_args_is_help=True)
@@ -430,7 +392,7 @@ def _rows_table(title: str, rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-@eval_app.command("lds")
+@_command(eval_app, "lds")
 def eval_lds(
     ks: Annotated[list[int], typer.Option("-K", help="Daunce K values; repeatable.")] = [8, 16, 32],
     subsets: Annotated[int, typer.Option(help="Retrained 50% subsets (S).")] = 50,
@@ -442,15 +404,12 @@ def eval_lds(
     from daunce_store.evaluation._daunce import default_config
     from daunce_store.evaluation.lds import compare_methods
 
-    try:
-        result = compare_methods(ks=ks, num_subsets=subsets, trak_models=trak_models, n_queries=queries,
-                                 daunce_config=default_config(ratio=ratio), log=console.print)
-        _rows_table(f"LDS on digits ({subsets} subsets)", result.rows)
-    except DaunceStoreError as e:
-        _fail(e)
+    result = compare_methods(ks=ks, num_subsets=subsets, trak_models=trak_models, n_queries=queries,
+                             daunce_config=default_config(ratio=ratio), log=console.print)
+    _rows_table(f"LDS on digits ({subsets} subsets)", result.rows)
 
 
-@eval_app.command("backdoor")
+@_command(eval_app, "backdoor")
 def eval_backdoor(
     k_perturbations: Annotated[int, typer.Option("--perturbations", "-K")] = 32,
     fraction: Annotated[float, typer.Option(help="Fraction of train images poisoned.")] = 0.03,
@@ -459,16 +418,13 @@ def eval_backdoor(
     """Precision@k of poisoned (triggered, relabeled) examples among triggered queries' top proponents."""
     from daunce_store.evaluation.poison import run_backdoor
 
-    try:
-        r = run_backdoor(num_perturbations=k_perturbations, fraction=fraction, baselines=baselines)
-        console.print(f"{r.num_poisoned} poisoned, attack success {r.attack_success:.0%}, clean accuracy {r.clean_accuracy:.1%}; "
-                      f"random ranking expects precision {r.random_precision:.3f}")
-        _rows_table(f"backdoor retrieval, {r.num_queries} triggered queries, K={r.num_perturbations}", r.rows())
-    except DaunceStoreError as e:
-        _fail(e)
+    r = run_backdoor(num_perturbations=k_perturbations, fraction=fraction, baselines=baselines)
+    console.print(f"{r.num_poisoned} poisoned, attack success {r.attack_success:.0%}, clean accuracy {r.clean_accuracy:.1%}; "
+                  f"random ranking expects precision {r.random_precision:.3f}")
+    _rows_table(f"backdoor retrieval, {r.num_queries} triggered queries, K={r.num_perturbations}", r.rows())
 
 
-@eval_app.command("mislabel")
+@_command(eval_app, "mislabel")
 def eval_mislabel(
     k_perturbations: Annotated[int, typer.Option("--perturbations", "-K")] = 32,
     fraction: Annotated[float, typer.Option(help="Fraction of train labels flipped.")] = 0.05,
@@ -476,12 +432,9 @@ def eval_mislabel(
     """Precision/recall of flipped labels in the top-k by self-influence vs by the target model's loss."""
     from daunce_store.evaluation.poison import run_mislabel
 
-    try:
-        r = run_mislabel(num_perturbations=k_perturbations, fraction=fraction)
-        console.print(f"{r.num_flipped} labels flipped; random ranking expects precision {r.random_precision:.3f}")
-        _rows_table(f"mislabel detection, K={r.num_perturbations}", r.rows())
-    except DaunceStoreError as e:
-        _fail(e)
+    r = run_mislabel(num_perturbations=k_perturbations, fraction=fraction)
+    console.print(f"{r.num_flipped} labels flipped; random ranking expects precision {r.random_precision:.3f}")
+    _rows_table(f"mislabel detection, K={r.num_perturbations}", r.rows())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,14 +84,14 @@ def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[
                  until: int, worker: str, queue: Any, threads: int) -> None:
     import torch
 
-    import daunce_store
+    from daunce_store.store import open_store
     from daunce_store.perturb._progress import QueueReporter
     from daunce_store.perturb._runner import run_worker
 
     torch.set_num_threads(threads)
     cfg = PerturbConfig.from_dict(config)
     model, task, train, queries = build_from_config(cfg, base_dir)
-    store = daunce_store.open(url, storage_options=storage_options)
+    store = open_store(url, storage_options=storage_options)
     queries = _known_sets(store, queries)
     # No queue without progress bars: a child blocked on a full, unread queue would never exit.
     reporter = QueueReporter(queue, worker) if queue is not None else False
@@ -124,7 +124,7 @@ def run_workers(
     number of committed columns among them. One worker runs in this process; more are ``spawn``-ed
     processes (one CPU share or one GPU each) that cooperate through leases, so this can also be run
     on several machines against one store."""
-    import daunce_store
+    from daunce_store.store import open_store
 
     until = until or config.num_perturbations
     if not until or until < 1:
@@ -133,7 +133,7 @@ def run_workers(
         raise InvalidInputError(f"--workers {workers}: need at least one worker")
     if device:
         config = config.replace(device=device)
-    store = daunce_store.open(url, storage_options=storage_options)  # fail early on a bad store
+    store = open_store(url, storage_options=storage_options)  # fail early on a bad store
     ids = {f"{k:06d}" for k in range(until)}
     if workers == 1:
         from daunce_store.perturb._progress import NullReporter, RichReporter
@@ -191,12 +191,12 @@ def evaluate_query_sets(
 ) -> dict[str, list[str]]:
     """Evaluate query sets ``names`` (added after the run) under the perturbations' stored weights; the
     config's factory must return them in its query_data. Returns the perturbation ids filled per set."""
-    import daunce_store
+    from daunce_store.store import open_store
     from daunce_store.perturb._runner import evaluate_stored
 
     if device:
         config = config.replace(device=device)
-    store = daunce_store.open(url, storage_options=storage_options)
+    store = open_store(url, storage_options=storage_options)
     model, task, _, queries = build_from_config(config, base_dir)
     out = {}
     for name in names:

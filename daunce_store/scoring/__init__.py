@@ -4,12 +4,14 @@ built on them."""
 from __future__ import annotations
 
 from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
-from daunce_store.scoring._backend import available_backends, topk
+from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_MEASURE",
+    "SIDES",
     "MEASURES",
     "MEASURE_HELP",
     "MEASURE_NAMES",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
+from daunce_store.store import TABLE_FORMATS, write_frames
 from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
 from daunce_store.scoring._measures import (
     AUTO,
@@ -71,20 +72,10 @@ class Attribution:
 
     def write(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
         """Write as json (a list of records), jsonl, csv or parquet; the format defaults to the suffix."""
-        import json
-
         fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]
-        if fmt == "json":
-            with open(path, "w") as f:
-                json.dump(self.records(), f, indent=1)
-        elif fmt == "jsonl":
-            self.to_pandas().to_json(path, orient="records", lines=True)
-        elif fmt == "csv":
-            self.to_pandas().to_csv(path, index=False)
-        elif fmt == "parquet":
-            self.to_pandas().to_parquet(path, index=False)
-        else:
-            raise InvalidInputError(f"unknown output format {fmt!r}; use json, jsonl, csv or parquet")
+        if fmt not in TABLE_FORMATS:
+            raise InvalidInputError(f"unknown output format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
+        write_frames([self.to_pandas()], path, fmt)
 
 
 def resolve_sides(side: str) -> tuple[str, ...]:

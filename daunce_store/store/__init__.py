@@ -5,7 +5,9 @@ from __future__ import annotations
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights
 from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, init_store, open_store
+from daunce_store.store._records import perturbation_id
 from daunce_store.store._storage import Storage
+from daunce_store.store._tables import TABLE_FORMATS, write_frames
 
 __all__ = [
     "DRAW_SCHEME",
@@ -17,6 +19,9 @@ __all__ = [
     "Storage",
     "init_store",
     "open_store",
+    "perturbation_id",
+    "TABLE_FORMATS",
+    "write_frames",
     "perturbation_weights",
     "read_ids",
     "read_losses",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
+from daunce_store.store._tables import STREAMING_FORMATS, write_frames
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EXPORT_FORMATS", "export_losses", "losses_to_pandas"]
 
-EXPORT_FORMATS = ("parquet", "csv", "jsonl")
+EXPORT_FORMATS = STREAMING_FORMATS
 Form = Literal["wide", "long"]
 KEY_COLUMNS = ("set", "id")
 
@@ -93,39 +94,11 @@ def export_losses(
     snapshot: Snapshot | None = None,
     block_rows: int | None = None,
 ) -> int:
-    """Write the loss matrices to ``path`` (format from ``fmt`` or the suffix); returns the rows written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    fmt = fmt or path.suffix.lstrip(".")
+    """Write the loss matrices to ``path`` (format from ``fmt`` or the suffix), one row block at a time;
+    returns the rows written."""
+    fmt = fmt or Path(path).suffix.lstrip(".")
     if fmt not in EXPORT_FORMATS:
-        raise InvalidInputError(f"cannot export to {path.name!r}: use a .parquet, .csv or .jsonl file (or fmt=)")
-    if not path.parent.is_dir():
-        raise InvalidInputError(f"cannot export to {path}: the folder {path.parent} does not exist")
-    rows = 0
-    tmp = path.with_name(path.name + ".partial")
-    writer = None
-    try:
-        with open(tmp, "wb") as f:
-            for i, df in enumerate(_frames(store, form, snapshot, block_rows)):
-                if fmt == "parquet":
-                    table = pa.Table.from_pandas(df, preserve_index=False)
-                    if writer is None:
-                        writer = pq.ParquetWriter(f, table.schema)
-                    writer.write_table(table)
-                elif fmt == "csv":
-                    df.to_csv(f, header=(i == 0), index=False)
-                else:
-                    text = df.to_json(orient="records", lines=True)
-                    f.write((text if text.endswith("\n") or not text else text + "\n").encode())
-                rows += len(df)
-            if writer is not None:
-                writer.close()
-                writer = None
-        os.replace(tmp, path)  # a failed export leaves no half-written file under the asked-for name
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-    return rows
+        raise InvalidInputError(f"cannot export to {Path(path).name!r}: use a .parquet, .csv or .jsonl file (or fmt=)")
+    if not Path(path).parent.is_dir():
+        raise InvalidInputError(f"cannot export to {path}: the folder {Path(path).parent} does not exist")
+    return write_frames(_frames(store, form, snapshot, block_rows), path, fmt)

@@ -301,6 +301,21 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
             )
         return slot
 
+    # --- trained weights --------------------------------------------------------------------------
+    def save_adapter(self, perturbation: str, data: bytes) -> str:
+        """Keep perturbation ``perturbation``'s trained weights (safetensors bytes: a LoRA adapter or a
+        full state) in the store, so a query set added later can be evaluated under the same model;
+        returns the key it is kept under (recorded in the commit metadata). Rewriting it is allowed
+        until the column is committed: a redone perturbation writes the same weights."""
+        self._require_writable()
+        key = f"{C.ADAPTERS_PREFIX}/{check_perturbation_id(perturbation)}.safetensors"
+        self._storage.put_bytes(key, bytes(data))
+        return key
+
+    def load_adapter(self, perturbation: str) -> bytes | None:
+        """The weights kept by :meth:`save_adapter` for ``perturbation``, or None."""
+        return self._storage.get_bytes(f"{C.ADAPTERS_PREFIX}/{check_perturbation_id(perturbation)}.safetensors")
+
     @staticmethod
     def _write_column(arr: Any, slot: int, values: np.ndarray) -> None:
         arr[:, slot] = values

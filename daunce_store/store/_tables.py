@@ -1,0 +1,79 @@
+"""Writing tables: the one place that turns pandas frames into json, jsonl, csv or parquet, to a file
+(written whole under a temporary name, then renamed) or to a text stream such as stdout.
+
+Used by loss exports (``LossStore.export``), attribution results (``Attribution.write``) and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from daunce_store.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames"]
+
+TABLE_FORMATS = ("json", "jsonl", "csv", "parquet")
+STREAMING_FORMATS = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
+
+
+def _write(frames: Iterable[pd.DataFrame], f: IO[Any], fmt: str, binary: bool) -> int:
+    import pandas as pd
+
+    def put(text: str) -> None:
+        f.write(text.encode() if binary else text)
+
+    rows = 0
+    if fmt == "json":  # one array: gather first
+        frames = [pd.concat(list(frames), ignore_index=True)]
+    writer = None
+    try:
+        for i, df in enumerate(frames):
+            if fmt == "parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                table = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(f, table.schema)
+                writer.write_table(table)
+            elif fmt == "csv":
+                put(df.to_csv(header=(i == 0), index=False))
+            elif fmt == "jsonl":
+                text = df.to_json(orient="records", lines=True)
+                put(text if text.endswith("\n") or not text else text + "\n")
+            else:
+                put(df.to_json(orient="records", indent=1) + "\n")
+            rows += len(df)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def write_frames(frames: Iterable[pd.DataFrame], target: str | os.PathLike[str] | IO[str], fmt: str) -> int:
+    """Write ``frames`` (one table, in pieces) as ``fmt`` to a file path or a text stream; returns the
+    rows written. A file is written under ``NAME.partial`` and renamed, so a failed write leaves nothing
+    under the asked-for name."""
+    if fmt not in TABLE_FORMATS:
+        raise InvalidInputError(f"unknown table format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
+    if not isinstance(target, (str, os.PathLike)):
+        if fmt == "parquet":
+            raise InvalidInputError("parquet is a binary format: give an output file (--output PATH)")
+        return _write(frames, target, fmt, binary=False)
+    path = Path(target)
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"cannot write {path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            rows = _write(frames, f, fmt, binary=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
