@@ -1,4 +1,4 @@
-"""Names and numbers of the on-disk format, in one place.
+"""Names and numbers of the on-disk format, in one place (FORMAT.md at the project root documents them).
 
 A daunce store is a Zarr v3 hierarchy plus a small commit log of JSON records kept beside it under
 ``_daunce/``. Readers trust commit records only: a column's chunks become visible to them once its

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import daunce_store
+from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 
 __all__ = ["run_demo", "draw_grid"]
@@ -109,8 +110,7 @@ def _print_table(console: Console, result: daunce_store.Attribution, data: Any, 
 def draw_grid(result: daunce_store.Attribution, data: Any, out: Path) -> Path:
     """One row per query: the query image, its top proponents, then its top opponents, each titled with
     its label and score."""
-    import matplotlib
-
+    matplotlib = import_optional("matplotlib", "train", "the demo's picture")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -19,6 +19,7 @@ __all__ = [
     "CorruptChunkError",
     "CorruptRecordError",
     "CapacityError",
+    "ConvergenceWarning",
 ]
 
 
@@ -78,3 +79,12 @@ class CorruptRecordError(DaunceStoreError):
 
 class CapacityError(DaunceStoreError):
     """The store has no free column slot left."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A perturbed fine-tune ended far from the optimum of its objective (its gradient norm fell too little);
+    the column is kept, but Daunce's estimators assume the perturbed optimum was reached."""
+
+
+class MissingDependencyError(DaunceStoreError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "daunce_store"
 
 # Lower number = lower layer. A module may import only from its own layer or lower ones.
 LAYERS = {
-    "errors": 0, "_constants": 0, "_ext": 0, "_kernel": 0,
+    "errors": 0, "_constants": 0, "_ext": 0, "_optional": 0, "_kernel": 0,
     "store": 1,
     "perturb": 2,  # beside scoring: uses the store, never scoring
     "scoring": 2,
@@ -77,3 +77,13 @@ def test_the_checker_catches_a_violation(tmp_path):
             test_imports_run_one_way(bad)
     finally:
         bad.unlink()
+
+
+def test_format_doc_lists_every_key():
+    """FORMAT.md is the one map of the on-disk format: every name in _constants appears there."""
+    from daunce_store import _constants as C
+
+    doc = (PACKAGE.parent / "FORMAT.md").read_text()
+    names = {k: v for k, v in vars(C).items() if k.endswith(("_PREFIX", "_GROUP", "_ARRAY", "_ATTR"))}
+    missing = [f"{k} = {v!r}" for k, v in names.items() if k not in doc or str(v) not in doc]
+    assert not missing, f"FORMAT.md does not document: {missing}"
