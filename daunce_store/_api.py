@@ -10,17 +10,13 @@ store ← scoring ← this façade), so the methods users call most have real si
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
-import numpy as np
-
-from daunce_store import _constants as C
 from daunce_store import scoring
 from daunce_store.scoring import Attribution, Scores, Stability
 from daunce_store.scoring._measures import DEFAULT_MEASURE
-from daunce_store.store import LossStore, Snapshot, init_store, open_store
+from daunce_store.store import LossStore, Snapshot
 
 __all__ = ["Store", "init", "open"]
 
@@ -84,26 +80,6 @@ class Store(LossStore):
                               columns=columns, block_rows=block_rows)
 
 
-def init(
-    url: str | os.PathLike[str],
-    train_ids: Sequence[str] | np.ndarray,
-    query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None,
-    *,
-    seed: int = 0,
-    capacity: int = C.DEFAULT_CAPACITY,
-    chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
-    pack_width: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-    attributes: Mapping[str, Any] | None = None,
-) -> Store:
-    """Create a new, empty store at ``url`` (a local path or ``s3://...``); StoreExistsError if something
-    is there. Perturbation k is seeded from (``seed``, k)."""
-    return init_store(url, train_ids, query_sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows,
-                      pack_width=pack_width, storage_options=storage_options, attributes=attributes, store_class=Store)
-
-
-def open(  # noqa: A001 - the obvious name for the entry point
-    url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", storage_options: dict[str, Any] | None = None,
-) -> Store:
-    """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
-    return open_store(url, mode, storage_options, store_class=Store)
+# The entry points: a Store's own constructors (same signatures and docs as LossStore.create / open).
+init = Store.create
+open = Store.open  # noqa: A001 - the obvious name for the entry point

@@ -14,8 +14,6 @@ import pytest
 import daunce_store
 from daunce_store.errors import MissingDependencyError
 
-from conftest import build_store, make_losses
-
 PUBLIC = ["topk", "influence", "self_influence", "stability", "scores", "to_pandas", "export", "status",
           "append", "snapshot", "iter_row_blocks", "train_losses", "query_losses", "compact"]
 
@@ -27,21 +25,20 @@ def test_signatures_are_explicit(name):
     assert sig.return_annotation is not inspect.Signature.empty, f"Store.{name} has no return annotation"
 
 
-def test_every_entry_point_with_keywords(tmp_path):
-    train, query = make_losses(120, 4, 8)
-    store = build_store(tmp_path / "s.zarr", train, query)
+def test_every_entry_point_with_keywords(tmp_path, small_store):
+    store, train, query = small_store  # n = 300, m = 7, K = 12
     assert isinstance(daunce_store.open(url=store.url, mode="r"), daunce_store.Store)
     top = store.topk(query_set="test", queries=["q1"], k=3, measure="cov", side="pos", backend="numpy", columns=[0, 2, 4, 6])
     assert top.indices["pos"].shape == (1, 3) and top.num_columns == 4
     assert store.influence(query_set="test", k=2, measure="whitened", side="neg").indices["neg"].shape == (1, 2)
     assert store.self_influence(k=4, measure="cov", side="both").scores["pos"].shape == (1, 4)
     st = store.stability(query_set="test", k=2, measure="corr", fractions=(0.5,), bootstrap=2, seed=1)
-    assert st.columns == (4, 8)
+    assert st.columns == (6, 12)
     dense = store.scores(query_set="test", measure="cov", aggregate="mean").to_pandas()
-    assert dense.shape == (120, 1) and dense.index.name == "train_id"
-    assert len(store.to_pandas(form="long")) == (120 + 4) * 8
-    assert store.export(path=tmp_path / "l.csv", form="wide") == 124
-    assert store.status()["committed_columns"] == 8
+    assert dense.shape == (300, 1) and dense.index.name == "train_id"
+    assert len(store.to_pandas(form="long")) == (300 + 7) * 12
+    assert store.export(path=tmp_path / "l.csv", form="wide") == 307
+    assert store.status()["committed_columns"] == 12
     top.write(tmp_path / "top.json")
     assert (tmp_path / "top.json").read_text().lstrip().startswith("[")
 

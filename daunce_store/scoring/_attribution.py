@@ -167,11 +167,7 @@ def measure_inputs(
     """Snapshot, slots, positions, the resolved measure and its Gram (one pass, cached) for a request
     on the columns of ``query_set`` (every committed column when None)."""
     snap = snapshot or store.snapshot()
-    if query_set is None:
-        slots = list(snap.slots)
-    else:
-        store.query_ids(query_set)  # UnknownQuerySetError for a bad name
-        slots = list(snap.query_slots.get(query_set, ()))
+    slots = store.committed_slots(snapshot=snap, query_set=query_set)
     positions = _positions(columns, len(slots), query_set)
     _check_columns(len(slots) if positions is None else len(positions), query_set)
     resolved = resolve_measure(measure, snap, slots)

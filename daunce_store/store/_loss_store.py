@@ -110,6 +110,61 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
         # was computed from: committed columns never change, so an entry never goes stale.
         self.derived_cache: dict[Any, Any] = {}
 
+    # --- making and opening stores ------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls: type[S],
+        url: str | os.PathLike[str],
+        train_ids: Sequence[str] | np.ndarray,
+        query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None,
+        *,
+        seed: int = 0,
+        capacity: int = C.DEFAULT_CAPACITY,
+        chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+        pack_width: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> S:
+        """Create a new, empty store (no columns) at ``url`` (a local path or ``s3://...``); StoreExistsError
+        if something is there. Perturbation k is seeded from (``seed``, k)."""
+        ids = validate_ids(train_ids, what="train ids")
+        sets = {check_query_set_name(k): validate_ids(v, what=f"query set {k!r} ids") for k, v in (query_sets or {}).items()}
+        if pack_width is None:  # columns per compacted group (see LossStore.compact)
+            pack_width = min(C.DEFAULT_PACK_WIDTH, capacity)
+        if capacity < 2 or chunk_rows < 1 or not 1 <= pack_width <= capacity:
+            raise InvalidInputError("capacity must be >= 2, chunk_rows >= 1 and 1 <= pack_width <= capacity")
+        storage = Storage(url, storage_options)
+        if storage.is_file:
+            raise StoreExistsError(f"{storage.url} is a file; a store is a directory, so pick another path")
+        if storage.exists():
+            raise StoreExistsError(f"{storage.url} already holds data; open it, or pick an empty path")
+        root = zarr.open_group(storage.zarr_store, mode="w")
+        _create_column_arrays(root, C.TRAIN_GROUP, ids, capacity, chunk_rows)
+        for name, qids in sets.items():
+            _create_column_arrays(root, f"{C.QUERIES_GROUP}/{name}", qids, capacity, chunk_rows)
+        # The format attribute goes last: a crash during init leaves something that is not a store.
+        root.attrs[C.ROOT_ATTR] = {
+            "format": C.FORMAT_NAME,
+            "format_version": C.FORMAT_VERSION,
+            "seed": int(seed),
+            "pack_width": int(pack_width),
+            "created_at": now_iso(),
+            **dict(attributes or {}),
+        }
+        return cls(storage, mode="a")
+
+    @classmethod
+    def open(cls: type[S], url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", storage_options: dict[str, Any] | None = None) -> S:
+        """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
+        if mode not in ("r", "a"):
+            raise InvalidInputError(f"mode must be 'r' or 'a', not {mode!r}")
+        storage = Storage(url, storage_options)
+        if storage.is_file:
+            raise NotADaunceStoreError(f"{storage.url} is a file, not a daunce store (a directory made by `daunce init`)")
+        if not storage.exists():
+            raise NotADaunceStoreError(f"{storage.url}: nothing there; create a store with `daunce init`")
+        return cls(storage, mode=mode)
+
     # --- identity ------------------------------------------------------------------------------
     @property
     def url(self) -> str:
@@ -397,60 +452,6 @@ def _create_column_arrays(root: Any, path: str, ids: np.ndarray, capacity: int, 
     )
 
 
-def init_store(
-    url: str | os.PathLike[str],
-    train_ids: Sequence[str] | np.ndarray,
-    query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None,
-    *,
-    seed: int = 0,
-    capacity: int = C.DEFAULT_CAPACITY,
-    chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
-    pack_width: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-    attributes: Mapping[str, Any] | None = None,
-    store_class: type[S] = LossStore,  # type: ignore[assignment]
-) -> S:
-    """Create a new, empty store (no columns) at ``url``; StoreExistsError if something is there.
-    ``store_class``: what to return (the scoring façade :class:`daunce_store.Store` passes itself)."""
-    ids = validate_ids(train_ids, what="train ids")
-    sets = {check_query_set_name(k): validate_ids(v, what=f"query set {k!r} ids") for k, v in (query_sets or {}).items()}
-    if pack_width is None:  # columns per compacted group (see LossStore.compact)
-        pack_width = min(C.DEFAULT_PACK_WIDTH, capacity)
-    if capacity < 2 or chunk_rows < 1 or not 1 <= pack_width <= capacity:
-        raise InvalidInputError("capacity must be >= 2, chunk_rows >= 1 and 1 <= pack_width <= capacity")
-    storage = Storage(url, storage_options)
-    if storage.is_file:
-        raise StoreExistsError(f"{storage.url} is a file; a store is a directory, so pick another path")
-    if storage.exists():
-        raise StoreExistsError(f"{storage.url} already holds data; open it, or pick an empty path")
-    root = zarr.open_group(storage.zarr_store, mode="w")
-    _create_column_arrays(root, C.TRAIN_GROUP, ids, capacity, chunk_rows)
-    for name, qids in sets.items():
-        _create_column_arrays(root, f"{C.QUERIES_GROUP}/{name}", qids, capacity, chunk_rows)
-    # The format attribute goes last: a crash during init leaves something that is not a store.
-    root.attrs[C.ROOT_ATTR] = {
-        "format": C.FORMAT_NAME,
-        "format_version": C.FORMAT_VERSION,
-        "seed": int(seed),
-        "pack_width": int(pack_width),
-        "created_at": now_iso(),
-        **dict(attributes or {}),
-    }
-    return store_class(storage, mode="a")
-
-
-def open_store(
-    url: str | os.PathLike[str],
-    mode: Literal["r", "a"] = "a",
-    storage_options: dict[str, Any] | None = None,
-    store_class: type[S] = LossStore,  # type: ignore[assignment]
-) -> S:
-    """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
-    if mode not in ("r", "a"):
-        raise InvalidInputError(f"mode must be 'r' or 'a', not {mode!r}")
-    storage = Storage(url, storage_options)
-    if storage.is_file:
-        raise NotADaunceStoreError(f"{storage.url} is a file, not a daunce store (a directory made by `daunce init`)")
-    if not storage.exists():
-        raise NotADaunceStoreError(f"{storage.url}: nothing there; create a store with `daunce init`")
-    return store_class(storage, mode=mode)
+# The module-level entry points of the pure store (the façade has its own: daunce_store.init / open).
+init_store = LossStore.create
+open_store = LossStore.open

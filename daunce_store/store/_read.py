@@ -35,15 +35,19 @@ class ReadPathMixin:
         def _pack_map(self) -> dict[int, tuple[int, int]]: ...  # type: ignore[empty-body]
         def _packed_array(self, create: bool = False) -> Any: ...
 
-    def _resolve_slots(self, snapshot: Snapshot | None, query_set: str | None, slots: Sequence[int] | None) -> list[int]:
-        """The snapshot's committed slots (with losses for ``query_set`` when given), or ``slots`` after
-        checking that each is one of them: a slot a killed writer claimed but never committed holds NaN."""
+    def committed_slots(self, *, snapshot: Snapshot | None = None, query_set: str | None = None) -> list[int]:
+        """The slots of the committed columns of ``snapshot`` (taken now when None), in slot order; with
+        ``query_set``, those that have losses for it (UnknownQuerySetError for an unknown set)."""
         snap = snapshot or self.snapshot()
         if query_set is None:
-            committed = list(snap.slots)
-        else:
-            self._query(query_set)  # UnknownQuerySetError for a bad name
-            committed = list(snap.query_slots.get(query_set, ()))
+            return list(snap.slots)
+        self._query(query_set)
+        return list(snap.query_slots.get(query_set, ()))
+
+    def _resolve_slots(self, snapshot: Snapshot | None, query_set: str | None, slots: Sequence[int] | None) -> list[int]:
+        """The committed slots, or ``slots`` after checking that each is one of them: a slot a killed
+        writer claimed but never committed holds NaN."""
+        committed = self.committed_slots(snapshot=snapshot, query_set=query_set)
         if slots is None:
             return committed
         chosen = [int(s) for s in slots]
