@@ -31,14 +31,30 @@ err_console = Console(stderr=True)
 StoreArg = Annotated[str, typer.Argument(help="Store path or URL (s3://bucket/prefix, ...).")]
 
 
-# The score measures come from one place (daunce_store.scoring._measures); "nystrom-corr" is not an identifier.
-Measure = Enum("Measure", {name.replace("-", "_"): name for name in MEASURE_NAMES}, type=str)  # type: ignore[misc]
+def _choices(name: str, values: tuple[str, ...]) -> Any:
+    """A str Enum of ``values`` for typer (member names: the values with '-' as '_')."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+# Every choice comes from the library's own vocabulary (measures, sides, backends, formats).
+Measure = _choices("Measure", MEASURE_NAMES)
 MEASURE_OPTION_HELP = f"Score measure. {MEASURE_HELP}."
 
 
-Side = Enum("Side", {name: name for name in (*SIDES, "both")}, type=str)  # type: ignore[misc]
-OutFormat = Enum("OutFormat", {name: name for name in ("table", *TABLE_FORMATS)}, type=str)  # type: ignore[misc]
-Backend = Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # type: ignore[misc]
+Side = _choices("Side", (*SIDES, "both"))
+OutFormat = _choices("OutFormat", ("table", *TABLE_FORMATS))
+Backend = _choices("Backend", ("auto", *BACKENDS))
+
+
+# Options shared by the scoring commands: one definition each.
+QuerySetOpt = Annotated[str, typer.Option("--query-set", help="Query set name.")]
+QueryIdsOpt = Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: the whole set).")]
+KOpt = Annotated[int, typer.Option("-k", help="How many train examples per query and side.")]
+MeasureOpt = Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)]
+SideOpt = Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")]
+BackendOpt = Annotated[Backend, typer.Option(help="Scoring backend (every backend gives the same answer).")]
+FormatOpt = Annotated[OutFormat, typer.Option("--format", help="table, or json, jsonl, csv, parquet (parquet needs --output).")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to a file instead.")]
 
 
 def _fail(err: Exception) -> None:
@@ -204,9 +220,7 @@ def perturb(
     console.print(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}")
 
 
-class StatusFormat(str, Enum):
-    table = "table"
-    json = "json"
+StatusFormat = _choices("StatusFormat", ("table", "json"))
 
 
 @_command(app)
@@ -238,9 +252,7 @@ def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
     )
 
 
-class ExportForm(str, Enum):
-    wide = "wide"
-    long = "long"
+ExportForm = _choices("ExportForm", ("wide", "long"))
 
 
 @_command(app)
@@ -255,61 +267,50 @@ def export(
     err_console.print(f"wrote {rows} rows ({form.value} form) to {output}")
 
 
-@_command(app)
-def topk(
-    store: StoreArg,
-    query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
-    query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
-    k: Annotated[int, typer.Option("-k", help="How many train examples per query and side.")] = 10,
-    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")] = Side("both"),
-    backend: Annotated[Backend, typer.Option(help="Scoring backend.")] = Backend("auto"),
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to a file instead.")] = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Top-k proponents and opponents per query."""
-    s = _open(store, "r", storage_options)
-    result = s.topk(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
-    _emit(result, format, output, f"top-{k} for {query_set}")
+def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
+    """`topk` and `influence`: the same options, per query or for the mean over the queries."""
+
+    def command(
+        store: StoreArg,
+        query_set: QuerySetOpt,
+        query: QueryIdsOpt = [],
+        k: KOpt = 10,
+        measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+        side: SideOpt = Side("both"),
+        backend: BackendOpt = Backend("auto"),
+        format: FormatOpt = OutFormat("table"),
+        output: OutputOpt = None,
+        storage_options: StorageOpt = None,
+    ) -> None:
+        s = _open(store, "r", storage_options)
+        rank = s.influence if aggregate else s.topk
+        result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
+        _emit(result, format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
+
+    command.__doc__ = doc
+    command.__name__ = name
+    _command(app, name)(command)
 
 
-@_command(app)
-def influence(
-    store: StoreArg,
-    query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
-    query: Annotated[list[str], typer.Option("--query", help="Restrict to these query ids; repeatable.")] = [],
-    k: Annotated[int, typer.Option("-k")] = 10,
-    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option()] = Side("both"),
-    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
-    output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Aggregate influence of each train example on a whole query set (mean score), top-k."""
-    s = _open(store, "r", storage_options)
-    result = s.influence(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
-    _emit(result, format, output, f"influence on {query_set}")
+_ranking_command("topk", False, "Top-k proponents and opponents per query.")
+_ranking_command("influence", True, "Aggregate influence of each train example on a whole query set (mean score), top-k.")
 
 
-class StabilityFormat(str, Enum):
-    table = "table"
-    json = "json"
+StabilityFormat = _choices("StabilityFormat", ("table", "json"))
 
 
 @_command(app)
 def stability(
     store: StoreArg,
-    query_set: Annotated[str, typer.Option("--query-set", help="Query set name.")],
-    query: Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: all).")] = [],
-    k: Annotated[int, typer.Option("-k", help="Length of the top-k lists.")] = 10,
-    measure: Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)] = Measure(DEFAULT_MEASURE),
-    side: Annotated[Side, typer.Option()] = Side("both"),
+    query_set: QuerySetOpt,
+    query: QueryIdsOpt = [],
+    k: KOpt = 10,
+    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    side: SideOpt = Side("both"),
     fraction: Annotated[list[float], typer.Option("--fraction", help="Column fraction; repeatable.")] = [0.25, 0.5, 1.0],
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the columns (0: none).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the resamples.")] = 0,
-    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
+    backend: BackendOpt = Backend("auto"),
     format: Annotated[StabilityFormat, typer.Option("--format")] = StabilityFormat.table,
     storage_options: StorageOpt = None,
 ) -> None:
@@ -342,12 +343,12 @@ def stability(
 @_command(app, "self-influence")
 def self_influence(
     store: StoreArg,
-    k: Annotated[int, typer.Option("-k")] = 10,
+    k: KOpt = 10,
     side: Annotated[Side, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = Side("pos"),
     measure: Annotated[Measure, typer.Option(help="auto, nystrom, whitened or cov (self-score u^T M u; cov: the loss variance).")] = Measure(DEFAULT_MEASURE),
-    backend: Annotated[Backend, typer.Option()] = Backend("auto"),
-    format: Annotated[OutFormat, typer.Option("--format")] = OutFormat("table"),
-    output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
+    backend: BackendOpt = Backend("auto"),
+    format: FormatOpt = OutFormat("table"),
+    output: OutputOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""

@@ -219,44 +219,34 @@ def topk_store(
     snapshot: Snapshot | None = None,
     columns: Sequence[int] | None = None,
     block_rows: int | None = None,
+    aggregate: str | None = None,
 ) -> Attribution:
-    """Top-k proponents/opponents among train examples for each query of ``query_set``.
+    """Top-k proponents/opponents among train examples for each query of ``query_set``; with
+    ``aggregate="mean"``, for their mean score over the queries (see :func:`influence`).
 
     ``measure``: see :data:`daunce_store.scoring.MEASURES` (``auto``: nystrom when every column records
     its draw, else whitened). ``columns``: positions 0..K-1 of the snapshot's columns for this query set
     (default: all).
     """
+    if aggregate not in (None, "mean"):
+        raise InvalidInputError(f"aggregate must be None or 'mean', not {aggregate!r}")
     req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns, block_rows)
     prep = req.prepared()
     q, prepared = prep.kernel_queries
+    names = req.names
+    if aggregate == "mean":  # exact: scores are linear in the prepared query rows
+        q, prepared = prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :], True
+        names = (f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(req.rows)}",)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     for offset, block in req.blocks(store, block_rows):
         acc.push_block(offset, prep.block(block))
-    return _attribution(req, req.names, store.train_ids, acc.finish(), req.measure.name)
+    return _attribution(req, names, store.train_ids, acc.finish(), req.measure.name)
 
 
-def influence(
-    store: LossStore,
-    query_set: str,
-    queries: Sequence[str] | None = None,
-    *,
-    k: int = 10,
-    measure: str = DEFAULT_MEASURE,
-    side: str = "both",
-    backend: str = "auto",
-    snapshot: Snapshot | None = None,
-    columns: Sequence[int] | None = None,
-) -> Attribution:
+def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:
     """Aggregate influence of each train example on a whole query set: the mean of its scores over the
-    queries (exact: scores are linear in the prepared query rows), top-k per side."""
-    req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns)
-    prep = req.prepared()
-    mean_query = prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
-    acc = make_accumulator(mean_query, k, prep.kernel, req.sides, backend, queries_prepared=True)
-    for offset, block in req.blocks(store):
-        acc.push_block(offset, prep.block(block))
-    label = f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(req.rows)}"
-    return _attribution(req, (label,), store.train_ids, acc.finish(), req.measure.name)
+    queries, top-k per side (the options of :func:`topk_store`)."""
+    return topk_store(store, query_set, queries, aggregate="mean", **options)
 
 
 def self_influence(
