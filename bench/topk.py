@@ -106,7 +106,7 @@ def _faiss_topk(x_blocks, q: np.ndarray, k: int, n: int, kc: int):
     """Exact inner-product search on centered rows (cov = <x_c, q_c> / (K - 1)); neg side = negated queries."""
     import faiss
 
-    from daunce_store.scoring._numpy import prepare_queries
+    from daunce_store.scoring import prepare_queries
 
     xc = np.empty((n, kc), np.float32)
     for r0, b in x_blocks:

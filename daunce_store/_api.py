@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from daunce_store import scoring
-from daunce_store.scoring import Attribution, Scores, Stability
-from daunce_store.scoring._measures import DEFAULT_MEASURE
+from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability
 from daunce_store.store import LossStore, Snapshot
 
 __all__ = ["Store", "init", "open"]

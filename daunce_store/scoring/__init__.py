@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
+from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
 
@@ -21,6 +22,8 @@ __all__ = [
     "Stability",
     "available_backends",
     "influence",
+    "prepare_queries",
+    "prepare_rows",
     "scores",
     "self_influence",
     "stability",
