@@ -16,8 +16,8 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "daunce_store.perturb needs torch; install the training extra: pip install 'daunce-store[train]'"
     ) from e
 
-from daunce_store.perturb._config import DEFAULT_LORA, PerturbConfig
-from daunce_store.perturb._objective import batch_objective, perturbation_weights, perturbed_objective, reference_terms
+from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, DEFAULT_LORA, PROBE_FRACTION, PerturbConfig
+from daunce_store.perturb._objective import batch_objective, l2_penalty, perturbed_objective, reference_terms
 from daunce_store.perturb._progress import NullReporter, QueueReporter, Reporter, RichReporter
 from daunce_store.perturb._runner import (
     adapter_key,
@@ -25,19 +25,25 @@ from daunce_store.perturb._runner import (
     evaluate_signal,
     evaluate_stored,
     model_fingerprint,
+    perturbation_draw,
     perturbation_id,
+    resolve_weight_decay,
     run_perturbation,
     run_worker,
 )
 from daunce_store.perturb._workers import WorkerError, build_from_config, evaluate_query_sets, load_factory, run_workers
 from daunce_store.perturb._task import CausalLMTask, ClassificationTask, Task, margin, sequence_loss
+from daunce_store.store import PerturbationDraw, perturbation_weights
 
 __all__ = [
+    "CONVERGENCE_THRESHOLD",
     "DEFAULT_LORA",
+    "PROBE_FRACTION",
     "CausalLMTask",
     "ClassificationTask",
     "NullReporter",
     "PerturbConfig",
+    "PerturbationDraw",
     "QueueReporter",
     "Reporter",
     "RichReporter",
@@ -52,12 +58,15 @@ __all__ = [
     "draw_perturbation",
     "evaluate_signal",
     "evaluate_stored",
+    "l2_penalty",
     "margin",
     "model_fingerprint",
+    "perturbation_draw",
     "perturbation_id",
     "perturbation_weights",
     "perturbed_objective",
     "reference_terms",
+    "resolve_weight_decay",
     "run_perturbation",
     "run_worker",
     "sequence_loss",

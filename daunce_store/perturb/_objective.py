@@ -10,31 +10,36 @@ Per batch B of the random subset D_k::
 The inner product's gradient is J_i(theta)^T dl_i/df|theta0, which at theta = theta0 is the per-example
 parameter gradient: so the objective's gradient at theta0 is mean_i (gamma - c_ik) grad l_i (IF) and
 -mean_i c_ik grad l_i (Fisher), a randomly reweighted loss, without any per-example parameter gradient.
+
+The runner adds the target's own regulariser, lambda/2 ||theta||^2 over the trainable parameters
+(:func:`l2_penalty`), to every form: theta0 minimised mean loss + lambda/2 ||theta||^2, and without the term
+the perturbed fine-tune would drift away from theta0 along the regulariser's gradient (DESIGN §1.1). Its
+gradient at theta0, lambda theta0, is the same for every perturbation k, so to first order it shifts all
+columns alike and leaves the centered columns the estimators use unchanged; what it changes is the
+curvature, H + lambda I, which is the curvature the target was trained with.
+
+The weights c_ik come from :class:`daunce_store.store.PerturbationDraw` (``perturbation_weights`` is
+re-exported here for the public name ``daunce_store.perturb.perturbation_weights``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from daunce_store.errors import InvalidInputError
+from daunce_store.store import perturbation_weights
 
-__all__ = ["perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective"]
+__all__ = ["perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective", "l2_penalty"]
 
 
-def perturbation_weights(xi: np.ndarray, objective: str, rho: float) -> np.ndarray:
-    """c_ik from xi_ik ~ U(0, 1): 1 + rho(2 xi - 1) for 'if', rho(2 xi - 1) for 'fisher', 0 for 'blackbox'."""
-    xi = np.asarray(xi, dtype=np.float64)
-    if objective == "if":
-        return 1.0 + rho * (2.0 * xi - 1.0)
-    if objective == "fisher":
-        return rho * (2.0 * xi - 1.0)
-    if objective == "blackbox":
-        return np.zeros_like(xi)
-    raise InvalidInputError(f"objective {objective!r} is not one of if, fisher, blackbox")
+def l2_penalty(params: Iterable[torch.Tensor], weight_decay: float) -> torch.Tensor | float:
+    """lambda/2 * sum_p ||p||^2 (accumulated in float32 or wider): the target's regulariser. 0.0 when lambda = 0."""
+    if not weight_decay:
+        return 0.0
+    return 0.5 * float(weight_decay) * sum(_upcast(p).pow(2).sum() for p in params)
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,11 @@
 """Run perturbations: draw D_k and xi_k, fine-tune a copy of theta0 with the Daunce objective, evaluate
-the signal of every train and query example, append the column to the store."""
+the signal of every train and query example, append the column to the store.
+
+D_k and xi_k are those of :class:`daunce_store.store.PerturbationDraw` (store seed, k, ratio, objective,
+rho, gamma), recorded in every commit under ``metadata["draw"]`` so that scoring can regenerate the weights
+of any row block. The batch order and the torch seed (LoRA initialization, dropout) come from
+``SeedSequence([store seed, k])``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import math
 import platform
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -17,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from daunce_store.errors import AlreadyCommittedError, InvalidInputError, LeaseError
-from daunce_store.perturb._config import PerturbConfig
-from daunce_store.perturb._objective import batch_objective, perturbation_weights
+from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, InvalidInputError, LeaseError
+from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig
+from daunce_store.perturb._objective import batch_objective, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
 from daunce_store.perturb._task import Task
+from daunce_store.store import PerturbationDraw
 
 __all__ = [
     "run_perturbation",
@@ -31,6 +39,8 @@ __all__ = [
     "perturbation_id",
     "adapter_key",
     "evaluate_stored",
+    "perturbation_draw",
+    "resolve_weight_decay",
 ]
 
 ADAPTERS_PREFIX = "_daunce/adapters"
@@ -50,16 +60,46 @@ def _seed_sequence(store_seed: int, k: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(store_seed), int(k)])
 
 
-def draw_perturbation(store_seed: int, k: int, n: int, ratio: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Perturbation k's random subset D_k (indices, in a random order), xi_k ~ U(0, 1) for every train
-    example, and the torch seed of its fine-tune; all from (store seed, k) only."""
-    ss = _seed_sequence(store_seed, k)
-    rng = np.random.default_rng(ss)
-    size = max(1, int(round(ratio * n)))
-    subset = rng.choice(n, size=size, replace=False)
-    xi = rng.random(n)
-    torch_seed = int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
-    return subset, xi, torch_seed
+def _torch_seed(store_seed: int, k: int) -> int:
+    return int(_seed_sequence(store_seed, k).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+def perturbation_draw(store_seed: int, k: int, config: PerturbConfig) -> PerturbationDraw:
+    """The :class:`~daunce_store.store.PerturbationDraw` the runner uses for perturbation k under ``config``."""
+    return PerturbationDraw(int(store_seed), int(k), float(config.ratio), config.objective, float(config.rho),
+                            float(config.gamma))
+
+
+def draw_perturbation(
+    store_seed: int, k: int, n: int, ratio: float, *, objective: str = "if", rho: float = 1.0, gamma: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Perturbation k's random subset D_k (ascending indices), xi_k ~ U(0, 1) for every train example, and
+    the torch seed of its fine-tune; all from (store seed, k) only, exactly as the runner draws them.
+
+    D_k is Poisson-sampled (each example independently with probability ``ratio``, so |D_k| varies around
+    ratio * n); the weights are ``PerturbationDraw(store_seed, k, ratio, objective, rho, gamma).c(0, n)``.
+    When appending such a column by hand, record ``{"draw": draw.to_metadata()}`` in its metadata so the
+    Nyström measure knows its weights.
+
+    >>> subset, xi, seed = draw_perturbation(0, 3, 100, 0.3)
+    >>> bool((subset == PerturbationDraw(0, 3, 0.3).subset(100)).all()), xi.shape
+    (True, (100,))
+    """
+    draw = PerturbationDraw(int(store_seed), int(k), float(ratio), objective, float(rho), float(gamma))
+    return draw.subset(int(n)), draw.xi(0, int(n)), _torch_seed(store_seed, k)
+
+
+def resolve_weight_decay(config: PerturbConfig, task: Task) -> float:
+    """lambda of the L2 term added to the perturbed objective: the config's value if set, else the task's
+    (:attr:`Task.weight_decay`), else 0."""
+    if config.weight_decay is not None:
+        return float(config.weight_decay)
+    wd = getattr(task, "weight_decay", None)
+    if wd is None:
+        return 0.0
+    if not float(wd) >= 0.0:
+        raise InvalidInputError(f"{type(task).__name__}.weight_decay is {wd!r}; it must be >= 0")
+    return float(wd)
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -197,11 +237,13 @@ def _prepared(model: torch.nn.Module, task: Task, config: PerturbConfig, torch_s
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: PerturbConfig) -> torch.optim.Optimizer:
+    # No decay in the optimizer: the target's L2 term is part of the objective (l2_penalty), so it enters
+    # the gradient exactly as it did when theta0 was trained (AdamW's decoupled decay would not).
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.9)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=config.lr, weight_decay=0.0, momentum=0.9)
 
 
 def _schedule(config: PerturbConfig, total: int) -> Callable[[int], float]:
@@ -246,6 +288,66 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         _FINGERPRINTS[model] = h.hexdigest()
     return _FINGERPRINTS[model]
+
+
+# --- the convergence check -----------------------------------------------------------------------------------
+def _convergence_probe(subset: np.ndarray, config: PerturbConfig, steps: int) -> np.ndarray:
+    """The probe: a fixed prefix of D_k (the same before and after the fine-tune), at most
+    ``config.convergence_probe`` examples and at most PROBE_FRACTION of the examples trained on."""
+    if int(config.convergence_probe) <= 0:
+        return subset[:0]
+    cap = max(1, math.ceil(PROBE_FRACTION * steps * config.batch_size))
+    return subset[: min(len(subset), int(config.convergence_probe), cap)]
+
+
+def _objective_grad_norm(prep: _Prepared, task: Task, train_data: Any, probe: np.ndarray, c_all: torch.Tensor,
+                         params: list[torch.nn.Parameter], weight_decay: float, config: PerturbConfig,
+                         device: torch.device) -> float:
+    """||grad|| of the perturbed objective at the current weights: the mean over the ``probe`` examples (in
+    eval mode, so dropout does not add noise) plus the L2 term, accumulated over chunks of the training
+    batch size (a backward of that size is known to fit in memory). Leaves ``.grad`` untouched."""
+    model = prep.model
+    was = model.training
+    model.eval()
+    total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    try:
+        for idx in _batches(probe, config.batch_size):
+            batch = _to_device(_fetch(train_data, idx, task), device)
+            c = c_all[torch.as_tensor(idx, dtype=torch.long)].to(device)
+            with _autocast(config, device):
+                obj = batch_objective(task, model, batch, c, config.objective, config.gamma, prep.reference)
+            # Each chunk's objective is a mean over its examples: weight it so the sum is the probe's mean.
+            grads = torch.autograd.grad(obj * (len(idx) / len(probe)), params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t += g.float()
+        for t, p in zip(total, params):  # d/dp of lambda/2 ||p||^2
+            t += float(weight_decay) * p.detach().float()
+    finally:
+        model.train(was)
+    return float(torch.sqrt(sum((t * t).sum() for t in total)).cpu())
+
+
+def _convergence_record(start: float, end: float, probe_size: int, seconds: float) -> dict[str, Any]:
+    ratio = end / start if start > 0 else (0.0 if end == 0 else None)
+    return {"grad_norm_start": start, "grad_norm_end": end, "ratio": ratio, "probe_size": int(probe_size),
+            "threshold": CONVERGENCE_THRESHOLD, "seconds": round(seconds, 4)}
+
+
+def _warn_if_unconverged(commit: Any, config: PerturbConfig) -> None:
+    conv = commit.metadata.get("convergence")
+    if not conv or conv.get("ratio") is None or conv["ratio"] <= CONVERGENCE_THRESHOLD:
+        return
+    steps = commit.metadata.get("steps")
+    warnings.warn(
+        f"perturbation {commit.perturbation}: the gradient norm of the perturbed objective fell only to "
+        f"{conv['ratio']:.3g} of its value at theta0 (threshold {CONVERGENCE_THRESHOLD}; {steps} steps, lr "
+        f"{config.lr}): the fine-tune stopped far from the perturbed optimum that Daunce's scores assume. "
+        "Train longer (more epochs, or a larger max_steps) or raise lr (on small models: optimizer adam, lr "
+        "3e-3, 20 epochs, batch 64); the ratio of every column is in its metadata['convergence'].",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 class _Heartbeat:
@@ -329,27 +431,34 @@ def run_perturbation(
     device = torch.device(config.device)
     model.to(device)
     fingerprint = model_fingerprint(model)
-    subset, xi, torch_seed = draw_perturbation(store.seed, k, len(train_data), config.ratio)
-    c_all = torch.as_tensor(perturbation_weights(xi, config.objective, config.rho), dtype=torch.float32)
+    draw = perturbation_draw(store.seed, k, config)
+    subset = draw.subset(len(train_data))
+    c_all = torch.as_tensor(draw.c(0, len(train_data)), dtype=torch.float32)
+    torch_seed = _torch_seed(store.seed, k)
     rng = np.random.default_rng(_seed_sequence(store.seed, k).spawn(1)[0])
     order = _training_order(subset, config, rng)
+    weight_decay = resolve_weight_decay(config, task)
 
     beat = _Heartbeat(store, lease, config.lease_seconds)
     try:
-        return _train_evaluate_append(store, k, pid, model, task, train_data, query_data, config, beat, reporter,
-                                      subset, c_all, order, torch_seed, fingerprint, device)
+        commit = _train_evaluate_append(store, k, pid, model, task, train_data, query_data, config, beat, reporter,
+                                        draw, subset, c_all, order, torch_seed, weight_decay, fingerprint, device)
     except BaseException as e:
         # Give the id back at once (another worker may take it) unless the lease is already someone else's.
         if lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
             with contextlib.suppress(Exception):
                 store.release(beat.lease)
         raise
+    _warn_if_unconverged(commit, config)
+    return commit
 
 
 def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module, task: Task, train_data: Any,
                            query_data: dict[str, Any], config: PerturbConfig, beat: _Heartbeat, reporter: Reporter,
-                           subset: np.ndarray, c_all: torch.Tensor, order: list[np.ndarray], torch_seed: int,
-                           fingerprint: str, device: torch.device) -> Any:
+                           draw: PerturbationDraw, subset: np.ndarray, c_all: torch.Tensor, order: list[np.ndarray],
+                           torch_seed: int, weight_decay: float, fingerprint: str, device: torch.device) -> Any:
+    probe = _convergence_probe(subset, config, len(order))
+    convergence = None
     with beat:
         torch.manual_seed(torch_seed)
         t0 = time.perf_counter()
@@ -359,6 +468,10 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                 raise InvalidInputError("the task's trainable_parameters(model) is empty; nothing to fine-tune")
             opt = _optimizer(params, config)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, len(order)))
+            t_probe = time.perf_counter()
+            if len(probe):
+                norm_start = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device)
+            t_probe = time.perf_counter() - t_probe
             reporter.begin(pid, "train", len(order))
             losses_seen = []
             for idx in order:
@@ -368,6 +481,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                 c = c_all[torch.as_tensor(idx, dtype=torch.long)].to(device)
                 with _autocast(config, device):
                     obj = batch_objective(task, prep.model, batch, c, config.objective, config.gamma, prep.reference)
+                obj = obj + l2_penalty(params, weight_decay)  # the target's own regularizer
                 if not torch.isfinite(obj):
                     raise InvalidInputError(
                         f"perturbation {pid}: the objective became {obj.item()} (diverged); lower lr or rho"
@@ -378,7 +492,11 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                 sched.step()
                 losses_seen.append(float(obj.detach()))
                 reporter.advance()
-            t_train = time.perf_counter() - t0
+            if len(probe):
+                t_end = time.perf_counter()
+                norm_end = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device)
+                convergence = _convergence_record(norm_start, norm_end, len(probe), t_probe + time.perf_counter() - t_end)
+            t_train = time.perf_counter() - t0 - (convergence["seconds"] if convergence else 0.0)
             t1 = time.perf_counter()
             train_signal = evaluate_signal(prep.model, task, train_data, config, reporter, f"{pid} train")
             query_signal = {
@@ -398,12 +516,15 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
         "perturbation_index": int(k),
         "seed": [store.seed, int(k)],
         "torch_seed": torch_seed,
+        "draw": draw.to_metadata(),
         "objective": config.objective,
+        "weight_decay": weight_decay,
         "config": {key: v for key, v in config.to_dict().items()},
         "task": task.describe(),
         "subset_size": int(len(subset)),
         "steps": len(order),
         "final_objective": losses_seen[-1] if losses_seen else None,
+        "convergence": convergence,
         "model_sha256": fingerprint,
         "train_ids_sha256": hashlib.sha256("\n".join(store.train_ids.tolist()).encode()).hexdigest(),
         "train_seconds": round(t_train, 4),

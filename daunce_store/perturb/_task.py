@@ -19,7 +19,8 @@ class Task(abc.ABC):
 
     Implement :meth:`outputs` and :meth:`per_example_loss`; override :meth:`signal` to record something
     other than the loss, :meth:`trainable_parameters` to fine-tune a subset of the weights, and
-    :meth:`collate` when items are not stackable by ``torch.utils.data.default_collate``.
+    :meth:`collate` when items are not stackable by ``torch.utils.data.default_collate``. Set
+    :attr:`weight_decay` to the L2 strength the target was trained with.
 
     The loss must be a function of the outputs alone (``per_example_loss(outputs, batch)``): the
     perturbation term is written in output space, ``<f_theta(x) - f_theta0(x), dl/df at theta0>``, so no
@@ -39,6 +40,11 @@ class Task(abc.ABC):
     >>> task.per_example_loss(task.outputs(model, batch), batch).shape
     torch.Size([4])
     """
+
+    #: lambda of the regulariser theta0 was trained with (it minimised mean loss + lambda/2 ||theta||^2).
+    #: The runner adds the same term to every perturbed objective (unless ``PerturbConfig.weight_decay``
+    #: overrides it), so theta0 stays the optimum of the unperturbed objective. None means 0.
+    weight_decay: float | None = None
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Return the model outputs f (e.g. logits) for ``batch``: a tensor whose first axis is the batch."""
@@ -68,7 +74,21 @@ class Task(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description kept in each commit's metadata."""
-        return {"task": type(self).__name__}
+        return {"task": type(self).__name__, **_weight_decay_entry(self)}
+
+
+def _checked_weight_decay(weight_decay: float | None) -> float | None:
+    if weight_decay is None:
+        return None
+    value = float(weight_decay)
+    if not value >= 0.0:  # also refuses NaN
+        raise InvalidInputError(f"weight_decay {weight_decay!r} must be >= 0 (the L2 strength the target was trained with)")
+    return value
+
+
+def _weight_decay_entry(task: Task) -> dict[str, Any]:
+    wd = getattr(task, "weight_decay", None)
+    return {} if wd is None else {"weight_decay": float(wd)}
 
 
 class ClassificationTask(Task):
@@ -79,12 +99,16 @@ class ClassificationTask(Task):
     signal
         ``"loss"`` (cross-entropy) or ``"margin"``: records ``-margin = -(logit_y - logsumexp of the other
         logits)``, so that, like a loss, larger means worse.
+    weight_decay
+        lambda of the L2 term the target was trained with (mean loss + lambda/2 ||theta||^2); the perturbed
+        fine-tunes keep it (:attr:`Task.weight_decay`). None: 0.
     """
 
-    def __init__(self, signal: str = "loss"):
+    def __init__(self, signal: str = "loss", weight_decay: float | None = None):
         if signal not in ("loss", "margin"):
             raise InvalidInputError(f"ClassificationTask signal must be 'loss' or 'margin', not {signal!r}")
         self.signal_kind = signal
+        self.weight_decay = _checked_weight_decay(weight_decay)
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return model(batch[0])
@@ -98,7 +122,7 @@ class ClassificationTask(Task):
         return -margin(outputs.float(), batch[1].long())
 
     def describe(self) -> dict[str, Any]:
-        return {"task": type(self).__name__, "signal": self.signal_kind}
+        return {"task": type(self).__name__, "signal": self.signal_kind, **_weight_decay_entry(self)}
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -115,6 +139,8 @@ class CausalLMTask(Task):
     prompt and padding tokens; the loss of a sequence is the mean over its target tokens of the
     cross-entropy of predicting token t+1 from tokens <= t (the usual shift). Dataset items are dicts
     with ``input_ids`` and ``labels`` lists (see :meth:`encode`); :meth:`collate` pads them.
+    ``weight_decay`` is the L2 strength the model was trained with (:attr:`Task.weight_decay`); with
+    LoRA the runner applies it to the trainable (adapter) parameters.
 
     Examples
     --------
@@ -124,9 +150,10 @@ class CausalLMTask(Task):
     [[-100, 6, 7], [-100, 8, -100]]
     """
 
-    def __init__(self, pad_token_id: int = 0, max_length: int | None = None):
+    def __init__(self, pad_token_id: int = 0, max_length: int | None = None, weight_decay: float | None = None):
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length
+        self.weight_decay = _checked_weight_decay(weight_decay)
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -175,7 +202,8 @@ class CausalLMTask(Task):
         return {"input_ids": ids, "labels": labels}
 
     def describe(self) -> dict[str, Any]:
-        return {"task": type(self).__name__, "signal": "mean token cross-entropy over target tokens"}
+        return {"task": type(self).__name__, "signal": "mean token cross-entropy over target tokens",
+                **_weight_decay_entry(self)}
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:

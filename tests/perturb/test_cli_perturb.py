@@ -134,4 +134,4 @@ def test_a_killed_worker_is_redone_and_k_is_exact(tmp_path: Path) -> None:
                               chunk_rows=4096, capacity=64)
     run_perturbation(fresh, int(pid), model, task, train, queries, cfg)
     slot = next(c.slot for c in s.commits() if c.perturbation == pid)
-    np.testing.assert_allclose(s.train_losses(columns=[slot])[:, 0], fresh.train_losses()[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.train_losses(slots=[slot])[:, 0], fresh.train_losses()[:, 0], rtol=1e-5, atol=1e-6)

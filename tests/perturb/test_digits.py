@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import daunce_store  # noqa: E402
-from daunce_store.perturb import PerturbConfig, run_worker  # noqa: E402
+from daunce_store.perturb import PerturbConfig, PerturbationDraw, run_worker  # noqa: E402
 
 import perturb_factories as F  # noqa: E402
 
@@ -42,7 +42,8 @@ def test_columns_are_appended_with_metadata(digits_run) -> None:
     assert np.std(L, axis=1).mean() > 1e-3
     meta = commits[0].metadata
     assert meta["objective"] == "if" and meta["config"]["lr"] == CFG.lr
-    assert meta["subset_size"] == round(0.3 * F.N_TRAIN)
+    assert meta["subset_size"] == len(PerturbationDraw(store.seed, 0, 0.3).subset(F.N_TRAIN))
+    assert PerturbationDraw.from_metadata(meta) == PerturbationDraw(store.seed, 0, 0.3)
     assert meta["seed"] == [store.seed, 0]
     # theta0 itself is not modified by the runner (a copy is fine-tuned).
     for name, t in model.state_dict().items():

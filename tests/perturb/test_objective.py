@@ -15,6 +15,7 @@ from daunce_store.errors import DaunceStoreError, InvalidInputError  # noqa: E40
 from daunce_store.perturb import (  # noqa: E402
     ClassificationTask,
     PerturbConfig,
+    PerturbationDraw,
     Task,
     batch_objective,
     draw_perturbation,
@@ -99,7 +100,9 @@ def test_draws_depend_on_store_seed_and_k_only() -> None:
     c = draw_perturbation(0, 6, 100, 0.3)
     d = draw_perturbation(1, 5, 100, 0.3)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
-    assert len(a[0]) == 30 and len(set(a[0].tolist())) == 30
+    # Poisson subsets: each example in D_k with probability r, so |D_k| ~ Binomial(100, 0.3).
+    assert 10 <= len(a[0]) <= 50 and np.all(np.diff(a[0]) > 0)
+    assert np.array_equal(a[0], PerturbationDraw(0, 5, 0.3).subset(100))
     assert not np.array_equal(np.sort(a[0]), np.sort(c[0])) and not np.array_equal(a[1], d[1])
 
 
@@ -136,7 +139,7 @@ def test_objective_forms_are_selectable(tmp_path: Path, digits) -> None:
     for k, objective in enumerate(("if", "fisher", "blackbox")):
         commit = run_perturbation(store, k, model, task, train, queries, PerturbConfig(objective=objective, epochs=2, lr=1e-2))
         assert commit.metadata["objective"] == objective
-        cols[objective] = store.train_losses(columns=[commit.slot])[:, 0]
+        cols[objective] = store.train_losses(slots=[commit.slot])[:, 0]
     # Plain fine-tuning on D_k lowers the subset's losses below theta0's; the IF/Fisher forms do not aim to.
     subset = draw_perturbation(store.seed, 2, len(train), 0.3)[0]
     with torch.no_grad():
