@@ -175,7 +175,7 @@ def add_queries(
         s.add_query_set(name, read_ids(path))
     if config is not None:
         perturb = _training_extra("daunce add-queries --config")
-        filled = perturb.evaluate_query_sets(store, perturb.PerturbConfig.from_yaml(config), list(pairs), device=device,
+        filled = perturb.fill_query_sets(store, perturb.PerturbConfig.from_yaml(config), list(pairs), device=device,
                                              storage_options=_storage_options(storage_options), base_dir=config.parent)
         for name, ids in filled.items():
             console.print(f"{name}: losses under {len(ids)} stored perturbations")

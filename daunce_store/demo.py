@@ -23,13 +23,6 @@ from daunce_store.errors import InvalidInputError
 __all__ = ["run_demo", "draw_grid"]
 
 
-def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise InvalidInputError("`daunce demo` trains a torch model; install the extra: pip install -e '.[train]'") from e
-
-
 def run_demo(
     workdir: Path,
     k_perturbations: int = 64,
@@ -41,7 +34,7 @@ def run_demo(
     seed: int = 0,
 ) -> Path:
     """Run the demo; returns the path of the PNG grid."""
-    _require_torch()
+    import_optional("torch", "train", "`daunce demo` (it trains a torch model)")
     import torch
 
     from daunce_store.evaluation._daunce import default_config, fill_store

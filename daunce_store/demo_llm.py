@@ -132,7 +132,8 @@ def run_llm_demo(
                               seed=seed, capacity=max(2, k_perturbations))
     config = PerturbConfig(objective="if", ratio=0.5, max_steps=steps, batch_size=batch_size, lr=3e-4,
                            optimizer="adamw", scheduler="cosine", warmup_ratio=0.03, lora={},
-                           eval_batch_size=32, device=device, precision=precision)
+                           eval_batch_size=32, device=device, precision=precision,
+                           convergence_probe=0)  # a few LoRA steps never reach the optimum; no need to probe it each time
     console.print(f"running K={k_perturbations} LoRA perturbations ({steps} steps of {batch_size} dialogues each) "
                   f"over {len(train)} training dialogues into {path}")
     if device == "cpu":

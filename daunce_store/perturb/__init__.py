@@ -9,31 +9,25 @@ Needs the ``train`` extra (torch, transformers, peft); ``import daunce_store`` a
 
 from __future__ import annotations
 
-try:
-    import torch  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "daunce_store.perturb needs torch; install the training extra: pip install 'daunce-store[train]'"
-    ) from e
+from daunce_store._optional import import_optional
+
+import_optional("torch", "train", "daunce_store.perturb")  # a clear error before anything else needs it
 
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, DEFAULT_LORA, PROBE_FRACTION, PerturbConfig
 from daunce_store.perturb._objective import batch_objective, l2_penalty, perturbed_objective, reference_terms
 from daunce_store.perturb._progress import NullReporter, QueueReporter, Reporter, RichReporter
 from daunce_store.perturb._runner import (
-    adapter_key,
     draw_perturbation,
     evaluate_signal,
-    evaluate_stored,
+    fill_query_losses,
     model_fingerprint,
     perturbation_draw,
-    perturbation_id,
     resolve_weight_decay,
     run_perturbation,
-    run_worker,
 )
-from daunce_store.perturb._workers import WorkerError, build_from_config, evaluate_query_sets, load_factory, run_workers
+from daunce_store.perturb._workers import WorkerError, build_from_config, fill_query_sets, load_factory, run_worker, run_workers
 from daunce_store.perturb._task import CausalLMTask, ClassificationTask, Task, margin, sequence_loss
-from daunce_store.store import PerturbationDraw, perturbation_weights
+from daunce_store.store import PerturbationDraw, perturbation_id, perturbation_weights
 
 __all__ = [
     "CONVERGENCE_THRESHOLD",
@@ -50,14 +44,13 @@ __all__ = [
     "Task",
     "WorkerError",
     "build_from_config",
-    "evaluate_query_sets",
+    "fill_query_sets",
     "load_factory",
     "run_workers",
-    "adapter_key",
     "batch_objective",
     "draw_perturbation",
     "evaluate_signal",
-    "evaluate_stored",
+    "fill_query_losses",
     "l2_penalty",
     "margin",
     "model_fingerprint",

@@ -27,35 +27,21 @@ import torch
 from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, InvalidInputError, LeaseError
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig
 from daunce_store.perturb._objective import batch_objective, l2_penalty
-from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
+from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._task import Task
-from daunce_store.store import PerturbationDraw
+from daunce_store.store import PerturbationDraw, perturbation_id
 
 __all__ = [
     "run_perturbation",
-    "run_worker",
     "draw_perturbation",
     "evaluate_signal",
-    "perturbation_id",
-    "adapter_key",
-    "evaluate_stored",
+    "fill_query_losses",
     "perturbation_draw",
     "resolve_weight_decay",
 ]
 
-ADAPTERS_PREFIX = "_daunce/adapters"
 
 
-def perturbation_id(k: int) -> str:
-    """The store id of perturbation k: ``f"{k:06d}"``."""
-    return f"{int(k):06d}"
-
-
-def adapter_key(perturbation: str) -> str:
-    return f"{ADAPTERS_PREFIX}/{perturbation}.safetensors"
-
-
-# --- randomness ----------------------------------------------------------------------------------
 def _seed_sequence(store_seed: int, k: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(store_seed), int(k)])
 
@@ -506,8 +492,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
             t_eval = time.perf_counter() - t1
             adapter = None
             if config.keep_adapters:
-                adapter = adapter_key(pid)
-                _save_state(store, adapter, prep.state())
+                adapter = _save_state(store, pid, prep.state())
         if beat.lost is not None:
             raise beat.lost
     n_eval = len(train_data) + sum(len(d) for d in query_data.values())
@@ -539,23 +524,23 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
 
 
 # --- keeping the trained weights -----------------------------------------------------------------------------
-def _save_state(store: Any, key: str, state: Mapping[str, torch.Tensor]) -> None:
+def _save_state(store: Any, perturbation: str, state: Mapping[str, torch.Tensor]) -> str:
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    store._storage.put_bytes(key, save(tensors))
+    return store.save_adapter(perturbation, save(tensors))
 
 
-def _load_state(store: Any, key: str) -> dict[str, torch.Tensor]:
+def _load_state(store: Any, perturbation: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    data = store._storage.get_bytes(key)
+    data = store.load_adapter(perturbation)
     if data is None:
-        raise InvalidInputError(f"{store.url} has no stored weights at {key!r}; run perturb with keep_adapters: true")
+        raise InvalidInputError(f"{store.url} kept no weights for {perturbation!r}; run perturb with keep_adapters: true")
     return load(data)
 
 
-def evaluate_stored(
+def fill_query_losses(
     store: Any,
     model: torch.nn.Module,
     task: Task,
@@ -575,11 +560,10 @@ def evaluate_stored(
     have = set(snap.query_slots.get(name, ()))
     done = []
     for commit in snap.commits:
-        key = commit.metadata.get("adapter")
-        if commit.slot in have or not key:
+        if commit.slot in have or not commit.metadata.get("adapter"):
             continue
         cfg = PerturbConfig.from_dict(commit.metadata["config"]).replace(device=config.device, eval_batch_size=config.eval_batch_size)
-        state = _load_state(store, key)
+        state = _load_state(store, commit.perturbation)
         with _prepared(model, task, cfg, 0) as prep:
             if cfg.lora is None:
                 prep.model.load_state_dict(state)
@@ -594,61 +578,3 @@ def evaluate_stored(
             continue
         done.append(commit.perturbation)
     return done
-
-
-# --- a worker --------------------------------------------------------------------------------------------
-def run_worker(
-    store: Any,
-    model: torch.nn.Module,
-    task: Task,
-    train_data: Any,
-    query_data: Mapping[str, Any] | None,
-    config: PerturbConfig,
-    *,
-    until: int,
-    worker: str | None = None,
-    progress: bool | Reporter = True,
-    poll_seconds: float | None = None,
-) -> list[Any]:
-    """Claim, run and commit perturbations ``0..until-1`` until every one of them is committed.
-
-    Several workers (threads, processes, machines) pointed at one store share the work through leases:
-    a worker that dies mid-run stops renewing its lease, and once it expires another worker redoes that
-    perturbation; a column is never committed twice. When every remaining perturbation is leased by a
-    live worker this one waits (``poll_seconds``, default a quarter of the lease) for them to finish or
-    expire. Returns the commits this worker made.
-    """
-    if int(until) < 1:
-        raise InvalidInputError(f"until={until}: ask for at least one perturbation")
-    query_data = dict(query_data or {})
-    _check_sizes(store, train_data, query_data)
-    reporter: Reporter
-    if isinstance(progress, Reporter):
-        reporter = progress
-    else:
-        reporter = RichReporter(worker=worker or "") if progress else NullReporter()
-    ids = [perturbation_id(k) for k in range(int(until))]
-    wait = poll_seconds if poll_seconds is not None else min(5.0, config.lease_seconds / 4)
-    commits: list[Any] = []
-    try:
-        while True:
-            committed = {c.perturbation for c in store.commits()}
-            remaining = [p for p in ids if p not in committed]
-            reporter.perturbations(len(ids), len(ids) - len(remaining))
-            if not remaining:
-                return commits
-            lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
-            if lease is None:
-                time.sleep(wait)
-                continue
-            try:
-                commits.append(
-                    run_perturbation(
-                        store, int(lease.perturbation), model, task, train_data, query_data, config,
-                        lease=lease, reporter=reporter,
-                    )
-                )
-            except (LeaseError, AlreadyCommittedError):
-                continue  # another worker took this one over; move on
-    finally:
-        reporter.close()

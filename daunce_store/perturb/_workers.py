@@ -8,14 +8,23 @@ import importlib.util
 import multiprocessing
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daunce_store.errors import DaunceStoreError, InvalidInputError
+from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, InvalidInputError, LeaseError
 from daunce_store.perturb._config import PerturbConfig
+from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
+from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
+from daunce_store.store import perturbation_id
 
-__all__ = ["WorkerError", "load_factory", "build_from_config", "run_workers", "evaluate_query_sets"]
+if TYPE_CHECKING:
+    import torch
+
+    from daunce_store.perturb._task import Task
+
+__all__ = ["WorkerError", "load_factory", "build_from_config", "run_worker", "run_workers", "fill_query_sets"]
 
 
 class WorkerError(DaunceStoreError):
@@ -71,6 +80,64 @@ def build_from_config(config: PerturbConfig, base_dir: str | os.PathLike[str] | 
     return model, task, train, dict(queries or {})
 
 
+# --- a worker --------------------------------------------------------------------------------------------
+def run_worker(
+    store: Any,
+    model: torch.nn.Module,
+    task: Task,
+    train_data: Any,
+    query_data: Mapping[str, Any] | None,
+    config: PerturbConfig,
+    *,
+    until: int,
+    worker: str | None = None,
+    progress: bool | Reporter = True,
+    poll_seconds: float | None = None,
+) -> list[Any]:
+    """Claim, run and commit perturbations ``0..until-1`` until every one of them is committed.
+
+    Several workers (threads, processes, machines) pointed at one store share the work through leases:
+    a worker that dies mid-run stops renewing its lease, and once it expires another worker redoes that
+    perturbation; a column is never committed twice. When every remaining perturbation is leased by a
+    live worker this one waits (``poll_seconds``, default a quarter of the lease) for them to finish or
+    expire. Returns the commits this worker made.
+    """
+    if int(until) < 1:
+        raise InvalidInputError(f"until={until}: ask for at least one perturbation")
+    query_data = dict(query_data or {})
+    _check_sizes(store, train_data, query_data)
+    reporter: Reporter
+    if isinstance(progress, Reporter):
+        reporter = progress
+    else:
+        reporter = RichReporter(worker=worker or "") if progress else NullReporter()
+    ids = [perturbation_id(k) for k in range(int(until))]
+    wait = poll_seconds if poll_seconds is not None else min(5.0, config.lease_seconds / 4)
+    commits: list[Any] = []
+    try:
+        while True:
+            committed = {c.perturbation for c in store.commits()}
+            remaining = [p for p in ids if p not in committed]
+            reporter.perturbations(len(ids), len(ids) - len(remaining))
+            if not remaining:
+                return commits
+            lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
+            if lease is None:
+                time.sleep(wait)
+                continue
+            try:
+                commits.append(
+                    run_perturbation(
+                        store, int(lease.perturbation), model, task, train_data, query_data, config,
+                        lease=lease, reporter=reporter,
+                    )
+                )
+            except (LeaseError, AlreadyCommittedError):
+                continue  # another worker took this one over; move on
+    finally:
+        reporter.close()
+
+
 def _known_sets(store: Any, queries: dict[str, Any]) -> dict[str, Any]:
     """The factory's query sets that the store has (others are for `daunce add-queries --config` later)."""
     return {name: data for name, data in queries.items() if name in store.query_sets()}
@@ -86,7 +153,6 @@ def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[
 
     from daunce_store.store import open_store
     from daunce_store.perturb._progress import QueueReporter
-    from daunce_store.perturb._runner import run_worker
 
     torch.set_num_threads(threads)
     cfg = PerturbConfig.from_dict(config)
@@ -134,11 +200,10 @@ def run_workers(
     if device:
         config = config.replace(device=device)
     store = open_store(url, storage_options=storage_options)  # fail early on a bad store
-    ids = {f"{k:06d}" for k in range(until)}
+    ids = {perturbation_id(k) for k in range(until)}
     if workers == 1:
         from daunce_store.perturb._progress import NullReporter, RichReporter
-        from daunce_store.perturb._runner import run_worker
-
+    
         model, task, train, queries = build_from_config(config, base_dir)
         queries = _known_sets(store, queries)
         reporter = RichReporter(console) if progress else NullReporter()
@@ -180,7 +245,7 @@ def run_workers(
     return len(ids & {c.perturbation for c in store.commits()})
 
 
-def evaluate_query_sets(
+def fill_query_sets(
     url: str,
     config: PerturbConfig,
     names: Sequence[str],
@@ -192,7 +257,6 @@ def evaluate_query_sets(
     """Evaluate query sets ``names`` (added after the run) under the perturbations' stored weights; the
     config's factory must return them in its query_data. Returns the perturbation ids filled per set."""
     from daunce_store.store import open_store
-    from daunce_store.perturb._runner import evaluate_stored
 
     if device:
         config = config.replace(device=device)
@@ -205,5 +269,5 @@ def evaluate_query_sets(
                 f"the factory {config.factory!r} returns no query set {name!r} (it returns {sorted(queries)}); "
                 "return the new query set's examples under that name"
             )
-        out[name] = evaluate_stored(store, model, task, name, queries[name], config)
+        out[name] = fill_query_losses(store, model, task, name, queries[name], config)
     return out

@@ -11,7 +11,7 @@ import dataclasses
 import datetime as _dt
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from daunce_store.errors import CorruptRecordError, InvalidInputError

@@ -16,7 +16,7 @@ from daunce_store.perturb import (  # noqa: E402
     PerturbConfig,
     batch_objective,
     evaluate_signal,
-    evaluate_stored,
+    fill_query_losses,
     perturbation_weights,
     run_worker,
     sequence_loss,
@@ -128,7 +128,7 @@ def test_lora_perturbations_land_in_the_store_and_adapters_serve_a_later_query_s
     # A query set added later (here: the same examples again) evaluated under the stored adapters gives
     # the same losses as the columns computed during the run.
     store.add_query_set("later", [f"l{j}" for j in range(len(queries["test"]))])
-    filled = evaluate_stored(store, model, task, "later", queries["test"], LORA_CFG)
+    filled = fill_query_losses(store, model, task, "later", queries["test"], LORA_CFG)
     assert filled == ["000000", "000001"]
     np.testing.assert_allclose(store.query_losses("later"), Q, rtol=1e-5, atol=1e-6)
-    assert evaluate_stored(store, model, task, "later", queries["test"], LORA_CFG) == []  # nothing left to fill
+    assert fill_query_losses(store, model, task, "later", queries["test"], LORA_CFG) == []  # nothing left to fill
