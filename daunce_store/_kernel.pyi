@@ -16,6 +16,14 @@ def draw_linear_weights(
     """Linearized perturbation weights a_ik·1[i ∈ D_k] of rows ``r0 .. r0 + count`` and how many of them
     are in D_k; bit-identical to ``PerturbationDraw.linear_weights``'s numpy path."""
 
+def draw_weights_block(
+    key_subset: npt.NDArray[np.uint64], key_xi: npt.NDArray[np.uint64], ratio: npt.NDArray[np.float64],
+    base: npt.NDArray[np.float64], rho: npt.NDArray[np.float64], shift: npt.NDArray[np.float64],
+    blackbox: npt.NDArray[np.bool_], r0: int, rows: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint64]]:
+    """The weights of rows ``r0 .. r0 + rows`` of K perturbations at once: a row-major float32 (rows, K)
+    block and each column's subset count; the same values as ``PerturbationDraw.linear_weights``."""
+
 class TopKAccumulator:
     """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
 

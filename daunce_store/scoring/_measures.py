@@ -31,10 +31,11 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
-from daunce_store.store import PerturbationDraw
+from daunce_store.store import PerturbationDraw, weights_block
 
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
@@ -123,23 +124,23 @@ class Gram:
     matrix: np.ndarray
 
     @classmethod
-    def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw | None] = ()) -> Gram:
+    def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw] = ()) -> Gram:
         matrix: np.ndarray | None = None
         sizes = np.zeros(len(draws))
-        for offset, block in blocks:
-            # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
-            u = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-            if kind == "nystrom":
-                w = np.empty_like(u)
-                for j, d in enumerate(draws):
-                    assert d is not None
-                    weights, members = d.linear_weights(offset, offset + len(block))
-                    w[:, j] = weights
-                    sizes[j] += members
-                part = (w.T @ u).astype(np.float64)
-            else:
-                part = (u.T @ u).astype(np.float64)
-            matrix = part if matrix is None else matrix + part
+        # One BLAS thread: these (K, R) x (R, K) products are small, the store's reader thread needs the
+        # other core, and OpenBLAS's spinning threads made them 3-8x slower on a busy 2-core machine.
+        with threadpool_limits(1, user_api="blas"):
+            for offset, block in blocks:
+                # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
+                u = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+                if kind == "nystrom":
+                    w, members = weights_block(draws, offset, offset + len(block))  # (R, K) row-major: see below
+                    sizes += members
+                    # w.T @ u with w row-major: measured 100x faster in OpenBLAS than a (K, R) C-order left side.
+                    part = (w.T @ u).astype(np.float64)
+                else:
+                    part = (u.T @ u).astype(np.float64)
+                matrix = part if matrix is None else matrix + part
         if matrix is None:
             raise InvalidInputError("the store has no train rows to score")
         if kind == "nystrom":
@@ -205,7 +206,8 @@ class Prepared:
         if self.transform is None:
             return block
         centered = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-        return np.ascontiguousarray(centered @ self.transform)
+        with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate
+            return np.ascontiguousarray(centered @ self.transform)
 
     def dense(self, block: np.ndarray) -> np.ndarray:
         """(R, m) scores of a block's rows (the numpy reference of what the kernel ranks)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights
+from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
 from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, init_store, open_store
 from daunce_store.store._records import perturbation_id
@@ -23,6 +23,7 @@ __all__ = [
     "TABLE_FORMATS",
     "write_frames",
     "perturbation_weights",
+    "weights_block",
     "read_ids",
     "read_losses",
     "validate_ids",

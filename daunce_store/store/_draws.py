@@ -14,7 +14,7 @@ records :meth:`PerturbationDraw.to_metadata` under ``metadata["draw"]`` so scori
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from daunce_store._ext import extension
 from daunce_store.errors import CorruptRecordError, InvalidInputError
 
-__all__ = ["DRAW_SCHEME", "OBJECTIVES", "PerturbationDraw", "perturbation_weights"]
+__all__ = ["DRAW_SCHEME", "OBJECTIVES", "PerturbationDraw", "perturbation_weights", "weights_block"]
 
 DRAW_SCHEME = "splitmix64-v1"
 OBJECTIVES = ("if", "fisher", "blackbox")
@@ -110,17 +110,23 @@ class PerturbationDraw:
         (IF form), c (Fisher form; its H is the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a
         term that is the same for every k).
         """
-        base, shift = (1.0, float(self.gamma)) if self.objective == "if" else (0.0, 0.0)
+        params = self._parameters()
         fused = getattr(extension(), "draw_linear_weights", None)
-        if fused is not None:  # one pass in Rust; the Nyström measure regenerates n·K of these
-            return fused(int(self._key(_SUBSET_STREAM)), int(self._key(_XI_STREAM)), float(self.ratio), base,
-                         float(self.rho), shift, self.objective == "blackbox", int(r0), int(r1 - r0))
+        if fused is not None:  # one pass in Rust
+            return fused(*params, int(r0), int(r1 - r0))
+        _, _, _, base, rho, shift, blackbox = params
         member = self.in_subset(r0, r1)
-        if self.objective == "blackbox":
+        if blackbox:
             a = -np.ones(r1 - r0)
         else:  # the same operations, in the same order, as the Rust path: bit-identical results
-            a = (base + float(self.rho) * (2.0 * self.xi(r0, r1) - 1.0)) - shift
+            a = (base + rho * (2.0 * self.xi(r0, r1) - 1.0)) - shift
         return np.where(member, a, 0.0), int(member.sum())
+
+    def _parameters(self) -> tuple[int, int, float, float, float, float, bool]:
+        """(key_subset, key_xi, ratio, base, rho, shift, blackbox): a = (base + rho(2ξ − 1)) − shift."""
+        base, shift = (1.0, float(self.gamma)) if self.objective == "if" else (0.0, 0.0)
+        return (int(self._key(_SUBSET_STREAM)), int(self._key(_XI_STREAM)), float(self.ratio), base, float(self.rho),
+                shift, self.objective == "blackbox")
 
     # --- the commit record ---------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, Any]:
@@ -139,3 +145,21 @@ class PerturbationDraw:
                        float(rec.get("rho", 1.0)), float(rec.get("gamma", 1.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptRecordError(f"the draw recorded in a commit lacks or garbles {e}: {dict(rec)!r}") from None
+
+
+def weights_block(draws: Sequence[PerturbationDraw], r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights of rows r0 .. r1-1 of several perturbations: a row-major float32 (R, K) block (column j:
+    ``draws[j].linear_weights``) and each column's subset count (int64, K). The Nyström measure calls this
+    for every row block, so the extension fills the block in one pass."""
+    fused = getattr(extension(), "draw_weights_block", None)
+    if fused is not None:
+        params = list(zip(*(d._parameters() for d in draws)))
+        dtypes = (np.uint64, np.uint64, np.float64, np.float64, np.float64, np.float64, np.bool_)
+        block, members = fused(*(np.array(p, dtype=t) for p, t in zip(params, dtypes)), int(r0), int(r1 - r0))
+        return block, members.astype(np.int64)
+    block = np.empty((r1 - r0, len(draws)), np.float32)
+    members = np.empty(len(draws), np.int64)
+    for j, d in enumerate(draws):
+        weights, members[j] = d.linear_weights(r0, r1)
+        block[:, j] = weights
+    return block, members

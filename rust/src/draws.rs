@@ -40,6 +40,35 @@ pub fn linear_weights(key_subset: u64, key_xi: u64, ratio: f64, base: f64, rho: 
     members
 }
 
+/// One perturbation's draw parameters (see `linear_weights`).
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnDraw {
+    pub key_subset: u64,
+    pub key_xi: u64,
+    pub ratio: f64,
+    pub base: f64,
+    pub rho: f64,
+    pub shift: f64,
+    pub blackbox: bool,
+}
+
+/// The weights of rows `r0 .. r0 + rows` for K perturbations at once, row-major (rows × K) in `out`
+/// (f64 values rounded to f32, as numpy's cast does), adding each column's subset count to `members`.
+pub fn weights_block(cols: &[ColumnDraw], r0: u64, out: &mut [f32], members: &mut [u64]) {
+    let k = cols.len();
+    assert!(k > 0 && out.len() % k == 0 && members.len() == k, "out must be rows x K and members K long");
+    for (i, row) in out.chunks_exact_mut(k).enumerate() {
+        let counter = r0 + i as u64 + 1;
+        for ((o, c), count) in row.iter_mut().zip(cols).zip(members.iter_mut()) {
+            // Both uniforms always, then a select: membership is a coin flip, so a branch would mispredict.
+            let member = uniform(c.key_subset, counter) < c.ratio;
+            let a = if c.blackbox { -1.0 } else { (c.base + c.rho * (2.0 * uniform(c.key_xi, counter) - 1.0)) - c.shift };
+            *count += member as u64;
+            *o = if member { a as f32 } else { 0.0 };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +88,26 @@ mod tests {
         let xi = uniforms(2, 0, 1000);
         for i in 0..1000 {
             assert_eq!(w[i], if member[i] { (1.0 + (2.0 * xi[i] - 1.0)) - 1.0 } else { 0.0 });
+        }
+    }
+
+    #[test]
+    fn a_block_holds_each_columns_weights() {
+        let cols = [
+            ColumnDraw { key_subset: 1, key_xi: 2, ratio: 0.3, base: 1.0, rho: 1.0, shift: 1.0, blackbox: false },
+            ColumnDraw { key_subset: 5, key_xi: 6, ratio: 0.9, base: 0.0, rho: 0.5, shift: 0.0, blackbox: true },
+        ];
+        let (rows, r0) = (500, 77);
+        let mut out = vec![0.0f32; rows * 2];
+        let mut members = vec![0u64; 2];
+        weights_block(&cols, r0, &mut out, &mut members);
+        for (j, c) in cols.iter().enumerate() {
+            let mut w = vec![0.0; rows];
+            let m = linear_weights(c.key_subset, c.key_xi, c.ratio, c.base, c.rho, c.shift, c.blackbox, r0, &mut w);
+            assert_eq!(members[j], m);
+            for i in 0..rows {
+                assert_eq!(out[i * 2 + j], w[i] as f32);
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! Thin PyO3 wrappers: take read-only numpy views, release the GIL, return owned numpy arrays.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -49,6 +49,46 @@ fn draw_linear_weights<'py>(
         (w, members)
     });
     (w.into_pyarray(py), members)
+}
+
+/// The weights of rows `r0 .. r0 + rows` of K perturbations at once: a row-major float32 (rows, K)
+/// block and each column's subset count (see `draws::weights_block`); one entry per column in each array.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn draw_weights_block<'py>(
+    py: Python<'py>,
+    key_subset: PyReadonlyArray1<'py, u64>,
+    key_xi: PyReadonlyArray1<'py, u64>,
+    ratio: PyReadonlyArray1<'py, f64>,
+    base: PyReadonlyArray1<'py, f64>,
+    rho: PyReadonlyArray1<'py, f64>,
+    shift: PyReadonlyArray1<'py, f64>,
+    blackbox: PyReadonlyArray1<'py, bool>,
+    r0: u64,
+    rows: usize,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<u64>>)> {
+    let cols: Vec<draws::ColumnDraw> = {
+        let (ks, kx, ra, ba, rh, sh, bb) = (
+            contiguous(&key_subset, "key_subset")?, contiguous(&key_xi, "key_xi")?, contiguous(&ratio, "ratio")?,
+            contiguous(&base, "base")?, contiguous(&rho, "rho")?, contiguous(&shift, "shift")?, contiguous(&blackbox, "blackbox")?,
+        );
+        let k = ks.len();
+        if [kx.len(), ra.len(), ba.len(), rh.len(), sh.len(), bb.len()].iter().any(|&l| l != k) || k == 0 {
+            return Err(PyValueError::new_err("every draw parameter needs one entry per column (K >= 1)"));
+        }
+        (0..k)
+            .map(|j| draws::ColumnDraw { key_subset: ks[j], key_xi: kx[j], ratio: ra[j], base: ba[j], rho: rh[j], shift: sh[j], blackbox: bb[j] })
+            .collect()
+    };
+    let k = cols.len();
+    let (out, members) = py.detach(|| {
+        let mut out = vec![0.0f32; rows * k];
+        let mut members = vec![0u64; k];
+        draws::weights_block(&cols, r0, &mut out, &mut members);
+        (out, members)
+    });
+    let block = Array2::from_shape_vec((rows, k), out).expect("rows * K weights").into_pyarray(py);
+    Ok((block, members.into_pyarray(py)))
 }
 
 /// Streaming top-k: feed row blocks with `push_block(offset, block)`, then `finish()`.
@@ -136,6 +176,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(row_variance, m)?)?;
     m.add_function(wrap_pyfunction!(splitmix64_uniforms, m)?)?;
     m.add_function(wrap_pyfunction!(draw_linear_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(draw_weights_block, m)?)?;
     m.add_class::<PyTopKAccumulator>()?;
     Ok(())
 }

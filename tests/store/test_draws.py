@@ -9,7 +9,7 @@ import pytest
 from daunce_store._constants import NO_EXT_ENV
 from daunce_store._ext import extension
 from daunce_store.errors import CorruptRecordError, InvalidInputError
-from daunce_store.store import PerturbationDraw
+from daunce_store.store import PerturbationDraw, weights_block
 
 
 @pytest.mark.parametrize("objective", ["if", "fisher", "blackbox"])
@@ -52,6 +52,20 @@ def test_extension_and_numpy_fallback_give_the_same_bits(monkeypatch):
         np.testing.assert_array_equal(w, w2)
         assert m == m2
         np.testing.assert_array_equal(xi, d.xi(0, 10))
+
+
+def test_weights_block_holds_every_column(monkeypatch):
+    draws = [PerturbationDraw(3, k, r, obj, rho=0.8, gamma=0.9) for k, (r, obj) in enumerate([(0.3, "if"), (1.0, "fisher"), (0.5, "blackbox")] * 3)]
+    block, members = weights_block(draws, 1000, 5000)
+    assert block.shape == (4000, 9) and block.dtype == np.float32 and block.flags.c_contiguous
+    for j, d in enumerate(draws):
+        w, m = d.linear_weights(1000, 5000)
+        np.testing.assert_array_equal(block[:, j], w.astype(np.float32))
+        assert members[j] == m
+    monkeypatch.setenv(NO_EXT_ENV, "1")
+    slow, slow_members = weights_block(draws, 1000, 5000)
+    np.testing.assert_array_equal(slow, block)
+    np.testing.assert_array_equal(slow_members, members)
 
 
 def test_metadata_round_trip_and_bad_records():
