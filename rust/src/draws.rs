@@ -56,7 +56,7 @@ pub struct ColumnDraw {
 /// (f64 values rounded to f32, as numpy's cast does), adding each column's subset count to `members`.
 pub fn weights_block(cols: &[ColumnDraw], r0: u64, out: &mut [f32], members: &mut [u64]) {
     let k = cols.len();
-    assert!(k > 0 && out.len() % k == 0 && members.len() == k, "out must be rows x K and members K long");
+    assert!(k > 0 && out.len().is_multiple_of(k) && members.len() == k, "out must be rows x K and members K long");
     for (i, row) in out.chunks_exact_mut(k).enumerate() {
         let counter = r0 + i as u64 + 1;
         for ((o, c), count) in row.iter_mut().zip(cols).zip(members.iter_mut()) {

@@ -51,6 +51,8 @@ fn draw_linear_weights<'py>(
     (w.into_pyarray(py), members)
 }
 
+type WeightsBlock<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<u64>>);
+
 /// The weights of rows `r0 .. r0 + rows` of K perturbations at once: a row-major float32 (rows, K)
 /// block and each column's subset count (see `draws::weights_block`); one entry per column in each array.
 #[pyfunction]
@@ -66,7 +68,7 @@ fn draw_weights_block<'py>(
     blackbox: PyReadonlyArray1<'py, bool>,
     r0: u64,
     rows: usize,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<u64>>)> {
+) -> PyResult<WeightsBlock<'py>> {
     let cols: Vec<draws::ColumnDraw> = {
         let (ks, kx, ra, ba, rh, sh, bb) = (
             contiguous(&key_subset, "key_subset")?, contiguous(&key_xi, "key_xi")?, contiguous(&ratio, "ratio")?,
