@@ -30,7 +30,7 @@ def run_demo(
     *,
     num_queries: int = 4,
     top: int = 5,
-    measure: str = "corr",
+    measure: str = "auto",
     seed: int = 0,
 ) -> Path:
     """Run the demo; returns the path of the PNG grid."""
@@ -74,7 +74,7 @@ def run_demo(
     # of bootstrap resamples of the K columns (store.stability: one pass over the losses).
     k10 = min(10, store.n_train)
     st = store.stability("test", k=k10, measure=measure, fractions=(0.25, 0.5, 1.0), bootstrap=20, seed=seed)
-    table = Table(title=f"top-{k10} overlap with the top-{k10} at K={k_perturbations} (mean over all {len(data.y_test)} test queries, {measure})")
+    table = Table(title=f"top-{k10} overlap with the top-{k10} at K={k_perturbations} (mean over all {len(data.y_test)} test queries, {st.measure})")
     for col in ("columns used", "proponents", "opponents"):
         table.add_column(col, justify="right")
     for f, count in enumerate(st.columns[:-1]):

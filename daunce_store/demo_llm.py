@@ -94,7 +94,7 @@ def run_llm_demo(
     batch_size: int = 4,
     max_length: int = 40,
     top: int = 3,
-    measure: str = "corr",
+    measure: str = "auto",
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
@@ -143,7 +143,7 @@ def run_llm_demo(
 
     result = store.topk("queries", k=top, measure=measure)
     for j, (_, u, r) in enumerate(queries):
-        table = Table(title=f"query {j}: user: {_short(u, 50)!r} → assistant: {_short(r, 50)!r}  (K={result.num_columns}, {measure})",
+        table = Table(title=f"query {j}: user: {_short(u, 50)!r} → assistant: {_short(r, 50)!r}  (K={result.num_columns}, {result.measure})",
                       title_justify="left")
         for col in ("side", "rank", "training dialogue (user → assistant)", "topic", "score"):
             table.add_column(col)
