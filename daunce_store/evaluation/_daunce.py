@@ -1,9 +1,9 @@
-"""Daunce on the digits testbed: fill a store with the perturbation runner, read dense score matrices.
+"""Daunce on the evaluation testbeds: fill a store with the perturbation runner, read dense score matrices.
 
 The scores come from the store exactly as a user gets them: :func:`fill_store` runs
-:func:`daunce_store.perturb.run_worker` (DESIGN §1) and :func:`score_matrix` applies the kernel's own row
-preparation (``prepare_rows`` / ``prepare_queries``) to ``store.train_losses()`` and
-``store.query_losses()``, so ``score_matrix(...)[i, j]`` is the value ``store.topk`` ranks.
+:func:`daunce_store.perturb.run_worker` (DESIGN §1) and the evaluations score with the public
+``store.scores(query_set, measure=..., columns=positions)``, so a score matrix's column j ranks like
+``store.topk`` for query j.
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ import numpy as np
 
 import daunce_store
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 
-__all__ = ["fill_store", "score_matrix", "column_groups", "default_config"]
+__all__ = ["MEASURES", "SELF_MEASURES", "fill_store", "column_groups", "num_scored_columns", "default_config"]
+
+#: The score measures the evaluations compare (DESIGN §1, §1.1); the "-corr" forms divide by the square
+#: root of the train example's self-score (the normalised forms, for retrieval).
+MEASURES = ("cov", "corr", "whitened", "whitened-corr", "nystrom", "nystrom-corr")
+#: The measures a self-score (self-influence) exists for.
+SELF_MEASURES = ("cov", "whitened", "nystrom")
 
 
 def default_config(**changes: Any) -> Any:
-    """The perturbation config the evaluations use for the digits classifiers (IF objective,
-    r = 0.3, ρ = γ = 1; the fine-tune settings were picked on LDS, see bench/RESULTS.md)."""
+    """The perturbation config the evaluations use for the small classifiers (IF objective, r = 0.3,
+    ρ = γ = 1; the fine-tune settings were picked on LDS, see bench/RESULTS.md). The fine-tune keeps the
+    target's own L2 penalty, which :func:`fill_store` hands to the task (``weight_decay=None``: from the
+    task)."""
     from daunce_store.perturb import PerturbConfig
 
     base = dict(objective="if", ratio=0.3, rho=1.0, gamma=1.0, epochs=20, batch_size=64, lr=3e-3,
@@ -42,13 +49,15 @@ def fill_store(
     *,
     config: Any = None,
     signal: str = "loss",
+    weight_decay: float = 1e-3,
     seed: int = 0,
     progress: Any = True,
     train_ids: Sequence[str] | None = None,
-) -> daunce_store.LossStore:
+) -> daunce_store.Store:
     """Create a store at ``path`` and commit perturbations 0..k-1 of ``model`` (θ0) into it.
 
-    ``query_sets`` maps a query-set name to its (x, y) arrays; ``progress`` is a bool or a runner
+    ``query_sets`` maps a query-set name to its (x, y) arrays; ``weight_decay`` is the L2 penalty θ0 was
+    fitted with (``fit``'s), kept in the perturbed objective; ``progress`` is a bool or a runner
     ``Reporter``. Returns the store.
     """
     import torch
@@ -67,28 +76,23 @@ def fill_store(
         return torch.utils.data.TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
 
     run_worker(
-        store, model, ClassificationTask(signal=signal), dataset(x_train, y_train),
+        store, model, ClassificationTask(signal=signal, weight_decay=weight_decay), dataset(x_train, y_train),
         {name: dataset(*xy) for name, xy in query_sets.items()}, config or default_config(),
         until=k, progress=progress,
     )
     return store
 
 
-def column_groups(store: daunce_store.LossStore, query_set: str, k: int, max_groups: int = 8) -> list[list[int]]:
-    """Disjoint groups of ``k`` committed slots (with losses for ``query_set``), at most ``max_groups``:
-    scoring each group separately gives the spread of a K-column estimate."""
-    slots = list(store.snapshot().query_slots.get(query_set, ()))
-    if k > len(slots):
-        raise InvalidInputError(f"asked for groups of {k} columns but the store has {len(slots)} for {query_set!r}")
-    return [slots[g * k : (g + 1) * k] for g in range(min(max_groups, len(slots) // k))]
+def num_scored_columns(store: daunce_store.Store, query_set: str) -> int:
+    """How many committed columns have losses for ``query_set`` (the positions ``store.scores`` takes)."""
+    return len(store.snapshot().query_slots.get(query_set, ()))
 
 
-def score_matrix(store: daunce_store.LossStore, query_set: str, measure: str = "cov", *, columns: Sequence[int] | None = None) -> np.ndarray:
-    """Dense (n_train, m) Daunce scores of ``query_set`` over ``columns`` (slots; default all committed)."""
-    if measure not in ("cov", "corr"):
-        raise InvalidInputError(f"measure must be 'cov' or 'corr', not {measure!r}")
-    if columns is None:
-        columns = list(store.snapshot().query_slots.get(query_set, ()))
-    train = store.train_losses(columns=columns)
-    query = store.query_losses(query_set, columns=columns)
-    return prepare_rows(train, measure).astype(np.float64) @ prepare_queries(query, measure).astype(np.float64).T
+def column_groups(store: daunce_store.Store, query_set: str, k: int, max_groups: int = 8) -> list[list[int]]:
+    """Disjoint groups of ``k`` column positions (0..K-1 among the columns with losses for ``query_set``,
+    as ``store.scores(columns=...)`` takes them), at most ``max_groups``: scoring each group separately
+    gives the spread of a K-column estimate."""
+    total = num_scored_columns(store, query_set)
+    if k > total:
+        raise InvalidInputError(f"asked for groups of {k} columns but the store has {total} for {query_set!r}")
+    return [list(range(g * k, (g + 1) * k)) for g in range(min(max_groups, total // k))]

@@ -24,6 +24,7 @@ __all__ = [
     "exact_hessian",
     "influence_function_scores",
     "trak_scores",
+    "trak_scores_by_lambda",
 ]
 
 
@@ -129,7 +130,7 @@ def trak_scores(
     proj_dim: int = 512,
     lambda_reg: float = 0.0,
     batch_size: int = 256,
-    save_dir: str | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
     """TRAK scores from MadryLab's ``traker`` (CPU: its BasicProjector, Gaussian projections), ensembled
     over ``models`` (state dicts of one architecture, e.g. trained on different random halves of D).
@@ -138,6 +139,25 @@ def trak_scores(
     log(p/(1 − p)), averaged over the ensemble; it predicts the change of the query's margin when i is in
     the training set, so positive = proponent.
     """
+    return trak_scores_by_lambda(models, x_train, y_train, x_query, y_query, proj_dim=proj_dim, lambdas=(lambda_reg,),
+                                 batch_size=batch_size, seed=seed)[float(lambda_reg)]
+
+
+def trak_scores_by_lambda(
+    models: Sequence[Any],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_query: np.ndarray,
+    y_query: np.ndarray,
+    *,
+    proj_dim: int = 512,
+    lambdas: Sequence[float] = (0.0,),
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[float, np.ndarray]:
+    """:func:`trak_scores` for several ``lambda_reg`` values from one featurization: traker projects the
+    gradients once, then each λ re-finalizes the features (Φ(ΦᵀΦ + λI)⁻¹) and re-scores the stored query
+    features. Returns {λ: (n_train, m) scores}; ``seed`` seeds traker's projections."""
     try:
         import torch
         from trak import TRAKer
@@ -146,26 +166,42 @@ def trak_scores(
 
     if not models:
         raise InvalidInputError("trak_scores needs at least one model")
+    if not lambdas:
+        raise InvalidInputError("trak_scores_by_lambda needs at least one lambda")
     model = models[0]
     xt, yt = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.int64)
     xq, yq = torch.as_tensor(x_query, dtype=torch.float32), torch.as_tensor(y_query, dtype=torch.int64)
+    out: dict[float, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
         traker = TRAKer(
-            model=model, task="image_classification", train_set_size=len(xt), save_dir=save_dir or os.path.join(tmp, "trak"),
-            device="cpu", proj_dim=proj_dim, use_half_precision=False, lambda_reg=lambda_reg, logging_level=40,
+            model=model, task="image_classification", train_set_size=len(xt), save_dir=os.path.join(tmp, "trak"),
+            device="cpu", proj_dim=proj_dim, use_half_precision=False, lambda_reg=float(lambdas[0]), logging_level=40,
+            projector_seed=seed,
         )
         states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
         for mid, state in enumerate(states):
             traker.load_checkpoint(state, model_id=mid)
             for s in range(0, len(xt), batch_size):
                 traker.featurize(batch=(xt[s : s + batch_size], yt[s : s + batch_size]), num_samples=len(xt[s : s + batch_size]))
-        _quiet(traker.finalize_features)
-        for mid, state in enumerate(states):
-            traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=mid, num_targets=len(xq))
-            for s in range(0, len(xq), batch_size):
-                traker.score(batch=(xq[s : s + batch_size], yq[s : s + batch_size]), num_samples=len(xq[s : s + batch_size]))
-        scores = _quiet(traker.finalize_scores, exp_name="queries")
-    return np.asarray(scores, dtype=np.float64)
+        for i, lam in enumerate(lambdas):
+            # A new λ: mark every model un-finalized so finalize_features recomputes Φ(ΦᵀΦ + λI)⁻¹ from the
+            # stored projected gradients (traker keeps them), then score the stored query features again.
+            traker.score_computer.lambda_reg = float(lam)
+            for mid in range(len(states)):
+                traker.saver.model_ids[mid]["is_finalized"] = 0
+            if not getattr(traker.projector, "proj_matrix_available", True):
+                traker.projector.proj_matrix = None  # finalize_features frees it again (`del`), which needs it to exist
+            _quiet(traker.finalize_features)
+            if i == 0:
+                # finalize_features freed the projection matrix; with one block (proj_dim <= 100) traker's
+                # BasicProjector only regenerates it on a change of model id, so force one.
+                traker.projector.model_id = -1
+                for mid, state in enumerate(states):
+                    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=mid, num_targets=len(xq))
+                    for s in range(0, len(xq), batch_size):
+                        traker.score(batch=(xq[s : s + batch_size], yq[s : s + batch_size]), num_samples=len(xq[s : s + batch_size]))
+            out[float(lam)] = np.array(_quiet(traker.finalize_scores, exp_name="queries"), dtype=np.float64)
+    return out
 
 
 def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The linear datamodeling score (LDS) on the digits testbed, and the full method comparison.
+"""The linear datamodeling score (LDS) on the evaluation testbeds, and the full method comparison.
 
 LDS (Park et al., TRAK, 2023): draw S random subsets D_s (a fraction α of the training set), retrain the
 target model on each, and measure each query's output f_j(D_s). An attribution method with scores
@@ -8,8 +8,9 @@ between f_j and g_j, and the reported LDS is its mean over queries.
 Sign convention (the whole package's): τ(i, j) > 0 means i is a *proponent* of j: training on i raises j's
 margin and lowers its loss. So the measured output here is the query's **margin** (true logit minus
 logsumexp of the others), and the prediction is +Σ τ. (Measuring the loss instead, the prediction is
-−Σ τ; :func:`lds` takes ``output="loss"`` for that.) Daunce's cov/corr are positive for proponents
-because a train loss and a query loss that move together across perturbations mean aligned gradients.
+−Σ τ; :func:`lds` takes ``output="loss"`` for that.) Daunce's measures (cov, whitened, Nyström and their
+normalised forms) are positive for proponents because a train loss and a query loss that move together
+across perturbations mean aligned gradients.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.evaluation._digits import (
-    DigitsData,
+    DATASETS,
+    ClassificationData,
     fit,
-    load_digits_split,
+    load_split,
     make_model,
     per_example_loss,
     per_example_margin,
@@ -62,11 +64,12 @@ class LDSBenchmark:
 
 
 def make_lds_benchmark(
-    data: DigitsData,
+    data: ClassificationData,
     *,
     num_subsets: int = 100,
     fraction: float = 0.5,
     model_kind: str = "logreg",
+    hidden: int = 32,
     weight_decay: float = 1e-3,
     seeds: int = 1,
     output: str = "margin",
@@ -97,7 +100,8 @@ def make_lds_benchmark(
         for s in range(num_subsets):
             masks[s, rng.choice(n, size=size, replace=False)] = True
             for r in range(seeds):
-                model = fit(make_model(model_kind, seed=r), data.x_train[masks[s]], data.y_train[masks[s]], weight_decay=weight_decay)
+                model = fit(make_model(model_kind, hidden=hidden, seed=r, num_features=data.num_features, num_classes=data.num_classes),
+                            data.x_train[masks[s]], data.y_train[masks[s]], weight_decay=weight_decay)
                 outputs[s] += measure(model, data.x_test, data.y_test) / seeds
             if progress is not None:
                 progress(s + 1, num_subsets)
@@ -133,7 +137,12 @@ def lds(scores: np.ndarray, bench: LDSBenchmark) -> np.ndarray:
 
 @dataclasses.dataclass
 class LDSComparison:
-    """Result of :func:`compare_methods`: one row per (method, K) with the mean LDS and its spread."""
+    """Result of :func:`compare_methods`: one row per (method, K) with the mean LDS and its spread.
+
+    Every row has the same keys: ``method``, ``K`` (None for methods without a budget), ``lds``, ``std``
+    (over the column groups), ``groups``, ``seconds``, ``measure`` and ``config`` (Daunce rows: the score
+    measure and the perturbation config's label) and ``lambda`` (TRAK rows: traker's ``lambda_reg``).
+    """
 
     rows: list[dict[str, Any]]
     settings: dict[str, Any]
@@ -149,17 +158,28 @@ class LDSComparison:
             raise InvalidInputError(f"no rows for method {method!r}")
         return max(vals)
 
+    def daunce(self, measure: str, k: int, config: str = "") -> float:
+        """The mean LDS of Daunce ``measure`` at ``k`` columns under the perturbation config ``config``."""
+        for r in self.rows:
+            if r["measure"] == measure and r["K"] == k and r["config"] == config:
+                return float(r["lds"])
+        raise InvalidInputError(f"no Daunce row for measure {measure!r}, K={k}, config {config!r}")
+
 
 def compare_methods(
     *,
+    dataset: str = "digits",
     model_kind: str = "logreg",
+    hidden: int = 32,
     if_damping: float = 0.0,
     ks: Sequence[int] = (8, 16, 32, 64, 128),
     num_subsets: int = 100,
-    weight_decay: float = 1e-3,
+    weight_decay: float | None = None,
+    measures: Sequence[str] | None = None,
     trak_models: int = 10,
     trak_proj_dim: int = 2048,
-    trak_lambdas: Sequence[float] = (0.0, 1.0, 10.0, 100.0),
+    trak_lambdas: Sequence[float] = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5),
+    trak_sketch_models: Sequence[int] | None = None,
     daunce_config: Any = None,
     daunce_configs: dict[str, Any] | None = None,
     signal: str = "loss",
@@ -170,40 +190,62 @@ def compare_methods(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> LDSComparison:
-    """Run the LDS comparison on a digits classifier (``model_kind``: logistic regression, or a small MLP
-    whose exact Hessian gets ``if_damping``·I added where it is not positive definite): Daunce (cov, corr) at each K in ``ks``, and
-    gradient dot / cosine, the exact-Hessian influence function and TRAK, all on the same model,
-    queries and subsets. ``daunce_configs`` maps a label to a perturbation config to compare several
-    (default: ``{"": daunce_config}``). Daunce's K-curve averages ``max_groups`` disjoint groups of K columns from one
-    store of max(ks) perturbations (the spread is reported as ``std``)."""
+    """Run the LDS comparison on one testbed: ``dataset`` (one of :data:`DATASETS`; default digits) with a
+    ``model_kind`` classifier (logistic regression, or a tanh MLP with ``hidden`` units whose exact Hessian
+    gets ``if_damping``·I added where it is not positive definite), fitted with ``weight_decay`` (default:
+    the data set's).
+
+    Compares, on the same model, queries and subsets: Daunce with each score measure in ``measures``
+    (default: cov, corr, whitened, whitened-corr, nystrom, nystrom-corr) at each K in ``ks``, all from the
+    same stored columns; gradient dot / cosine; the exact-Hessian influence function; TRAK (``traker``)
+    with ``trak_proj_dim`` projections for every λ in ``trak_lambdas`` with M = 1 and M = ``trak_models``;
+    TRAK with projection dimension K for each ensemble size in ``trak_sketch_models`` (default: 1 and
+    ``trak_models``; ``()`` skips it) at its best λ for each K; and Daunce's analytic K → ∞ limits. ``daunce_configs`` maps a label to a
+    perturbation config to compare several (default: ``{"": daunce_config}``). Daunce's K-curve averages
+    ``max_groups`` disjoint groups of K columns from one store of max(ks) perturbations (the spread is
+    reported as ``std``).
+    """
     import torch
 
     from daunce_store.evaluation import baselines
-    from daunce_store.evaluation._daunce import column_groups, fill_store, score_matrix
+    from daunce_store.evaluation._daunce import MEASURES, column_groups, fill_store
 
-    data = load_digits_split(seed=seed)
+    measures = tuple(measures or MEASURES)
+    data = load_split(dataset, seed=seed)  # refuses an unknown data set
+    if weight_decay is None:
+        weight_decay = DATASETS[dataset]["weight_decay"]
     if n_queries is not None:
         data = data.replace(x_test=data.x_test[:n_queries], y_test=data.y_test[:n_queries], test_index=data.test_index[:n_queries])
     xtr, ytr, xq, yq = data.x_train, data.y_train, data.x_test, data.y_test
+
+    def new_model() -> Any:
+        return make_model(model_kind, hidden=hidden, num_features=data.num_features, num_classes=data.num_classes)
+
     torch.set_num_threads(1)
-    target = fit(make_model(model_kind), xtr, ytr, weight_decay=weight_decay)
+    target = fit(new_model(), xtr, ytr, weight_decay=weight_decay)
+    num_params = sum(p.numel() for p in target.parameters())
     acc = float((predict_logits(target, xq).argmax(1) == yq).mean())
-    log(f"target: {model_kind} on {len(ytr)} digits, weight decay {weight_decay}, test accuracy {acc:.3f}")
+    log(f"target: {model_kind} ({num_params} parameters) on {len(ytr)} {dataset} examples, weight decay {weight_decay}, "
+        f"test accuracy {acc:.3f}")
 
     t = time.perf_counter()
     # Non-convex models are retrained from θ0's own initialization (seed 0), so a subset's outputs are
     # a deterministic function of the subset.
-    bench = make_lds_benchmark(data, num_subsets=num_subsets, model_kind=model_kind, weight_decay=weight_decay, seed=seed + 1234)
+    bench = make_lds_benchmark(data, num_subsets=num_subsets, model_kind=model_kind, hidden=hidden, weight_decay=weight_decay,
+                               seed=seed + 1234)
     log(f"LDS benchmark: {num_subsets} subsets of 50% retrained in {time.perf_counter() - t:.1f}s")
     rows: list[dict[str, Any]] = []
 
-    def add(method: str, scores: np.ndarray, k: int | None = None, seconds: float | None = None, spread: Sequence[float] = ()) -> None:
+    def add(method: str, scores: np.ndarray, k: int | None = None, seconds: float | None = None, spread: Sequence[float] = (),
+            measure: str | None = None, config: str | None = None, lam: float | None = None) -> float:
         per_query = lds(scores, bench)
         values = [float(np.nanmean(per_query))] + [float(v) for v in spread]
         row = {"method": method, "K": k, "lds": float(np.mean(values)), "std": float(np.std(values)) if len(values) > 1 else None,
-               "groups": len(values), "seconds": None if seconds is None else round(seconds, 2)}
+               "groups": len(values), "seconds": None if seconds is None else round(seconds, 2),
+               "measure": measure, "config": config, "lambda": lam}
         rows.append(row)
-        log(f"  {method:<28} K={'' if k is None else k!s:<5} LDS {row['lds']:.3f}" + (f" ± {row['std']:.3f} over {len(values)} groups" if row["std"] is not None else ""))
+        log(f"  {method:<36} K={'' if k is None else k!s:<5} LDS {row['lds']:.3f}" + (f" ± {row['std']:.3f} over {len(values)} groups" if row["std"] is not None else ""))
+        return row["lds"]
 
     for name, fn in (
         ("gradient dot", lambda: baselines.grad_dot_scores(target, xtr, ytr, xq, yq)),
@@ -217,23 +259,38 @@ def compare_methods(
     # TRAK's ensemble: models trained on independent random halves of the training set (as in the TRAK
     # paper's subsampled ensembles; a convex model trained on all of D would give M identical copies).
     # traker's default lambda_reg = 0 inverts ΦᵀΦ undamped; the grid shows what tuning it buys (picked
-    # on these same subsets, so the best row is optimistic for TRAK).
+    # on these same subsets, so the best row is optimistic for TRAK). One featurization serves every λ.
     rng = np.random.default_rng(seed + 99)
     t = time.perf_counter()
     members = []
     for _ in range(trak_models):
         half = rng.choice(len(ytr), size=len(ytr) // 2, replace=False)
-        members.append(fit(make_model(model_kind), xtr[half], ytr[half], weight_decay=weight_decay))
+        members.append(fit(new_model(), xtr[half], ytr[half], weight_decay=weight_decay))
     t_members = time.perf_counter() - t
-    for lam in trak_lambdas:
-        for m in (1, trak_models):
+    for m in (1, trak_models):
+        tm = time.perf_counter()
+        by_lambda = baselines.trak_scores_by_lambda(members if m > 1 else [target], xtr, ytr, xq, yq, proj_dim=trak_proj_dim,
+                                                    lambdas=trak_lambdas)
+        seconds = (time.perf_counter() - tm) / len(trak_lambdas) + (t_members if m > 1 else 0.0)
+        for lam, scores in by_lambda.items():
+            add(f"TRAK (traker, M={m}, λ={lam:g})", scores, seconds=seconds, lam=lam)
+    # TRAK at the sketch size Daunce has: K projections of exact gradients, λ tuned per K the same way.
+    # M = 1 is the equal-sketch comparison (K numbers per example, as Daunce's K losses); an ensemble of M
+    # models holds M·K.
+    sketch_models = tuple(sorted({1, trak_models})) if trak_sketch_models is None else tuple(trak_sketch_models)
+    for m in sketch_models:
+        ensemble = members[:m] if m > 1 else [target]
+        for k in ks:
             tm = time.perf_counter()
-            scores = baselines.trak_scores(members if m > 1 else [target], xtr, ytr, xq, yq, proj_dim=trak_proj_dim, lambda_reg=lam)
-            add(f"TRAK (traker, M={m}, λ={lam:g})", scores, seconds=time.perf_counter() - tm + (t_members if m > 1 else 0.0))
+            by_lambda = baselines.trak_scores_by_lambda(ensemble, xtr, ytr, xq, yq, proj_dim=k, lambdas=trak_lambdas)
+            values = {lam: float(np.nanmean(lds(scores, bench))) for lam, scores in by_lambda.items()}
+            best = max(values, key=values.__getitem__)
+            add(f"TRAK proj=K (traker, M={len(ensemble)}, best λ)", by_lambda[best], k=k, lam=best,
+                seconds=(time.perf_counter() - tm) / len(trak_lambdas) + (t_members if len(ensemble) > 1 else 0.0))
 
-    # What Daunce estimates as K → ∞ when the perturbed fine-tunes reach their minimizers (DESIGN §1):
+    # What plain cov estimates as K → ∞ when the perturbed fine-tunes reach their minimizers (DESIGN §1):
     # g_iᵀ H⁻¹ F H⁻¹ g_j (IF form) and g_iᵀ F⁻¹ g_j (Fisher form), F = mean g gᵀ, computed exactly here.
-    # The gap between a Daunce row and these is estimation noise (it shrinks like 1/√K).
+    # (Nyström targets the influence function itself, DESIGN §1.1: its limit is the IF row.)
     gt = baselines.per_example_grads(target, xtr, ytr)
     gq = baselines.per_example_grads(target, xq, yq)
     h = baselines.exact_hessian(target, xtr, ytr, weight_decay)
@@ -245,29 +302,39 @@ def compare_methods(
 
     kmax = max(ks)
     configs = daunce_configs or {"": daunce_config}
+    convergence: dict[str, float | None] = {}
     for label, config in configs.items():
         suffix = f" ({label})" if label else ""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(workdir or tmp) / f"lds-daunce{label.replace(' ', '_').replace('=', '')}.zarr"
+            path = Path(workdir or tmp) / f"lds-{dataset}-{model_kind}{label.replace(' ', '_').replace('=', '')}.zarr"
             if path.exists():
                 import shutil
 
                 shutil.rmtree(path)
             t = time.perf_counter()
             torch.set_num_threads(1)
-            store = fill_store(path, target, xtr, ytr, {"test": (xq, yq)}, kmax, config=config, signal=signal, progress=progress)
+            store = fill_store(path, target, xtr, ytr, {"test": (xq, yq)}, kmax, config=config, signal=signal,
+                               weight_decay=weight_decay, progress=progress)
             seconds = time.perf_counter() - t
-            log(f"Daunce{suffix}: {kmax} perturbations in {seconds:.1f}s")
-            for measure in ("cov", "corr"):
+            # The runner's convergence signal: |∇ objective| at the end of each fine-tune over its value at θ0.
+            ratios = [c.metadata["convergence"]["ratio"] for c in store.commits() if "ratio" in c.metadata.get("convergence", {})]
+            convergence[label] = float(np.median(ratios)) if ratios else None
+            log(f"Daunce{suffix}: {kmax} perturbations in {seconds:.1f}s"
+                + (f", median convergence ratio {convergence[label]:.2f}" if ratios else ""))
+            for measure in measures:
                 for k in ks:
-                    groups = column_groups(store, "test", k, max_groups=max_groups)
-                    vals = [float(np.nanmean(lds(score_matrix(store, "test", measure, columns=g), bench))) for g in groups]
-                    add(f"Daunce {measure}{suffix}", score_matrix(store, "test", measure, columns=groups[0]), k=k,
-                        seconds=seconds * k / kmax, spread=vals[1:])
+                    # Positions 0..K-1 among the store's columns; the K × K matrix of each group is cached
+                    # on the store handle, so the many groups of one store cost one pass each.
+                    first, *rest = column_groups(store, "test", k, max_groups=max_groups)
+                    spread = [float(np.nanmean(lds(store.scores("test", measure=measure, columns=g).to_numpy(), bench))) for g in rest]
+                    add(f"Daunce {measure}{suffix}", store.scores("test", measure=measure, columns=first).to_numpy(), k=k,
+                        seconds=seconds * k / kmax, spread=spread, measure=measure, config=label)
     settings = {
-        "model_kind": model_kind, "if_damping": if_damping, "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
-        "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal,
+        "dataset": dataset, "model_kind": model_kind, "hidden": hidden if model_kind == "mlp" else None, "num_params": num_params,
+        "if_damping": if_damping, "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
+        "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal, "measures": list(measures),
         "daunce_configs": {label: (c.to_dict() if c is not None else None) for label, c in configs.items()},
-        "trak_models": trak_models, "trak_proj_dim": trak_proj_dim, "trak_lambdas": list(trak_lambdas),
+        "daunce_convergence_median": convergence,
+        "trak_models": trak_models, "trak_proj_dim": trak_proj_dim, "trak_lambdas": list(trak_lambdas), "trak_sketch_models": list(sketch_models),
     }
     return LDSComparison(rows, settings)

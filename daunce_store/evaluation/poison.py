@@ -1,12 +1,13 @@
-"""Backdoor retrieval and mislabel detection on the digits testbed.
+"""Backdoor retrieval and mislabel detection on the digits testbed, for each Daunce score measure.
 
 * Backdoor: a few % of the training images get a pixel-patch trigger (:data:`TRIGGER_PIXELS`) and a fixed
   target label; the model learns "trigger ⇒ target". For triggered test images (true digit ≠ target)
   queried with the target label, the top Daunce proponents should be the poisoned examples:
   precision@k of poisoned examples among them, against random ranking (expected precision = poison rate).
-* Mislabels: a few % of the training labels are flipped to another class; self-influence (variance of an
-  example's loss across the K perturbed models) should rank them first. Reported as precision/recall in
-  the top-k, against ranking by the target model's own loss (the usual baseline) and random ranking.
+* Mislabels: a few % of the training labels are flipped to another class; self-influence (an example's
+  self-score: the variance of its loss across the K perturbed models for cov, ū_iᵀ M ū_i for the
+  whitened and Nyström measures) should rank them first. Reported as precision/recall in the top-k,
+  against ranking by the target model's own loss (the usual baseline) and random ranking.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.evaluation._digits import (
-    DigitsData,
+    ClassificationData,
     add_trigger,
     fit,
     load_digits_split,
@@ -40,7 +41,9 @@ __all__ = [
 ]
 
 
-def poison_with_trigger(data: DigitsData, fraction: float = 0.03, target: int = 0, seed: int = 0) -> tuple[DigitsData, np.ndarray]:
+def poison_with_trigger(
+    data: ClassificationData, fraction: float = 0.03, target: int = 0, seed: int = 0
+) -> tuple[ClassificationData, np.ndarray]:
     """Add the trigger to ``fraction`` of the train images whose label is not ``target`` and relabel them
     ``target``. Returns the poisoned data and the sorted indices of the poisoned examples."""
     if not 0.0 < fraction < 1.0:
@@ -54,7 +57,7 @@ def poison_with_trigger(data: DigitsData, fraction: float = 0.03, target: int = 
     return data.replace(x_train=x, y_train=y), idx
 
 
-def flip_labels(data: DigitsData, fraction: float = 0.05, seed: int = 0) -> tuple[DigitsData, np.ndarray]:
+def flip_labels(data: ClassificationData, fraction: float = 0.05, seed: int = 0) -> tuple[ClassificationData, np.ndarray]:
     """Flip ``fraction`` of the train labels to a different random class. Returns the noisy data and the
     sorted indices of the flipped examples."""
     if not 0.0 < fraction < 1.0:
@@ -63,7 +66,8 @@ def flip_labels(data: DigitsData, fraction: float = 0.05, seed: int = 0) -> tupl
     n = len(data.y_train)
     idx = np.sort(rng.choice(n, size=max(1, int(round(fraction * n))), replace=False))
     y = data.y_train.copy()
-    y[idx] = (y[idx] + rng.integers(1, 10, size=len(idx))) % 10  # never the original class
+    c = data.num_classes
+    y[idx] = (y[idx] + rng.integers(1, c, size=len(idx))) % c  # never the original class
     return data.replace(y_train=y), idx
 
 
@@ -136,17 +140,19 @@ def run_backdoor(
     num_queries: int = 50,
     weight_decay: float = 1e-3,
     config: Any = None,
+    measures: Sequence[str] | None = None,
     baselines: bool = False,
     workdir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> BackdoorResult:
     """Poison digits, train the target logistic regression on it, run Daunce and measure precision@k of
-    poisoned examples among each triggered query's top proponents (``baselines``: also gradient cosine
-    and the exact-Hessian influence function on the same queries)."""
+    poisoned examples among each triggered query's top proponents under each score measure in
+    ``measures`` (default: all of :data:`~daunce_store.evaluation.MEASURES`; ``baselines``: also gradient
+    cosine and the exact-Hessian influence function on the same queries)."""
     import torch
 
-    from daunce_store.evaluation._daunce import fill_store
+    from daunce_store.evaluation._daunce import MEASURES, fill_store
 
     torch.set_num_threads(1)
     clean = load_digits_split(seed=seed)
@@ -163,8 +169,8 @@ def run_backdoor(
         path = Path(tmp) / "backdoor.zarr"
         _remove(path)
         store = fill_store(path, model, data.x_train, data.y_train, {"triggered": (xq, yq)}, num_perturbations,
-                           config=config, seed=seed, progress=progress)
-        for measure in ("cov", "corr"):
+                           config=config, weight_decay=weight_decay, seed=seed, progress=progress)
+        for measure in measures or MEASURES:
             top = store.topk("triggered", k=kmax, measure=measure, side="pos").indices["pos"]
             precision[f"Daunce {measure}"] = {k: float(np.mean([_precision_at(r, poisoned, k) for r in top])) for k in ks}
     if baselines:
@@ -186,15 +192,18 @@ def run_mislabel(
     ks: Sequence[int] | None = None,
     weight_decay: float = 1e-3,
     config: Any = None,
+    measures: Sequence[str] | None = None,
     workdir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> MislabelResult:
     """Flip labels, train the target logistic regression on the noisy data, run Daunce and rank train
-    examples by self-influence (``store.self_influence``), against ranking by the target model's loss."""
+    examples by self-influence (``store.self_influence``) under each measure in ``measures`` (default:
+    cov, whitened, nystrom), against ranking by the target model's loss. The cov ranking is reported as
+    "Daunce self-influence", the others as "Daunce self-influence (<measure>)"."""
     import torch
 
-    from daunce_store.evaluation._daunce import fill_store
+    from daunce_store.evaluation._daunce import SELF_MEASURES, fill_store
 
     torch.set_num_threads(1)
     data, flipped = flip_labels(load_digits_split(seed=seed), fraction, seed)
@@ -205,8 +214,11 @@ def run_mislabel(
     with _workdir(workdir) as tmp:
         path = Path(tmp) / "mislabel.zarr"
         _remove(path)
-        store = fill_store(path, model, data.x_train, data.y_train, {}, num_perturbations, config=config, seed=seed, progress=progress)
-        rankings["Daunce self-influence"] = store.self_influence(k=kmax, side="pos").indices["pos"][0]
+        store = fill_store(path, model, data.x_train, data.y_train, {}, num_perturbations, config=config,
+                           weight_decay=weight_decay, seed=seed, progress=progress)
+        for measure in measures or SELF_MEASURES:
+            name = "Daunce self-influence" if measure == "cov" else f"Daunce self-influence ({measure})"
+            rankings[name] = store.self_influence(k=kmax, side="pos", measure=measure).indices["pos"][0]
     rankings["target-model loss"] = np.argsort(-per_example_loss(model, data.x_train, data.y_train), kind="stable")[:kmax]
     precision = {m: {k: _precision_at(r, flipped, k) for k in ks} for m, r in rankings.items()}
     recall = {m: {k: float(np.isin(r[:k], flipped).sum() / len(flipped)) for k in ks} for m, r in rankings.items()}

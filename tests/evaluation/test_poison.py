@@ -38,6 +38,9 @@ def test_triggered_queries_retrieve_the_poisoned_examples() -> None:
     # Random ranking: precision@10 has mean 0.03 (poison rate) and its mean over 30 queries stays far below 0.3.
     assert r.random_precision < 0.04
     assert r.precision["Daunce corr"][10] >= 0.4
+    # The normalised preconditioned forms are the retrieval measures of DESIGN §1.1.
+    assert r.precision["Daunce nystrom-corr"][10] >= 0.4
+    assert r.precision["Daunce whitened-corr"][10] >= 0.4
 
 
 def test_self_influence_ranks_flipped_labels_first() -> None:
@@ -45,5 +48,6 @@ def test_self_influence_ranks_flipped_labels_first() -> None:
     k = r.num_flipped
     # Random ranking expects precision 0.05 at k = #flipped; P(>= 50% by chance) is astronomically small.
     assert r.random_precision < 0.06
-    assert r.precision["Daunce self-influence"][k] >= 0.6
-    assert r.recall["Daunce self-influence"][2 * k] >= 0.8
+    for name in ("Daunce self-influence", "Daunce self-influence (whitened)", "Daunce self-influence (nystrom)"):
+        assert r.precision[name][k] >= 0.6, (name, r.precision[name])
+        assert r.recall[name][2 * k] >= 0.8, (name, r.recall[name])
