@@ -398,10 +398,10 @@ def eval_lds(
     ks: Annotated[list[int], typer.Option("-K", help="Daunce K values; repeatable.")] = [8, 16, 32],
     subsets: Annotated[int, typer.Option(help="Retrained 50% subsets (S).")] = 50,
     trak_models: Annotated[int, typer.Option(help="TRAK ensemble size.")] = 5,
-    ratio: Annotated[float, typer.Option(help="Daunce subset ratio r.")] = 0.3,
+    ratio: Annotated[float, typer.Option(help="Daunce subset ratio r.")] = 1.0,
     queries: Annotated[Optional[int], typer.Option(help="Use only the first N test queries.")] = None,
 ) -> None:
-    """LDS of Daunce (cov, corr) and gradient / influence-function / TRAK baselines on digits."""
+    """LDS of Daunce (every measure) and gradient / influence-function / TRAK baselines on digits."""
     from daunce_store.evaluation._daunce import default_config
     from daunce_store.evaluation.lds import compare_methods
 

@@ -58,7 +58,7 @@ def run_demo(
         shutil.rmtree(path)
     console.print(f"running K={k_perturbations} Daunce perturbations (IF objective, 30% subsets) into {path}")
     store = fill_store(path, model, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, k_perturbations,
-                       config=default_config(), seed=seed, progress=RichReporter(console=console), train_ids=data.train_ids)
+                       config=default_config(ratio=1.0), seed=seed, progress=RichReporter(console=console), train_ids=data.train_ids)
 
     # A few queries: the first test images of different digits.
     _, first = np.unique(data.y_test, return_index=True)
