@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from daunce_store.evaluation._daunce import MEASURES, SELF_MEASURES, default_config
+from daunce_store.evaluation import MEASURES, SELF_MEASURES, default_config
 from daunce_store.evaluation.lds import compare_methods
 from daunce_store.evaluation.poison import run_backdoor, run_mislabel
 

@@ -402,7 +402,7 @@ def eval_lds(
     queries: Annotated[Optional[int], typer.Option(help="Use only the first N test queries.")] = None,
 ) -> None:
     """LDS of Daunce (every measure) and gradient / influence-function / TRAK baselines on digits."""
-    from daunce_store.evaluation._daunce import default_config
+    from daunce_store.evaluation import default_config
     from daunce_store.evaluation.lds import compare_methods
 
     result = compare_methods(ks=ks, num_subsets=subsets, trak_models=trak_models, n_queries=queries,

@@ -37,8 +37,7 @@ def run_demo(
     import_optional("torch", "train", "`daunce demo` (it trains a torch model)")
     import torch
 
-    from daunce_store.evaluation._daunce import default_config, fill_store
-    from daunce_store.evaluation._digits import fit, load_digits_split, make_model, predict_logits
+    from daunce_store.evaluation import default_config, fill_store, fit, load_digits_split, make_model, predict_logits
     from daunce_store.perturb import RichReporter
 
     console = console or Console()

@@ -73,7 +73,7 @@ def load_dialogues() -> list[tuple[str, str, str]]:
     return unique
 
 
-def _prompt(utterance: str) -> str:
+def prompt(utterance: str) -> str:
     # SmolLM2's chat format without the default system prompt (it would take most of the tokens).
     return f"<|im_start|>user\n{utterance}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -121,7 +121,7 @@ def run_llm_demo(
     task = CausalLMTask(pad_token_id=pad, max_length=max_length)
 
     def encode(rows: list[tuple[str, str, str]]) -> list[dict[str, list[int]]]:
-        return [CausalLMTask.encode(tok, _prompt(u), f"{r}<|im_end|>", max_length=max_length) for _, u, r in rows]
+        return [CausalLMTask.encode(tok, prompt(u), f"{r}<|im_end|>", max_length=max_length) for _, u, r in rows]
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "smollm2.zarr"

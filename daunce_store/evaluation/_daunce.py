@@ -15,15 +15,16 @@ from typing import Any
 import numpy as np
 
 import daunce_store
+from daunce_store.scoring import MEASURES as SCORE_MEASURES
 from daunce_store.errors import InvalidInputError
 
 __all__ = ["MEASURES", "SELF_MEASURES", "fill_store", "column_groups", "num_scored_columns", "default_config"]
 
 #: The score measures the evaluations compare (DESIGN §1, §1.1); the "-corr" forms divide by the square
 #: root of the train example's self-score (the normalised forms, for retrieval).
-MEASURES = ("cov", "corr", "whitened", "whitened-corr", "nystrom", "nystrom-corr")
+MEASURES = tuple(SCORE_MEASURES)  # every score measure (the one vocabulary: daunce_store.scoring)
 #: The measures a self-score (self-influence) exists for.
-SELF_MEASURES = ("cov", "whitened", "nystrom")
+SELF_MEASURES = tuple(name for name, m in SCORE_MEASURES.items() if not m.normalized)  # a self-score of 1 says nothing
 
 
 def default_config(**changes: Any) -> Any:
