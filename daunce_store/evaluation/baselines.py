@@ -120,27 +120,16 @@ def influence_function_scores(
     return gt @ np.linalg.solve(h, gq.T)
 
 
-def trak_scores(
-    models: Sequence[Any],
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_query: np.ndarray,
-    y_query: np.ndarray,
-    *,
-    proj_dim: int = 512,
-    lambda_reg: float = 0.0,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> np.ndarray:
+def trak_scores(models: Sequence[Any], *data: np.ndarray, lambda_reg: float = 0.0, **options: Any) -> np.ndarray:
     """TRAK scores from MadryLab's ``traker`` (CPU: its BasicProjector, Gaussian projections), ensembled
-    over ``models`` (state dicts of one architecture, e.g. trained on different random halves of D).
+    over ``models`` (state dicts of one architecture, e.g. trained on different random halves of D);
+    ``data`` = (x_train, y_train, x_query, y_query), ``options`` as :func:`trak_scores_by_lambda`'s.
 
     TRAK's formula: τ(j, i) = φ_j (ΦᵀΦ + λI)⁻¹ φ_iᵀ · (1 − p_i), φ = projected gradient of the margin
     log(p/(1 − p)), averaged over the ensemble; it predicts the change of the query's margin when i is in
     the training set, so positive = proponent.
     """
-    return trak_scores_by_lambda(models, x_train, y_train, x_query, y_query, proj_dim=proj_dim, lambdas=(lambda_reg,),
-                                 batch_size=batch_size, seed=seed)[float(lambda_reg)]
+    return trak_scores_by_lambda(models, *data, lambdas=(lambda_reg,), **options)[float(lambda_reg)]
 
 
 def trak_scores_by_lambda(
