@@ -16,9 +16,7 @@ from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, write_frames
 from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
 from daunce_store.scoring._measures import (
-    AUTO,
     DEFAULT_MEASURE,
-    MEASURE_NAMES,
     MEASURES,
     Gram,
     Measure,
@@ -187,8 +185,7 @@ def scoring_request(
     block_rows: int | None = None,
 ) -> ScoringRequest:
     """Validate a query-scoring request and load its queries (``k`` None: no top-k, dense scores)."""
-    if measure != AUTO and measure not in MEASURES:
-        raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {measure!r}")
+    resolve_measure(measure)  # a bad name fails here, before any reading
     sides = resolve_sides(side)
     if k is not None:
         check_k(k, store.n_train)

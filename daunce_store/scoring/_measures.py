@@ -78,7 +78,7 @@ AUTO = "auto"
 DEFAULT_MEASURE = AUTO
 MEASURE_NAMES = (AUTO, *MEASURES)
 MEASURE_HELP = "; ".join(
-    [f"{AUTO}: nystrom when every column records its draw, else whitened"] + [f"{m.name}: {m.help}" for m in MEASURES.values()]
+    [f"{AUTO}: nystrom when every column records the draw of an IF/Fisher fine-tune (the runner's), else whitened"] + [f"{m.name}: {m.help}" for m in MEASURES.values()]
 )
 
 
@@ -90,14 +90,18 @@ def draws_of(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw 
 
 def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence[int] = ()) -> Measure:
     """The :class:`Measure` called ``name``; ``auto`` becomes nystrom when every column in ``slots``
-    records its draw, else whitened. Nyström on columns without draws is a clear error."""
+    records the draw of an IF- or Fisher-form fine-tune (the setting the LDS measurements cover), else
+    whitened. Nyström on columns without draws is a clear error; on black-box draws (w = −1[i∈D_k]/|D_k|,
+    unmeasured on LDS) it is allowed when asked for by name."""
     if name != AUTO and name not in MEASURES:
         raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {name!r}")
     if snapshot is None or (name != AUTO and MEASURES[name].preconditioner != "nystrom"):
         return MEASURES["nystrom" if name == AUTO else name]
-    missing = sum(d is None for d in draws_of(snapshot, slots))
+    draws = draws_of(snapshot, slots)
+    missing = sum(d is None for d in draws)
     if name == AUTO:
-        return MEASURES["whitened" if missing else "nystrom"]
+        measured = not missing and all(d is not None and d.objective != "blackbox" for d in draws)
+        return MEASURES["nystrom" if measured else "whitened"]
     if missing:
         raise InvalidInputError(
             f"measure {name!r} needs each perturbation's random weights, but {missing} of {len(slots)} columns "

@@ -156,6 +156,13 @@ def test_auto_picks_nystrom_only_when_every_column_records_its_draw(tmp_path, li
     assert plain.self_influence(k=3).measure == "whitened"
     with pytest.raises(InvalidInputError, match="4 of 4 columns record no draw.*whitened"):
         plain.topk("test", k=3, measure="nystrom")
+    # Black-box draws: nystrom only when asked for (unmeasured on LDS), whitened by default.
+    bb = daunce_store.init(tmp_path / "b.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]})
+    for k in range(6):
+        draw = PerturbationDraw(0, k, 0.5, "blackbox")
+        bb.append(f"{k:06d}", train[:, k], {"test": query[:, k]}, metadata={"draw": draw.to_metadata()})
+    assert bb.topk("test", k=3).measure == "whitened"
+    assert bb.topk("test", k=3, measure="nystrom").measure == "nystrom"
 
 
 def test_bad_requests_are_clear_errors(linear_store):
