@@ -17,7 +17,7 @@ import perturb_factories as F  # noqa: E402
 pytestmark = pytest.mark.train
 
 K = 32
-CFG = PerturbConfig(objective="if", epochs=3, lr=1e-2, batch_size=64, eval_batch_size=2048)
+CFG = PerturbConfig(objective="if", ratio=0.3, epochs=3, lr=1e-2, batch_size=64, eval_batch_size=2048)
 
 
 @pytest.fixture(scope="module")
