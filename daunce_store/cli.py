@@ -360,7 +360,7 @@ def self_influence(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
     k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 4 with --llm).")] = None,
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    measure: Annotated[Measure, typer.Option(help="Score to rank by (nystrom-corr: the top lists read best; see --help of topk).")] = Measure("nystrom-corr"),
     llm: Annotated[bool, typer.Option("--llm", help="SmolLM2-135M with LoRA perturbations on real dialogues instead of digits.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for --llm (cpu, cuda).")] = "cpu",
     num_dialogues: Annotated[int, typer.Option(help="Training dialogues for --llm.")] = 48,

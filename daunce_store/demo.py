@@ -30,7 +30,7 @@ def run_demo(
     *,
     num_queries: int = 4,
     top: int = 5,
-    measure: str = "auto",
+    measure: str = "nystrom-corr",
     seed: int = 0,
 ) -> Path:
     """Run the demo; returns the path of the PNG grid."""
