@@ -296,6 +296,23 @@ _ranking_command("topk", False, "Top-k proponents and opponents per query.")
 _ranking_command("influence", True, "Aggregate influence of each train example on a whole query set (mean score), top-k.")
 
 
+@_command(app, "scores")
+def scores_command(
+    store: StoreArg,
+    query_set: QuerySetOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, .csv, .jsonl or .json.")],
+    query: QueryIdsOpt = [],
+    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    mean: Annotated[bool, typer.Option("--mean", help="One column: the mean score over the queries.")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Dense scores: one row per train example, one column per query (or their mean), streamed to a file."""
+    s = _open(store, "r", storage_options)
+    result = s.scores(query_set, query or None, measure=measure.value, aggregate="mean" if mean else None)
+    rows = result.write(output)
+    err_console.print(f"wrote {rows} rows x {len(result.queries)} queries ({result.measure}, K={result.num_columns}) to {output}")
+
+
 StabilityFormat = _choices("StabilityFormat", ("table", "json"))
 
 

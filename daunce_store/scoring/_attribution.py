@@ -312,6 +312,25 @@ class Scores:
 
         return pd.DataFrame(self.to_numpy(), index=pd.Index(self.train_ids, name="train_id"), columns=list(self.queries))
 
+    def write(self, path: str | os.PathLike[str], fmt: str | None = None) -> int:
+        """Write a table with a ``train_id`` column and one column per query, one row block at a time
+        (parquet, csv or jsonl stream; json gathers), so n × m never sits in memory; returns the rows."""
+        import pandas as pd
+
+        fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]
+        if fmt not in TABLE_FORMATS:
+            raise InvalidInputError(f"unknown output format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
+        if "train_id" in self.queries:
+            raise InvalidInputError("a query is named 'train_id', which is the key column of the table; rename it")
+
+        def frames() -> Iterator[pd.DataFrame]:
+            for offset, block in self:
+                frame = pd.DataFrame(block, columns=list(self.queries))
+                frame.insert(0, "train_id", self.train_ids[offset : offset + len(block)].astype(object))
+                yield frame
+
+        return write_frames(frames(), path, fmt)
+
 
 def scores(
     store: LossStore,

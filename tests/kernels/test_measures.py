@@ -189,3 +189,20 @@ def test_cli_measures(linear_store):
     assert res.exit_code == 0 and json.loads(res.stdout)[0]["query"] == "<self>"
     res = runner.invoke(app, ["topk", store.url, "--query-set", "test", "--measure", "bogus"])
     assert res.exit_code != 0
+
+
+def test_cli_scores_streams_the_dense_matrix(linear_store, tmp_path):
+    import pandas as pd
+
+    store, *_ = linear_store
+    out = tmp_path / "scores.parquet"
+    res = CliRunner().invoke(app, ["scores", store.url, "--query-set", "test", "--measure", "nystrom", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(out)
+    assert list(table.columns) == ["train_id", "q0", "q1", "q2", "q3"] and table["train_id"].tolist() == store.train_ids.tolist()
+    np.testing.assert_array_equal(table[["q0", "q1", "q2", "q3"]].to_numpy(), store.scores("test", measure="nystrom").to_numpy())
+    res = CliRunner().invoke(app, ["scores", store.url, "--query-set", "test", "--mean", "-o", str(tmp_path / "m.csv")])
+    assert res.exit_code == 0 and pd.read_csv(tmp_path / "m.csv").columns.tolist() == ["train_id", "test:mean"]
+    res = CliRunner().invoke(app, ["scores", store.url, "--query-set", "test", "-o", str(tmp_path / "x.txt")])
+    assert res.exit_code == 2 and "unknown output format" in res.output
+
