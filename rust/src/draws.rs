@@ -21,26 +21,10 @@ pub fn uniforms(key: u64, r0: u64, count: usize) -> Vec<f64> {
     (0..count as u64).map(|i| uniform(key, r0 + i + 1)).collect()
 }
 
-/// The linearized weights a_ik · 1[i ∈ D_k] of rows `r0 .. r0 + out.len()` into `out`, and how many of
-/// those rows are in D_k. Row i is in D_k when its `key_subset` uniform is below `ratio`; then
-/// a = (base + rho (2 xi - 1)) - shift with xi its `key_xi` uniform (IF: base 1, shift gamma; Fisher:
-/// base 0, shift 0), or -1 for black-box runs: the same operations, in the same order, as the numpy path.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_weights(key_subset: u64, key_xi: u64, ratio: f64, base: f64, rho: f64, shift: f64, blackbox: bool, r0: u64, out: &mut [f64]) -> u64 {
-    let mut members = 0;
-    for (i, o) in out.iter_mut().enumerate() {
-        let counter = r0 + i as u64 + 1;
-        *o = if uniform(key_subset, counter) < ratio {
-            members += 1;
-            if blackbox { -1.0 } else { (base + rho * (2.0 * uniform(key_xi, counter) - 1.0)) - shift }
-        } else {
-            0.0
-        };
-    }
-    members
-}
-
-/// One perturbation's draw parameters (see `linear_weights`).
+/// One perturbation's draw: row i is in D_k when its `key_subset` uniform is below `ratio`; then its
+/// weight is a = (base + rho (2 xi - 1)) - shift with xi its `key_xi` uniform (IF: base 1, shift gamma;
+/// Fisher: base 0, shift 0), or -1 for black-box runs: the same operations, in the same order, as the
+/// numpy path, so both give the same bits.
 #[derive(Debug, Clone, Copy)]
 pub struct ColumnDraw {
     pub key_subset: u64,
@@ -52,6 +36,29 @@ pub struct ColumnDraw {
     pub blackbox: bool,
 }
 
+impl ColumnDraw {
+    /// (whether the row at `counter` is in D_k, its weight a if it is). Both uniforms always, then the
+    /// caller selects: membership is a coin flip, so a branch would mispredict.
+    #[inline]
+    fn weight(&self, counter: u64) -> (bool, f64) {
+        let member = uniform(self.key_subset, counter) < self.ratio;
+        let a = if self.blackbox { -1.0 } else { (self.base + self.rho * (2.0 * uniform(self.key_xi, counter) - 1.0)) - self.shift };
+        (member, a)
+    }
+}
+
+/// The linearized weights a_ik · 1[i ∈ D_k] of rows `r0 .. r0 + out.len()` into `out`, and how many of
+/// those rows are in D_k.
+pub fn linear_weights(col: &ColumnDraw, r0: u64, out: &mut [f64]) -> u64 {
+    let mut members = 0;
+    for (i, o) in out.iter_mut().enumerate() {
+        let (member, a) = col.weight(r0 + i as u64 + 1);
+        members += member as u64;
+        *o = if member { a } else { 0.0 };
+    }
+    members
+}
+
 /// The weights of rows `r0 .. r0 + rows` for K perturbations at once, row-major (rows × K) in `out`
 /// (f64 values rounded to f32, as numpy's cast does), adding each column's subset count to `members`.
 pub fn weights_block(cols: &[ColumnDraw], r0: u64, out: &mut [f32], members: &mut [u64]) {
@@ -60,9 +67,7 @@ pub fn weights_block(cols: &[ColumnDraw], r0: u64, out: &mut [f32], members: &mu
     for (i, row) in out.chunks_exact_mut(k).enumerate() {
         let counter = r0 + i as u64 + 1;
         for ((o, c), count) in row.iter_mut().zip(cols).zip(members.iter_mut()) {
-            // Both uniforms always, then a select: membership is a coin flip, so a branch would mispredict.
-            let member = uniform(c.key_subset, counter) < c.ratio;
-            let a = if c.blackbox { -1.0 } else { (c.base + c.rho * (2.0 * uniform(c.key_xi, counter) - 1.0)) - c.shift };
+            let (member, a) = c.weight(counter);
             *count += member as u64;
             *o = if member { a as f32 } else { 0.0 };
         }
@@ -82,7 +87,8 @@ mod tests {
     #[test]
     fn weights_follow_membership() {
         let mut w = vec![0.0; 1000];
-        let members = linear_weights(1, 2, 0.3, 1.0, 1.0, 1.0, false, 0, &mut w);
+        let col = ColumnDraw { key_subset: 1, key_xi: 2, ratio: 0.3, base: 1.0, rho: 1.0, shift: 1.0, blackbox: false };
+        let members = linear_weights(&col, 0, &mut w);
         let member: Vec<bool> = uniforms(1, 0, 1000).iter().map(|&u| u < 0.3).collect();
         assert_eq!(members, member.iter().filter(|&&m| m).count() as u64);
         let xi = uniforms(2, 0, 1000);
@@ -103,7 +109,7 @@ mod tests {
         weights_block(&cols, r0, &mut out, &mut members);
         for (j, c) in cols.iter().enumerate() {
             let mut w = vec![0.0; rows];
-            let m = linear_weights(c.key_subset, c.key_xi, c.ratio, c.base, c.rho, c.shift, c.blackbox, r0, &mut w);
+            let m = linear_weights(c, r0, &mut w);
             assert_eq!(members[j], m);
             for i in 0..rows {
                 assert_eq!(out[i * 2 + j], w[i] as f32);

@@ -43,9 +43,10 @@ fn splitmix64_uniforms<'py>(py: Python<'py>, key: u64, r0: u64, count: usize) ->
 fn draw_linear_weights<'py>(
     py: Python<'py>, key_subset: u64, key_xi: u64, ratio: f64, base: f64, rho: f64, shift: f64, blackbox: bool, r0: u64, count: usize,
 ) -> (Bound<'py, PyArray1<f64>>, u64) {
+    let col = draws::ColumnDraw { key_subset, key_xi, ratio, base, rho, shift, blackbox };
     let (w, members) = py.detach(|| {
         let mut w = vec![0.0; count];
-        let members = draws::linear_weights(key_subset, key_xi, ratio, base, rho, shift, blackbox, r0, &mut w);
+        let members = draws::linear_weights(&col, r0, &mut w);
         (w, members)
     });
     (w.into_pyarray(py), members)
