@@ -51,6 +51,12 @@ class Attribution:
     measure: str
     num_columns: int
 
+    @classmethod
+    def from_result(cls, queries: tuple[str, ...], train_ids: np.ndarray, result: dict[str, tuple[np.ndarray, np.ndarray]],
+                    measure: str, num_columns: int) -> Attribution:
+        """From a kernel result ``{side: (indices, scores)}``."""
+        return cls(queries, train_ids, {s: r[0] for s, r in result.items()}, {s: r[1] for s, r in result.items()}, measure, num_columns)
+
     def records(self) -> list[dict[str, Any]]:
         """One dict per (query, side, rank): {query, side, rank, train_id, train_index, score}."""
         out = []
@@ -198,12 +204,6 @@ def scoring_request(
     return ScoringRequest(sides, snap, rows, names, slots, positions, np.ascontiguousarray(q), resolved, gram)
 
 
-def _attribution(req: ScoringRequest, names: tuple[str, ...], train_ids: np.ndarray, result: dict[str, tuple[np.ndarray, np.ndarray]],
-                 measure: str) -> Attribution:
-    s = req.sides
-    return Attribution(names, train_ids, {x: result[x][0] for x in s}, {x: result[x][1] for x in s}, measure, req.num_columns)
-
-
 def topk_store(
     store: LossStore,
     query_set: str,
@@ -237,7 +237,7 @@ def topk_store(
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     for offset, block in req.blocks(store, block_rows):
         acc.push_block(offset, prep.block(block))
-    return _attribution(req, names, store.train_ids, acc.finish(), req.measure.name)
+    return Attribution.from_result(names, store.train_ids, acc.finish(), req.measure.name, req.num_columns)
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:
@@ -275,7 +275,7 @@ def self_influence(
         acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
     best = acc.finish()
     name = "var" if resolved.name == "cov" else resolved.name
-    return Attribution(("<self>",), store.train_ids, {s: best[s][0] for s in sides}, {s: best[s][1] for s in sides}, name, len(slots))
+    return Attribution.from_result(("<self>",), store.train_ids, best, name, len(slots))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,7 +136,7 @@ class Gram:
         with threadpool_limits(1, user_api="blas"):
             for offset, block in blocks:
                 # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
-                u = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+                u = prepare_rows(block, "cov")  # centered over K
                 if kind == "nystrom":
                     w, members = weights_block(draws, offset, offset + len(block))  # (R, K) row-major: see below
                     sizes += members
@@ -209,9 +209,8 @@ class Prepared:
         """A store block as the kernel must see it."""
         if self.transform is None:
             return block
-        centered = block - block.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
         with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate
-            return np.ascontiguousarray(centered @ self.transform)
+            return np.ascontiguousarray(prepare_rows(block, "cov") @ self.transform)
 
     def dense(self, block: np.ndarray) -> np.ndarray:
         """(R, m) scores of a block's rows (the numpy reference of what the kernel ranks)."""
