@@ -15,6 +15,7 @@ TRAIN_GROUP = "train"
 QUERIES_GROUP = "queries"
 IDS_ARRAY = "ids"
 LOSSES_ARRAY = "losses"
+IDS_DIGEST_ATTR = "sha256"  # attribute of every ids array: sha256 of its ids joined by newlines
 
 # Commit log (create-if-absent JSON records under LOG_PREFIX).
 LOG_PREFIX = "_daunce"

@@ -160,7 +160,14 @@ def topk(
     >>> topk([(0, x)], x[:1], k=2, measure="corr")["pos"][0]
     array([[0, 1]])
     """
+    queries = np.asarray(queries)
+    if not np.isfinite(queries).all():
+        raise InvalidInputError(f"queries hold NaN or inf (query row {int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])}); scores of NaN have no order")
     acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared)
     for offset, block in blocks:
+        finite = np.isfinite(block)
+        if not finite.all():  # the store's reads already refuse this; arrays passed in directly might not
+            row = offset + int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise InvalidInputError(f"train losses hold NaN or inf (row {row}); scores of NaN have no order")
         acc.push_block(offset, block)
     return acc.finish()

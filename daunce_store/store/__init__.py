@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
 from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
-from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, init_store, open_store
+from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
 from daunce_store.store._records import perturbation_id
 from daunce_store.store._storage import Storage
 from daunce_store.store._tables import TABLE_FORMATS, write_frames
@@ -17,6 +17,8 @@ __all__ = [
     "PerturbationDraw",
     "Snapshot",
     "Storage",
+    "ids_checksummed",
+    "ids_digest",
     "init_store",
     "open_store",
     "perturbation_id",

@@ -14,18 +14,20 @@ only one wins. A killed writer leaves at most an unreferenced slot.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from daunce_store import _constants as C
 from daunce_store.errors import (
     AlreadyCommittedError,
     CapacityError,
+    CorruptChunkError,
     InvalidInputError,
     NotADaunceStoreError,
     StoreExistsError,
@@ -195,7 +197,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
     @property
     def train_ids(self) -> np.ndarray:
         if self._train_ids is None:
-            self._train_ids = np.array(self._train_ids_arr[:].tolist(), dtype=str)
+            self._train_ids = read_ids_array(self._train_ids_arr, self.url)
         return self._train_ids
 
     def train_index(self, ids: Sequence[str]) -> np.ndarray:
@@ -223,7 +225,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
                     f"unknown query set {name!r} (this store has: {known}); add one with `daunce add-queries`"
                 )
             g = self._root[f"{C.QUERIES_GROUP}/{name}"]
-            ids = np.array(g[C.IDS_ARRAY][:].tolist(), dtype=str)
+            ids = read_ids_array(g[C.IDS_ARRAY], self.url)
             self._query_cache[name] = (g[C.LOSSES_ARRAY], ids, {s: i for i, s in enumerate(ids.tolist())})
         return self._query_cache[name]
 
@@ -436,11 +438,52 @@ def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> np.ndarray:
     return out
 
 
+def ids_digest(ids: np.ndarray) -> str:
+    """The sha256 of the ids joined by newlines (the digest perturbation records call train_ids_sha256)."""
+    return hashlib.sha256("\n".join(np.asarray(ids).tolist()).encode()).hexdigest()
+
+
+def ids_checksummed(arr: Any) -> bool:
+    """Whether an ids array's chunks carry a checksum (stores made before ids had one do not)."""
+    return any(isinstance(c, Crc32cCodec) or (isinstance(c, ZstdCodec) and c.checksum) for c in arr.compressors)
+
+
+def read_ids_array(arr: Any, url: str) -> np.ndarray:
+    """An ids array, as strings, after the checks every read can afford: checksums (in the codec), no
+    empty id (an absent chunk reads as the fill value ""), and, for old arrays without checksums, no
+    duplicate (what a flipped character most often makes)."""
+    try:
+        ids = np.array(arr[:].tolist(), dtype=str)
+    except (ValueError, RuntimeError) as e:
+        raise CorruptChunkError(
+            f"the ids {arr.path!r} of {url} are damaged ({e}); restore the store from a copy "
+            "(`daunce verify` names every damaged chunk)"
+        ) from e
+    blank = np.flatnonzero(ids == "")
+    if len(blank):
+        rows = int(arr.chunks[0])
+        raise CorruptChunkError(
+            f"chunk '{arr.path}/c/{blank[0] // rows}' of {url} is missing: {len(blank)} ids read as empty from row "
+            f"{blank[0]}; restore the chunk from a complete copy of the store"
+        )
+    if not ids_checksummed(arr) and len(set(ids.tolist())) != len(ids):
+        uniq, counts = np.unique(ids, return_counts=True)
+        raise CorruptChunkError(
+            f"the ids {arr.path!r} of {url} hold duplicates {uniq[counts > 1][:3].tolist()}: an id was damaged "
+            "(this store predates id checksums, so the damage cannot be located); restore it from a copy"
+        )
+    return ids
+
+
 def _create_column_arrays(root: Any, path: str, ids: np.ndarray, capacity: int, chunk_rows: int) -> None:
     group = root.require_group(path)
     n = len(ids)
-    id_arr = group.create_array(C.IDS_ARRAY, shape=(n,), dtype=str, chunks=(min(n, 1 << 20),), overwrite=True)
+    # Ids are checked like losses: crc32c on every chunk (checked on each read) and a digest of the whole
+    # array (checked by `daunce verify`), so a flipped bit can never silently rename an example.
+    id_arr = group.create_array(C.IDS_ARRAY, shape=(n,), dtype=str, chunks=(min(n, 1 << 20),),
+                                compressors=[ZstdCodec(), Crc32cCodec()], overwrite=True)
     id_arr[:] = ids
+    id_arr.attrs[C.IDS_DIGEST_ATTR] = ids_digest(ids)
     group.create_array(
         C.LOSSES_ARRAY,
         shape=(n, capacity),

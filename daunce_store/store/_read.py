@@ -25,6 +25,7 @@ class ReadPathMixin:
     """The reading methods of :class:`~daunce_store.LossStore`."""
 
     _train_losses: Any
+    _storage: Any
     url: str
     n_train: int
     chunk_rows: int
@@ -135,6 +136,7 @@ class ReadPathMixin:
                 block = packed[r0:r1, group * width + lo : group * width + hi]
             except (ValueError, RuntimeError) as e:
                 raise CorruptChunkError(self._locate_corruption(packed, r0, r1, [group * width + p for _, p in pairs], e)) from e
+            self._check_complete(packed, r0, block, [group * width + p for p in range(lo, hi)], columns_last=True)
             if len(groups) == 1 and not young and [p - lo for _, p in pairs] == list(range(block.shape[1])):
                 return np.ascontiguousarray(block)  # the common case: one whole group, in order
             scatter_columns(out, [(j, p - lo) for j, p in pairs], block)
@@ -151,7 +153,29 @@ class ReadPathMixin:
                 buf[j] = arr[r0:r1, slot]
         except (ValueError, RuntimeError) as e:  # crc32c mismatch or undecodable chunk (zarrs: RuntimeError)
             raise CorruptChunkError(self._locate_corruption(arr, r0, r1, slots, e)) from e
+        self._check_complete(arr, r0, buf, slots, columns_last=False)
         return np.ascontiguousarray(buf.T)
+
+    def _check_complete(self, arr: Any, r0: int, block: np.ndarray, columns: Sequence[int], *, columns_last: bool) -> None:
+        """Committed losses are finite (append refuses anything else), so a NaN read from a committed
+        column is a chunk that is absent (a partial copy, an rsync, an object-store lifecycle rule):
+        Zarr fills it with the NaN fill value. Say so by name instead of scoring NaN."""
+        if not np.isnan(block).any():  # one vectorised pass; the common case
+            return
+        nan_rows = np.isnan(block).any(axis=0 if columns_last else 1)
+        j = int(np.flatnonzero(nan_rows)[0])
+        column = np.asarray(block[:, j] if columns_last else block[j])
+        row = r0 + int(np.flatnonzero(np.isnan(column))[0])
+        rows, width = int(arr.chunks[0]), int(arr.chunks[1])
+        key = f"{arr.path}/c/{row // rows}/{columns[j] // width}"
+        present = self._storage.get_bytes(key) is not None
+        what = "holds NaN where a committed column has finite losses" if present else "is missing"
+        raise CorruptChunkError(
+            f"chunk {key!r} of {self.url} {what} (column {columns[j]} of {arr.path}, from row {row}); "
+            f"{int(nan_rows.sum())} column(s) of rows {r0}:{r0 + block.shape[0 if columns_last else 1]} are affected. "
+            "Restore the chunk from a complete copy of the store, or re-run that perturbation into a new store; "
+            "`daunce verify` lists every damaged chunk"
+        )
 
     def _locate_corruption(self, arr: Any, r0: int, r1: int, slots: Sequence[int], err: Exception) -> str:
         rows, width = int(arr.chunks[0]), int(arr.chunks[1])

@@ -111,3 +111,58 @@ def test_flipped_byte_with_zarrs_pipeline(tmp_path) -> None:
     with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
         with pytest.raises(errors.CorruptChunkError, match="chunk 'train/losses/c/1/2'"):
             daunce_store.open(tmp_path / "s.zarr", mode="r").train_losses()
+
+
+def _scoring_reads(s):
+    """Every read path a user reaches: raw blocks, whole matrices, and scoring on every backend."""
+    from daunce_store.scoring import available_backends
+
+    yield "train_losses", lambda: s.train_losses()
+    yield "iter_row_blocks", lambda: list(s.iter_row_blocks(block_rows=16))
+    yield "query_losses", lambda: s.query_losses("test")
+    for backend in available_backends():
+        yield f"topk-{backend}", lambda backend=backend: s.topk("test", k=3, measure="cov", backend=backend)
+    yield "self_influence", lambda: s.self_influence(k=3)
+    yield "scores", lambda: s.scores("test", measure="cov").to_numpy()
+
+
+@pytest.mark.parametrize("array", ["train/losses", "queries/test/losses", "train/packed"])
+def test_missing_chunk_of_committed_column_is_named(location: Location, array: str) -> None:
+    """A chunk absent from a committed column (a partial copy, an rsync, a lifecycle rule) used to read as
+    NaN and rank silently; now every read path names the chunk."""
+    s = location.init("s.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]},
+                      chunk_rows=16, capacity=8, pack_width=4)
+    fill(s, range(4))
+    if array == "train/packed":
+        assert s.compact() == [0]
+    row_chunk = 0 if array.startswith("queries") else 1  # M = 3 query rows fill one chunk
+    key = f"{array}/c/{row_chunk}/{0 if array == 'train/packed' else 2}"
+    assert key in location.objects()
+    obstore.delete(_raw(location), key)
+    reopened = location.open(mode="r")
+    reads = dict(_scoring_reads(reopened))
+    if array == "queries/test/losses":  # only the query side reads it
+        reads = {k: v for k, v in reads.items() if k in ("query_losses", "scores") or k.startswith("topk")}
+    else:
+        del reads["query_losses"]
+    for name, read in reads.items():
+        with pytest.raises(errors.CorruptChunkError, match=f"chunk '{key}' .* is missing") as info:
+            read()
+        assert "daunce verify" in str(info.value), name
+
+
+def test_kernel_refuses_nan_input() -> None:
+    """The array-level kernel API never ranks NaN either: it says which input holds it."""
+    from daunce_store.scoring import available_backends, topk
+
+    rng = np.random.default_rng(0)
+    train, queries = rng.standard_normal((20, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    bad = train.copy()
+    bad[7, 1] = np.nan
+    for backend in available_backends():
+        with pytest.raises(errors.InvalidInputError, match="row 7"):
+            topk([(0, bad)], queries, k=3, backend=backend)
+        q = queries.copy()
+        q[1, 0] = np.inf
+        with pytest.raises(errors.InvalidInputError, match="quer"):
+            topk([(0, train)], q, k=3, backend=backend)
