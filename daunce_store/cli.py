@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -17,7 +19,7 @@ from rich.table import Table
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import TABLE_FORMATS, read_ids, read_losses, write_frames
+from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, iso, read_ids, read_losses, write_frames
 
 app = typer.Typer(
     name="daunce",
@@ -62,6 +64,11 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings as one yellow line naming their class (not Python's file:line form)."""
+    err_console.print(f"[bold yellow]warning ({category.__name__}):[/] {message}", highlight=False)
+
+
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
@@ -100,15 +107,18 @@ def _training_extra(command: str) -> Any:
 
 
 def _command(on: typer.Typer, name: Optional[str] = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register a command; any DaunceStoreError it raises becomes one red line and exit code 2."""
+    """Register a command; any DaunceStoreError it raises becomes one red line and exit code 2, and each
+    warning one yellow line."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(fn)  # typer reads the wrapped signature
         def run(*args: Any, **kwargs: Any) -> None:
-            try:
-                fn(*args, **kwargs)
-            except DaunceStoreError as e:
-                _fail(e)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                try:
+                    fn(*args, **kwargs)
+                except DaunceStoreError as e:
+                    _fail(e)
 
         return on.command(name)(run)
 
@@ -250,6 +260,93 @@ def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
         f"packed {len(groups)} new group(s) of {s.pack_width} columns; "
         f"{info['packed_columns']} of {info['committed_columns']} committed columns are packed"
     )
+
+
+LeasesFormat = _choices("LeasesFormat", ("table", "json"))
+
+
+@_command(app)
+def leases(
+    store: StoreArg,
+    release: Annotated[list[str], typer.Option("--release", help="Release this perturbation's lease by hand (its worker is dead); repeatable.")] = [],
+    format: Annotated[LeasesFormat, typer.Option("--format", help="table or json")] = LeasesFormat.table,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Leases of uncommitted perturbations: live, expired, holder-gone (its process on this host exited) or
+    released; --release frees one at once."""
+    s = _open(store, "a" if release else "r", storage_options)
+    for pid in release:
+        was = s.force_release(pid)
+        note = {"live": f"it was live: worker {was['worker']!r} loses it at its next renewal",
+                "expired": "it had expired", "holder-gone": "its holder's process had exited"}[was["state"]]
+        err_console.print(f"released the lease on {was['perturbation']!r} held by worker {was['worker']!r} ({note}); "
+                          "any worker may claim it now")
+    now = time.time()
+    rows = [
+        {"perturbation": r["perturbation"], "worker": r["worker"], "host": r.get("host"), "pid": r.get("pid"),
+         "expires": None if r.get("released") else iso(r["expires_at"]),
+         "seconds_left": None if r.get("released") else round(r["expires_at"] - now, 1), "state": r["state"]}
+        for r in s.lease_table()
+    ]
+    if format == LeasesFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    table = Table(title=f"leases of uncommitted perturbations in {s.url}", caption=None if rows else "no leases")
+    for col in ("perturbation", "worker", "host", "pid", "expires", "seconds_left", "state"):
+        table.add_column(col, justify="right" if col in ("pid", "seconds_left") else "left")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r.values()))
+    console.print(table)
+
+
+GraceOpt = Annotated[float, typer.Option("--grace", help="Only leftovers older than this many seconds (a live writer is never older).")]
+
+
+@_command(app)
+def verify(
+    store: StoreArg,
+    format: Annotated[StatusFormat, typer.Option("--format", help="table or json")] = StatusFormat.table,
+    grace: GraceOpt = DEFAULT_GRACE_SECONDS,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Check the store (fsck): every committed chunk present, checksummed and finite, packed copies equal
+    their columns, ids intact, records consistent; list what `daunce gc` can reclaim. Exit 1 on damage."""
+    report = _open(store, "r", storage_options).verify(grace_seconds=grace, progress=progress)
+    if format == StatusFormat.json:
+        sys.stdout.write(json.dumps({"url": report.url, "ok": report.ok, "checked": report.checked,
+                                     "findings": [f.record() for f in report.findings]}, indent=1) + "\n")
+    else:
+        if report.findings:
+            table = Table(title=f"findings in {report.url}")
+            for col in ("kind", "what", "key", "message"):
+                table.add_column(col, overflow="fold")
+            for f in report.findings:
+                style = {"damage": "bold red", "reclaimable": "yellow"}.get(f.kind, "")
+                table.add_row(f"[{style}]{f.kind}[/]" if style else f.kind, f.what, f.key, f.message)
+            console.print(table)
+        checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+        verdict = "[green]ok[/]" if report.ok else f"[bold red]{report.count('damage')} damaged[/]"
+        console.print(f"{verdict}: checked {checked}; {report.count('reclaimable')} reclaimable by `daunce gc`, {report.count('note')} notes")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@_command(app)
+def gc(
+    store: StoreArg,
+    grace: GraceOpt = DEFAULT_GRACE_SECONDS,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be reclaimed.")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Reclaim the space of slots leaked by killed writers and of orphaned or duplicate pack groups; safe
+    beside live writers, compactors and readers."""
+    r = _open(store, "a", storage_options).gc(grace_seconds=grace, dry_run=dry_run)
+    verb = "would reclaim" if dry_run else "reclaimed"
+    console.print(f"{verb} {len(r.slots)} leaked slot(s) {r.slots[:10]} and {len(r.groups)} pack group(s) {r.groups[:10]}"
+                  + ("" if dry_run else f": {r.chunks_deleted} chunks, {r.bytes_freed} bytes"))
+    for line in r.skipped:
+        err_console.print(f"skipped {line}")
 
 
 ExportForm = _choices("ExportForm", ("wide", "long"))

@@ -19,7 +19,10 @@ __all__ = [
     "CorruptChunkError",
     "CorruptRecordError",
     "CapacityError",
+    "ReclaimedError",
     "ConvergenceWarning",
+    "ConstantQueryWarning",
+    "MissingDependencyError",
 ]
 
 
@@ -81,9 +84,19 @@ class CapacityError(DaunceStoreError):
     """The store has no free column slot left."""
 
 
+class ReclaimedError(DaunceStoreError):
+    """``daunce gc`` reclaimed the slot or pack group this writer was filling (it took longer than gc's
+    grace period); nothing of it became visible, so write it again."""
+
+
 class ConvergenceWarning(UserWarning):
     """A perturbed fine-tune ended far from the optimum of its objective (its gradient norm fell too little);
     the column is kept, but Daunce's estimators assume the perturbed optimum was reached."""
+
+
+class ConstantQueryWarning(UserWarning):
+    """A query's loss is the same under every perturbation: it covaries with nothing, so its scores are all 0
+    and its top-k lists are ties in row order, not attributions."""
 
 
 class MissingDependencyError(DaunceStoreError, ImportError):

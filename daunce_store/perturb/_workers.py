@@ -17,7 +17,7 @@ from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, Invalid
 from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
-from daunce_store.store import perturbation_id
+from daunce_store.store import default_worker_name, iso, perturbation_id
 
 if TYPE_CHECKING:
     import torch
@@ -98,9 +98,10 @@ def run_worker(
 
     Several workers (threads, processes, machines) pointed at one store share the work through leases:
     a worker that dies mid-run stops renewing its lease, and once it expires another worker redoes that
-    perturbation; a column is never committed twice. When every remaining perturbation is leased by a
+    perturbation; a column is never committed twice. A lease whose holder ran on this host and has exited
+    (a killed run being resumed) is taken over at once. When every remaining perturbation is leased by a
     live worker this one waits (``poll_seconds``, default a quarter of the lease) for them to finish or
-    expire. Returns the commits this worker made.
+    expire, and says on stderr what it waits for (once per change). Returns the commits this worker made.
     """
     if int(until) < 1:
         raise InvalidInputError(f"until={until}: ask for at least one perturbation")
@@ -114,6 +115,8 @@ def run_worker(
     ids = [perturbation_id(k) for k in range(int(until))]
     wait = poll_seconds if poll_seconds is not None else min(5.0, config.lease_seconds / 4)
     commits: list[Any] = []
+    name = worker or default_worker_name()
+    waiting_on: frozenset[tuple[str, str]] = frozenset()
     try:
         while True:
             committed = {c.perturbation for c in store.commits()}
@@ -123,8 +126,13 @@ def run_worker(
                 return commits
             lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
             if lease is None:
+                waiting_on = _say_what_we_wait_for(store, remaining, waiting_on, name)
                 time.sleep(wait)
                 continue
+            waiting_on = frozenset()
+            if lease.taken_over is not None:
+                _say(f"{name}: took over perturbation {lease.perturbation} from {_holder(lease.taken_over)}, "
+                     f"{_why_stale(lease.taken_over)}")
             try:
                 commits.append(
                     run_perturbation(
@@ -136,6 +144,45 @@ def run_worker(
                 continue  # another worker took this one over; move on
     finally:
         reporter.close()
+
+
+def _say(line: str) -> None:
+    """A notice on stderr (above the progress bars when they are drawn in this process)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _holder(rec: Mapping[str, Any]) -> str:
+    where = [f"host {rec['host']}"] if rec.get("host") else []
+    where += [f"pid {rec['pid']}"] if rec.get("pid") is not None else []
+    return f"worker {rec['worker']!r}" + (f" ({', '.join(where)})" if where else "")
+
+
+def _why_stale(rec: Mapping[str, Any]) -> str:
+    if rec["state"] == "holder-gone":
+        return f"whose process on this host is gone (its lease ran until {iso(rec['expires_at'])})"
+    return f"whose lease expired at {iso(rec['expires_at'])}"
+
+
+def _say_what_we_wait_for(store: Any, remaining: Sequence[str], before: frozenset[tuple[str, str]], name: str) -> frozenset[tuple[str, str]]:
+    """Print the live leases of others that hold up ``remaining`` when they differ from ``before`` (new
+    holders, not renewals); returns what was printed about, to compare with next time."""
+    wanted = set(remaining)
+    held = [r for r in store.leases() if r["perturbation"] in wanted]
+    now_held = frozenset((r["perturbation"], r["token"]) for r in held)
+    if held and now_held != before:
+        now = time.time()
+        lines = [
+            f"  {r['perturbation']} held by {_holder(r)} until {iso(r['expires_at'])} "
+            f"({max(0, round(r['expires_at'] - now))} s left)"
+            for r in held
+        ]
+        _say(
+            f"{name}: waiting for {len(held)} perturbation(s) leased by other workers:\n" + "\n".join(lines) + "\n"
+            "  each is taken over when its lease expires, or as soon as its holder's process on this host exits "
+            "(`daunce leases STORE` lists leases, `--release ID` frees one whose worker is dead elsewhere)"
+        )
+    return now_held
 
 
 def _known_sets(store: Any, queries: dict[str, Any]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
+from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, write_frames
 from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
 from daunce_store.scoring._measures import (
@@ -201,7 +202,24 @@ def scoring_request(
     q = store.query_losses(query_set, snapshot=snap)[rows]
     if positions is not None:
         q = q[:, positions]
+    _warn_constant_queries(q, names)
     return ScoringRequest(sides, snap, rows, names, slots, positions, np.ascontiguousarray(q), resolved, gram)
+
+
+def _warn_constant_queries(losses: np.ndarray, names: tuple[str, ...]) -> None:
+    """A query whose loss is the same under every perturbation has no covariance with anything: its scores
+    are all 0 and its top-k lists are ties in row order, not attributions. Say so."""
+    constant = np.flatnonzero(np.ptp(losses, axis=1) == 0)
+    if len(constant):
+        shown = ", ".join(repr(names[i]) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
+        warnings.warn(
+            f"{len(constant)} quer{'y has' if len(constant) == 1 else 'ies have'} the same loss under all "
+            f"K={losses.shape[1]} perturbations ({shown}): every score is 0 and the top-k lists are ties in row "
+            "order, not attributions. Check how those query losses were computed (a masked or saturated "
+            "target gives a constant loss)",
+            ConstantQueryWarning,
+            stacklevel=4,
+        )
 
 
 def topk_store(

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
 from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
+from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
-from daunce_store.store._records import perturbation_id
+from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
 from daunce_store.store._tables import TABLE_FORMATS, write_frames
 
 __all__ = [
+    "DEFAULT_GRACE_SECONDS",
+    "Finding",
+    "GcReport",
+    "VerifyReport",
     "DRAW_SCHEME",
     "Commit",
     "Lease",
@@ -22,6 +27,8 @@ __all__ = [
     "init_store",
     "open_store",
     "perturbation_id",
+    "default_worker_name",
+    "iso",
     "TABLE_FORMATS",
     "write_frames",
     "perturbation_weights",

@@ -15,7 +15,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from daunce_store import _constants as C
-from daunce_store.errors import CapacityError, CorruptRecordError
+from daunce_store.errors import CapacityError, CorruptRecordError, ReclaimedError
 from daunce_store.store._records import Commit, ImmutableRecords, claim_numbered, default_worker_name, now_iso
 from daunce_store.store._storage import Storage
 
@@ -80,6 +80,9 @@ class CompactionMixin:
                 r1 = min(r0 + rows, self.n_train)
                 arr[r0:r1, c0 : c0 + width] = self._read_rows(self._train_losses, r0, r1, group_slots, use_packs=False)
             record = {"group": group, "slots": group_slots, "worker": worker, "packed_at": now_iso()}
+            # Whoever is first decides the group's fate: this compactor, or a gc that took it for orphaned.
+            if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/group-{group:08d}.json", {"fate": "published", "at": now_iso()}):
+                raise ReclaimedError(f"pack group {group} of {self.url} was reclaimed by `daunce gc` while this compactor wrote it; run compact again")
             if not self._storage.put_if_absent(f"{C.PACKS_PREFIX}/{group:08d}.json", record):
                 raise CorruptRecordError(f"pack group {group} of {self.url} has a manifest this compactor did not write")
             made.append(group)

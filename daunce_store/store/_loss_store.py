@@ -30,6 +30,7 @@ from daunce_store.errors import (
     CorruptChunkError,
     InvalidInputError,
     NotADaunceStoreError,
+    ReclaimedError,
     StoreExistsError,
     StoreVersionError,
     UnknownIdError,
@@ -38,6 +39,7 @@ from daunce_store.errors import (
 from daunce_store.store._compact import CompactionMixin, _parse_manifest
 from daunce_store.store._inputs import validate_ids, validate_losses
 from daunce_store.store._leases import LeasesMixin
+from daunce_store.store._maintenance import GcReport, MaintenanceMixin
 from daunce_store.store._read import ReadPathMixin
 from daunce_store.store._records import (
     Commit,
@@ -59,7 +61,7 @@ __all__ = ["LossStore", "Commit", "Lease", "Snapshot", "init_store", "open_store
 S = TypeVar("S", bound="LossStore")
 
 
-class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
+class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
     """A daunce loss store. Make one with :func:`daunce_store.init` or :func:`daunce_store.open`.
 
     Examples
@@ -276,8 +278,12 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
     def num_columns(self) -> int:
         return len(self._storage.list(C.COMMITS_PREFIX))
 
-    def is_committed(self, perturbation: str) -> bool:
-        return self._storage.get(f"{C.COMMITS_PREFIX}/{perturbation}.json") is not None
+    def is_committed(self, perturbation: str | int) -> bool:
+        """Whether ``perturbation`` (any spelling: ``3`` is ``000003``) has a committed column. Stores
+        written before ids were canonical may hold ``3`` as written: that counts too."""
+        pid = check_perturbation_id(perturbation)
+        spellings = {pid, str(perturbation)}
+        return any(self._storage.get(f"{C.COMMITS_PREFIX}/{p}.json") is not None for p in spellings)
 
     # --- appending --------------------------------------------------------------------------------
     def append(
@@ -326,6 +332,14 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
             "format_version": C.FORMAT_VERSION,
             "metadata": dict(metadata or {}),
         }
+        if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/slot-{slot:08d}.json", {"fate": "committed", "perturbation": pid, "at": now_iso()}):
+            # gc took the slot while this writer filled it: remove what was written after gc's sweep.
+            for arr in [self._train_losses, *(self._query(name)[0] for name in queries)]:
+                self._delete_column_chunks(arr, slot, GcReport([], [], 0, 0, []))
+            raise ReclaimedError(
+                f"slot {slot} of {self.url} was reclaimed by `daunce gc` as leaked while this writer filled it (the write "
+                f"took longer than gc's grace period); nothing of perturbation {pid!r} is visible: append it again"
+            )
         if not self._storage.put_if_absent(f"{C.COMMITS_PREFIX}/{pid}.json", record):
             raise AlreadyCommittedError(
                 f"perturbation {pid!r} was committed by another worker while this one wrote it; "
@@ -335,9 +349,10 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
             self.release(lease)
         return Commit.from_record(record)
 
-    def append_query_losses(self, perturbation: str, name: str, losses: np.ndarray) -> None:
+    def append_query_losses(self, perturbation: str | int, name: str, losses: np.ndarray) -> None:
         """Add query-set losses to an already committed column (a query set added after it)."""
         self._require_writable()
+        perturbation = check_perturbation_id(perturbation)
         commit = self._storage.get(f"{C.COMMITS_PREFIX}/{perturbation}.json")
         if commit is None:
             raise InvalidInputError(f"perturbation {perturbation!r} is not committed; append it first")
@@ -406,6 +421,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
         """A summary: sizes, committed K, live leases, bytes on disk, format version."""
         snap = self.snapshot()
         leases = self.leases()
+        leftovers = self.leftovers()
         return {
             "url": self.url,
             "format_version": int(self._info.get("format_version", 0)),
@@ -419,6 +435,13 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin):
                 {"perturbation": r["perturbation"], "worker": r["worker"], "expires_at": iso(r["expires_at"])} for r in leases
             ],
             "slots_claimed": len(self._storage.list(C.SLOTS_PREFIX)),
+            # What killed writers and racing compactors left (`daunce gc` reclaims it once past its grace).
+            "leaked_slots": [item["slot"] for item in leftovers["leaked_slots"]],
+            "orphaned_groups": [item["group"] for item in leftovers["orphaned_groups"]],
+            "duplicate_groups": [item["group"] for item in leftovers["duplicate_groups"]],
+            "stale_leases": [
+                {"perturbation": r["perturbation"], "worker": r["worker"], "state": r.get("state")} for r in self.stale_leases()
+            ],
             "packed_columns": len(self._pack_map()),
             "capacity": self.capacity,
             "chunk_rows": self.chunk_rows,

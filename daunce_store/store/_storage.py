@@ -141,6 +141,13 @@ class Storage:
         except FileNotFoundError:
             pass
 
+    def size_of(self, key: str) -> int | None:
+        """The size in bytes of the object at ``key``, or None when there is none (one HEAD request)."""
+        try:
+            return int(obstore.head(self._log_store(), key)["size"])
+        except FileNotFoundError:
+            return None
+
     def size_bytes(self) -> int:
         """Bytes stored at this location (all objects)."""
         return sum(int(o["size"]) for o in obstore.list(self._log_store()).collect())

@@ -97,3 +97,30 @@ def test_streaming_memory_stays_far_below_store_size(tmp_path: Path):
         growth = out["peak"] - out["base"]
         print(f"{backend}: peak RSS grew {growth / 1e6:.0f} MB over {losses_bytes / 1e6:.0f} MB of losses")
         assert growth < losses_bytes / 4, f"{backend}: peak RSS grew {growth / 1e6:.0f} MB scoring a {losses_bytes / 1e6:.0f} MB store"
+
+
+def test_constant_query_warns(tmp_path):
+    """A query with the same loss under every perturbation scores 0 against everything; that used to list
+    arbitrary rows as both proponents and opponents without a word."""
+    import warnings
+
+    import pytest
+    from typer.testing import CliRunner
+
+    import daunce_store
+
+    from daunce_store.cli import app
+    from daunce_store.errors import ConstantQueryWarning
+
+    rng = np.random.default_rng(0)
+    s = daunce_store.init(tmp_path / "s.zarr", [f"t{i}" for i in range(30)], {"test": ["live", "flat"]})
+    for k in range(4):
+        s.append(f"p{k}", rng.standard_normal(30), {"test": [rng.standard_normal(), 1.5]})
+    with pytest.warns(ConstantQueryWarning, match=r"1 query has the same loss under all K=4 perturbations \('flat'\)"):
+        s.topk("test", k=3, measure="cov")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.topk("test", ["live"], k=3, measure="cov")  # a live query alone: no warning
+    out = CliRunner().invoke(app, ["topk", str(tmp_path / "s.zarr"), "--query-set", "test", "-k", "2", "--measure", "cov"])
+    assert out.exit_code == 0
+    assert "warning (ConstantQueryWarning)" in out.output and "'flat'" in out.output
