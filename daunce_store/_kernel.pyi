@@ -24,6 +24,25 @@ def draw_weights_block(
     """The weights of rows ``r0 .. r0 + rows`` of K perturbations at once: a row-major float32 (rows, K)
     block and each column's subset count; the same values as ``PerturbationDraw.linear_weights``."""
 
+class ChunkReadError(ValueError):
+    """A chunk ``read_block`` needed is missing, has the wrong size or a failed crc32c, or holds NaN in a
+    column it copies; ``args`` = (kind: "missing" | "corrupt" | "nan", chunk key, message)."""
+
+def read_block(
+    root: str,
+    sources: list[tuple[str, int, int, int, list[tuple[int, int]]]],
+    r0: int,
+    r1: int,
+    ncols: int,
+    threads: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """Rows ``r0 .. r1`` of a C-contiguous float32 (R, ncols) block read from the Zarr v3 chunk files under
+    the local store ``root`` (rust/src/read.rs): each source is (array path, chunk rows, chunk columns,
+    column chunk, [(column in chunk, block column)]), chunks plain float32 little endian + crc32c, keys
+    ``<array>/c/<row chunk>/<column chunk>``. Every checksum is verified; every block column must be named
+    once. Runs on ``threads`` threads (default: the kernel's) with the GIL released. ValueError for an
+    inconsistent request, ChunkReadError for damage."""
+
 class TopKAccumulator:
     """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
 
@@ -53,3 +72,7 @@ class TopKAccumulator:
     def finish(self) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """``{side: (indices (m, k), scores (m, k))}`` best first (ties: lower index); ValueError if
         fewer than k rows were pushed. The accumulator cannot be used afterwards."""
+
+def vlen_utf8_take(data: bytes, positions: list[int]) -> list[str]:
+    """The strings at ``positions`` (any order, repeats allowed) of a decoded Zarr ``vlen-utf8`` chunk
+    (rust/src/vlen.rs), building only those; ValueError for a truncated or non-UTF-8 chunk."""

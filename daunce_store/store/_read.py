@@ -3,18 +3,29 @@
 Readers trust commit records only (a snapshot names the slots to read); packed groups are used once
 their manifest exists. Chunks carry crc32c: a failed checksum or decode becomes a CorruptChunkError that
 names the chunk.
+
+Two engines read the same chunks: on a local store with the extension built, ``_kernel.read_block``
+(rust/src/read.rs) reads the chunk files itself, in parallel with the GIL released, verifies each
+crc32c and assembles the block (several times zarr-python's one-thread decode; bench/RESULTS.md, "Read
+path"); otherwise (object stores, ``DAUNCE_STORE_NO_EXT=1``, arrays with other codecs) zarr-python
+reads them. Both return bit-identical blocks. When the Rust reader finds damage (a missing file, a
+failed checksum, a NaN in a committed column), the block is read again with zarr-python, whose checks
+name the chunk in the words below, so an error reads the same on both paths.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from zarr.codecs import BytesCodec, Crc32cCodec
 
+from daunce_store._ext import extension
 from daunce_store.errors import CorruptChunkError, InvalidInputError
 from daunce_store.store._records import Snapshot
 
@@ -81,12 +92,13 @@ class ReadPathMixin:
         chosen = self._resolve_slots(snapshot, query_set, slots)
         rows = int(block_rows or self.chunk_rows)
         starts = list(range(0, self.n_train, rows))
+        pool = BlockPool(max(prefetch, 0) + 3)
         if prefetch <= 0:
             for r0 in starts:
-                yield r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen)
+                yield r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen, pool=pool)
             return
         yield from prefetched(
-            (lambda r0=r0: (r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen)) for r0 in starts),
+            (lambda r0=r0: (r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen, pool=pool)) for r0 in starts),
             depth=prefetch,
         )
 
@@ -114,8 +126,61 @@ class ReadPathMixin:
         chosen = self._resolve_slots(snapshot, name, slots)
         return self._read_rows(arr, 0, int(arr.shape[0]), chosen)
 
-    def _read_rows(self, arr: Any, r0: int, r1: int, slots: Sequence[int], *, use_packs: bool = True) -> np.ndarray:
+    def _read_rows(self, arr: Any, r0: int, r1: int, slots: Sequence[int], *, use_packs: bool = True, pool: BlockPool | None = None) -> np.ndarray:
         packs = self._pack_map() if use_packs and arr is self._train_losses else {}
+        native = self._native_read(arr, r0, r1, slots, packs, pool)
+        if native is not None:
+            return native
+        return self._zarr_read_rows(arr, r0, r1, slots, packs)
+
+    def _native_read(
+        self, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]], pool: BlockPool | None = None,
+    ) -> np.ndarray | None:
+        """The block read by the extension's chunk reader, or None where it does not apply (not a local
+        store, extension not built or switched off, an array whose chunks are not plain float32 + crc32c)."""
+        ext = extension()
+        root = self._storage.path if self._storage.is_local else None
+        if ext is None or root is None or not hasattr(ext, "read_block") or not _plain_chunks(arr):
+            return None
+        # (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
+        sources: dict[tuple[str, int], tuple[str, int, int, int, list[tuple[int, int]]]] = {}
+
+        def add(a: Any, column: int, j: int) -> None:
+            rows, width = int(a.chunks[0]), int(a.chunks[1])
+            sources.setdefault((a.path, column // width), (a.path, rows, width, column // width, []))[4].append((column % width, j))
+
+        if any(s in packs for s in slots):
+            packed = self._packed_array()
+            if not _plain_chunks(packed):
+                return None
+            for j, slot in enumerate(slots):
+                if slot in packs:
+                    group, pos = packs[slot]
+                    add(packed, group * self.pack_width + pos, j)
+                else:
+                    add(arr, slot, j)
+        else:
+            for j, slot in enumerate(slots):
+                add(arr, slot, j)
+        # numpy's buffer, not one Rust allocates: numpy backs large arrays with huge pages, and the page
+        # faults of a fresh 64 MB allocation cost more than reading the chunks (bench/RESULTS.md, "Read
+        # path"); a scan recycles the buffers its consumer has let go of.
+        shape = (r1 - r0, len(slots))
+        out = pool.take(shape) if pool is not None else np.empty(shape, dtype=np.float32)
+        try:
+            ext.read_block(str(root), list(sources.values()), r0, r1, out)
+            return out
+        except ext.ChunkReadError as e:
+            kind, key, message = e.args
+            # zarr-python's checks name the damage in the words every path uses (a race with a writer
+            # cannot make it read cleanly: committed chunks are never rewritten).
+            self._zarr_read_rows(arr, r0, r1, slots, packs)
+            raise CorruptChunkError(
+                f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; restore the chunk from a complete copy "
+                "of the store, or re-run that perturbation into a new store; `daunce verify` lists every damaged chunk"
+            ) from e
+
+    def _zarr_read_rows(self, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> np.ndarray:
         if not any(s in packs for s in slots):
             return self._read_columns(arr, r0, r1, slots)
         # Packed columns come from wide chunks (one read per group), the young rest per column.
@@ -192,6 +257,53 @@ class ReadPathMixin:
                         "read. Restore the chunk from a copy, or re-run that perturbation into a new store"
                     )
         return f"could not read rows {r0}:{r1} of {arr.path} in {self.url}: {err}"
+
+
+class BlockPool:
+    """The block buffers of one scan, recycled: a fresh 64 MB array costs ~7 ms of page faults per block,
+    a third of what the Rust reader needs to fill it. A buffer is handed out again only when nothing but
+    this pool refers to it (its reference count), so a block the consumer keeps, or any view of it, is
+    never overwritten; the pool holds the latest few buffers, so one that keeps every block gets fresh ones."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int]) -> np.ndarray:
+        with self._lock:
+            for i in range(len(self._buffers)):
+                # 2 references: the list's and getrefcount's argument. The count can only grow through a
+                # reference someone already holds, so a free buffer stays free.
+                if self._buffers[i].shape == shape and sys.getrefcount(self._buffers[i]) == 2:
+                    return self._buffers[i]
+            buf = np.empty(shape, dtype=np.float32)
+            self._buffers.append(buf)
+            if len(self._buffers) > self._size:  # forget the oldest (kept by its consumer, most likely)
+                self._buffers.pop(0)
+            return buf
+
+
+def _plain_chunks(arr: Any) -> bool:
+    """Whether ``arr``'s chunks are what the Rust reader decodes: a regular grid of float32 chunks,
+    codecs exactly ``bytes`` (little endian) + ``crc32c``, default chunk keys ``c/<i>/<j>``, 2-d."""
+    meta = getattr(arr, "metadata", None)
+    if getattr(meta, "zarr_format", None) != 3 or len(getattr(arr, "shape", ())) != 2:
+        return False
+    codecs = tuple(meta.codecs)
+    encoding = meta.chunk_key_encoding
+    return (
+        np.dtype(arr.dtype) == np.dtype("<f4")
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and codecs[0].endian is not None
+        and codecs[0].endian.value == "little"
+        and isinstance(codecs[1], Crc32cCodec)
+        and type(encoding).__name__ == "DefaultChunkKeyEncoding"
+        and getattr(encoding, "separator", None) == "/"
+        and type(meta.chunk_grid).__name__ == "RegularChunkGrid"
+        and not meta.storage_transformers
+    )
 
 
 def scatter_columns(out: np.ndarray, pairs: list[tuple[int, int]], src: np.ndarray) -> None:

@@ -2,8 +2,10 @@
 //! tests; `python` holds the thin PyO3 wrappers; this file only registers them.
 
 pub mod draws;
+pub mod read;
 pub mod stats;
 pub mod topk;
+pub mod vlen;
 mod python;
 
 use pyo3::prelude::*;

@@ -1,14 +1,16 @@
 //! Thin PyO3 wrappers: take read-only numpy views, release the GIL, return owned numpy arrays.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::draws;
+use crate::read;
 use crate::stats;
 use crate::topk::{Measure, SideResult, TopKAccumulator, TopKError};
+use crate::vlen;
 
 fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
@@ -21,7 +23,51 @@ fn to_py_err(e: TopKError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+pyo3::create_exception!(
+    _kernel,
+    ChunkReadError,
+    PyValueError,
+    "A chunk the reader needed is missing, has a failed checksum or wrong size, or holds NaN; args: (kind, key, message)."
+);
+
+/// One source of `read_block`: (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
+type ChunkSource = (String, usize, usize, u64, Vec<(usize, usize)>);
+
+/// Fill `out`, a C-contiguous float32 (r1 - r0, ncols) array, with rows `r0 .. r1` of the block
+/// assembled from the Zarr chunk files under `root` (see `read::read_block_into`), checksums verified,
+/// on `threads` threads (default: the kernel's lanes), the GIL released.
+#[pyfunction]
+#[pyo3(signature = (root, sources, r0, r1, out, threads = None))]
+fn read_block(
+    py: Python<'_>, root: std::path::PathBuf, sources: Vec<ChunkSource>, r0: usize, r1: usize, mut out: PyReadwriteArray2<'_, f32>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let sources: Vec<read::ChunkColumns> = sources
+        .into_iter()
+        .map(|(array, chunk_rows, chunk_cols, col_chunk, pairs)| read::ChunkColumns { array, chunk_rows, chunk_cols, col_chunk, pairs })
+        .collect();
+    let threads = threads.unwrap_or_else(crate::topk::num_lanes);
+    let shape = out.shape().to_vec();
+    if shape[0] != r1.saturating_sub(r0) {
+        return Err(PyValueError::new_err(format!("out has {} rows, not the {} of rows {r0}:{r1}", shape[0], r1.saturating_sub(r0))));
+    }
+    let ncols = shape[1];
+    let data = out.as_slice_mut().map_err(|_| PyValueError::new_err("out must be a C-contiguous float32 array"))?;
+    py.detach(|| read::read_block_into(&root, &sources, r0, r1, ncols, threads, data)).map_err(|e| match e {
+        read::ReadError::Invalid(why) => PyValueError::new_err(why),
+        e => ChunkReadError::new_err((e.kind(), e.key().unwrap_or_default().to_string(), e.to_string())),
+    })
+}
+
 /// Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block.
+/// The strings at `positions` of a decoded Zarr `vlen-utf8` chunk (see `vlen::take`), building only those.
+#[pyfunction]
+fn vlen_utf8_take(data: &[u8], positions: Vec<usize>) -> PyResult<Vec<String>> {
+    vlen::take(data, &positions)
+        .map(|items| items.into_iter().map(str::to_owned).collect())
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 #[pyfunction]
 fn row_variance<'py>(py: Python<'py>, block: PyReadonlyArray2<'py, f32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let k = block.shape()[1];
@@ -180,6 +226,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(splitmix64_uniforms, m)?)?;
     m.add_function(wrap_pyfunction!(draw_linear_weights, m)?)?;
     m.add_function(wrap_pyfunction!(draw_weights_block, m)?)?;
+    m.add_function(wrap_pyfunction!(read_block, m)?)?;
+    m.add_function(wrap_pyfunction!(vlen_utf8_take, m)?)?;
+    m.add("ChunkReadError", m.py().get_type::<ChunkReadError>())?;
     m.add_class::<PyTopKAccumulator>()?;
     Ok(())
 }
