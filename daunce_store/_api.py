@@ -14,21 +14,22 @@ from collections.abc import Sequence
 from typing import Literal
 
 from daunce_store import scoring
-from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability
+from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability, StoreScorer
 from daunce_store.store import LossStore, Snapshot
 
 __all__ = ["Store", "init", "open"]
 
 Side = Literal["pos", "neg", "both"]
-Backend = Literal["auto", "rust", "numba", "numpy"]
+Backend = Literal["auto", "rust", "numba", "numpy", "torch"]
 
 
 class Store(LossStore):
     """A daunce store with scoring: what :func:`daunce_store.open` and :func:`daunce_store.init` return.
 
     ``measure`` everywhere is one of :data:`daunce_store.scoring.MEASURE_NAMES` (``auto``: nystrom when
-    every column records its perturbation draw, else whitened); ``backend`` is auto, rust, numba or numpy
-    (the same answer from each); ``columns`` are positions 0..K-1 of the snapshot's columns for the query set.
+    every column records its perturbation draw, else whitened); ``backend`` is auto, rust, numba, numpy or
+    torch (the same answer from each; auto never picks torch); ``columns`` are positions 0..K-1 of the
+    snapshot's columns for the query set (a position may repeat: a bootstrap resample).
     """
 
     def topk(
@@ -77,6 +78,20 @@ class Store(LossStore):
         """Dense scores of every train example per query (or their mean), in row blocks or as a frame."""
         return scoring.scores(self, query_set, queries, measure=measure, aggregate=aggregate, snapshot=snapshot,
                               columns=columns, block_rows=block_rows)
+
+    def scorer(
+        self, query_set: str | None = None, *, measure: str = DEFAULT_MEASURE, device: str | None = None,
+        snapshot: Snapshot | None = None, columns: Sequence[int] | None = None, allow_tf32: bool = False,
+        block_rows: int | None = None,
+    ) -> StoreScorer:
+        """Train rows read once, prepared for ``measure`` and kept on a torch device (default cuda when there
+        is one), answering ``.topk(queries, k=...)`` / ``.topk_losses(losses, k=...)`` without reading them
+        again. Needs torch (``pip install 'daunce-store[torch]'``).
+
+        >>> s = store.scorer("test", device="cuda"); s.topk(["q0"], k=5).to_pandas()   # doctest: +SKIP
+        """
+        return scoring.scorer(self, query_set, measure=measure, device=device, snapshot=snapshot, columns=columns,
+                              allow_tf32=allow_tf32, block_rows=block_rows)
 
 
 # The entry points: a Store's own constructors (same signatures and docs as LossStore.create / open).

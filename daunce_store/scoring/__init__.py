@@ -1,5 +1,5 @@
 """Scoring: the streaming top-k kernel and its backends, the score measures, and the attribution results
-built on them."""
+built on them; :func:`scorer` keeps prepared train rows on a torch device for repeated queries."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, t
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
+from daunce_store.scoring._torch import StoreScorer, TorchScorer, scorer
 
 __all__ = [
     "BACKENDS",
@@ -20,10 +21,13 @@ __all__ = [
     "Measure",
     "Scores",
     "Stability",
+    "StoreScorer",
+    "TorchScorer",
     "available_backends",
     "influence",
     "prepare_queries",
     "prepare_rows",
+    "scorer",
     "scores",
     "self_influence",
     "stability",

@@ -1,9 +1,15 @@
-"""Picks the scoring backend. ``auto`` = rust, then numba, then numpy.
+"""Picks the scoring backend. ``auto`` = rust, then numba, then numpy; ``torch`` only when asked for.
 
 Every backend is a streaming accumulator with the same three methods — ``push_block(offset, block)``,
 ``push_scores(offset, scores)`` (precomputed single-query scores, e.g. self-influence) and ``finish()``
 — so callers feed the store's prefetching ``iter_row_blocks`` block by block and memory stays
 O(R·K + m·k) whatever n is. Setting ``DAUNCE_STORE_NO_EXT=1`` hides the Rust extension.
+
+``torch`` (:mod:`daunce_store.scoring._torch`: a GPU when there is one) is never picked by ``auto``, even
+with a GPU: whether it beats the CPU kernel depends on where the rows come from (a store read at a few
+GB/s, then PCIe, against the Rust kernel on all cores; DESIGN §8) and that is not measured yet, and
+``auto`` would have to import torch (about a second) just to look. ``available_backends()`` lists it last,
+when torch imports.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ __all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Ac
 
 KERNEL_MEASURES = ("cov", "corr")  # row preparations the kernels know; score measures: _measures.py
 SIDES = ("pos", "neg")
-BACKENDS = ("rust", "numba", "numpy")
+BACKENDS = ("rust", "numba", "numpy", "torch")
 
 
 class Accumulator(Protocol):
@@ -41,8 +47,8 @@ def _rust() -> Any:
     return extension()
 
 
-def available_backends() -> list[str]:
-    """The backends usable here, in ``auto`` order."""
+def _cpu_backends() -> list[str]:
+    """The CPU kernels usable here, in ``auto`` order (cheap: never imports torch)."""
     from daunce_store.scoring import _numba
 
     names = []
@@ -54,12 +60,25 @@ def available_backends() -> list[str]:
     return names
 
 
+def available_backends() -> list[str]:
+    """The backends usable here, in ``auto`` order (``auto`` takes the first; ``torch``, listed when torch
+    imports, comes last and only by name)."""
+    from daunce_store.scoring import _torch
+
+    return _cpu_backends() + (["torch"] if _torch.available() else [])
+
+
 def resolve_backend(backend: str) -> str:
     if backend not in ("auto", *BACKENDS):
-        raise InvalidInputError(f"unknown backend {backend!r}; use auto, rust, numba or numpy")
-    names = available_backends()
+        raise InvalidInputError(f"unknown backend {backend!r}; use {', '.join(('auto', *BACKENDS))}")
     if backend == "auto":
-        return names[0]
+        return _cpu_backends()[0]
+    if backend == "torch":
+        from daunce_store.scoring import _torch
+
+        _torch._torch()  # MissingDependencyError naming the extra when torch does not import
+        return backend
+    names = _cpu_backends()
     if backend not in names:
         why = f" ({NO_EXT_ENV} is set)" if backend == "rust" and _ext_disabled() else ""
         raise InvalidInputError(
@@ -119,10 +138,18 @@ def make_accumulator(
     sides: tuple[str, ...] = SIDES,
     backend: str = "auto",
     queries_prepared: bool = False,
+    **options: Any,
 ) -> Accumulator:
-    """A streaming top-k accumulator of the chosen backend."""
+    """A streaming top-k accumulator of the chosen backend. ``options`` go to the torch backend only
+    (``device=``, ``allow_tf32=``; see :class:`~daunce_store.scoring._torch.TorchTopK`)."""
     queries = _check(queries, k, measure, tuple(sides))
     name = resolve_backend(backend)
+    if options and name != "torch":
+        raise InvalidInputError(f"options {sorted(options)} are for backend='torch', not {name!r}")
+    if name == "torch":
+        from daunce_store.scoring._torch import TorchTopK
+
+        return TorchTopK(queries, k, measure, tuple(sides), queries_prepared, **options)
     if name == "rust":
         return _RustTopK(queries, k, measure, tuple(sides), queries_prepared)
     if name == "numba":
@@ -147,13 +174,15 @@ def topk(
     sides: tuple[str, ...] = SIDES,
     backend: str = "auto",
     queries_prepared: bool = False,
+    **options: Any,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Streaming top-k: ``{side: (indices (m, k) int64, scores (m, k) float32)}`` over row blocks.
 
     Rows are centered over K (``corr``: also unit-normed; a constant row's correlation is 0);
     cov(i, j) = <a_i, b_j> / (K - 1). ``pos`` = largest first, ``neg`` = smallest first, equal scores
     go to the lower row index. Every backend returns the same indices and, to float32 tolerance, the
-    same scores as the numpy reference :func:`daunce_store.scoring._numpy.topk_numpy`.
+    same scores as the numpy reference :func:`daunce_store.scoring._numpy.topk_numpy`. ``options``:
+    ``device=`` and ``allow_tf32=`` of ``backend="torch"``.
 
     >>> import numpy as np
     >>> x = np.arange(12, dtype=np.float32).reshape(4, 3) ** 2
@@ -163,7 +192,7 @@ def topk(
     queries = np.asarray(queries)
     if not np.isfinite(queries).all():
         raise InvalidInputError(f"queries hold NaN or inf (query row {int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])}); scores of NaN have no order")
-    acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared)
+    acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared, **options)
     for offset, block in blocks:
         finite = np.isfinite(block)
         if not finite.all():  # the store's reads already refuse this; arrays passed in directly might not
