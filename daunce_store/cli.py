@@ -181,11 +181,15 @@ def add_queries(
     """Add query sets to an existing store (and, with --config, fill their losses from stored adapters)."""
     s = _open(store, "a", storage_options)
     pairs = _parse_pairs(query_set, "--query-set")
-    for name, path in pairs.items():
-        s.add_query_set(name, read_ids(path))
+    # Every input is read and checked before the first write: a bad file leaves the store unchanged.
+    sets = {name: read_ids(path) for name, path in pairs.items()}
     if config is not None:
         perturb = _training_extra("daunce add-queries --config")
-        filled = perturb.fill_query_sets(store, perturb.PerturbConfig.from_yaml(config), list(pairs), device=device,
+        cfg = perturb.PerturbConfig.from_yaml(config)
+    for name, ids in sets.items():
+        s.add_query_set(name, ids)
+    if config is not None:
+        filled = perturb.fill_query_sets(store, cfg, list(pairs), device=device,
                                              storage_options=_storage_options(storage_options), base_dir=config.parent)
         for name, ids in filled.items():
             console.print(f"{name}: losses under {len(ids)} stored perturbations")
@@ -204,8 +208,9 @@ def append(
     """Append one perturbation's loss column computed anywhere (e.g. a black-box fine-tuning API)."""
     meta = _json_object(metadata, "--metadata") or {}
     s = _open(store, "a", storage_options)
-    queries = {name: read_losses(path) for name, path in _parse_pairs(query, "--query").items()}
-    commit = s.append(perturbation, read_losses(train), queries, metadata={"source": "append", **meta})
+    sizes = s.query_sets()  # each file's .npy header is checked against its set's size before it is read
+    queries = {name: read_losses(path, sizes.get(name)) for name, path in _parse_pairs(query, "--query").items()}
+    commit = s.append(perturbation, read_losses(train, s.n_train), queries, metadata={"source": "append", **meta})
     console.print(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})")
 
 
@@ -486,12 +491,12 @@ def demo(
     if llm:
         from daunce_store.demo_llm import run_llm_demo
 
-        run_llm_demo(workdir, k_perturbations or 4, console, measure=measure.value, device=device,
+        run_llm_demo(workdir, 4 if k_perturbations is None else k_perturbations, console, measure=measure.value, device=device,
                      num_dialogues=num_dialogues, steps=steps, batch_size=batch_size, precision=precision)
     else:
         from daunce_store.demo import run_demo
 
-        run_demo(workdir, k_perturbations or 64, console, measure=measure.value)
+        run_demo(workdir, 64 if k_perturbations is None else k_perturbations, console, measure=measure.value)
 
 
 eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection.", no_args_is_help=True)

@@ -211,6 +211,10 @@ def compare_methods(
     from daunce_store.evaluation._daunce import MEASURES, column_groups, fill_store
 
     measures = tuple(measures or MEASURES)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2 for k in ks):
+        raise InvalidInputError(f"every K must be a whole number >= 2 (Daunce needs two columns to score), not {list(ks)}")
+    if not isinstance(num_subsets, (int, np.integer)) or num_subsets < 2:
+        raise InvalidInputError(f"the LDS needs at least 2 retrained subsets, not {num_subsets!r}")
     data = load_split(dataset, seed=seed)  # refuses an unknown data set
     if weight_decay is None:
         weight_decay = DATASETS[dataset]["weight_decay"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -106,7 +107,8 @@ class PerturbConfig:
                                  "state) in the store under _daunce/adapters/, so a query set added later can be "
                                  "evaluated under the same K models.")
     lease_seconds: float = _field(600.0, "Lease time-to-live; a worker renews it while it trains, and another "
-                                  "worker takes over the perturbation of a worker silent for this long.")
+                                  "worker takes over the perturbation of a worker silent for this long (at once when that "
+                                  "worker's process on the same host is gone).")
     num_perturbations: int | None = _field(None, "K: workers stop when perturbations 0..K-1 are committed "
                                            "(`daunce perturb --until` overrides).")
     factory: str | None = _field(None, "For `daunce perturb`: 'package.module:function' or 'path/file.py:function' "
@@ -121,6 +123,11 @@ class PerturbConfig:
         def bad(msg: str) -> None:
             raise InvalidInputError(f"perturbation config: {msg}")
 
+        # Types first, so every check below compares values of the type it expects.
+        for f in dataclasses.fields(self):
+            problem = _type_problem(f.type, getattr(self, f.name))
+            if problem:
+                bad(f"{f.name} {problem} (see PerturbConfig.help())")
         if self.objective not in _OBJECTIVES:
             bad(f"objective {self.objective!r} is not one of {', '.join(_OBJECTIVES)}")
         if not 0.0 < float(self.ratio) <= 1.0:
@@ -151,7 +158,17 @@ class PerturbConfig:
                 bad("lora must be a mapping (r, alpha, dropout, target_modules) or null")
             unknown = set(self.lora) - set(DEFAULT_LORA)
             if unknown:
-                bad(f"unknown lora keys {sorted(unknown)}; known: {sorted(DEFAULT_LORA)}")
+                bad(f"unknown lora keys {sorted(map(str, unknown))}; known: {sorted(DEFAULT_LORA)}")
+            for key, expected in (("r", "int"), ("alpha", "float"), ("dropout", "float")):
+                problem = _type_problem(expected, self.lora.get(key, DEFAULT_LORA[key]))
+                if problem:
+                    bad(f"lora.{key} {problem}")
+            r, dropout = self.lora.get("r", DEFAULT_LORA["r"]), self.lora.get("dropout", DEFAULT_LORA["dropout"])
+            if r < 1 or not 0.0 <= dropout < 1.0:
+                bad(f"lora.r must be >= 1 and lora.dropout in [0, 1), not r={r}, dropout={dropout}")
+            modules = self.lora.get("target_modules", DEFAULT_LORA["target_modules"])
+            if not isinstance(modules, str) and not (isinstance(modules, (list, tuple)) and modules and all(isinstance(m, str) for m in modules)):
+                bad(f"lora.target_modules must be a module name or a non-empty list of them, not {modules!r}")
         if float(self.lease_seconds) <= 0:
             bad("lease_seconds must be > 0")
         if self.num_perturbations is not None and int(self.num_perturbations) < 1:
@@ -177,13 +194,15 @@ class PerturbConfig:
     def from_dict(cls, data: dict[str, Any]) -> PerturbConfig:
         if not isinstance(data, dict):
             raise InvalidInputError(f"perturbation config must be a mapping, not {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in set(data) - set(fields))
         if unknown:
             raise InvalidInputError(
-                f"perturbation config: unknown keys {unknown}; known keys: {sorted(known)} "
+                f"perturbation config: unknown keys {unknown}; known keys: {sorted(fields)} "
                 "(see PerturbConfig.help())"
             )
+        # YAML 1.1 (PyYAML) reads an exponent without a dot, `lr: 3e-4`, as a string: take it as the number meant.
+        data = {k: _yaml_float(v) if fields[k].type.startswith("float") else v for k, v in data.items()}
         return cls(**data)
 
     @classmethod
@@ -196,9 +215,15 @@ class PerturbConfig:
                 data = yaml.safe_load(f)
         except FileNotFoundError as e:
             raise InvalidInputError(f"config file {os.fspath(path)!r} does not exist") from e
+        except IsADirectoryError as e:
+            raise InvalidInputError(f"config file {os.fspath(path)!r} is a directory; give the YAML file itself") from e
+        except OSError as e:
+            raise InvalidInputError(f"config file {os.fspath(path)!r} cannot be read: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(f"config file {os.fspath(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
         except yaml.YAMLError as e:
             raise InvalidInputError(f"config file {os.fspath(path)!r} is not valid YAML: {e}") from e
-        return cls.from_dict(data or {})
+        return cls.from_dict({} if data is None else data)
 
     def replace(self, **changes: Any) -> PerturbConfig:
         return dataclasses.replace(self, **changes)
@@ -211,3 +236,37 @@ class PerturbConfig:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+# What each annotation's base type accepts (bool is an int in Python, but never a count or a rate here).
+_TYPES: dict[str, tuple[str, Any]] = {
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+}
+
+
+def _type_problem(annotation: Any, value: Any) -> str | None:
+    """None when ``value`` fits the field annotation (a string: this module has postponed annotations,
+    e.g. ``"int | None"``), else what is expected."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    optional = "None" in parts
+    base = next((p.split("[")[0] for p in parts if p != "None"), "")
+    if base not in _TYPES or (value is None and optional):
+        return None
+    name, fits = _TYPES[base]
+    if fits(value):
+        return None
+    expected = f"{name} or null" if optional else name
+    return f"must be {expected}, not {type(value).__name__} {value!r}"
+
+
+def _yaml_float(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,9 +33,44 @@ if TYPE_CHECKING:
 
     from daunce_store.store import LossStore, Snapshot
 
-__all__ = ["Attribution", "Scores", "topk_store", "influence", "scores", "self_influence", "resolve_sides", "check_k"]
+__all__ = ["Attribution", "RowIds", "Scores", "topk_store", "influence", "scores", "self_influence", "resolve_sides", "check_k"]
 
 RECORD_FIELDS = ("query", "side", "rank", "train_id", "train_index", "score")
+
+
+class RowIds:
+    """The ids of some train rows, indexed by row number like the whole ``store.train_ids`` array
+    (``ids[i]``, ``ids[indices]``), but holding only the rows a result lists: naming a top-k reads k ids
+    (``LossStore.train_ids_at``), not all n. A row not listed is a KeyError."""
+
+    __slots__ = ("rows", "ids")
+
+    def __init__(self, rows: np.ndarray, ids: np.ndarray):
+        self.rows = rows  # sorted, unique
+        self.ids = ids
+
+    @classmethod
+    def of(cls, rows: np.ndarray, train_ids: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> RowIds:
+        """The ids of ``rows``, from ``train_ids``: all ids (an array) or a lookup of some rows
+        (``store.train_ids_at``)."""
+        wanted = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+        ids = train_ids(wanted) if callable(train_ids) else np.asarray(train_ids)[wanted]
+        return cls(wanted, np.asarray(ids, dtype=str))
+
+    def __getitem__(self, row: Any) -> Any:
+        idx = np.asarray(row, dtype=np.int64)
+        pos = np.searchsorted(self.rows, idx).clip(max=max(len(self.rows) - 1, 0))
+        hit = self.rows[pos] == idx if len(self.rows) else np.zeros(idx.shape, bool)
+        if not np.all(hit):
+            missing = int(idx[~hit].flat[0]) if idx.ndim else int(idx)
+            raise KeyError(f"train row {missing} is not listed in this result; read any row's id with store.train_ids_at(rows)")
+        return self.ids[pos]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"RowIds({len(self.rows)} rows)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +78,24 @@ class Attribution:
     """Top-k train examples per query and side.
 
     ``indices[side]`` and ``scores[side]`` are (m, k) arrays; row j belongs to ``queries[j]``.
+    ``train_ids[i]`` is the id of a listed train row i (only listed rows are held; see :class:`RowIds`).
     """
 
     queries: tuple[str, ...]
-    train_ids: np.ndarray
+    train_ids: RowIds
     indices: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
     measure: str
     num_columns: int
 
     @classmethod
-    def from_result(cls, queries: tuple[str, ...], train_ids: np.ndarray, result: dict[str, tuple[np.ndarray, np.ndarray]],
-                    measure: str, num_columns: int) -> Attribution:
-        """From a kernel result ``{side: (indices, scores)}``."""
-        return cls(queries, train_ids, {s: r[0] for s, r in result.items()}, {s: r[1] for s, r in result.items()}, measure, num_columns)
+    def from_result(cls, queries: tuple[str, ...], train_ids: np.ndarray | Callable[[np.ndarray], np.ndarray],
+                    result: dict[str, tuple[np.ndarray, np.ndarray]], measure: str, num_columns: int) -> Attribution:
+        """From a kernel result ``{side: (indices, scores)}``; ``train_ids``: all ids, or a lookup of
+        some rows' ids (``store.train_ids_at``: reads only the listed rows' id chunks)."""
+        indices = {s: r[0] for s, r in result.items()}
+        listed = np.concatenate([i.ravel() for i in indices.values()]) if indices else np.empty(0, np.int64)
+        return cls(queries, RowIds.of(listed, train_ids), indices, {s: r[1] for s, r in result.items()}, measure, num_columns)
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per (query, side, rank): {query, side, rank, train_id, train_index, score}."""
@@ -92,7 +131,7 @@ def resolve_sides(side: str) -> tuple[str, ...]:
 
 
 def check_k(k: int, n: int) -> None:
-    if not isinstance(k, (int, np.integer)) or k < 1:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InvalidInputError(f"k must be a whole number >= 1, not {k!r}")
     if k > n:
         raise InvalidInputError(f"k={k} is larger than the training set (n={n}); use k <= {n}")
@@ -111,6 +150,10 @@ def _query_rows(store: LossStore, query_set: str, queries: Sequence[str] | None)
     ids = store.query_ids(query_set)
     if queries is None:
         return np.arange(len(ids)), tuple(ids.tolist())
+    if isinstance(queries, (str, bytes)) or not (hasattr(queries, "__len__") and hasattr(queries, "__iter__")):
+        raise InvalidInputError(
+            f"queries must be a list of query ids (e.g. ['q17']), not {type(queries).__name__} {queries!r}"
+        )
     if len(queries) == 0:
         raise InvalidInputError("no query ids given; omit them to score the whole query set")
     rows = store.query_index(query_set, queries)
@@ -152,7 +195,10 @@ class ScoringRequest:
 def _positions(columns: Sequence[int] | None, num: int, query_set: str | None) -> np.ndarray | None:
     if columns is None:
         return None
-    pos = np.asarray(list(columns), dtype=np.int64)
+    given = None if isinstance(columns, (str, bytes)) or not hasattr(columns, "__iter__") else list(columns)
+    if given is None or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in given):
+        raise InvalidInputError(f"columns must be a list of integer column positions 0..K-1, not {columns!r}")
+    pos = np.asarray(given, dtype=np.int64)
     if pos.ndim != 1 or len(pos) == 0:
         raise InvalidInputError("columns must be a non-empty list of column positions 0..K-1")
     bad = pos[(pos < 0) | (pos >= num)]
@@ -165,12 +211,22 @@ def _positions(columns: Sequence[int] | None, num: int, query_set: str | None) -
     return pos
 
 
+def _check_snapshot_and_blocks(snapshot: object, block_rows: object) -> None:
+    from daunce_store.store import Snapshot
+
+    if snapshot is not None and not isinstance(snapshot, Snapshot):
+        raise InvalidInputError(f"snapshot must be a Snapshot (from store.snapshot()) or None, not {type(snapshot).__name__}")
+    if block_rows is not None and (not isinstance(block_rows, (int, np.integer)) or isinstance(block_rows, bool) or block_rows < 1):
+        raise InvalidInputError(f"block_rows must be a whole number >= 1 (or None: the store's chunk rows), not {block_rows!r}")
+
+
 def measure_inputs(
     store: LossStore, measure: str, snapshot: Snapshot | None, query_set: str | None,
     columns: Sequence[int] | None = None, block_rows: int | None = None,
 ) -> tuple[Snapshot, list[int], np.ndarray | None, Measure, Gram | None]:
     """Snapshot, slots, positions, the resolved measure and its Gram (one pass, cached) for a request
     on the columns of ``query_set`` (every committed column when None)."""
+    _check_snapshot_and_blocks(snapshot, block_rows)
     snap = snapshot or store.snapshot()
     slots = store.committed_slots(snapshot=snap, query_set=query_set)
     positions = _positions(columns, len(slots), query_set)
@@ -192,6 +248,8 @@ def scoring_request(
     block_rows: int | None = None,
 ) -> ScoringRequest:
     """Validate a query-scoring request and load its queries (``k`` None: no top-k, dense scores)."""
+    if not isinstance(query_set, str):
+        raise InvalidInputError(f"query_set must be a query-set name (a string), not {type(query_set).__name__} {query_set!r}")
     resolve_measure(measure)  # a bad name fails here, before any reading
     sides = resolve_sides(side)
     if k is not None:
@@ -222,6 +280,23 @@ def _warn_constant_queries(losses: np.ndarray, names: tuple[str, ...]) -> None:
         )
 
 
+def check_aggregate(aggregate: str | None) -> None:
+    if aggregate not in (None, "mean"):
+        raise InvalidInputError(f"aggregate must be None or 'mean', not {aggregate!r}")
+
+
+def kernel_queries(req: ScoringRequest, prep: Prepared, query_set: str, queries: Sequence[str] | None,
+                   aggregate: str | None) -> tuple[np.ndarray, bool, tuple[str, ...]]:
+    """The query rows a kernel scores, whether they are prepared already, and their names: one row per
+    query, or (``aggregate="mean"``) their mean, which is exact because scores are linear in the prepared
+    query rows."""
+    check_aggregate(aggregate)
+    if aggregate is None:
+        return (*prep.kernel_queries, req.names)
+    name = f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(req.rows)}"
+    return prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :], True, (name,)
+
+
 def topk_store(
     store: LossStore,
     query_set: str,
@@ -243,19 +318,14 @@ def topk_store(
     its draw, else whitened). ``columns``: positions 0..K-1 of the snapshot's columns for this query set
     (default: all).
     """
-    if aggregate not in (None, "mean"):
-        raise InvalidInputError(f"aggregate must be None or 'mean', not {aggregate!r}")
+    check_aggregate(aggregate)  # before any reading
     req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns, block_rows)
     prep = req.prepared()
-    q, prepared = prep.kernel_queries
-    names = req.names
-    if aggregate == "mean":  # exact: scores are linear in the prepared query rows
-        q, prepared = prep.queries.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :], True
-        names = (f"{query_set}:mean" if queries is None else f"{query_set}:mean-of-{len(req.rows)}",)
+    q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     for offset, block in req.blocks(store, block_rows):
         acc.push_block(offset, prep.block(block))
-    return Attribution.from_result(names, store.train_ids, acc.finish(), req.measure.name, req.num_columns)
+    return Attribution.from_result(names, store.train_ids_at, acc.finish(), req.measure.name, req.num_columns)
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:
@@ -293,7 +363,7 @@ def self_influence(
         acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
     best = acc.finish()
     name = "var" if resolved.name == "cov" else resolved.name
-    return Attribution.from_result(("<self>",), store.train_ids, best, name, len(slots))
+    return Attribution.from_result(("<self>",), store.train_ids_at, best, name, len(slots))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,8 +437,7 @@ def scores(
     >>> store.scores("test", measure="nystrom").to_numpy().shape       # doctest: +SKIP
     (1437, 360)
     """
-    if aggregate not in (None, "mean"):
-        raise InvalidInputError(f"aggregate must be None or 'mean', not {aggregate!r}")
+    check_aggregate(aggregate)
     req = scoring_request(store, query_set, queries, None, measure, "both", snapshot, columns, block_rows)
     prep = req.prepared()
     names = req.names

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._attribution import scoring_request
+from daunce_store.scoring._attribution import RowIds, scoring_request
 from daunce_store.scoring._backend import make_accumulator
 from daunce_store.scoring._measures import DEFAULT_MEASURE
 
@@ -103,7 +103,13 @@ class Stability:
         return pd.DataFrame.from_records(self.summary_records())
 
 
+MAX_BOOTSTRAP = 10_000
+
+
 def _column_counts(fractions: Sequence[float], num: int) -> tuple[int, ...]:
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or \
+            any(isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) for f in fractions):
+        raise InvalidInputError(f"fractions must be a list of numbers in (0, 1], e.g. (0.25, 0.5, 1.0), not {fractions!r}")
     if not fractions:
         raise InvalidInputError("give at least one fraction of the columns, e.g. (0.25, 0.5, 1.0)")
     counts = []
@@ -146,8 +152,10 @@ def stability(
     >>> st.summary()                                               # doctest: +SKIP
        query side  overlap@K=16  overlap@K=32  overlap@K=64  bootstrap_overlap  median_rel_stderr
     """
-    if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
-        raise InvalidInputError(f"bootstrap must be a whole number >= 0, not {bootstrap!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or not 0 <= bootstrap <= MAX_BOOTSTRAP:
+        raise InvalidInputError(f"bootstrap must be a whole number in 0..{MAX_BOOTSTRAP} (each resample is one more scoring pass), not {bootstrap!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a whole number >= 0, not {seed!r}")
     req = scoring_request(store, query_set, queries, k, measure, side, snapshot, None, block_rows)
     sides, num = req.sides, req.num_columns
     counts = _column_counts(fractions, num)
@@ -184,7 +192,7 @@ def stability(
             picked = np.stack([d[where, cols] for d in reps])  # (B, m, k)
             stderr[s] = np.std(picked, axis=0, ddof=1).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
     return Stability(
-        queries=req.names, train_ids=store.train_ids, measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
+        queries=req.names, train_ids=RowIds.of(np.concatenate([full[s][0].ravel() for s in sides]), store.train_ids_at), measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
         asymmetry=req.gram.asymmetry() if req.gram is not None and req.gram.kind == "nystrom" else None,

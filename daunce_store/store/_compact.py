@@ -78,7 +78,9 @@ class CompactionMixin:
             c0 = group * width
             for r0 in range(0, self.n_train, rows):  # whole chunks of this group: no read-modify-write
                 r1 = min(r0 + rows, self.n_train)
-                arr[r0:r1, c0 : c0 + width] = self._read_rows(self._train_losses, r0, r1, group_slots, use_packs=False)
+                # Any copy will do: a column already packed by a compactor that raced this one may have had
+                # its per-column chunks reclaimed by gc since.
+                arr[r0:r1, c0 : c0 + width] = self._read_rows(self._train_losses, r0, r1, group_slots)
             record = {"group": group, "slots": group_slots, "worker": worker, "packed_at": now_iso()}
             # Whoever is first decides the group's fate: this compactor, or a gc that took it for orphaned.
             if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/group-{group:08d}.json", {"fate": "published", "at": now_iso()}):

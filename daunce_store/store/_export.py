@@ -96,6 +96,8 @@ def export_losses(
 ) -> int:
     """Write the loss matrices to ``path`` (format from ``fmt`` or the suffix), one row block at a time;
     returns the rows written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError(f"export needs a file path (.parquet, .csv or .jsonl), not {type(path).__name__}")
     fmt = fmt or Path(path).suffix.lstrip(".")
     if fmt not in EXPORT_FORMATS:
         raise InvalidInputError(f"cannot export to {Path(path).name!r}: use a .parquet, .csv or .jsonl file (or fmt=)")

@@ -12,10 +12,38 @@ from daunce_store.errors import InvalidInputError
 __all__ = ["read_ids", "read_losses", "validate_ids", "validate_losses"]
 
 
-def _read_table_column(path: Path, column: str | None) -> np.ndarray:
+def _check_file(path: Path, what: str) -> None:
+    """The path names a non-empty regular file, or InvalidInputError saying what it is instead."""
+    if not path.exists():
+        raise InvalidInputError(f"{what} file {path} does not exist")
+    if path.is_dir():
+        raise InvalidInputError(f"{what} file {path} is a directory; give the file itself")
+    if path.stat().st_size == 0:
+        raise InvalidInputError(f"{what} file {path} is empty (0 bytes); was it written completely?")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_table_column(path: Path, column: str | None, *, as_text: bool) -> np.ndarray:
+    """One column of a CSV or parquet file; ``as_text``: every value as the string the file holds (ids:
+    ``007`` stays ``007``, ``NA`` stays ``NA``), else pandas' numeric parsing (losses)."""
     import pandas as pd
 
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    kind = "parquet" if path.suffix == ".parquet" else "CSV"
+    try:
+        if kind == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise InvalidInputError(f"{path} holds no CSV header and no rows; write a header line, then one value per row") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as a UTF-8 {kind} file") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise InvalidInputError(f"{path} is not a readable {kind} file ({_first_line(e)})") from None
     if column is None:
         if frame.shape[1] != 1:
             raise InvalidInputError(
@@ -24,12 +52,21 @@ def _read_table_column(path: Path, column: str | None) -> np.ndarray:
         column = str(frame.columns[0])
     if column not in frame.columns:
         raise InvalidInputError(f"{path} has no column {column!r}; it has {list(frame.columns)}")
-    return frame[column].to_numpy()
+    if len(frame) == 0:
+        raise InvalidInputError(f"{path} has a header but no rows; write one value per row under it")
+    values = frame[column]
+    if as_text and values.dtype.kind in "iu":  # parquet integer ids: the same strings a text file gives
+        values = values.astype(str)
+    return values.to_numpy()
 
 
-def _split_column(spec: str | os.PathLike[str]) -> tuple[Path, str | None]:
+def _split_column(spec: str | os.PathLike[str], what: str) -> tuple[Path, str | None]:
     """``FILE`` or ``FILE:COLUMN`` (a colon in an existing path is part of the path)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise InvalidInputError(f"{what} file must be a path, not {type(spec).__name__} {spec!r}")
     text = os.fspath(spec)
+    if not isinstance(text, str) or not text:
+        raise InvalidInputError(f"{what} file {text!r}: give a path")
     if not Path(text).exists() and ":" in text:
         head, _, column = text.rpartition(":")
         return Path(head), column
@@ -37,29 +74,87 @@ def _split_column(spec: str | os.PathLike[str]) -> tuple[Path, str | None]:
 
 
 def read_ids(spec: str | os.PathLike[str]) -> np.ndarray:
-    """Example ids from a text file (one per line), a CSV or a parquet file (``FILE[:COLUMN]``)."""
-    path, column = _split_column(spec)
-    if not path.exists():
-        raise InvalidInputError(f"ids file {path} does not exist")
+    """Example ids from a text file (one per line), a CSV or a parquet file (``FILE[:COLUMN]``).
+
+    Ids are read as the strings the file holds, in every format: ``007`` stays ``007``.
+    """
+    path, column = _split_column(spec, "ids")
+    _check_file(path, "ids")
     if path.suffix in (".csv", ".parquet"):
-        ids = _read_table_column(path, column)
+        ids = _read_table_column(path, column, as_text=True)
     else:
-        ids = np.array([line.rstrip("\r\n") for line in path.read_text().splitlines() if line.strip()])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(
+                f"ids file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file with one id per line"
+            ) from None
+        if "\x00" in text:
+            raise InvalidInputError(f"ids file {path} holds NUL bytes (a binary file?); give a text file with one id per line")
+        ids = np.array([line.rstrip("\r\n") for line in text.splitlines() if line.strip()])
     return validate_ids(ids, what=str(path))
 
 
-def read_losses(spec: str | os.PathLike[str]) -> np.ndarray:
-    """A loss vector from ``.npy``, ``.parquet`` or ``.csv`` (``FILE[:COLUMN]``)."""
-    path, column = _split_column(spec)
-    if not path.exists():
-        raise InvalidInputError(f"loss file {path} does not exist")
+def read_losses(spec: str | os.PathLike[str], n: int | None = None) -> np.ndarray:
+    """A loss vector from ``.npy``, ``.parquet`` or ``.csv`` (``FILE[:COLUMN]``).
+
+    ``n``: the expected number of losses; a ``.npy`` file's header is checked against it (and against the
+    file's size) before any data is read, so a bad header cannot make the reader allocate its claim.
+    """
+    path, column = _split_column(spec, "loss")
+    _check_file(path, "loss")
     if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False)
-    elif path.suffix in (".csv", ".parquet"):
-        values = _read_table_column(path, column)
-    else:
+        return _read_npy(path, n)
+    if path.suffix not in (".csv", ".parquet"):
         raise InvalidInputError(f"loss file {path}: use .npy, .parquet or .csv")
+    values = _read_table_column(path, column, as_text=False)
+    if values.dtype.kind not in "fiu":  # name the first value that is not a number
+        import pandas as pd
+
+        numbers = pd.to_numeric(pd.Series(values), errors="coerce")
+        bad = np.flatnonzero(numbers.isna().to_numpy() & pd.Series(values).notna().to_numpy())
+        if len(bad):
+            raise InvalidInputError(
+                f"loss file {path}: row {int(bad[0])} holds {values[bad[0]]!r}, not a number; losses must be numbers"
+            )
     return np.asarray(values)
+
+
+def _read_npy(path: Path, n: int | None) -> np.ndarray:
+    """A .npy loss vector, its header checked before the data is read."""
+    from numpy.lib import format as npy
+
+    hint = "save the losses with numpy.save(path, np.asarray(losses, dtype=np.float32))"
+    with open(path, "rb") as f:
+        try:
+            version = npy.read_magic(f)
+        except (ValueError, EOFError):
+            raise InvalidInputError(f"loss file {path} is not a .npy file (no NumPy header); {hint}") from None
+        try:
+            if version == (1, 0):
+                shape, fortran_order, dtype = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = npy.read_array_header_2_0(f)
+            else:
+                raise InvalidInputError(f"loss file {path}: .npy format version {version} is not supported; {hint}")
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise InvalidInputError(f"loss file {path}: its .npy header is damaged ({_first_line(e)}); {hint}") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise InvalidInputError(f"loss file {path} holds Python objects (a pickled object array), not numbers; {hint}")
+    if dtype.kind not in "fiu":
+        raise InvalidInputError(f"loss file {path} holds {dtype}, not numbers; losses must be numbers; {hint}")
+    count = int(np.prod(shape, dtype=object))
+    vector = len(shape) == 1 or (len(shape) == 2 and 1 in shape)
+    if n is not None and (not vector or count != n):
+        raise InvalidInputError(f"loss file {path}: expected {n} losses (one per example, in id order), the file holds shape {shape}")
+    available = path.stat().st_size - offset
+    if count * dtype.itemsize > available:
+        raise InvalidInputError(
+            f"loss file {path} is truncated: its header declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+            f"but only {available} bytes follow; write it again"
+        )
+    return np.load(path, allow_pickle=False)
 
 
 def validate_ids(ids: object, *, what: str = "ids") -> np.ndarray:

@@ -19,7 +19,8 @@ import obstore
 import obstore.store
 import zarr.storage
 
-from daunce_store.errors import CorruptRecordError
+from daunce_store import _constants as C
+from daunce_store.errors import CorruptRecordError, InvalidInputError
 
 __all__ = ["Storage"]
 
@@ -37,11 +38,24 @@ class Storage:
     """
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        if not isinstance(url, (str, os.PathLike)):
+            raise InvalidInputError(f"a store location is a path or a URL string, not {type(url).__name__} {url!r}")
         url = os.fspath(url)
+        if not isinstance(url, str) or not url.strip():
+            raise InvalidInputError(f"store location {url!r} is empty; give a directory path or a URL such as s3://bucket/prefix")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise InvalidInputError(f"storage_options must be a dict of object-store settings, not {type(storage_options).__name__}")
         parsed = urlparse(url)
         self.url = url
         self.is_local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
         options = dict(storage_options or {})
+        if not self.is_local and parsed.scheme not in _URL_SCHEMES:
+            # http(s) is a WebDAV store in obstore: it has no create-if-absent, which the commit log needs.
+            raise InvalidInputError(
+                f"store URL {url!r}: unsupported scheme {parsed.scheme!r}; use a local path or one of "
+                f"{', '.join(s + '://' for s in _URL_SCHEMES)} (an S3-compatible server: s3:// with "
+                'storage_options={"endpoint": ...})'
+            )
         if self.is_local:
             path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
             self.path: Path | None = path
@@ -52,7 +66,11 @@ class Storage:
             if parsed.scheme == "memory":
                 self._log = obstore.store.MemoryStore()
             else:
-                self._log = obstore.store.from_url(url, **options)
+                try:
+                    self._log = obstore.store.from_url(url, **options)
+                except (obstore.exceptions.BaseError, TypeError, ValueError) as e:  # bad URL or unknown option
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise InvalidInputError(f"store URL {url!r}: {first}; check the URL and storage_options") from None
             self._zarr_store = zarr.storage.ObjectStore(self._log)
 
     # --- the commit log: small JSON records ---------------------------------------------------
@@ -81,20 +99,46 @@ class Storage:
 
     def put_if_absent(self, key: str, record: dict[str, Any]) -> bool:
         """Atomically create ``key`` holding ``record``; False when it already exists (nothing written)."""
-        data = json.dumps(record, sort_keys=True).encode()
+        data = _record_bytes(key, record)
         try:
             obstore.put(self._log_store(), key, data, mode="create")
         except obstore.exceptions.AlreadyExistsError:
             return False
+        except Exception as e:
+            self._raise_if_refused(key, e)
+            raise
         return True
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Write ``key`` (whole-object replace, atomic on both local disks and object stores)."""
-        obstore.put(self._log_store(), key, json.dumps(record, sort_keys=True).encode())
+        self.put_bytes(key, _record_bytes(key, record))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write raw bytes at ``key`` (e.g. a perturbation's adapter weights); whole-object replace."""
-        obstore.put(self._log_store(), key, bytes(data))
+        try:
+            obstore.put(self._log_store(), key, bytes(data))
+        except Exception as e:
+            self._raise_if_refused(key, e)
+            raise
+
+    def _raise_if_refused(self, key: str, error: Exception) -> None:
+        """A write the file system or object store refused (permissions, a read-only mount) as one clear
+        error; any other failure is left to the caller."""
+        text = str(error)
+        if isinstance(error, obstore.exceptions.UnauthenticatedError):
+            raise InvalidInputError(
+                f"cannot write {key!r} in {self.url}: the object store did not accept the credentials; "
+                "check them (environment or storage_options)"
+            ) from None
+        refused = isinstance(error, (PermissionError, obstore.exceptions.PermissionDeniedError)) or (
+            # obstore's LocalStore reports an OS refusal as a GenericError naming the errno (EACCES, EROFS).
+            isinstance(error, obstore.exceptions.GenericError) and ("(os error 13)" in text or "(os error 30)" in text)
+        )
+        if refused:
+            raise InvalidInputError(
+                f"cannot write {key!r} in {self.url}: permission denied (the store is read-only for this user); "
+                "open it with mode='r' to read, or fix its permissions"
+            ) from None
 
     def get_bytes(self, key: str) -> bytes | None:
         """The raw bytes at ``key``, or None when there is nothing."""
@@ -155,3 +199,61 @@ class Storage:
     @property
     def zarr_store(self) -> zarr.storage.StoreLike:
         return self._zarr_store
+
+    # --- checks -------------------------------------------------------------------------------------
+    def read_only_folder(self) -> Path | None:
+        """For a local store: the first of its folders this user cannot create files in (None: all
+        writable, or not local). Checks the folders appends, compaction and new query sets write into,
+        not every chunk folder."""
+        if self.path is None or not self.path.is_dir():
+            return None
+        folders = [self.path]
+        train, queries = C.TRAIN_GROUP, C.QUERIES_GROUP
+        for pattern in (C.LOG_PREFIX, f"{C.LOG_PREFIX}/*", train, f"{train}/*", f"{train}/*/c", queries, f"{queries}/*",
+                        f"{queries}/*/*", f"{queries}/*/*/c"):
+            folders.extend(p for p in sorted(self.path.glob(pattern)) if p.is_dir())
+        return next((p for p in folders if not os.access(p, os.W_OK | os.X_OK)), None)
+
+    def damaged_metadata(self) -> tuple[str, str] | None:
+        """The first Zarr metadata document (``zarr.json``) of the store that is not a JSON object, with
+        what is wrong with it; None when every one reads. Walks the groups (not the chunk folders); used
+        to name the file when opening the store fails on its metadata."""
+        if self.is_local and not (self.path is not None and self.path.is_dir()):
+            return None
+        pending = [""]
+        while pending:
+            prefix = pending.pop(0)
+            try:
+                listing = obstore.list_with_delimiter(self._log_store(), prefix or None)
+            except Exception:  # noqa: BLE001 - a diagnosis of an error already being raised
+                return None
+            for obj in listing["objects"]:
+                key = str(obj["path"])
+                if key.rsplit("/", 1)[-1] != "zarr.json":
+                    continue
+                data = self.get_bytes(key) or b""
+                try:
+                    doc = json.loads(data)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return key, f"{len(data)} bytes, not JSON: {e}"
+                if not isinstance(doc, dict):
+                    return key, f"holds a JSON {type(doc).__name__}, not an object"
+            for sub in listing["common_prefixes"]:
+                name = str(sub).rstrip("/").rsplit("/", 1)[-1]
+                if name not in (C.LOG_PREFIX, "c") and str(sub).count("/") < 3:  # groups nest two deep
+                    pending.append(str(sub).rstrip("/"))
+        return None
+
+
+# obstore URL schemes that support the create-if-absent put the commit log relies on.
+_URL_SCHEMES = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory")
+
+
+def _record_bytes(key: str, record: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(record, sort_keys=True).encode()
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(
+            f"record {key!r} cannot be saved: every value in it must be JSON-serializable ({e}); "
+            "pass plain numbers, strings, lists and dicts (e.g. in metadata=)"
+        ) from None

@@ -67,8 +67,14 @@ def write_frames(frames: Iterable[pd.DataFrame], target: str | os.PathLike[str] 
             raise InvalidInputError("parquet is a binary format: give an output file (--output PATH)")
         return _write(frames, target, fmt, binary=False)
     path = Path(target)
+    if path.is_dir():
+        raise InvalidInputError(f"cannot write {path}: it is a folder; give a file name")
     if not path.parent.is_dir():
-        raise InvalidInputError(f"cannot write {path}: the folder {path.parent} does not exist")
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise InvalidInputError(f"cannot write {path}: the folder {path.parent} {what}")
+    store = next((p for p in path.resolve().parents if (p / "zarr.json").is_file()), None)
+    if store is not None:  # e.g. `-o STORE/zarr.json` would overwrite the store's own metadata
+        raise InvalidInputError(f"cannot write {path}: it is inside the Zarr store {store}; write the table outside it")
     tmp = path.with_name(path.name + ".partial")
     try:
         with open(tmp, "wb") as f:

@@ -57,7 +57,15 @@ def test_sigkill_during_append_never_exposes_partial_columns(
     rng = random.Random(1234)
     next_pid = 0
     killed_mid_append = 0
-    for trial in range(trials):
+
+    def killed_mid_compaction() -> bool:  # a claimed group that never got its manifest
+        s = location.open(mode="r")
+        return len(s._storage.list("_daunce/pack-claims")) > len(s._storage.list("_daunce/packs"))
+
+    trial = 0
+    # With compaction, go on (up to 3x the trials) until a kill has landed inside one: its window is short.
+    while trial < trials or (compact and trial < 3 * trials and not killed_mid_compaction()):
+        trial += 1
         proc = _start_writer(location, next_pid, compact)
         # One append takes ~20 ms here; delays up to a few appends land kills everywhere in the cycle
         # (slot claim, chunk writes, commit record) and sometimes before the first one.
@@ -89,5 +97,4 @@ def test_sigkill_during_append_never_exposes_partial_columns(
     # The kills did land inside appends (not only between them), so the test exercised something.
     assert killed_mid_append >= trials // 5, killed_mid_append
     if compact:  # kills landed in compactions too: claimed groups that never got a manifest
-        store = location.open(mode="r")
-        assert len(store._storage.list("_daunce/pack-claims")) > len(store._storage.list("_daunce/packs"))
+        assert killed_mid_compaction()

@@ -74,6 +74,10 @@ def test_verify_names_each_damage(location: Location, damage: str) -> None:
         rec["slot"] = slot
         obstore.put(raw, "_daunce/commits/p2.json", json.dumps(rec).encode())
         key = "_daunce/commits/p2.json"
+    before = location.open(mode="r")
+    if damage == "commit-wrong-slot":  # scoring refuses it too: the column would count twice
+        with pytest.raises(errors.CorruptRecordError, match="names slot .* also named by"):
+            before.topk("test", k=2, measure="cov")
     before = location.objects()
     report = location.open(mode="r").verify()
     assert location.objects() == before  # verify only reads
@@ -157,7 +161,9 @@ def test_gc_drops_duplicate_pack_groups(location: Location) -> None:
     assert s.status()["duplicate_groups"] == [2, 3]
     assert s.verify().ok
     report = s.gc(grace_seconds=0)
-    assert sorted(report.groups) == [2, 3] and report.chunks_deleted == 2 * 3
+    # the duplicate groups' chunks, and the per-column chunks of the 4 packed columns
+    assert sorted(report.groups) == [2, 3] and report.packed_slots == [0, 1, 2, 3]
+    assert report.chunks_deleted == 2 * 3 + 4 * 3
     again = location.open(mode="r")
     np.testing.assert_array_equal(again.train_losses(), want)
     assert again.status()["duplicate_groups"] == [] and again.status()["packed_columns"] == 4
@@ -204,6 +210,7 @@ def test_sigkill_during_gc(tmp_path) -> None:
     location = Location("local", str(tmp_path), None)
     s = _store(location, chunk_rows=4, capacity=512)  # 24 chunks per leaked slot: many deletes to land a kill in
     fill(s, range(3))
+    assert s.compact() == [0]  # slots 0 and 1 packed: their per-column copies are reclaimed too
     rng = random.Random(7)
     leaked: list[int] = []
     killed_mid_gc = 0
@@ -219,7 +226,8 @@ def test_sigkill_during_gc(tmp_path) -> None:
     location.open().gc(grace_seconds=0)
     assert location.open().status()["leaked_slots"] == []
     chunk_columns = {int(k.rsplit("/", 1)[1]) for k in location.objects() if k.startswith("train/losses/c/")}
-    assert chunk_columns == {c.slot for c in location.open().commits()} and chunk_columns.isdisjoint(leaked)
+    assert location.open().reclaimed_slots() == {0: 0, 1: 0}
+    assert chunk_columns == {2} and chunk_columns.isdisjoint(leaked)
     assert location.open().verify().findings == []
     assert killed_mid_gc >= 2, killed_mid_gc  # the kills did land inside gc runs
 
@@ -272,4 +280,39 @@ def test_readers_and_writers_during_gc(tmp_path) -> None:
     assert not errors_seen, errors_seen
     committed = [k for k, v in outcomes.items() if v == "committed"]
     assert assert_consistent(location.open(mode="r")) == [0, 1, 2, 3, *committed]
+    assert location.open().verify().ok
+
+
+def test_reclaimed_store_holds_each_loss_once(tmp_path) -> None:
+    """Compaction copies columns into wide chunks; gc then frees the per-column copies (past its grace):
+    a fully compacted and reclaimed store is at most 1.05x the raw loss bytes, and reads the same."""
+    location = Location("local", str(tmp_path), None)
+    n, k = 16384, 64
+    s = location.init("s.zarr", [f"t{i}" for i in range(n)], {"test": ["q0", "q1"]}, chunk_rows=4096, capacity=128, pack_width=64)
+    for j in range(k):
+        s.append(f"p{j}", column(j, n), {"test": column(j, 2, salt=1)})
+    want = s.train_losses()
+    want_topk = s.topk("test", k=5, measure="cov")
+    assert s.compact() == [0]
+    doubled = s._storage.size_bytes()
+    assert s.gc().packed_slots == []  # the group is younger than the grace period: readers may still use the columns
+    report = s.gc(grace_seconds=0)
+    assert report.packed_slots == list(range(k)) and report.chunks_deleted == k * 4
+    raw = n * k * 4
+    size = s._storage.size_bytes()
+    assert doubled > 1.9 * raw and size <= 1.05 * raw, (doubled / raw, size / raw)
+    again = location.open(mode="r")
+    np.testing.assert_array_equal(again.train_losses(), want)
+    np.testing.assert_array_equal(again.topk("test", k=5, measure="cov").indices["pos"], want_topk.indices["pos"])
+    assert again.verify().findings == [] and again.status()["packed_columns_with_own_chunks"] == 0
+    # A compactor that raced and packs the same columns again reads them from the pack.
+    late = location.open()
+    real_map, looks = late._pack_map, []
+
+    def stale_first_look():  # its plan saw the store before the group was published; its reads see it now
+        looks.append(1)
+        return {} if len(looks) == 1 else real_map()
+
+    late._pack_map = stale_first_look  # type: ignore[method-assign]
+    assert late.compact() == [1]
     assert location.open().verify().ok

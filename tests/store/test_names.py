@@ -61,3 +61,4 @@ def test_names_longer_than_a_file_name_allows(store, what):
 def test_perturbation_id_of_wrong_type(store, bad):
     with pytest.raises(errors.InvalidInputError, match="must be a string or an int"):
         store.append(bad, _col())
+
