@@ -115,7 +115,8 @@ def run_worker(
     ids = [perturbation_id(k) for k in range(int(until))]
     wait = poll_seconds if poll_seconds is not None else min(5.0, config.lease_seconds / 4)
     commits: list[Any] = []
-    name = worker or default_worker_name()
+    worker = worker or _launcher_worker_name()  # leases and commit records carry it
+    name = worker
     waiting_on: frozenset[tuple[str, str]] = frozenset()
     try:
         while True:
@@ -144,6 +145,22 @@ def run_worker(
                 continue  # another worker took this one over; move on
     finally:
         reporter.close()
+
+
+def _launcher_worker_name() -> str:
+    """The store's :func:`default_worker_name` (``host:pid``, plus ``:slurm-<job>_<task>`` or ``:k8s-<index>``
+    from the launcher's environment), plus ``:dask-<worker name>`` inside a Dask task, so that commit
+    records say which launcher task made each column."""
+    name = default_worker_name()
+    # Only when the Dask worker has imported distributed itself: neither the store nor the runner imports it.
+    distributed = sys.modules.get("distributed")
+    get_worker = getattr(distributed, "get_worker", None)
+    if get_worker is not None:
+        try:
+            name += f":dask-{get_worker().name}"
+        except ValueError:  # "No worker found": not inside a Dask task
+            pass
+    return name
 
 
 def _say(line: str) -> None:
@@ -248,6 +265,20 @@ def run_workers(
         config = config.replace(device=device)
     store = open_store(url, storage_options=storage_options)  # fail early on a bad store
     ids = {perturbation_id(k) for k in range(until)}
+    if workers > 1 and multiprocessing.current_process().daemon:
+        # A Dask task (or any multiprocessing pool worker) runs in a daemonic process, which may not start
+        # children ("daemonic processes are not allowed to have children"). One worker here still finishes
+        # the run: the leases need no particular number of workers.
+        import warnings
+
+        warnings.warn(
+            f"workers={workers}: this process is daemonic (a Dask task or a multiprocessing pool worker) and "
+            "cannot start worker processes; running one worker in this process instead. Start more tasks "
+            "(one per GPU) for more workers; see examples/dask/perturb_on_dask.py",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        workers = 1
     if workers == 1:
         from daunce_store.perturb._progress import NullReporter, RichReporter
     
@@ -260,12 +291,12 @@ def run_workers(
 
         ctx = multiprocessing.get_context("spawn")  # fork after torch/zarr threads start can hang
         queue = ctx.Queue() if progress else None
-        host = os.uname().nodename if hasattr(os, "uname") else "host"
+        base_name = _launcher_worker_name()  # host:pid[:slurm-<job>_<task>|:k8s-<index>]
         procs = [
             ctx.Process(
                 target=_worker_main,
                 args=(url, storage_options, config.replace(device=dev).to_dict(),
-                      None if base_dir is None else os.fspath(base_dir), until, f"{host}:{os.getpid()}:w{i}", queue,
+                      None if base_dir is None else os.fspath(base_dir), until, f"{base_name}:w{i}", queue,
                       _threads(workers) if dev == "cpu" else 1),
                 name=f"daunce-worker-{i}",
             )

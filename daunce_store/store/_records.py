@@ -85,7 +85,21 @@ def check_query_set_name(name: object) -> str:
 
 
 def default_worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid``, plus the cluster launcher's task when there is one, so that leases and commits say
+    which array task made them (a requeued task keeps its suffix; host and pid tell its runs apart):
+    ``:slurm-<job>_<task>`` in a SLURM array (SLURM's own ``%A_%a``), ``:slurm-<job>`` in another SLURM
+    job, ``:k8s-<index>`` in a Kubernetes Indexed Job (``JOB_COMPLETION_INDEX``). Environment variables
+    only: the store imports no launcher (the runner adds a Dask worker's name itself)."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    env = os.environ
+    job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if task:  # a string: "0" counts
+        name += f":slurm-{job}_{task}" if job else f":slurm-{task}"
+    elif env.get("SLURM_JOB_ID"):
+        name += f":slurm-{env['SLURM_JOB_ID']}"
+    if env.get("JOB_COMPLETION_INDEX"):
+        name += f":k8s-{env['JOB_COMPLETION_INDEX']}"
+    return name
 
 
 def now_iso() -> str:
