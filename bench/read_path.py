@@ -1,7 +1,7 @@
 """Benchmark of the store's read path (issue 15, "Feed the kernel at memory speed"; not a test).
 
     unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-    python bench/read_path.py                     # 1M x {64, 256} and 10M x 64, then the table
+    python bench/read_path.py                     # 1M x {64, 256} x m {1, 100, 1000}, 10M x 64 x m {1, 100}, then the table
     python bench/read_path.py --table             # the markdown table of bench/_data/read_path.jsonl
     python bench/topk.py --clean                  # delete bench/_data (the stores are shared with topk.py)
 
@@ -11,12 +11,16 @@ into (65536, 64) chunks; page cache warm, so these are decode-path numbers):
 * scan: one pass of ``iter_row_blocks()`` (defaults: 2^18-row blocks, prefetch 2) doing nothing with the
   blocks, GB/s of float32 delivered; engine ``rust`` (``_kernel.read_block``) and ``zarr`` (zarr-python,
   what ``DAUNCE_STORE_NO_EXT=1`` and object stores use), best of ``--repeat`` after one warm-up pass;
+  also the rust scan in the blocks the scoring path uses (``scan_block_rows``: 2^16 rows when compacted);
 * topk: end-to-end ``store.topk(set, m queries, k=10, measure="cov", side="both")`` on an open store, best
   of ``--repeat``, against the floors: sgemm (numpy matmul of the same 65536-row blocks held in RAM by
-  the queries, nothing else) and read (the rust scan above); ``naming`` is the part of it that reads the
-  listed rows' ids (``train_ids_at`` on a fresh handle);
-* latency (m = 1, k = 10, cov): the whole ``daunce topk`` process, and ``store.topk`` on a store opened
-  just before (first call) and again (second call).
+  the queries, nothing else) and read (the faster of the two rust scans above). The breakdown, each
+  timed on its own (best of ``--repeat``): ``request`` (snapshot, listings, query losses: what topk
+  does before the scan), ``kernel`` (the accumulator fed the same blocks from RAM: prepare, GEMM,
+  selection, finish), ``scan+kernel`` (the accumulator fed from the store, the prefetch thread reading
+  ahead), ``naming`` (``train_ids_at`` of the listed rows);
+* latency (m = 1, k = 10, cov): the whole ``daunce topk`` process (and of it, python + imports), and
+  ``store.topk`` on a store opened just before (first call) and again (second call), best of ``--repeat``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from topk import BLOCK, DATA, _queries, _ram_data, _size, build_store, store_path  # noqa: E402  (the bench helpers)
+
+from daunce_store.scoring._attribution import kernel_queries, scan_block_rows, scoring_request  # noqa: E402
+from daunce_store.scoring._backend import make_accumulator  # noqa: E402
 
 RESULTS = DATA / "read_path.jsonl"
 K_TOP = 10
@@ -92,6 +99,12 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
             t = best(lambda: scan(store), repeat)
         floors[name] = t
         _record({"what": "scan", "engine": name, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
+    snap = store.snapshot()
+    slots = store.committed_slots(snapshot=snap)
+    rows = scan_block_rows(store, slots)
+    t = best(lambda: [None for _ in store.iter_row_blocks(block_rows=rows)], repeat)
+    _record({"what": "scan", "engine": "rust", "block_rows": rows, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
+    read_floor = min(floors["rust"], t)
     x = _ram_data(n, kc)
     for m in ms:
         q = _queries(m, kc)
@@ -100,11 +113,27 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         t_topk = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
         result = store.topk("bench", queries, k=K_TOP, measure="cov")
         listed = np.unique(np.concatenate([i.ravel() for i in result.indices.values()]))
-        fresh = daunce_store.open(path, mode="r")
-        t_names = best(lambda: fresh.train_ids_at(listed), 1)
-        floor = max(t_gemm, floors["rust"])
+        t_names = best(lambda: store.train_ids_at(listed), repeat)
+        # The breakdown: what topk_store does, step by step, each step timed alone.
+        t_req = best(lambda: scoring_request(store, "bench", queries, K_TOP, "cov", "both", None), repeat)
+        req = scoring_request(store, "bench", queries, K_TOP, "cov", "both", None)
+        prep = req.prepared()
+        kq, prepared, _ = kernel_queries(req, prep, "bench", queries, None)
+
+        def fed(blocks) -> None:
+            acc = make_accumulator(kq, K_TOP, prep.kernel, req.sides, "auto", queries_prepared=prepared)
+            for offset, block in blocks:
+                acc.push_block(offset, block)
+            acc.finish()
+
+        t_pipe = best(lambda: fed(req.blocks(store)), repeat)
+        held = [(o, b.copy()) for o, b in req.blocks(store)]
+        t_kernel = best(lambda: fed(held), repeat)
+        del held
+        floor = max(t_gemm, read_floor)
         _record({"what": "topk", "n": n, "K": kc, "m": m, "k": K_TOP, "seconds": t_topk, "sgemm_floor": t_gemm,
-                 "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": floors["rust"], "vs_floor": t_topk / floor,
+                 "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": read_floor, "vs_floor": t_topk / floor,
+                 "block_rows": rows, "request_seconds": t_req, "kernel_seconds": t_kernel, "pipeline_seconds": t_pipe,
                  "naming_seconds": t_names, "named_rows": int(len(listed)), "runs": repeat})
     del x
     if latency:
@@ -119,46 +148,56 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
             times.append(time.perf_counter() - t)
             assert proc.returncode == 0, proc.stderr[-2000:]
         _record({"what": "latency", "how": "daunce topk process", "n": n, "K": kc, "seconds": min(times), "runs": repeat})
-        opened = daunce_store.open(path, mode="r")
-        for call in ("first", "second"):
-            t = best(lambda: opened.topk("bench", ["q0"], k=K_TOP, measure="cov"), 1)
-            _record({"what": "latency", "how": f"store.topk on an open store, {call} call", "n": n, "K": kc, "seconds": t, "runs": 1})
+        t = best(lambda: subprocess.run([sys.executable, "-c", "import daunce_store.cli"], check=True), repeat)
+        _record({"what": "latency", "how": "of which: python + imports (`import daunce_store.cli`)", "n": n, "K": kc, "seconds": t, "runs": repeat})
+        firsts, seconds = [], []
+        for _ in range(repeat):  # a fresh handle each time: its first call reads the records, the second reuses them
+            opened = daunce_store.open(path, mode="r")
+            firsts.append(best(lambda: opened.topk("bench", ["q0"], k=K_TOP, measure="cov"), 1))
+            seconds.append(best(lambda: opened.topk("bench", ["q0"], k=K_TOP, measure="cov"), 1))
+        for call, ts in (("first", firsts), ("second", seconds)):
+            _record({"what": "latency", "how": f"store.topk on an open store, {call} call", "n": n, "K": kc, "seconds": min(ts), "runs": repeat})
 
 
 def print_table() -> None:
     latest: dict[tuple, dict] = {}
     for line in open(RESULTS):
         r = json.loads(line)
-        latest[(r["what"], r.get("engine"), r.get("how"), r["n"], r["K"], r.get("m"))] = r
+        latest[(r["what"], r.get("engine"), r.get("how"), r.get("block_rows") if r["what"] == "scan" else None, r["n"], r["K"], r.get("m"))] = r
     rows = list(latest.values())
-    print("**Warm compacted scan** (`iter_row_blocks()`, 2^18-row blocks, prefetch 2):\n")
-    print("| n | K | GB | rust reader | zarr-python | rust / zarr |")
-    print("|---|---|---|---|---|---|")
-    for (n, kc) in sorted({(r["n"], r["K"]) for r in rows if r["what"] == "scan"}):
-        rs = latest.get(("scan", "rust", None, n, kc, None))
-        zs = latest.get(("scan", "zarr", None, n, kc, None))
-        cell = lambda r: f"{r['seconds']:.3g} s ({r['gbps']:.2f} GB/s)" if r else "—"  # noqa: E731
-        ratio = f"{zs['seconds'] / rs['seconds']:.1f}×" if rs and zs else "—"
-        print(f"| {n:,} | {kc} | {n * kc * 4 / 1e9:.2f} | {cell(rs)} | {cell(zs)} | {ratio} |")
-    print(f"\n**End-to-end `store.topk`** (cov, k = {K_TOP}, both sides, compacted store, open handle):\n")
-    print("| n | K | m | topk | sgemm floor | read floor | topk / max(floors) | of which naming (rows) |")
+    print("**Warm compacted scan** (`iter_row_blocks()`: 2^18-row blocks, prefetch 2; `scoring blocks`: the blocks "
+          "topk reads, `scan_block_rows`):\n")
+    print("| n | K | GB | rust reader | rust reader, scoring blocks | zarr-python | rust / zarr | load1 |")
     print("|---|---|---|---|---|---|---|---|")
+    cell = lambda r: f"{r['seconds']:.3g} s ({r['gbps']:.2f} GB/s)" if r else "—"  # noqa: E731
+    for (n, kc) in sorted({(r["n"], r["K"]) for r in rows if r["what"] == "scan"}):
+        rs = latest.get(("scan", "rust", None, None, n, kc, None))
+        zs = latest.get(("scan", "zarr", None, None, n, kc, None))
+        bs = [r for r in rows if r["what"] == "scan" and r.get("block_rows") and (r["n"], r["K"]) == (n, kc)]
+        sb = f"{cell(bs[-1])}, 2^{bs[-1]['block_rows'].bit_length() - 1} rows" if bs else "—"
+        ratio = f"{zs['seconds'] / rs['seconds']:.1f}×" if rs and zs else "—"
+        print(f"| {n:,} | {kc} | {n * kc * 4 / 1e9:.2f} | {cell(rs)} | {sb} | {cell(zs)} | {ratio} | {rs['load1'] if rs else '—'} |")
+    print(f"\n**End-to-end `store.topk`** (cov, k = {K_TOP}, both sides, compacted store, open handle; read floor = the "
+          "faster scan above; the last four columns time topk's steps one at a time):\n")
+    print("| n | K | m | topk | sgemm floor | read floor | topk / max(floors) | request | kernel from RAM | scan + kernel | naming (rows) | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in rows if r["what"] == "topk"), key=lambda r: (r["n"], r["K"], r["m"])):
+        extra = (f"{r['request_seconds']:.3g} s | {r['kernel_seconds']:.3g} s | {r['pipeline_seconds']:.3g} s"
+                 if "request_seconds" in r else "— | — | —")
         print(f"| {r['n']:,} | {r['K']} | {r['m']} | {r['seconds']:.3g} s | {r['sgemm_floor']:.3g} s ({r['gflops']:.0f} GFLOP/s) | "
-              f"{r['read_floor']:.3g} s | {r['vs_floor']:.2f}× | {r['naming_seconds']:.3g} s ({r['named_rows']}) |")
+              f"{r['read_floor']:.3g} s | {r['vs_floor']:.2f}× | {extra} | {r['naming_seconds']:.3g} s ({r['named_rows']}) | {r['load1']} |")
     lat = [r for r in rows if r["what"] == "latency"]
     if lat:
         print(f"\n**Interactive latency**, m = 1, k = {K_TOP}, cov:\n")
-        print("| n | K | how | seconds |")
-        print("|---|---|---|---|")
+        print("| n | K | how | seconds | load1 |")
+        print("|---|---|---|---|---|")
         for r in lat:
-            print(f"| {r['n']:,} | {r['K']} | {r['how']} | {r['seconds']:.3g} |")
+            print(f"| {r['n']:,} | {r['K']} | {r['how']} | {r['seconds']:.3g} | {r['load1']} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="1M:64,1M:256,10M:64", help="n:K pairs")
-    ap.add_argument("--ms", default="1,100")
+    ap.add_argument("--cases", default="1M:64:1/100/1000,1M:256:1/100/1000,10M:64:1/100", help="n:K:m/m/... triples")
     ap.add_argument("--repeat", type=int, default=3, help="timings per measurement (best is kept); 2 at 10M")
     ap.add_argument("--latency-at", default="10M:64", help="the n:K case that also gets the interactive latency")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
@@ -169,10 +208,10 @@ def main() -> None:
     DATA.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     for case in args.cases.split(","):
-        n_s, k_s = case.split(":")
+        n_s, k_s, m_s = case.split(":")
         n, kc = _size(n_s), int(k_s)
         repeat = args.repeat if n < 10_000_000 else min(args.repeat, 2)
-        run_size(n, kc, [int(m) for m in args.ms.split(",")], repeat, latency=case == args.latency_at)
+        run_size(n, kc, [int(m) for m in m_s.split("/")], repeat, latency=f"{n_s}:{k_s}" == args.latency_at)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print_table()
 

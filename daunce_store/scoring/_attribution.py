@@ -187,9 +187,29 @@ class ScoringRequest:
         return prepare(self.measure, self.losses[:, positions], self.gram, chosen)
 
     def blocks(self, store: LossStore, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Train row blocks over the request's columns (positions applied)."""
-        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, slots=self.slots, block_rows=block_rows):
+        """Train row blocks over the request's columns (positions applied), ``block_rows`` high (None:
+        :func:`scan_block_rows`)."""
+        rows = scan_block_rows(store, self.slots, block_rows)
+        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, slots=self.slots, block_rows=rows):
             yield offset, block if self.positions is None else np.ascontiguousarray(block[:, self.positions])
+
+
+# A scoring scan's blocks: whole row chunks of what is read (a block that cuts a chunk reads it twice),
+# about this many bytes. The iter_row_blocks default (the store's 2^18-row chunks) makes 256 MB blocks
+# at K = 256, which the Rust reader assembles at half the speed of 64 MB ones (2^16 rows, one packed
+# chunk per group) and which hold 4x the memory; at K = 64 the size made no measurable difference
+# (bench/RESULTS.md, "Read path").
+SCAN_BLOCK_BYTES = 32 << 20
+
+
+def scan_block_rows(store: LossStore, slots: Sequence[int], block_rows: int | None = None) -> int:
+    """``block_rows`` when given, else the rows of a scoring block: the most whole row chunks of the
+    scan (``LossStore._scan_unit_rows``: 2^16 rows of a compacted store, so no chunk is read twice)
+    within :data:`SCAN_BLOCK_BYTES`, at least one."""
+    if block_rows is not None:
+        return int(block_rows)
+    unit = store._scan_unit_rows(slots)
+    return unit * max(1, SCAN_BLOCK_BYTES // (unit * 4 * max(len(slots), 1)))
 
 
 def _positions(columns: Sequence[int] | None, num: int, query_set: str | None) -> np.ndarray | None:
@@ -359,7 +379,7 @@ def self_influence(
     metric = None if gram is None else gram.preconditioner()
     # One "query" whose scores are pushed precomputed: the self-scores of each block.
     acc = make_accumulator(np.zeros((1, 2), np.float32), k, "cov", sides, backend, queries_prepared=True)
-    for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=block_rows):
+    for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=scan_block_rows(store, slots, block_rows)):
         acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
     best = acc.finish()
     name = "var" if resolved.name == "cov" else resolved.name

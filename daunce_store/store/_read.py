@@ -15,11 +15,14 @@ name the chunk in the words below, so an error reads the same on both paths.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,26 +84,36 @@ class ReadPathMixin:
         slots: Sequence[int] | None = None,
         block_rows: int | None = None,
         prefetch: int = 2,
+        row_range: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row_offset, block)``: train losses of rows ``[row_offset, row_offset + R)`` for the
         chosen slots, float32, C-contiguous, shape (R, K). A background thread reads ``prefetch``
         blocks ahead so reading overlaps whatever the consumer computes.
 
         ``slots``: committed slots of ``snapshot`` (taken now when None), checked; by default all of
-        them, or those that also have losses for ``query_set``.
+        them, or those that also have losses for ``query_set``. ``row_range=(r0, r1)``: only rows
+        r0 .. r1 - 1, in blocks starting at r0 (one partition of a distributed scan; r0 a multiple of
+        the block rows gives the blocks of the whole scan).
         """
         chosen = self._resolve_slots(snapshot, query_set, slots)
         rows = int(block_rows or self.chunk_rows)
-        starts = list(range(0, self.n_train, rows))
-        pool = BlockPool(max(prefetch, 0) + 3)
+        first, end = _row_range(row_range, self.n_train)
+        starts = list(range(first, end, rows))
+        # Planned once per scan, not per block: the pack map (a listing of the manifests) and the Rust
+        # reader's chunk sources. A column packed while the scan runs is read from its own chunks, which
+        # hold the same values.
+        read = self._block_reader(self._train_losses, chosen, pool=BlockPool(max(prefetch, 0) + 3))
         if prefetch <= 0:
             for r0 in starts:
-                yield r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen, pool=pool)
+                yield r0, read(r0, min(r0 + rows, end))
             return
-        yield from prefetched(
-            (lambda r0=r0: (r0, self._read_rows(self._train_losses, r0, min(r0 + rows, self.n_train), chosen, pool=pool)) for r0 in starts),
-            depth=prefetch,
-        )
+        # A block of fewer chunk files than cores leaves the Rust reader's other threads idle (one file
+        # per thread): then read the next blocks at the same time instead (bench/RESULTS.md, "Read path").
+        workers = 1
+        if read.sources:
+            files = sum(-(-rows // chunk_rows) for _, chunk_rows, _, _, _ in read.sources)
+            workers = max(1, min(prefetch, _cores() // files))
+        yield from prefetched(((lambda r0=r0: (r0, read(r0, min(r0 + rows, end)))) for r0 in starts), depth=prefetch, workers=workers)
 
     def train_losses(self, *, snapshot: Snapshot | None = None, query_set: str | None = None, slots: Sequence[int] | None = None) -> np.ndarray:
         """The whole (n, K) train loss matrix in memory (small stores; use iter_row_blocks for big ones)."""
@@ -127,17 +140,49 @@ class ReadPathMixin:
         return self._read_rows(arr, 0, int(arr.shape[0]), chosen)
 
     def _read_rows(self, arr: Any, r0: int, r1: int, slots: Sequence[int], *, use_packs: bool = True, pool: BlockPool | None = None) -> np.ndarray:
-        packs = self._pack_map() if use_packs and arr is self._train_losses else {}
-        native = self._native_read(arr, r0, r1, slots, packs, pool)
-        if native is not None:
-            return native
-        return self._zarr_read_rows(arr, r0, r1, slots, packs)
+        return self._block_reader(arr, slots, use_packs=use_packs, pool=pool)(r0, r1)
 
-    def _native_read(
-        self, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]], pool: BlockPool | None = None,
-    ) -> np.ndarray | None:
-        """The block read by the extension's chunk reader, or None where it does not apply (not a local
-        store, extension not built or switched off, an array whose chunks are not plain float32 + crc32c)."""
+    def _block_reader(
+        self, arr: Any, slots: Sequence[int], *, use_packs: bool = True, pool: BlockPool | None = None, threads: int | None = None,
+    ) -> _BlockReader:
+        """``read(r0, r1)``: rows ``r0:r1`` of ``slots`` of ``arr`` (packed groups used where
+        ``use_packs``), by the Rust reader on ``threads`` threads (None: the kernel's lanes) where it
+        applies, else zarr-python. What the rows do not change (pack map, sources) is worked out here once."""
+        packs = self._pack_map() if use_packs and arr is self._train_losses else {}
+        slots = list(slots)
+        sources = self._native_sources(arr, slots, packs)
+        if sources is None:
+            return _BlockReader(lambda r0, r1: self._zarr_read_rows(arr, r0, r1, slots, packs), None)
+        ext = extension()
+        root = str(self._storage.path)
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            # numpy's buffer, not one Rust allocates: numpy backs large arrays with huge pages, and the
+            # page faults of a fresh 64 MB allocation cost more than reading the chunks (bench/RESULTS.md,
+            # "Read path"); a scan recycles the buffers its consumer has let go of.
+            shape = (r1 - r0, len(slots))
+            out = pool.take(shape) if pool is not None else np.empty(shape, dtype=np.float32)
+            try:
+                ext.read_block(root, sources, r0, r1, out, threads)
+                return out
+            except ext.ChunkReadError as e:
+                kind, key, message = e.args
+                # zarr-python's checks name the damage in the words every path uses (a race with a writer
+                # cannot make it read cleanly: committed chunks are never rewritten).
+                self._zarr_read_rows(arr, r0, r1, slots, packs)
+                raise CorruptChunkError(
+                    f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; restore the chunk from a complete copy "
+                    "of the store, or re-run that perturbation into a new store; `daunce verify` lists every damaged chunk"
+                ) from e
+
+        return _BlockReader(read, sources)
+
+    def _native_sources(
+        self, arr: Any, slots: Sequence[int], packs: dict[int, tuple[int, int]],
+    ) -> list[tuple[str, int, int, int, list[tuple[int, int]]]] | None:
+        """The chunk sources ``_kernel.read_block`` assembles ``slots`` from, or None where the Rust
+        reader does not apply (not a local store, extension not built or switched off, an array whose
+        chunks are not plain float32 + crc32c)."""
         ext = extension()
         root = self._storage.path if self._storage.is_local else None
         if ext is None or root is None or not hasattr(ext, "read_block") or not _plain_chunks(arr):
@@ -162,23 +207,16 @@ class ReadPathMixin:
         else:
             for j, slot in enumerate(slots):
                 add(arr, slot, j)
-        # numpy's buffer, not one Rust allocates: numpy backs large arrays with huge pages, and the page
-        # faults of a fresh 64 MB allocation cost more than reading the chunks (bench/RESULTS.md, "Read
-        # path"); a scan recycles the buffers its consumer has let go of.
-        shape = (r1 - r0, len(slots))
-        out = pool.take(shape) if pool is not None else np.empty(shape, dtype=np.float32)
-        try:
-            ext.read_block(str(root), list(sources.values()), r0, r1, out)
-            return out
-        except ext.ChunkReadError as e:
-            kind, key, message = e.args
-            # zarr-python's checks name the damage in the words every path uses (a race with a writer
-            # cannot make it read cleanly: committed chunks are never rewritten).
-            self._zarr_read_rows(arr, r0, r1, slots, packs)
-            raise CorruptChunkError(
-                f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; restore the chunk from a complete copy "
-                "of the store, or re-run that perturbation into a new store; `daunce verify` lists every damaged chunk"
-            ) from e
+        return list(sources.values())
+
+    def _scan_unit_rows(self, slots: Sequence[int]) -> int:
+        """The smallest block height that reads every chunk of a scan of ``slots`` once: the row chunk
+        of the packed groups, or of the per-column chunks when a young column is among them."""
+        packs = self._pack_map()
+        unit = int(self._packed_array().chunks[0]) if any(s in packs for s in slots) else self.chunk_rows
+        if any(s not in packs for s in slots):
+            unit = int(np.lcm(unit, self.chunk_rows))
+        return min(unit, max(self.n_train, 1))
 
     def _zarr_read_rows(self, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> np.ndarray:
         if not any(s in packs for s in slots):
@@ -259,6 +297,41 @@ class ReadPathMixin:
         return f"could not read rows {r0}:{r1} of {arr.path} in {self.url}: {err}"
 
 
+def _row_range(row_range: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """``row_range`` checked against n rows (None: all of them)."""
+    if row_range is None:
+        return 0, n
+    try:
+        r0, r1 = (int(r) for r in row_range)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"row_range must be a pair (r0, r1) of row numbers, not {row_range!r}") from None
+    if not 0 <= r0 <= r1 <= n:
+        raise InvalidInputError(f"row_range {row_range!r} is outside the store's rows 0..{n}; need 0 <= r0 <= r1 <= {n}")
+    return r0, r1
+
+
+class _BlockReader:
+    """``read(r0, r1)`` of :meth:`ReadPathMixin._block_reader`; ``sources``: the Rust reader's chunk
+    sources, None where zarr-python reads."""
+
+    __slots__ = ("read", "sources")
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], sources: list[tuple[str, int, int, int, list[tuple[int, int]]]] | None):
+        self.read = read
+        self.sources = sources
+
+    def __call__(self, r0: int, r1: int) -> np.ndarray:
+        return self.read(r0, r1)
+
+
+def _cores() -> int:
+    """The cores this process may run on (what the Rust reader's default thread count follows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class BlockPool:
     """The block buffers of one scan, recycled: a fresh 64 MB array costs ~7 ms of page faults per block,
     a third of what the Rust reader needs to fill it. A buffer is handed out again only when nothing but
@@ -319,8 +392,12 @@ def scatter_columns(out: np.ndarray, pairs: list[tuple[int, int]], src: np.ndarr
             start = end
 
 
-def prefetched(thunks: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run ``thunks`` in a background thread, ``depth`` results ahead of the consumer."""
+def prefetched(thunks: Iterator[Any], depth: int, workers: int = 1) -> Iterator[Any]:
+    """Run ``thunks`` in a background thread, ``depth`` results ahead of the consumer; with ``workers``
+    > 1, up to ``depth`` of them at once on that many threads, results still in order."""
+    if workers > 1:
+        yield from _prefetched_parallel(thunks, depth, workers)
+        return
     results: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     _DONE = object()
@@ -350,3 +427,21 @@ def prefetched(thunks: Iterator[Any], depth: int) -> Iterator[Any]:
             stop.set()
             while not results.empty():  # unblock a producer waiting on a full queue
                 results.get_nowait()
+
+
+def _prefetched_parallel(thunks: Iterator[Any], depth: int, workers: int) -> Iterator[Any]:
+    pending: collections.deque[Future[Any]] = collections.deque()
+    thunks = iter(thunks)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for thunk in itertools.islice(thunks, max(depth, 1)):
+                pending.append(pool.submit(thunk))
+            while pending:
+                item = pending.popleft().result()
+                nxt = next(thunks, None)
+                if nxt is not None:
+                    pending.append(pool.submit(nxt))
+                yield item
+        finally:
+            for f in pending:
+                f.cancel()
