@@ -10,12 +10,20 @@ store ← scoring ← this façade), so the methods users call most have real si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
+from daunce_store import _constants as C
 from daunce_store import scoring
+from daunce_store.errors import InvalidInputError
 from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability, StoreScorer
 from daunce_store.store import LossStore, Snapshot
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = ["Store", "init", "open"]
 
@@ -30,36 +38,88 @@ class Store(LossStore):
     every column records its perturbation draw, else whitened); ``backend`` is auto, rust, numba, numpy or
     torch (the same answer from each; auto never picks torch); ``columns`` are positions 0..K-1 of the
     snapshot's columns for the query set (a position may repeat: a bootstrap resample).
+
+    ``client`` (``topk``, ``influence``, ``self_influence``): a ``distributed.Client`` or a Dask scheduler
+    address (``tcp://HOST:PORT``) to scan the train rows on that cluster instead of in this process, with the
+    same answer; one task per partition of about ``partition_rows`` rows (default 4M), each opening the
+    store's URL with the storage options this handle was opened with. Needs the ``dask`` extra.
     """
+
+    _storage_options: dict[str, Any] | None = None
+
+    @classmethod
+    def create(
+        cls, url: str | os.PathLike[str], train_ids: Sequence[str] | np.ndarray,
+        query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None, *, seed: int = 0,
+        capacity: int = C.DEFAULT_CAPACITY, chunk_rows: int = C.DEFAULT_CHUNK_ROWS, pack_width: int | None = None,
+        storage_options: dict[str, Any] | None = None, attributes: Mapping[str, Any] | None = None,
+    ) -> Store:
+        store = super().create(url, train_ids, query_sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows,
+                               pack_width=pack_width, storage_options=storage_options, attributes=attributes)
+        store._storage_options = storage_options  # what distributed scans open the URL with
+        return store
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], mode: Literal["r", "a"] = "a",
+             storage_options: dict[str, Any] | None = None) -> Store:
+        store = super().open(url, mode, storage_options)
+        store._storage_options = storage_options
+        return store
+
+    create.__func__.__doc__ = LossStore.create.__doc__  # type: ignore[attr-defined]
+    open.__func__.__doc__ = LossStore.open.__doc__  # type: ignore[attr-defined]
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The object-store options this handle was opened with (None: none, or a local path)."""
+        return self._storage_options
 
     def topk(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
         side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
         columns: Sequence[int] | None = None, block_rows: int | None = None,
+        client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Top-k proponents (``pos``) and opponents (``neg``) among the train examples for each query.
 
         >>> store.topk("test", ["q0"], k=5, measure="nystrom").to_pandas()   # doctest: +SKIP
+        >>> store.topk("test", k=5, client="tcp://10.0.0.5:8786")           # doctest: +SKIP
         """
-        return scoring.topk_store(self, query_set, queries, k=k, measure=measure, side=side, backend=backend,
-                                  snapshot=snapshot, columns=columns, block_rows=block_rows)
+        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, columns=columns, block_rows=block_rows)
+        if self._distributed(client, partition_rows):
+            return scoring.topk_distributed(self, query_set, queries, client=client, partition_rows=partition_rows,
+                                            storage_options=self.storage_options, **options)
+        return scoring.topk_store(self, query_set, queries, **options)
 
     def influence(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
         side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
-        columns: Sequence[int] | None = None,
+        columns: Sequence[int] | None = None, client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Aggregate influence on a whole query set (the mean score over its queries), top-k per side."""
-        return scoring.influence(self, query_set, queries, k=k, measure=measure, side=side, backend=backend,
-                                 snapshot=snapshot, columns=columns)
+        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, columns=columns)
+        if self._distributed(client, partition_rows):
+            return scoring.influence_distributed(self, query_set, queries, client=client, partition_rows=partition_rows,
+                                                 storage_options=self.storage_options, **options)
+        return scoring.influence(self, query_set, queries, **options)
 
     def self_influence(
         self, *, k: int = 10, measure: str = DEFAULT_MEASURE, side: Side = "pos", backend: Backend = "auto",
         snapshot: Snapshot | None = None, block_rows: int | None = None,
+        client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Self-influence ū_iᵀ M ū_i (``cov``: the loss variance): top-k, for mislabel and outlier search."""
-        return scoring.self_influence(self, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
-                                      block_rows=block_rows)
+        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, block_rows=block_rows)
+        if self._distributed(client, partition_rows):
+            return scoring.self_influence_distributed(self, client=client, partition_rows=partition_rows,
+                                                      storage_options=self.storage_options, **options)
+        return scoring.self_influence(self, **options)
+
+    @staticmethod
+    def _distributed(client: object, partition_rows: int | None) -> bool:
+        if client is None and partition_rows is not None:
+            raise InvalidInputError("partition_rows splits a distributed scan; give client= (a Dask client or scheduler address) too")
+        return client is not None
 
     def stability(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,

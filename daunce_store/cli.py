@@ -57,6 +57,10 @@ SideOpt = Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) o
 BackendOpt = Annotated[Backend, typer.Option(help="Scoring backend (every backend gives the same answer).")]
 FormatOpt = Annotated[OutFormat, typer.Option("--format", help="table, or json, jsonl, csv, parquet (parquet needs --output).")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to a file instead.")]
+SchedulerOpt = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", help="Score on a Dask cluster: its scheduler's address, tcp://HOST:PORT (needs the dask extra; same answer)."),
+]
 
 
 def _fail(err: Exception) -> None:
@@ -383,10 +387,12 @@ def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
         format: FormatOpt = OutFormat("table"),
         output: OutputOpt = None,
         storage_options: StorageOpt = None,
+        scheduler: SchedulerOpt = None,
     ) -> None:
         s = _open(store, "r", storage_options)
         rank = s.influence if aggregate else s.topk
-        result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value)
+        result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value,
+                      client=scheduler)
         _emit(result, format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
 
     command.__doc__ = doc
@@ -469,9 +475,11 @@ def self_influence(
     format: FormatOpt = OutFormat("table"),
     output: OutputOpt = None,
     storage_options: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""
-    result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value)
+    result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value,
+                                                               client=scheduler)
     _emit(result, format, output, "self-influence")
 
 

@@ -1,10 +1,12 @@
 """Scoring: the streaming top-k kernel and its backends, the score measures, and the attribution results
-built on them; :func:`scorer` keeps prepared train rows on a torch device for repeated queries."""
+built on them; :func:`scorer` keeps prepared train rows on a torch device for repeated queries;
+:func:`topk_distributed` and its siblings give the same answers from a Dask cluster."""
 
 from __future__ import annotations
 
 from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
+from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
@@ -25,12 +27,15 @@ __all__ = [
     "TorchScorer",
     "available_backends",
     "influence",
+    "influence_distributed",
     "prepare_queries",
     "prepare_rows",
     "scorer",
     "scores",
     "self_influence",
+    "self_influence_distributed",
     "stability",
     "topk",
+    "topk_distributed",
     "topk_store",
 ]
