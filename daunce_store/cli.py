@@ -348,11 +348,12 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be reclaimed.")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Reclaim the space of slots leaked by killed writers and of orphaned or duplicate pack groups; safe
-    beside live writers, compactors and readers."""
+    """Reclaim space: packed columns' own chunks, slots leaked by killed writers, orphaned or duplicate pack
+    groups (all past --grace); safe beside live writers, compactors and readers."""
     r = _open(store, "a", storage_options).gc(grace_seconds=grace, dry_run=dry_run)
     verb = "would reclaim" if dry_run else "reclaimed"
-    console.print(f"{verb} {len(r.slots)} leaked slot(s) {r.slots[:10]} and {len(r.groups)} pack group(s) {r.groups[:10]}"
+    console.print(f"{verb} the own chunks of {len(r.packed_slots)} packed column(s), {len(r.slots)} leaked slot(s) {r.slots[:10]} "
+                  f"and {len(r.groups)} pack group(s) {r.groups[:10]}"
                   + ("" if dry_run else f": {r.chunks_deleted} chunks, {r.bytes_freed} bytes"))
     for line in r.skipped:
         err_console.print(f"skipped {line}")
