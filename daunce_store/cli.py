@@ -19,7 +19,7 @@ from rich.table import Table
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, iso, read_ids, read_losses, write_frames
+from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, iso, read_ids, read_losses, write_frames
 
 app = typer.Typer(
     name="daunce",
@@ -203,19 +203,44 @@ def add_queries(
 @_command(app)
 def append(
     store: StoreArg,
-    perturbation: Annotated[str, typer.Option("--perturbation", help="Perturbation id (unique per column).")],
-    train: Annotated[Path, typer.Option("--train", help="Train losses, one per train id in order (.npy, .parquet, .csv).")],
+    perturbation: Annotated[Optional[str], typer.Option("--perturbation", help="Perturbation id (unique per column).")] = None,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Train losses, one per train id in order (.npy, .parquet, .csv).")] = None,
     query: Annotated[list[str], typer.Option("--query", help="NAME=FILE losses for a query set; repeatable.")] = [],
+    matrix: Annotated[Optional[Path], typer.Option("--matrix", help="Many columns at once instead: .parquet/.csv with `set` (optional), `id`, one column per perturbation id; or .npz (ids, perturbations, train, query_ids__SET, query__SET).")] = None,
     metadata: Annotated[Optional[str], typer.Option(help="JSON object kept in the commit record.")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Append one perturbation's loss column computed anywhere (e.g. a black-box fine-tuning API)."""
+    """Append loss columns computed anywhere (e.g. a black-box fine-tuning API): one, or a matrix of them."""
     meta = _json_object(metadata, "--metadata") or {}
+    if matrix is not None:
+        if perturbation is not None or train is not None or query:
+            raise InvalidInputError("--matrix holds the perturbation ids and every set's losses; drop --perturbation, --train and --query")
+        s = _open(store, "a", storage_options)
+        commits = s.append_matrix(matrix, metadata=meta)
+        names = ", ".join(c.perturbation for c in commits[:8]) + (", ..." if len(commits) > 8 else "")
+        console.print(f"committed {len(commits)} perturbations ({names}) (K={s.num_columns()})")
+        return
+    if perturbation is None or train is None:
+        raise InvalidInputError("give --perturbation and --train (one column), or --matrix FILE (many)")
     s = _open(store, "a", storage_options)
     sizes = s.query_sets()  # each file's .npy header is checked against its set's size before it is read
     queries = {name: read_losses(path, sizes.get(name)) for name, path in _parse_pairs(query, "--query").items()}
     commit = s.append(perturbation, read_losses(train, s.n_train), queries, metadata={"source": "append", **meta})
     console.print(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})")
+
+
+@_command(app, "append-queries")
+def append_queries(
+    store: StoreArg,
+    query_set: Annotated[str, typer.Option("--query-set", help="The query set to fill (added with `daunce add-queries`).")],
+    matrix: Annotated[Path, typer.Option("--matrix", help="Its losses: .parquet/.csv with `id` and one column per committed perturbation id (rows in any order), or .npz (perturbations, query_ids__SET, query__SET).")],
+    storage_options: StorageOpt = None,
+) -> None:
+    """Fill a query set's losses for already committed columns (black-box runs evaluated on a later set)."""
+    s = _open(store, "a", storage_options)
+    filled = append_query_matrix(s, query_set, matrix)
+    columns = s.snapshot().query_slots.get(query_set, ())
+    console.print(f"{query_set}: losses for {len(filled)} perturbations added ({len(columns)} of {s.num_columns()} columns have them)")
 
 
 @_command(app)

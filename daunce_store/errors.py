@@ -22,6 +22,7 @@ __all__ = [
     "ReclaimedError",
     "ConvergenceWarning",
     "ConstantQueryWarning",
+    "MissingQueryLossesWarning",
     "MissingDependencyError",
 ]
 
@@ -97,6 +98,11 @@ class ConvergenceWarning(UserWarning):
 class ConstantQueryWarning(UserWarning):
     """A query's loss is the same under every perturbation: it covaries with nothing, so its scores are all 0
     and its top-k lists are ties in row order, not attributions."""
+
+
+class MissingQueryLossesWarning(UserWarning):
+    """A column was committed without losses for some of the store's query sets: scoring those sets leaves it
+    out until ``daunce append-queries`` (or ``LossStore.append_query_losses``) fills them."""
 
 
 class MissingDependencyError(DaunceStoreError, ImportError):

@@ -46,6 +46,7 @@ from daunce_store.store._compact import CompactionMixin, _parse_manifest
 from daunce_store.store._inputs import validate_ids, validate_losses
 from daunce_store.store._leases import LeasesMixin
 from daunce_store.store._maintenance import GcReport, MaintenanceMixin
+from daunce_store.store._matrix import append_matrix, warn_missing_query_losses
 from daunce_store.store._read import ReadPathMixin
 from daunce_store.store._records import (
     Commit,
@@ -453,7 +454,13 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             )
         if lease is not None:
             self.release(lease)
+        warn_missing_query_losses(self, [pid], queries)
         return Commit.from_record(record)
+
+    def append_matrix(self, table_or_path: Any, *, metadata: Mapping[str, Any] | None = None) -> list[Commit]:
+        """Append many perturbations' columns from one loss matrix (a table joined on ids, or .npz), all
+        checked before the first append; layouts and failure semantics: ``daunce_store.store._matrix``."""
+        return append_matrix(self, table_or_path, metadata=metadata)
 
     def append_query_losses(self, perturbation: str | int, name: str, losses: np.ndarray) -> None:
         """Add query-set losses to an already committed column (a query set added after it)."""
