@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,23 +28,29 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _read_table_column(path: Path, column: str | None, *, as_text: bool) -> np.ndarray:
-    """One column of a CSV or parquet file; ``as_text``: every value as the string the file holds (ids:
-    ``007`` stays ``007``, ``NA`` stays ``NA``), else pandas' numeric parsing (losses)."""
+def read_table(path: Path, *, as_text: bool, layout: str) -> Any:
+    """A CSV or parquet file as a DataFrame, or one clear InvalidInputError; ``as_text``: CSV cells as the
+    strings the file holds (ids: ``007`` stays ``007``, ``NA`` stays ``NA``); ``layout``: what an empty CSV
+    should have held."""
     import pandas as pd
 
     kind = "parquet" if path.suffix == ".parquet" else "CSV"
     try:
         if kind == "parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise InvalidInputError(f"{path} holds no CSV header and no rows; write a header line, then one value per row") from None
+        raise InvalidInputError(f"{path} holds no CSV header and no rows; write {layout}") from None
     except UnicodeDecodeError as e:
         raise InvalidInputError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as a UTF-8 {kind} file") from None
     except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise InvalidInputError(f"{path} is not a readable {kind} file ({_first_line(e)})") from None
+
+
+def _read_table_column(path: Path, column: str | None, *, as_text: bool) -> np.ndarray:
+    """One column of a CSV or parquet file; ``as_text``: every value as the string the file holds (ids:
+    ``007`` stays ``007``, ``NA`` stays ``NA``), else pandas' numeric parsing (losses)."""
+    frame = read_table(path, as_text=as_text, layout="a header line, then one value per row")
     if column is None:
         if frame.shape[1] != 1:
             raise InvalidInputError(

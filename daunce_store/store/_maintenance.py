@@ -121,8 +121,10 @@ class MaintenanceMixin:
         def stale_leases(self) -> list[dict[str, Any]]: ...  # type: ignore[empty-body]
 
     # --- the leftovers, found from the records alone (cheap: listings and small JSON) ---------------
-    def _records(self, prefix: str) -> dict[str, dict[str, Any]]:
-        keys = self._storage.list(prefix)
+    def _records(self, prefix: str, keep: Callable[[int], bool] | None = None) -> dict[str, dict[str, Any]]:
+        """The numbered records under ``prefix`` (only those whose number ``keep`` accepts: one listing, then
+        a GET for each kept record, not for all of them)."""
+        keys = [k for k in self._storage.list(prefix) if keep is None or keep(self._number(k))]
         return {k: r for k, r in zip(keys, self._storage.get_many(keys)) if r is not None}
 
     @staticmethod
@@ -144,10 +146,9 @@ class MaintenanceMixin:
         committed_slots = {c.slot for c in self.commits()}
         done = set(self._storage.list(C.FATES_PREFIX))  # a finished reclaim leaves `<what>-<n>.done.json`
         out: dict[str, list[dict[str, Any]]] = {"leaked_slots": [], "orphaned_groups": [], "duplicate_groups": []}
-        for key, rec in self._records(C.SLOTS_PREFIX).items():
+        leaked = self._records(C.SLOTS_PREFIX, lambda n: n not in committed_slots and self._done_key("slot", n) not in done)
+        for key, rec in leaked.items():
             slot = self._number(key)
-            if slot in committed_slots or self._done_key("slot", slot) in done:
-                continue
             fate = self._fate("slot", slot)
             age = _age_seconds(rec.get("claimed_at"), now)
             out["leaked_slots"].append({
@@ -156,10 +157,9 @@ class MaintenanceMixin:
             })
         manifests = self._records(C.PACKS_PREFIX)
         published = {self._number(k): r for k, r in manifests.items()}
-        for key, rec in self._records(C.PACK_CLAIMS_PREFIX).items():
+        orphaned = self._records(C.PACK_CLAIMS_PREFIX, lambda n: n not in published and self._done_key("group", n) not in done)
+        for key, rec in orphaned.items():
             group = self._number(key)
-            if group in published or self._done_key("group", group) in done:
-                continue
             fate = self._fate("group", group)
             age = _age_seconds(rec.get("claimed_at"), now)
             out["orphaned_groups"].append({
@@ -180,10 +180,12 @@ class MaintenanceMixin:
                 continue
             for s in slots:
                 first_group.setdefault(s, group)
-        reclaimed = self.reclaimed_slots()
+        # first_group is the pack map readers use (a slot's lowest published group); the reclaimed slots
+        # come from one listing (their records are read by verify, which needs their groups).
+        reclaimed = {self._number(k) for k in self._storage.list(C.RECLAIMED_PREFIX)}
         out["packed_copies"] = [
             {"slot": slot, "group": group, "reclaimable": _age_seconds(published[group].get("packed_at"), now) > grace_seconds}
-            for slot, (group, _) in sorted(self._pack_map().items()) if slot not in reclaimed
+            for slot, group in sorted(first_group.items()) if slot not in reclaimed
         ]
         return out
 

@@ -33,7 +33,7 @@ from daunce_store.errors import (
     InvalidInputError,
     MissingQueryLossesWarning,
 )
-from daunce_store.store._inputs import _check_file, _first_line, validate_ids
+from daunce_store.store._inputs import _check_file, _first_line, read_table, validate_ids
 from daunce_store.store._records import Commit, check_perturbation_id
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def read_loss_matrix(table_or_path: Any, *, default_set: str = TRAIN) -> LossMat
             return _from_arrays(arrays, str(path))
         if path.suffix not in (".parquet", ".csv"):
             raise InvalidInputError(f"loss matrix {path}: use .parquet, .csv or .npz")
-        return _from_frame(_read_frame(path), str(path), default_set)
+        return _from_frame(read_table(path, as_text=True, layout="a header `id,<perturbation>,...` and one row per example"), str(path), default_set)
     if isinstance(table_or_path, Mapping):
         return _from_arrays(dict(table_or_path), "the loss matrix")
     if hasattr(table_or_path, "to_pandas") and not hasattr(table_or_path, "iloc"):  # a pyarrow Table
@@ -131,21 +131,6 @@ def read_loss_matrix(table_or_path: Any, *, default_set: str = TRAIN) -> LossMat
     raise InvalidInputError(
         f"a loss matrix is a path (.parquet, .csv, .npz), a DataFrame, a pyarrow Table or a dict of arrays, not {type(table_or_path).__name__}"
     )
-
-
-def _read_frame(path: Path) -> Any:
-    """The file as a DataFrame; CSV cells as text (ids as written: ``007`` stays ``007``), losses parsed below."""
-    import pandas as pd
-
-    kind = "parquet" if path.suffix == ".parquet" else "CSV"
-    try:
-        return pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise InvalidInputError(f"{path} holds no CSV header and no rows; write a header `id,<perturbation>,...` and one row per example") from None
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as a UTF-8 {kind} file") from None
-    except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise InvalidInputError(f"{path} is not a readable {kind} file ({_first_line(e)})") from None
 
 
 def _text(values: Any) -> np.ndarray:
