@@ -240,20 +240,43 @@ def _check_snapshot_and_blocks(snapshot: object, block_rows: object) -> None:
         raise InvalidInputError(f"block_rows must be a whole number >= 1 (or None: the store's chunk rows), not {block_rows!r}")
 
 
-def measure_inputs(
+def measure_plan(
     store: LossStore, measure: str, snapshot: Snapshot | None, query_set: str | None,
     columns: Sequence[int] | None = None, block_rows: int | None = None,
-) -> tuple[Snapshot, list[int], np.ndarray | None, Measure, Gram | None]:
-    """Snapshot, slots, positions, the resolved measure and its Gram (one pass, cached) for a request
-    on the columns of ``query_set`` (every committed column when None)."""
+) -> tuple[Snapshot, list[int], np.ndarray | None, Measure]:
+    """Snapshot, slots, positions and the resolved measure of a request on the columns of ``query_set``
+    (every committed column when None), all checked; no scan yet."""
     _check_snapshot_and_blocks(snapshot, block_rows)
     snap = snapshot or store.snapshot()
     slots = store.committed_slots(snapshot=snap, query_set=query_set)
     positions = _positions(columns, len(slots), query_set)
     _check_columns(len(slots) if positions is None else len(positions), query_set)
-    resolved = resolve_measure(measure, snap, slots)
+    return snap, slots, positions, resolve_measure(measure, snap, slots)
+
+
+def measure_inputs(
+    store: LossStore, measure: str, snapshot: Snapshot | None, query_set: str | None,
+    columns: Sequence[int] | None = None, block_rows: int | None = None,
+) -> tuple[Snapshot, list[int], np.ndarray | None, Measure, Gram | None]:
+    """:func:`measure_plan` and the measure's Gram (one pass, cached)."""
+    snap, slots, positions, resolved = measure_plan(store, measure, snapshot, query_set, columns, block_rows)
     gram = gram_for(store, snap, slots, resolved.preconditioner, block_rows) if resolved.preconditioner else None
     return snap, slots, positions, resolved, gram
+
+
+def check_query_request(
+    store: LossStore, query_set: str, queries: Sequence[str] | None, k: int | None, measure: str, side: str,
+) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
+    """The checks of a query-scoring request that read nothing but the query ids: its sides, query rows
+    and names."""
+    if not isinstance(query_set, str):
+        raise InvalidInputError(f"query_set must be a query-set name (a string), not {type(query_set).__name__} {query_set!r}")
+    resolve_measure(measure)  # a bad name fails here, before any reading
+    sides = resolve_sides(side)
+    if k is not None:
+        check_k(k, store.n_train)
+    rows, names = _query_rows(store, query_set, queries)
+    return sides, rows, names
 
 
 def scoring_request(
@@ -268,14 +291,8 @@ def scoring_request(
     block_rows: int | None = None,
 ) -> ScoringRequest:
     """Validate a query-scoring request and load its queries (``k`` None: no top-k, dense scores)."""
-    if not isinstance(query_set, str):
-        raise InvalidInputError(f"query_set must be a query-set name (a string), not {type(query_set).__name__} {query_set!r}")
-    resolve_measure(measure)  # a bad name fails here, before any reading
-    sides = resolve_sides(side)
-    if k is not None:
-        check_k(k, store.n_train)
+    sides, rows, names = check_query_request(store, query_set, queries, k, measure, side)
     snap = snapshot or store.snapshot()
-    rows, names = _query_rows(store, query_set, queries)
     snap, slots, positions, resolved, gram = measure_inputs(store, measure, snap, query_set, columns, block_rows)
     q = store.query_losses(query_set, snapshot=snap)[rows]
     if positions is not None:
@@ -354,6 +371,18 @@ def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = 
     return topk_store(store, query_set, queries, aggregate="mean", **options)
 
 
+def check_self_influence(store: LossStore, k: int, measure: str, side: str) -> tuple[str, ...]:
+    """The checks of a self-influence request; its sides."""
+    sides = resolve_sides(side)
+    check_k(k, store.n_train)
+    if measure in MEASURES and MEASURES[measure].normalized:
+        raise InvalidInputError(
+            f"self-influence under {measure!r} is 1 for every example (that measure divides by the self-score); "
+            "use cov, whitened or nystrom"
+        )
+    return sides
+
+
 def self_influence(
     store: LossStore,
     *,
@@ -368,13 +397,7 @@ def self_influence(
     and/or smallest (``neg``): var_k(L_i) = cov(i, i) for ``cov``, ū_iᵀ M ū_i for ``whitened`` and
     ``nystrom`` (``auto``: nystrom when every column records its draw). Same streaming selection as
     :func:`topk_store`."""
-    sides = resolve_sides(side)
-    check_k(k, store.n_train)
-    if measure in MEASURES and MEASURES[measure].normalized:
-        raise InvalidInputError(
-            f"self-influence under {measure!r} is 1 for every example (that measure divides by the self-score); "
-            "use cov, whitened or nystrom"
-        )
+    sides = check_self_influence(store, k, measure, side)
     snap, slots, _, resolved, gram = measure_inputs(store, measure, snapshot, None, None, block_rows)
     metric = None if gram is None else gram.preconditioner()
     # One "query" whose scores are pushed precomputed: the self-scores of each block.

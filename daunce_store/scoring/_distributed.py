@@ -43,27 +43,22 @@ from daunce_store._optional import import_optional
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring._attribution import (
     Attribution,
-    _check_columns,
-    _check_snapshot_and_blocks,
-    _positions,
-    _query_rows,
     check_aggregate,
-    check_k,
+    check_query_request,
+    check_self_influence,
     kernel_queries,
     measure_inputs,
-    resolve_sides,
+    measure_plan,
     scan_block_rows,
     scoring_request,
 )
 from daunce_store.scoring._backend import make_accumulator, row_variance
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
-    MEASURES,
     Gram,
     Prepared,
     draws_of,
     metric_self_scores,
-    resolve_measure,
 )
 from daunce_store.scoring._numpy import prepare_rows
 from daunce_store.store import LossStore, Snapshot, weights_block
@@ -401,19 +396,9 @@ def topk_distributed(
     >>> topk_distributed(store, "test", k=10, client=Client("tcp://10.0.0.5:8786"))  # doctest: +SKIP
     """
     check_aggregate(aggregate)
-    # The checks of scoring_request that come before its Gram pass, so that bad input fails before any scan.
-    if not isinstance(query_set, str):
-        raise InvalidInputError(f"query_set must be a query-set name (a string), not {type(query_set).__name__} {query_set!r}")
-    resolve_measure(measure)
-    resolve_sides(side)
-    check_k(k, store.n_train)
-    _check_snapshot_and_blocks(snapshot, block_rows)
-    snap = snapshot or store.snapshot()
-    _query_rows(store, query_set, queries)
-    slots = store.committed_slots(snapshot=snap, query_set=query_set)
-    positions = _positions(columns, len(slots), query_set)
-    _check_columns(len(slots) if positions is None else len(positions), query_set)
-    resolved = resolve_measure(measure, snap, slots)
+    # scoring_request's checks, before the Gram pass (which runs on the cluster), so bad input fails before any scan.
+    check_query_request(store, query_set, queries, k, measure, side)
+    snap, slots, positions, resolved = measure_plan(store, measure, snapshot, query_set, columns, block_rows)
     with _run(client, store, snap, slots, positions, block_rows, partition_rows, storage_options) as run:
         _ensure_gram(run, store, resolved.preconditioner, slots)
         req = scoring_request(store, query_set, queries, k, measure, side, snap, columns, block_rows)
@@ -444,19 +429,8 @@ def self_influence_distributed(
 ) -> Attribution:
     """:func:`~daunce_store.scoring.self_influence` on a Dask cluster, with the same answer (see
     :func:`topk_distributed` for ``client``, ``partition_rows`` and ``storage_options``)."""
-    sides = resolve_sides(side)
-    check_k(k, store.n_train)
-    if measure in MEASURES and MEASURES[measure].normalized:
-        raise InvalidInputError(
-            f"self-influence under {measure!r} is 1 for every example (that measure divides by the self-score); "
-            "use cov, whitened or nystrom"
-        )
-    resolve_measure(measure)
-    _check_snapshot_and_blocks(snapshot, block_rows)
-    snap = snapshot or store.snapshot()
-    slots = store.committed_slots(snapshot=snap)
-    _check_columns(len(slots), None)
-    resolved = resolve_measure(measure, snap, slots)
+    sides = check_self_influence(store, k, measure, side)
+    snap, slots, _, resolved = measure_plan(store, measure, snapshot, None, None, block_rows)
     with _run(client, store, snap, slots, None, block_rows, partition_rows, storage_options) as run:
         _ensure_gram(run, store, resolved.preconditioner, slots)
         snap, slots, _, resolved, gram = measure_inputs(store, measure, snap, None, None, block_rows)
