@@ -1,8 +1,11 @@
-"""Shared tiny fixtures: small real stores on disk."""
+"""Shared fixtures: small real stores on disk, and an S3-compatible server on loopback."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,3 +36,32 @@ def build_store(path: Path | str, train: np.ndarray, query: np.ndarray, chunk_ro
 def small_store(tmp_path: Path) -> tuple[daunce_store.LossStore, np.ndarray, np.ndarray]:
     train, query = make_losses(300, 7, 12)
     return build_store(tmp_path / "s.zarr", train, query), train, query
+
+
+# One bucket for every test that needs an object store; each test works under its own random prefix.
+S3_BUCKET = "daunce-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[dict[str, Any]]:
+    """moto's S3 server on 127.0.0.1 (a free port), with the bucket ``S3_BUCKET``; yields obstore storage_options."""
+    pytest.importorskip("moto.server")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    ).create_bucket(Bucket=S3_BUCKET)
+    yield {
+        "endpoint": endpoint,
+        "access_key_id": "test",
+        "secret_access_key": "test",
+        "region": "us-east-1",
+        "client_options": {"allow_http": True},
+    }
+    server.stop()

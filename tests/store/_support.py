@@ -11,7 +11,7 @@ import obstore.store
 
 import daunce_store
 
-BUCKET = "daunce-test"
+BUCKET = "daunce-test"  # the bucket that s3_endpoint (tests/conftest.py) creates
 
 
 class Location:
