@@ -360,8 +360,12 @@ def topk_store(
     prep = req.prepared()
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
-    for offset, block in req.blocks(store, block_rows):
-        acc.push_block(offset, prep.block(block))
+    # The Rust kernel reads a local store's chunks itself and scores them while they are in cache, where
+    # the kernel sees the stored rows as they are (no transform, all columns); else blocks are read and pushed.
+    fused = prep.transform is None and req.positions is None and hasattr(acc, "push_chunks")
+    if not (fused and store.scan_fused(acc.push_chunks, snapshot=req.snapshot, slots=req.slots)):
+        for offset, block in req.blocks(store, block_rows):
+            acc.push_block(offset, prep.block(block))
     return Attribution.from_result(names, store.train_ids_at, acc.finish(), req.measure.name, req.num_columns)
 
 

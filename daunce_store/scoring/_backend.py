@@ -105,6 +105,11 @@ class _RustTopK:
         except ValueError as e:
             raise InvalidInputError(str(e)) from None
 
+    def push_chunks(self, root: str, sources: list[Any], r0: int, r1: int) -> None:
+        """Rows r0:r1 read by the kernel itself from a local store's chunk files (``LossStore.scan_fused``);
+        a damaged chunk raises the extension's ChunkReadError, which the store names."""
+        self._acc.push_chunks(root, sources, int(r0), int(r1))
+
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         try:
             self._acc.push_scores(int(offset), np.ascontiguousarray(scores, np.float32).reshape(-1))

@@ -166,16 +166,50 @@ class ReadPathMixin:
                 ext.read_block(root, sources, r0, r1, out, threads)
                 return out
             except ext.ChunkReadError as e:
-                kind, key, message = e.args
-                # zarr-python's checks name the damage in the words every path uses (a race with a writer
-                # cannot make it read cleanly: committed chunks are never rewritten).
-                self._zarr_read_rows(arr, r0, r1, slots, packs)
-                raise CorruptChunkError(
-                    f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; restore the chunk from a complete copy "
-                    "of the store, or re-run that perturbation into a new store; `daunce verify` lists every damaged chunk"
-                ) from e
+                self._name_damage(e, arr, r0, r1, slots, packs)
 
         return _BlockReader(read, sources)
+
+    def _name_damage(self, err: Exception, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> None:
+        """Raise CorruptChunkError for the Rust reader's ``ChunkReadError`` over rows ``r0:r1``."""
+        kind, key, message = err.args
+        # zarr-python's checks name the damage in the words every path uses (a race with a writer
+        # cannot make it read cleanly: committed chunks are never rewritten).
+        self._zarr_read_rows(arr, r0, r1, slots, packs)
+        raise CorruptChunkError(
+            f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; restore the chunk from a complete copy "
+            "of the store, or re-run that perturbation into a new store; `daunce verify` lists every damaged chunk"
+        ) from err
+
+    def scan_fused(
+        self, push: Callable[[str, list[tuple[str, int, int, int, list[tuple[int, int]]]], int, int], None], *,
+        snapshot: Snapshot | None = None, slots: Sequence[int] | None = None,
+    ) -> bool:
+        """Feed every train row of ``slots`` to ``push(root, sources, r0, r1)``, an accumulator's fused
+        read-and-score pass (``_kernel.TopKAccumulator.push_chunks``: it reads the chunk files itself and
+        scores each 1 MB segment while it is in cache, so no block is written to memory and read back),
+        and return True; return False, having pushed nothing, where that pass does not apply: where the
+        Rust reader does not (object stores, ``DAUNCE_STORE_NO_EXT=1``), where the columns' chunks differ in
+        height (young columns beside packed groups), or with ``DAUNCE_STORE_FUSED=0`` (for A/B timing).
+        Damage raises CorruptChunkError in the words of every other path."""
+        if os.environ.get("DAUNCE_STORE_FUSED", "1") == "0":
+            return False
+        chosen = self._resolve_slots(snapshot, None, slots)
+        packs = self._pack_map()
+        sources = self._native_sources(self._train_losses, chosen, packs)
+        if not sources or len({chunk_rows for _, chunk_rows, _, _, _ in sources}) != 1:
+            return False
+        unit = sources[0][1]
+        step = unit * 4 * _cores()  # a few chunks per thread per call: the GIL comes back for Ctrl-C every few ms
+        root = str(self._storage.path)
+        ext = extension()
+        for r0 in range(0, self.n_train, step):
+            r1 = min(r0 + step, self.n_train)
+            try:
+                push(root, sources, r0, r1)
+            except ext.ChunkReadError as e:
+                self._name_damage(e, self._train_losses, r0, r1, chosen, packs)
+        return True
 
     def _native_sources(
         self, arr: Any, slots: Sequence[int], packs: dict[int, tuple[int, int]],

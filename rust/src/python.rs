@@ -42,10 +42,7 @@ fn read_block(
     py: Python<'_>, root: std::path::PathBuf, sources: Vec<ChunkSource>, r0: usize, r1: usize, mut out: PyReadwriteArray2<'_, f32>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let sources: Vec<read::ChunkColumns> = sources
-        .into_iter()
-        .map(|(array, chunk_rows, chunk_cols, col_chunk, pairs)| read::ChunkColumns { array, chunk_rows, chunk_cols, col_chunk, pairs })
-        .collect();
+    let sources = chunk_columns(sources);
     let threads = threads.unwrap_or_else(crate::topk::num_lanes);
     let shape = out.shape().to_vec();
     if shape[0] != r1.saturating_sub(r0) {
@@ -53,10 +50,21 @@ fn read_block(
     }
     let ncols = shape[1];
     let data = out.as_slice_mut().map_err(|_| PyValueError::new_err("out must be a C-contiguous float32 array"))?;
-    py.detach(|| read::read_block_into(&root, &sources, r0, r1, ncols, threads, data)).map_err(|e| match e {
+    py.detach(|| read::read_block_into(&root, &sources, r0, r1, ncols, threads, data)).map_err(read_error)
+}
+
+fn chunk_columns(sources: Vec<ChunkSource>) -> Vec<read::ChunkColumns> {
+    sources
+        .into_iter()
+        .map(|(array, chunk_rows, chunk_cols, col_chunk, pairs)| read::ChunkColumns { array, chunk_rows, chunk_cols, col_chunk, pairs })
+        .collect()
+}
+
+fn read_error(e: read::ReadError) -> PyErr {
+    match e {
         read::ReadError::Invalid(why) => PyValueError::new_err(why),
         e => ChunkReadError::new_err((e.kind(), e.key().unwrap_or_default().to_string(), e.to_string())),
-    })
+    }
 }
 
 /// Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block.
@@ -189,6 +197,18 @@ impl PyTopKAccumulator {
         let data = contiguous(&block, "block")?;
         let acc = self.acc()?;
         py.detach(|| acc.push_block(offset, data)).map_err(to_py_err)
+    }
+
+    /// Fold rows `r0 .. r1` read straight from the Zarr chunk files under `root` (`sources` as for
+    /// `read_block`), each segment scored while it is in cache (`read::visit_segments`), the GIL
+    /// released. On a `ChunkReadError` the accumulator is void: make a new one.
+    fn push_chunks(&mut self, py: Python<'_>, root: std::path::PathBuf, sources: Vec<ChunkSource>, r0: usize, r1: usize) -> PyResult<()> {
+        let ncols = self.ncols;
+        let sources = chunk_columns(sources);
+        let acc = self.acc()?;
+        let rows = r1.saturating_sub(r0) as u64;
+        py.detach(|| acc.push_with(rows, |lanes, fold| read::visit_segments(&root, &sources, r0, r1, ncols, lanes, fold)))
+            .map_err(read_error)
     }
 
     /// Fold precomputed scores (R,) of rows `offset .. offset + R` (single-query accumulators).

@@ -130,27 +130,11 @@ fn has_nan(values: &[f32]) -> bool {
     values.iter().fold(false, |acc, &x| acc | x.is_nan())
 }
 
-/// Rows `r0 .. r1` of the block assembled from `sources`, row-major (r1 - r0, ncols), reading the
-/// chunk files under `root` on `threads` threads. Every destination column 0..ncols must be named by
-/// exactly one pair of one source.
-pub fn read_block(root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize) -> Result<Vec<f32>, ReadError> {
-    let mut out = vec![0.0f32; r1.saturating_sub(r0) * ncols];
-    read_block_into(root, sources, r0, r1, ncols, threads, &mut out)?;
-    Ok(out)
-}
-
-/// [`read_block`] into a caller's buffer of (r1 - r0) * ncols values, every one of which is written on
-/// success (its contents are unspecified after an error). A buffer from numpy (`np.empty`) is backed
-/// by huge pages where the kernel allows: filling a fresh 64 MB `Vec` instead costs ~16k page faults,
-/// which measured slower than reading and checksumming the chunks themselves.
-pub fn read_block_into(
-    root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize, out: &mut [f32],
-) -> Result<(), ReadError> {
+/// The checks every read does before touching a file: a forward row range, non-empty chunk shapes,
+/// and every destination column 0..ncols named by exactly one pair of one source.
+fn check_request(sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize) -> Result<(), ReadError> {
     if r1 < r0 {
         return Err(ReadError::Invalid(format!("row range {r0}:{r1} is reversed")));
-    }
-    if out.len() != (r1 - r0) * ncols {
-        return Err(ReadError::Invalid(format!("the output holds {} values, not ({} rows) x ({ncols} columns)", out.len(), r1 - r0)));
     }
     let mut seen = vec![false; ncols];
     for s in sources {
@@ -169,6 +153,29 @@ pub fn read_block_into(
     if let Some(d) = seen.iter().position(|&b| !b) {
         return Err(ReadError::Invalid(format!("no source fills block column {d}")));
     }
+    Ok(())
+}
+
+/// Rows `r0 .. r1` of the block assembled from `sources`, row-major (r1 - r0, ncols), reading the
+/// chunk files under `root` on `threads` threads. Every destination column 0..ncols must be named by
+/// exactly one pair of one source.
+pub fn read_block(root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize) -> Result<Vec<f32>, ReadError> {
+    let mut out = vec![0.0f32; r1.saturating_sub(r0) * ncols];
+    read_block_into(root, sources, r0, r1, ncols, threads, &mut out)?;
+    Ok(out)
+}
+
+/// [`read_block`] into a caller's buffer of (r1 - r0) * ncols values, every one of which is written on
+/// success (its contents are unspecified after an error). A buffer from numpy (`np.empty`) is backed
+/// by huge pages where the kernel allows: filling a fresh 64 MB `Vec` instead costs ~16k page faults,
+/// which measured slower than reading and checksumming the chunks themselves.
+pub fn read_block_into(
+    root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize, out: &mut [f32],
+) -> Result<(), ReadError> {
+    if out.len() != r1.saturating_sub(r0) * ncols {
+        return Err(ReadError::Invalid(format!("the output holds {} values, not ({} rows) x ({ncols} columns)", out.len(), r1.saturating_sub(r0))));
+    }
+    check_request(sources, r0, r1, ncols)?;
     let rows = r1 - r0;
     if rows == 0 || ncols == 0 {
         return Ok(());
@@ -223,20 +230,8 @@ fn read_chunk(
     root: &Path, src: &ChunkColumns, runs: &[Run], row_chunk: u64, r0: usize, r1: usize, ncols: usize, out: &SharedOut,
     buf: &mut Vec<f32>,
 ) -> Result<(), ReadError> {
-    let key = format!("{}/c/{}/{}", src.array, row_chunk, src.col_chunk);
-    let path: PathBuf = root.join(&key);
-    let corrupt = |why: String| ReadError::Corrupt { key: key.clone(), why };
-    let mut file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(ReadError::Missing { key }),
-        Err(e) => return Err(corrupt(format!("cannot open: {e}"))),
-    };
+    let (mut file, key) = open_chunk(root, src, row_chunk)?;
     let width = src.chunk_cols;
-    let data_bytes = src.chunk_rows * width * 4;
-    let size = file.metadata().map_err(|e| corrupt(format!("cannot stat: {e}")))?.len();
-    if size != (data_bytes + 4) as u64 {
-        return Err(corrupt(format!("{size} bytes where a ({}, {width}) float32 chunk and its checksum take {}", src.chunk_rows, data_bytes + 4)));
-    }
     // The chunk's rows that the block wants, as chunk-local row numbers.
     let c0 = row_chunk as usize * src.chunk_rows;
     let (want0, want1) = (r0.max(c0) - c0, r1.min(c0 + src.chunk_rows) - c0);
@@ -247,16 +242,7 @@ fn read_chunk(
     let mut row = 0;
     while row < src.chunk_rows {
         let n = seg_rows.min(src.chunk_rows - row);
-        let seg = &mut buf[..n * width];
-        // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(seg.as_mut_ptr().cast::<u8>(), n * width * 4) };
-        file.read_exact(bytes).map_err(|e| corrupt(format!("read failed: {e}")))?;
-        crc = crc32c::crc32c_append(crc, bytes);
-        if cfg!(target_endian = "big") {
-            for x in seg.iter_mut() {
-                *x = f32::from_bits(u32::from_le(x.to_bits()));
-            }
-        }
+        read_values(&mut file, &key, &mut buf[..n * width], &mut crc)?;
         // Copy the wanted rows of this segment.
         let (a, b) = (want0.max(row), want1.min(row + n));
         if a < b && full_width && ncols == width {
@@ -299,6 +285,49 @@ fn read_chunk(
         }
         row += n;
     }
+    check_crc(&mut file, &key, crc)
+}
+
+/// A chunk file opened and its size checked (the full chunk shape of float32 plus the checksum).
+fn open_chunk(root: &Path, src: &ChunkColumns, row_chunk: u64) -> Result<(File, String), ReadError> {
+    let key = format!("{}/c/{}/{}", src.array, row_chunk, src.col_chunk);
+    let path: PathBuf = root.join(&key);
+    let corrupt = |why: String| ReadError::Corrupt { key: key.clone(), why };
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(ReadError::Missing { key }),
+        Err(e) => return Err(corrupt(format!("cannot open: {e}"))),
+    };
+    let data_bytes = src.chunk_rows * src.chunk_cols * 4;
+    let size = file.metadata().map_err(|e| corrupt(format!("cannot stat: {e}")))?.len();
+    if size != (data_bytes + 4) as u64 {
+        return Err(corrupt(format!(
+            "{size} bytes where a ({}, {}) float32 chunk and its checksum take {}",
+            src.chunk_rows,
+            src.chunk_cols,
+            data_bytes + 4
+        )));
+    }
+    Ok((file, key))
+}
+
+/// Read `values.len()` float32 of a chunk file (little endian on disk) and fold them into `crc`.
+fn read_values(file: &mut File, key: &str, values: &mut [f32], crc: &mut u32) -> Result<(), ReadError> {
+    // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) };
+    file.read_exact(bytes).map_err(|e| ReadError::Corrupt { key: key.to_string(), why: format!("read failed: {e}") })?;
+    *crc = crc32c::crc32c_append(*crc, bytes);
+    if cfg!(target_endian = "big") {
+        for x in values.iter_mut() {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
+    }
+    Ok(())
+}
+
+/// The chunk's stored checksum (its last 4 bytes, read after the data) against the computed one.
+fn check_crc(file: &mut File, key: &str, crc: u32) -> Result<(), ReadError> {
+    let corrupt = |why: String| ReadError::Corrupt { key: key.to_string(), why };
     let mut stored = [0u8; 4];
     file.read_exact(&mut stored).map_err(|e| corrupt(format!("read failed: {e}")))?;
     let stored = u32::from_le_bytes(stored);
@@ -306,6 +335,129 @@ fn read_chunk(
         return Err(corrupt(format!("stored crc32c {stored:#010x}, computed {crc:#010x}")));
     }
     Ok(())
+}
+
+/// Rows `r0 .. r1` of the block that [`read_block`] would assemble from `sources`, handed to `visit` a
+/// segment at a time instead of written out: `visit(state, first_row, rows)` gets row-major
+/// (R, ncols) rows of about [`SEGMENT_BYTES`] while they are in cache, so a consumer (the scoring
+/// kernel) reads them from L2 rather than a block from DRAM: the fused read-and-score pass.
+///
+/// Runs on `states.len()` threads (at most one per row chunk), thread i passing `&mut states[i]`; the
+/// segments of one row chunk come in order, row chunks in any order, every wanted row exactly once.
+/// All sources must share one chunk height. Checksums, sizes and NaN are checked as by
+/// [`read_block`], but a chunk's checksum only after its segments were visited: after an error the
+/// states hold rows that may be damaged and must be discarded.
+pub fn visit_segments<S, F>(
+    root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, states: &mut [S], visit: F,
+) -> Result<(), ReadError>
+where
+    S: Send,
+    F: Fn(&mut S, usize, &[f32]) + Sync,
+{
+    check_request(sources, r0, r1, ncols)?;
+    let sources: Vec<&ChunkColumns> = sources.iter().filter(|s| !s.pairs.is_empty()).collect();
+    let Some(first) = sources.first() else { return Ok(()) };
+    let chunk_rows = first.chunk_rows;
+    if let Some(s) = sources.iter().find(|s| s.chunk_rows != chunk_rows) {
+        return Err(ReadError::Invalid(format!(
+            "a fused pass needs one chunk height; {} has {} rows per chunk, {} has {chunk_rows}",
+            s.array, s.chunk_rows, first.array
+        )));
+    }
+    if r0 == r1 || states.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Vec<Run>> = sources.iter().map(|s| runs_of(&s.pairs)).collect();
+    // One source holding every block column in order: its segment is the block's, no scatter.
+    let direct = sources.len() == 1 && runs[0].len() == 1 && runs[0][0].len == ncols && runs[0][0].src == 0 && runs[0][0].dst == 0;
+    let owner: Vec<usize> = {
+        let mut owner = vec![0; ncols];
+        for (i, s) in sources.iter().enumerate() {
+            for &(_, d) in &s.pairs {
+                owner[d] = i;
+            }
+        }
+        owner
+    };
+    let seg_rows = (SEGMENT_BYTES / (ncols * 4)).max(1);
+    let chunks: Vec<usize> = ((r0 / chunk_rows)..=((r1 - 1) / chunk_rows)).collect();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let error: Mutex<Option<ReadError>> = Mutex::new(None);
+    let lanes = states.len().min(chunks.len());
+    let work = |state: &mut S| {
+        let mut bufs: Vec<Vec<f32>> = sources.iter().map(|s| vec![0.0; seg_rows * s.chunk_cols]).collect();
+        let mut seg: Vec<f32> = if direct { Vec::new() } else { vec![0.0; seg_rows * ncols] };
+        while !stop.load(Ordering::Relaxed) {
+            let Some(&rc) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+            let result = (|| -> Result<(), ReadError> {
+                let mut files = Vec::with_capacity(sources.len());
+                for s in &sources {
+                    files.push(open_chunk(root, s, rc as u64)?);
+                }
+                let mut crcs = vec![0u32; sources.len()];
+                let c0 = rc * chunk_rows;
+                let (want0, want1) = (r0.max(c0) - c0, r1.min(c0 + chunk_rows) - c0);
+                let mut row = 0;
+                while row < chunk_rows {
+                    let n = seg_rows.min(chunk_rows - row);
+                    for (i, s) in sources.iter().enumerate() {
+                        let (file, key) = &mut files[i];
+                        read_values(file, key, &mut bufs[i][..n * s.chunk_cols], &mut crcs[i])?;
+                    }
+                    let (a, b) = (want0.max(row), want1.min(row + n));
+                    if a < b {
+                        let rows: &[f32] = if direct {
+                            &bufs[0][(a - row) * ncols..(b - row) * ncols]
+                        } else {
+                            for (i, s) in sources.iter().enumerate() {
+                                let width = s.chunk_cols;
+                                for local in a..b {
+                                    let line = &bufs[i][(local - row) * width..(local - row + 1) * width];
+                                    let dst = &mut seg[(local - a) * ncols..(local - a + 1) * ncols];
+                                    for run in &runs[i] {
+                                        dst[run.dst..run.dst + run.len].copy_from_slice(&line[run.src..run.src + run.len]);
+                                    }
+                                }
+                            }
+                            &seg[..(b - a) * ncols]
+                        };
+                        if has_nan(rows) {
+                            let at = rows.iter().position(|x| x.is_nan()).unwrap_or(0);
+                            let column = at % ncols;
+                            return Err(ReadError::Nan { key: files[owner[column]].1.clone(), column, row: c0 + a + at / ncols });
+                        }
+                        visit(state, c0 + a, rows);
+                    }
+                    row += n;
+                }
+                for ((file, key), crc) in files.iter_mut().zip(crcs) {
+                    check_crc(file, key, crc)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                stop.store(true, Ordering::Relaxed);
+                error.lock().expect("error slot").get_or_insert(e);
+                break;
+            }
+        }
+    };
+    match &mut states[..lanes] {
+        [only] => work(only),
+        [first, rest @ ..] => std::thread::scope(|scope| {
+            let work = &work;
+            for state in rest.iter_mut() {
+                scope.spawn(move || work(state));
+            }
+            work(first);
+        }),
+        [] => {}
+    }
+    match error.into_inner().expect("error slot") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -402,6 +554,98 @@ mod tests {
         let e = read_block(&root, &[src(0, 4, 2, vec![(1, 0)])], 4, 10, 1, 1).unwrap_err();
         assert_eq!(e, ReadError::Nan { key: key.into(), column: 0, row: 6 });
         assert!(read_block(&root, &[src(0, 4, 2, vec![(0, 0)])], 4, 10, 1, 1).is_ok());
+    }
+
+    /// Every row `visit_segments` hands out, gathered into a block (per-thread states, then merged).
+    fn visited(root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize) -> Result<Vec<f32>, ReadError> {
+        let mut states: Vec<Vec<(usize, Vec<f32>)>> = (0..threads).map(|_| Vec::new()).collect();
+        visit_segments(root, sources, r0, r1, ncols, &mut states, |state, row, rows| state.push((row, rows.to_vec())))?;
+        let mut out = vec![f32::NAN; (r1 - r0) * ncols];
+        let mut seen = vec![0u32; r1 - r0];
+        for (row, rows) in states.into_iter().flatten() {
+            out[(row - r0) * ncols..(row - r0) * ncols + rows.len()].copy_from_slice(&rows);
+            for r in 0..rows.len() / ncols {
+                seen[row - r0 + r] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "every row exactly once: {seen:?}");
+        Ok(out)
+    }
+
+    #[test]
+    fn segments_hold_the_rows_read_block_assembles() {
+        let root = tempdir("segments");
+        packed(&root, 23, 5, 4, 0);
+        packed(&root, 23, 5, 4, 1);
+        let scattered = [src(1, 5, 4, vec![(3, 0), (0, 2)]), src(0, 5, 4, vec![(1, 1), (2, 3), (3, 4)])];
+        let direct = [src(0, 5, 4, vec![(0, 0), (1, 1), (2, 2), (3, 3)])];
+        for (sources, ncols) in [(&scattered[..], 5), (&direct[..], 4)] {
+            for (r0, r1) in [(0, 23), (3, 22), (7, 8), (5, 10)] {
+                for threads in [1, 2, 3] {
+                    let want = read_block(&root, sources, r0, r1, ncols, 1).unwrap();
+                    assert_eq!(visited(&root, sources, r0, r1, ncols, threads).unwrap(), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn segments_name_damage_and_refuse_mixed_chunk_heights() {
+        let root = tempdir("segments-damage");
+        packed(&root, 10, 4, 2, 0);
+        let s = [src(0, 4, 2, vec![(0, 0), (1, 1)])];
+        let key = "a/c/1/0";
+        let mut bytes = std::fs::read(root.join(key)).unwrap();
+        bytes[9] ^= 0x40;
+        std::fs::write(root.join(key), &bytes).unwrap();
+        let e = visited(&root, &s, 0, 10, 2, 2).unwrap_err();
+        assert_eq!((e.kind(), e.key()), ("corrupt", Some(key)));
+        std::fs::remove_file(root.join(key)).unwrap();
+        assert_eq!(visited(&root, &s, 0, 10, 2, 1).unwrap_err(), ReadError::Missing { key: key.into() });
+        let mut vals: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        vals[5] = f32::NAN; // row 2 of the chunk, column 1
+        write_chunk(&root, key, &vals);
+        assert_eq!(visited(&root, &s, 4, 10, 2, 1).unwrap_err(), ReadError::Nan { key: key.into(), column: 1, row: 6 });
+        let mixed = [src(0, 4, 2, vec![(0, 0)]), src(0, 5, 2, vec![(1, 1)])];
+        assert_eq!(visited(&root, &mixed, 0, 4, 2, 1).unwrap_err().kind(), "invalid");
+    }
+
+    #[test]
+    fn fused_scan_ranks_as_the_block_kernel() {
+        use crate::topk::{Measure, TopKAccumulator};
+        let root = tempdir("fused");
+        let (n, rows, w): (usize, usize, usize) = (3000, 512, 8);
+        // Pseudo-random losses (no two rows alike), two column chunks of width 8.
+        for group in 0..2u64 {
+            for rc in 0..n.div_ceil(rows) {
+                let vals: Vec<f32> = (0..rows * w)
+                    .map(|x| {
+                        let (i, j) = ((rc * rows + x / w) as u64, (x % w) as u64 + 8 * group);
+                        (((i * 2654435761 + j * 40503 + i * j * 97) % 10007) as f32) / 1000.0
+                    })
+                    .collect();
+                write_chunk(&root, &format!("a/c/{rc}/{group}"), &vals);
+            }
+        }
+        let sources = [src(0, rows, w, (0..w).map(|j| (j, j)).collect()), src(1, rows, w, (0..w).map(|j| (j, w + j)).collect())];
+        let q: Vec<f32> = (0..3 * 16).map(|x| ((x * 7919) % 13) as f32 - 6.0 + (x as f32) * 0.01).collect();
+        for measure in [Measure::Cov, Measure::Corr] {
+            for (r0, r1) in [(0, n), (10, 2990)] {
+                let block = read_block(&root, &sources, r0, r1, 16, 2).unwrap();
+                let mut want = TopKAccumulator::new(&q, 16, 7, measure, true, true, false).unwrap();
+                want.push_block(r0 as u64, &block).unwrap();
+                let mut got = TopKAccumulator::new(&q, 16, 7, measure, true, true, false).unwrap();
+                got.push_with((r1 - r0) as u64, |lanes, fold| visit_segments(&root, &sources, r0, r1, 16, lanes, fold)).unwrap();
+                assert_eq!(got.rows_seen(), (r1 - r0) as u64);
+                let (got, want) = (got.finish().unwrap(), want.finish().unwrap());
+                for (g, w) in [(got.0.unwrap(), want.0.unwrap()), (got.1.unwrap(), want.1.unwrap())] {
+                    assert_eq!(g.indices, w.indices);
+                    for (a, b) in g.scores.iter().zip(&w.scores) {
+                        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

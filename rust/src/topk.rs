@@ -181,8 +181,8 @@ fn capacity_for(k: usize) -> usize {
     k + (k / 4).clamp(64, 4096)
 }
 
-/// Scratch and state of one worker thread.
-struct Lane {
+/// Scratch and state of one worker thread (opaque outside this module: see [`TopKAccumulator::push_with`]).
+pub struct Lane {
     pos: Vec<Running>,
     neg: Vec<Running>,
     prepared: Vec<f32>,
@@ -504,6 +504,29 @@ impl TopKAccumulator {
             }
         });
         Ok(())
+    }
+
+    /// Fold `rows` rows that `feed` streams in, one lane per feeding thread, instead of a block:
+    /// `feed(lanes, fold)` must call `fold(lane, offset, rows)` (row-major, K columns) for every row
+    /// exactly once, each lane from one thread at a time. The fused read-and-score pass
+    /// (`read::visit_segments`) feeds rows while they are in cache. An error of `feed` leaves the
+    /// accumulator holding an unknown part of the rows: discard it.
+    pub fn push_with<E>(
+        &mut self, rows: u64, feed: impl FnOnce(&mut [Lane], &(dyn Fn(&mut Lane, usize, &[f32]) + Sync)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut lanes = std::mem::take(&mut self.lanes);
+        let kc = self.ncols;
+        let (k, cap, m, measure, rc, mt, pos, neg) =
+            (self.k, self.cap, self.m, self.measure, self.chunk_rows, self.query_tile, self.pos, self.neg);
+        let queries = &self.queries;
+        let fold = |lane: &mut Lane, offset: usize, block: &[f32]| {
+            let pass = Pass { block, offset: offset as u64, kc, k, cap, m, measure, rc, mt, pos, neg, queries };
+            lane_pass_dispatch(lane, &pass, 0, block.len() / kc);
+        };
+        let result = feed(&mut lanes, &fold);
+        self.lanes = lanes;
+        self.rows_seen += rows;
+        result
     }
 
     /// Fold precomputed scores of rows `offset .. offset + R` for a single query (m = 1), e.g. the

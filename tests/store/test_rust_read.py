@@ -134,6 +134,61 @@ def test_topk_is_the_same_either_way(tmp_path: Path, monkeypatch, kernel) -> Non
     np.testing.assert_allclose(native["score"], fallback["score"], rtol=1e-5, atol=1e-6)
 
 
+def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each ``LossStore.scan_fused`` call did: "fused" (took the fused read-and-score pass),
+    "declined" (returned False: the caller reads blocks) or "raised"."""
+    from daunce_store.store._loss_store import LossStore
+
+    taken: list[str] = []
+    real = LossStore.scan_fused
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> bool:
+        try:
+            used = real(self, *args, **kwargs)
+        except Exception:
+            taken.append("raised")
+            raise
+        taken.append("fused" if used else "declined")
+        return used
+
+    monkeypatch.setattr(LossStore, "scan_fused", spy)
+    return taken
+
+
+@pytest.mark.parametrize("layout", ["columns", "packed", "mixed"])
+def test_fused_scan_ranks_as_the_block_path(tmp_path: Path, monkeypatch, kernel, layout: str) -> None:
+    """topk and influence read and score in one pass (the kernel reads the chunk files) where they can;
+    the answers are the block path's: same rows, scores to float32 rounding."""
+    store = _store(Location("local", str(tmp_path), None), layout)
+    taken = _fused_calls(monkeypatch)
+    for measure in ("cov", "corr", "whitened"):
+        for call in (lambda: store.topk("test", k=7, measure=measure), lambda: store.influence("test", k=7, measure=measure)):
+            fused = call()
+            monkeypatch.setenv("DAUNCE_STORE_FUSED", "0")
+            blocks = call()
+            monkeypatch.delenv("DAUNCE_STORE_FUSED")
+            for side in ("pos", "neg"):
+                np.testing.assert_array_equal(fused.indices[side], blocks.indices[side])
+                # GEMM tiles of other heights (1 MB segments, not blocks) may round the last bit differently.
+                np.testing.assert_allclose(fused.scores[side], blocks.scores[side], rtol=1e-6, atol=1e-7)
+    assert taken == ["fused", "declined"] * 6  # every call fused, and declined under DAUNCE_STORE_FUSED=0
+
+
+@pytest.mark.parametrize("how", ["flipped", "missing", "nan"])
+def test_fused_scan_names_damage(tmp_path: Path, monkeypatch, kernel, how: str) -> None:
+    location = Location("local", str(tmp_path), None)
+    store = _store(location, "packed")
+    taken = _fused_calls(monkeypatch)
+    _damage(location, "train/packed/c/2/1", how)
+    messages = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("DAUNCE_STORE_FUSED", fused)
+        with pytest.raises(errors.CorruptChunkError, match=f"chunk 'train/packed/c/2/1' of .* {EXPECTED[how]}") as info:
+            store.topk("test", k=3, measure="cov")
+        messages.append(str(info.value))
+    assert taken == ["raised", "declined"] and messages[0] == messages[1]
+
+
 def _raw(location: Location):
     return Storage(location.url(), location.options)._log_store()
 
