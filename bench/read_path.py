@@ -13,7 +13,8 @@ into (65536, 64) chunks; page cache warm, so these are decode-path numbers):
   what ``DAUNCE_STORE_NO_EXT=1`` and object stores use), best of ``--repeat`` after one warm-up pass;
   also the rust scan in the blocks the scoring path uses (``scan_block_rows``: 2^16 rows when compacted);
 * topk: end-to-end ``store.topk(set, m queries, k=10, measure="cov", side="both")`` on an open store, best
-  of ``--repeat``, against the floors: sgemm (numpy matmul of the same 65536-row blocks held in RAM by
+  of ``--repeat`` (the fused read-and-score pass; ``block path``: the same with ``DAUNCE_STORE_FUSED=0``,
+  blocks read and then scored), against the floors: sgemm (numpy matmul of the same 65536-row blocks held in RAM by
   the queries, nothing else) and read (the faster of the two rust scans above). The breakdown, each
   timed on its own (best of ``--repeat``): ``request`` (snapshot, listings, query losses: what topk
   does before the scan), ``kernel`` (the accumulator fed the same blocks from RAM: prepare, GEMM,
@@ -111,6 +112,11 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         t_gemm = best(lambda: [x[r0 : r0 + BLOCK] @ q.T for r0 in range(0, n, BLOCK)], repeat)
         queries = [f"q{j}" for j in range(m)]
         t_topk = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
+        os.environ["DAUNCE_STORE_FUSED"] = "0"  # the same call on the block path (read blocks, then score them)
+        try:
+            t_blocks = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
+        finally:
+            del os.environ["DAUNCE_STORE_FUSED"]
         result = store.topk("bench", queries, k=K_TOP, measure="cov")
         listed = np.unique(np.concatenate([i.ravel() for i in result.indices.values()]))
         t_names = best(lambda: store.train_ids_at(listed), repeat)
@@ -132,7 +138,7 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         del held
         floor = max(t_gemm, read_floor)
         _record({"what": "topk", "n": n, "K": kc, "m": m, "k": K_TOP, "seconds": t_topk, "sgemm_floor": t_gemm,
-                 "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": read_floor, "vs_floor": t_topk / floor,
+                 "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": read_floor, "vs_floor": t_topk / floor, "blocks_seconds": t_blocks,
                  "block_rows": rows, "request_seconds": t_req, "kernel_seconds": t_kernel, "pipeline_seconds": t_pipe,
                  "naming_seconds": t_names, "named_rows": int(len(listed)), "runs": repeat})
     del x
@@ -179,13 +185,14 @@ def print_table() -> None:
         print(f"| {n:,} | {kc} | {n * kc * 4 / 1e9:.2f} | {cell(rs)} | {sb} | {cell(zs)} | {ratio} | {rs['load1'] if rs else '—'} |")
     print(f"\n**End-to-end `store.topk`** (cov, k = {K_TOP}, both sides, compacted store, open handle; read floor = the "
           "faster scan above; the last four columns time topk's steps one at a time):\n")
-    print("| n | K | m | topk | sgemm floor | read floor | topk / max(floors) | request | kernel from RAM | scan + kernel | naming (rows) | load1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| n | K | m | topk | sgemm floor | read floor | topk / max(floors) | block path | request | kernel from RAM | scan + kernel | naming (rows) | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in rows if r["what"] == "topk"), key=lambda r: (r["n"], r["K"], r["m"])):
+        blocks = f"{r['blocks_seconds']:.3g} s" if "blocks_seconds" in r else "—"
         extra = (f"{r['request_seconds']:.3g} s | {r['kernel_seconds']:.3g} s | {r['pipeline_seconds']:.3g} s"
                  if "request_seconds" in r else "— | — | —")
         print(f"| {r['n']:,} | {r['K']} | {r['m']} | {r['seconds']:.3g} s | {r['sgemm_floor']:.3g} s ({r['gflops']:.0f} GFLOP/s) | "
-              f"{r['read_floor']:.3g} s | {r['vs_floor']:.2f}× | {extra} | {r['naming_seconds']:.3g} s ({r['named_rows']}) | {r['load1']} |")
+              f"{r['read_floor']:.3g} s | {r['vs_floor']:.2f}× | {blocks} | {extra} | {r['naming_seconds']:.3g} s ({r['named_rows']}) | {r['load1']} |")
     lat = [r for r in rows if r["what"] == "latency"]
     if lat:
         print(f"\n**Interactive latency**, m = 1, k = {K_TOP}, cov:\n")
