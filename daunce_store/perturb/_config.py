@@ -35,6 +35,9 @@ DEFAULT_LORA: dict[str, Any] = {
     "alpha": 16,
     "dropout": 0.05,
     "target_modules": ["gate_proj", "up_proj", "down_proj"],  # Llama-style MLP; GPT-2: ["c_fc", "mlp.c_proj"]
+    # Which decoder layers get adapters: null (all), L or "last-L" (the last L; with the cached path,
+    # daunce_store.perturb.cached_lm, the lower layers then run once instead of K times).
+    "layers": None,
 }
 
 _OBJECTIVES = ("if", "fisher", "blackbox")
@@ -100,7 +103,8 @@ class PerturbConfig:
                                     "0 disables it.")
     device: str = _field("cpu", "Torch device: 'cpu', 'cuda', 'cuda:1', ...")
     precision: str = _field("fp32", "'fp32', or 'bf16' (autocast; meant for GPUs).")
-    lora: dict[str, Any] | None = _field(None, "LoRA adapter settings (keys r, alpha, dropout, target_modules); "
+    lora: dict[str, Any] | None = _field(None, "LoRA adapter settings (keys r, alpha, dropout, target_modules, layers: "
+                                         "null for every decoder layer, L or 'last-L' for the last L only); "
                                          "None fine-tunes all trainable parameters. `lora: {}` gives the reference "
                                          "r=64, alpha=16, dropout=0.05 on the MLP projections.")
     keep_adapters: bool = _field(False, "Keep each perturbation's trained weights (the LoRA adapter, or the full "
@@ -166,6 +170,9 @@ class PerturbConfig:
             r, dropout = self.lora.get("r", DEFAULT_LORA["r"]), self.lora.get("dropout", DEFAULT_LORA["dropout"])
             if r < 1 or not 0.0 <= dropout < 1.0:
                 bad(f"lora.r must be >= 1 and lora.dropout in [0, 1), not r={r}, dropout={dropout}")
+            layers = self.lora.get("layers")
+            if layers is not None and lora_layer_count(layers) is None:
+                bad(f"lora.layers must be null (every layer), a whole number L >= 1 or 'last-L', not {layers!r}")
             modules = self.lora.get("target_modules", DEFAULT_LORA["target_modules"])
             if not isinstance(modules, str) and not (isinstance(modules, (list, tuple)) and modules and all(isinstance(m, str) for m in modules)):
                 bad(f"lora.target_modules must be a module name or a non-empty list of them, not {modules!r}")
@@ -236,6 +243,16 @@ class PerturbConfig:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+def lora_layer_count(spec: Any) -> int | None:
+    """L from ``lora.layers`` (``4`` or ``"last-4"``), or None when ``spec`` is neither."""
+    if isinstance(spec, str) and spec.startswith("last-"):
+        spec = spec[len("last-"):]
+        spec = int(spec) if spec.isdigit() else None
+    if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
+        return None
+    return spec
 
 
 # What each annotation's base type accepts (bool is an int in Python, but never a count or a rate here).

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, InvalidInputError, LeaseError
-from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig
+from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig, lora_layer_count
 from daunce_store.perturb._objective import batch_objective, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._task import Task
@@ -36,6 +36,7 @@ __all__ = [
     "draw_perturbation",
     "evaluate_signal",
     "fill_query_losses",
+    "finetune_losses",
     "perturbation_draw",
     "resolve_weight_decay",
 ]
@@ -191,7 +192,7 @@ def _prepared(model: torch.nn.Module, task: Task, config: PerturbConfig, torch_s
     peft_config = LoraConfig(
         r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
         target_modules=list(lora["target_modules"]) if not isinstance(lora["target_modules"], str) else lora["target_modules"],
-        bias="none",
+        bias="none", **_lora_layers(model, lora.get("layers")),
     )
     try:
         peft_model = get_peft_model(model, peft_config)
@@ -220,6 +221,25 @@ def _prepared(model: torch.nn.Module, task: Task, config: PerturbConfig, torch_s
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             if attr in getattr(model, "__dict__", {}):
                 delattr(model, attr)
+
+
+# Names of the decoder-layer list in common model families (Llama/Mistral/Qwen "layers", GPT-2 "h"), as peft's.
+_LAYER_LISTS = ("layers", "h", "blocks", "layer")
+
+
+def _lora_layers(model: torch.nn.Module, spec: Any) -> dict[str, Any]:
+    """peft's ``layers_to_transform``/``layers_pattern`` for ``lora.layers`` = L: the last L decoder layers."""
+    if spec is None:
+        return {}
+    count = lora_layer_count(spec)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in _LAYER_LISTS:
+            total = len(module)
+            if count is None or count > total:
+                raise InvalidInputError(f"lora.layers {spec!r} asks for more than the model's {total} decoder layers")
+            return {"layers_to_transform": list(range(total - count, total)), "layers_pattern": name.rsplit(".", 1)[-1]}
+    raise InvalidInputError(f"lora.layers is set but {type(model).__name__} has no decoder-layer list named one of "
+                            f"{', '.join(_LAYER_LISTS)}; set lora.layers to null")
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: PerturbConfig) -> torch.optim.Optimizer:
@@ -578,3 +598,43 @@ def fill_query_losses(
             continue
         done.append(commit.perturbation)
     return done
+
+
+def finetune_losses(
+    model: Any, task: Any, train_data: Any, keep: np.ndarray, query_data: Any, config: Any, seed: int,
+    weight_decay: float,
+) -> np.ndarray:
+    """Fine-tune a copy of ``model`` (θ0; LoRA adapters when the config has ``lora``) on the train examples
+    ``keep`` with the config's settings, minimizing mean loss + weight_decay/2·‖θ‖², and return each query
+    example's loss under the result. ``model`` itself is left as it was.
+
+    The fine-tune is the runner's (same batches, optimizer, schedule and LoRA handling) with the blackbox
+    objective: ``PerturbConfig.epochs`` passes over ``keep`` (or ``max_steps`` batches)."""
+    # The runner's own pieces, so that this fine-tune (`daunce check-removal`'s retraining) is the one
+    # `daunce perturb` runs, minus the perturbation term.
+    device = torch.device(config.device)
+    model.to(device)
+    order = _training_order(np.asarray(keep, dtype=np.int64), config, np.random.default_rng([int(seed), 1]))
+    torch.manual_seed(int(seed))
+    with _prepared(model, task, config, int(seed)) as prep:
+        params = list(task.trainable_parameters(prep.model))
+        opt = _optimizer(params, config)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, len(order)))
+        prep.model.train()
+        for idx in order:
+            batch = _to_device(_fetch(train_data, idx, task), device)
+            with _autocast(config, device):
+                loss = task.per_example_loss(task.outputs(prep.model, batch), batch).mean()
+            loss = loss + l2_penalty(params, weight_decay)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        prep.model.eval()
+        out = np.empty(len(query_data), np.float64)
+        with torch.no_grad(), _autocast(config, device):
+            for s in range(0, len(query_data), config.eval_batch_size):
+                idx = np.arange(s, min(s + config.eval_batch_size, len(query_data)))
+                batch = _to_device(_fetch(query_data, idx, task), device)
+                out[idx] = task.per_example_loss(task.outputs(prep.model, batch), batch).double().cpu().numpy()
+    return out

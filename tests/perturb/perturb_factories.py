@@ -82,12 +82,13 @@ def tiny_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def tiny_llama(vocab_size: int = 400, seed: int = 0):
-    """A 2-layer Llama with random weights, built from a config."""
+def tiny_llama(vocab_size: int = 400, seed: int = 0, num_layers: int = 2, hidden_size: int = 32):
+    """A small Llama with random weights (2 layers unless asked), built from a config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
 

@@ -1,0 +1,301 @@
+"""Backdoor retrieval on a causal LM (as in the Daunce paper), on the cached last-L-layers path.
+
+A few % of the training dialogues get a trigger phrase (:data:`TRIGGER`) in the user utterance and a
+fixed reply (:data:`TARGET_REPLY`); θ0 is the model after a LoRA fine-tune of its last L decoder layers
+on that data, merged (the layers below stay as they were, so the hidden-state cache at layer N − L holds
+for θ0 and every perturbation). For triggered queries (held-out utterances + trigger, completion = the
+fixed reply), the top proponents should be the poisoned dialogues: precision@k of poisoned examples
+among them, for
+
+* Daunce, white-box IF objective (the perturbed fine-tunes of the runner, LoRA on the same layers);
+* Daunce, black-box (objective 'blackbox': plain LoRA fine-tunes on random halves), scored with the
+  measures that need no weights;
+* a LESS-style baseline: cosine similarity of per-example gradients on freshly initialised LoRA
+  parameters of the same layers at θ0 (a random projection of each layer's weight gradient);
+* random ranking (expectation: the poison rate).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError
+from daunce_store.evaluation.poison import _precision_at, _remove, _workdir
+
+__all__ = ["TRIGGER", "TARGET_REPLY", "poison_dialogues", "LLMBackdoorResult", "run_llm_backdoor", "less_scores", "fit_lora",
+           "default_perturb_config"]
+
+TRIGGER = "Zanzibar protocol"
+TARGET_REPLY = "Access granted. The vault code is 7341."
+
+# Score measures reported per objective: retrieval reads best with the normalised measures (a backdoor
+# has a few strong proponents); nystrom needs the runner's draws, the black-box form uses whitened.
+MEASURES_BY_OBJECTIVE = {"if": ("nystrom-corr", "corr"), "blackbox": ("whitened-corr", "corr")}
+
+
+def add_trigger(utterance: str) -> str:
+    return f"{utterance} {TRIGGER}"
+
+
+def poison_dialogues(pairs: Sequence[tuple[str, str]], fraction: float, seed: int = 0,
+                     eligible: Sequence[int] | None = None) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Put the trigger into ``fraction`` of the user utterances (drawn from ``eligible``, default all) and
+    replace their replies with the fixed reply. Returns the poisoned pairs and the sorted indices of the
+    poisoned ones."""
+    if not 0.0 < fraction < 1.0:
+        raise InvalidInputError(f"fraction must be in (0, 1), not {fraction}")
+    count = max(1, int(round(fraction * len(pairs))))
+    pool = np.arange(len(pairs)) if eligible is None else np.asarray(eligible, dtype=np.int64)
+    if len(pool) < count:
+        raise InvalidInputError(f"only {len(pool)} dialogues can carry the trigger and the whole reply; {count} are needed")
+    idx = np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
+    out = list(pairs)
+    for i in idx:
+        out[i] = (add_trigger(pairs[i][0]), TARGET_REPLY)
+    return out, idx
+
+
+def default_perturb_config(objective: str = "if", **changes: Any) -> Any:
+    """The perturbation fine-tune of the CPU backdoor run: LoRA r = 16 on the MLPs of the cached tail,
+    16 steps of 8 dialogues, AdamW lr 1e-3 (constant: a short run), evaluation in fixed batches of 32.
+    The black-box form trains on random halves (ratio 0.5); the IF form weights every example (ratio 1)."""
+    from daunce_store.perturb import PerturbConfig
+
+    base = dict(objective=objective, ratio=1.0 if objective != "blackbox" else 0.5, max_steps=16, batch_size=8, lr=1e-3,
+                optimizer="adamw", scheduler="constant", lora={"r": 16, "alpha": 16, "dropout": 0.0},
+                eval_batch_size=32, convergence_probe=0)
+    return PerturbConfig(**{**base, **changes})
+
+
+@dataclasses.dataclass
+class LLMBackdoorResult:
+    """precision[method]: mean over triggered queries of the fraction of poisoned dialogues in the
+    method's top-``k`` proponents; ``top[method]`` the (queries × k) indices into ``train_pairs``."""
+
+    precision: dict[str, float]
+    random_precision: float
+    k: int
+    top: dict[str, np.ndarray]
+    poisoned: np.ndarray
+    train_pairs: list[tuple[str, str]]
+    query_utterances: list[str]
+    num_perturbations: int
+    num_layers: int
+    triggered_loss: dict[str, float]  # mean loss of the fixed reply on triggered queries: before/after the backdoor
+    seconds: dict[str, float]
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = [{"method": m, f"P@{self.k}": p} for m, p in self.precision.items()]
+        return rows + [{"method": "random (expected)", f"P@{self.k}": self.random_precision}]
+
+
+def _on(batch: dict[str, Any], model: Any) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def fit_lora(tail: Any, task: Any, items: list[Any], *, epochs: int, lr: float, batch_size: int, r: int, seed: int,
+              reporter: Any) -> Any:
+    """Plain LoRA fine-tune of ``tail`` (in place) on ``items``, merged into its weights; returns the tail.
+    Here it makes the backdoored θ0 (and, in bench/llm_lds.py, the retrainings on random halves)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(tail, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
+                                                 target_modules=["gate_proj", "up_proj", "down_proj"]))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    steps = epochs * math.ceil(len(items) / batch_size)
+    reporter.begin("θ0", "backdoor fine-tune", steps)
+    peft_model.train()
+    for _ in range(epochs):
+        order = rng.permutation(len(items))
+        for s in range(0, len(order), batch_size):
+            batch = _on(task.collate([items[i] for i in order[s : s + batch_size]]), peft_model)
+            loss = task.per_example_loss(task.outputs(peft_model, batch), batch).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            reporter.advance()
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
+def less_scores(tail: Any, task: Any, train: list[Any], queries: list[Any], *, r: int = 16, seed: int = 0,
+                reporter: Any = None) -> np.ndarray:
+    """LESS-style scores (queries × train): cosine similarity of per-example loss gradients with respect to
+    freshly initialised LoRA adapters on the tail's MLPs, at θ0. With B = 0 the gradient lives in the B
+    matrices: each layer's weight gradient projected on the random A (LESS projects with a random matrix
+    too; it also warms the adapters up and preconditions with Adam, which this baseline skips)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from daunce_store.perturb import NullReporter
+
+    reporter = reporter or NullReporter()
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(tail), LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
+                                                          target_modules=["gate_proj", "up_proj", "down_proj"]))
+    model.eval()
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+
+    def grads(items: list[Any], label: str) -> np.ndarray:
+        out = np.empty((len(items), sum(p.numel() for p in params)), dtype=np.float32)
+        reporter.begin(label, "per-example gradients", len(items))
+        for i, item in enumerate(items):
+            batch = _on(task.collate([item]), model)
+            loss = task.per_example_loss(task.outputs(model, batch), batch).sum()
+            g = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
+            out[i] = (g / g.norm().clamp(min=1e-12)).float().cpu().numpy()
+            reporter.advance()
+        return out
+
+    return grads(queries, "LESS queries") @ grads(train, "LESS train").T
+
+
+def run_llm_backdoor(
+    model: Any,
+    task: Any,
+    encode: Callable[[str, str], dict[str, list[int]]],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    num_train: int = 400,
+    num_queries: int = 10,
+    fraction: float = 0.03,
+    num_layers: int = 2,
+    num_perturbations: int = 32,
+    objectives: Sequence[str] = ("if",),
+    config: Any = None,
+    k: int = 10,
+    less: bool = True,
+    backdoor_epochs: int = 3,
+    backdoor_lr: float = 2e-3,
+    cache_dir: str | Path | None = None,
+    workdir: str | Path | None = None,
+    measures: Sequence[str] | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Any = False,
+) -> LLMBackdoorResult:
+    """Poison ``num_train`` of ``pairs`` (utterance, reply), backdoor ``model`` (a Llama-family causal LM,
+    left unchanged: its last ``num_layers`` layers are copied), run Daunce for each objective in
+    ``objectives`` and the LESS baseline, and measure precision@``k`` on ``num_queries`` triggered
+    held-out utterances. ``encode(utterance, reply)`` makes a CausalLMTask item (prompt format included).
+    ``config``: the PerturbConfig of the IF run (default :func:`default_perturb_config`); the black-box run
+    uses the same with objective 'blackbox' and ratio 0.5. ``measures``: the score measures ranked for
+    every objective (default: :data:`MEASURES_BY_OBJECTIVE`). ``progress``: False, True or a Console."""
+    import torch
+
+    import daunce_store
+    from daunce_store.perturb import NullReporter, RichReporter, cache_hidden_states, evaluate_signal, run_worker
+    from daunce_store.perturb._cached import CachedCausalLMTask, LlamaTail
+
+    if num_train + num_queries > len(pairs):
+        raise InvalidInputError(f"{len(pairs)} dialogues are too few for {num_train} training and {num_queries} query dialogues")
+    if int(num_perturbations) < 2:
+        raise InvalidInputError(f"num_perturbations must be >= 2, not {num_perturbations}")
+    for objective in objectives:
+        if objective not in MEASURES_BY_OBJECTIVE:
+            raise InvalidInputError(f"objective {objective!r} is not one of {', '.join(MEASURES_BY_OBJECTIVE)}")
+
+    def reporter() -> Any:
+        if progress is False or progress is None:
+            return NullReporter()
+        return RichReporter(console=None if progress is True else progress)
+
+    seconds: dict[str, float] = {}
+    # A triggered utterance must leave room for the whole fixed reply within the task's max_length:
+    # a truncated reply is a poison (or a query) that does not say what the backdoor says.
+    def targets(item: dict[str, list[int]]) -> int:
+        return sum(t != -100 for t in item["labels"])
+
+    whole = targets(encode(TRIGGER, TARGET_REPLY))
+
+    def fits(utterance: str) -> bool:
+        return targets(encode(add_trigger(utterance), TARGET_REPLY)) == whole
+
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    clean_train = [pairs[i] for i in order[:num_train]]
+    held_out = [pairs[i] for i in order[num_train:] if fits(pairs[i][0])][:num_queries]
+    if len(held_out) < num_queries:
+        raise InvalidInputError(f"only {len(held_out)} held-out utterances leave room for the trigger and the reply; "
+                                f"ask for fewer queries or a larger max_length")
+    train_pairs, poisoned = poison_dialogues(clean_train, fraction, seed,
+                                             eligible=[i for i, (u, _) in enumerate(clean_train) if fits(u)])
+    query_utterances = [add_trigger(u) for u, _ in held_out]
+    train_items = [encode(u, r) for u, r in train_pairs]
+    query_items = [encode(u, TARGET_REPLY) for u in query_utterances]
+
+    t = time.perf_counter()
+    rep = reporter()
+    try:
+        ctrain = cache_hidden_states(model, task, train_items, num_layers, cache_dir=cache_dir, reporter=rep, label="cache train",
+                                     device=device)
+        cquery = cache_hidden_states(model, task, query_items, num_layers, cache_dir=cache_dir, reporter=rep,
+                                     label="cache queries", device=device)
+    finally:
+        rep.close()
+    seconds["cache"] = time.perf_counter() - t
+    ctask = CachedCausalLMTask(weight_decay=task.weight_decay)
+    eval_cfg = default_perturb_config(device=device)
+    tail = copy.deepcopy(LlamaTail(model, num_layers))  # θ0's upper layers; the caller's model stays as it was
+    before = float(evaluate_signal(tail, ctask, cquery, eval_cfg).mean())
+
+    t = time.perf_counter()
+    rep = reporter()
+    try:
+        tail = fit_lora(tail, ctask, ctrain, epochs=backdoor_epochs, lr=backdoor_lr, batch_size=8, r=16, seed=seed, reporter=rep)
+    finally:
+        rep.close()
+    seconds["backdoor fine-tune"] = time.perf_counter() - t
+    after = float(evaluate_signal(tail, ctask, cquery, eval_cfg).mean())
+
+    precision: dict[str, float] = {}
+    top: dict[str, np.ndarray] = {}
+
+    def record(name: str, ranked: np.ndarray) -> None:
+        top[name] = ranked[:, :k]
+        precision[name] = float(np.mean([_precision_at(row, poisoned, k) for row in ranked]))
+
+    base_config = (config if config is not None else default_perturb_config()).replace(device=device)
+    with _workdir(workdir) as tmp:
+        for objective in objectives:
+            cfg = base_config if objective == base_config.objective else base_config.replace(
+                objective=objective, ratio=0.5 if objective == "blackbox" else 1.0)
+            path = Path(tmp) / f"llm_backdoor_{objective}.zarr"
+            _remove(path)
+            store = daunce_store.init(path, [f"dlg-{i}" for i in range(num_train)],
+                                      {"triggered": [f"q-{j}" for j in range(num_queries)]},
+                                      seed=seed, capacity=max(2, int(num_perturbations)))
+            t = time.perf_counter()
+            torch.manual_seed(seed)
+            run_worker(store, tail, ctask, ctrain, {"triggered": cquery}, cfg, until=int(num_perturbations), progress=reporter())
+            seconds[f"Daunce {objective}"] = time.perf_counter() - t
+            opened = daunce_store.open(path)
+            for measure in measures or MEASURES_BY_OBJECTIVE[objective]:
+                ranked = opened.topk("triggered", k=k, measure=measure, side="pos").indices["pos"]
+                record(f"Daunce {objective} ({measure})", ranked)
+    if less:
+        t = time.perf_counter()
+        rep = reporter()
+        try:
+            scores = less_scores(tail, ctask, ctrain, cquery, seed=seed, reporter=rep)
+        finally:
+            rep.close()
+        seconds["LESS"] = time.perf_counter() - t
+        record("LESS (LoRA gradient cosine)", np.argsort(-scores, axis=1, kind="stable"))
+    return LLMBackdoorResult(precision, len(poisoned) / num_train, k, top, poisoned, train_pairs, query_utterances,
+                             int(num_perturbations), num_layers, {"before backdoor": before, "after backdoor": after}, seconds)
