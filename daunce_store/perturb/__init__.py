@@ -20,21 +20,43 @@ from daunce_store.perturb._runner import (
     draw_perturbation,
     evaluate_signal,
     fill_query_losses,
+    finetune_losses,
     model_fingerprint,
     perturbation_draw,
     resolve_weight_decay,
     run_perturbation,
 )
+from daunce_store.perturb._recipes import (
+    RECIPES,
+    causal_lm,
+    classifier,
+    load_config,
+    prepare_recipe,
+    read_examples,
+)
 from daunce_store.perturb._workers import WorkerError, build_from_config, fill_query_sets, load_factory, run_worker, run_workers
-from daunce_store.perturb._task import CausalLMTask, ClassificationTask, Task, margin, sequence_loss
+from daunce_store.perturb._cached import CachedCausalLMTask, LlamaTail, cache_hidden_states, cached_lm
+from daunce_store.perturb._noise import NOISE_RATIO_WARNING, NoiseReport, check_noise, check_noise_from_config
+from daunce_store.perturb._task import CausalLMTask, ClassificationTask, SequenceClassificationTask, Task, margin, sequence_loss
 from daunce_store.store import PerturbationDraw, perturbation_id, perturbation_weights
 
 __all__ = [
     "CONVERGENCE_THRESHOLD",
     "DEFAULT_LORA",
+    "NOISE_RATIO_WARNING",
     "PROBE_FRACTION",
+    "RECIPES",
+    "SequenceClassificationTask",
+    "causal_lm",
+    "classifier",
+    "load_config",
+    "prepare_recipe",
+    "read_examples",
+    "CachedCausalLMTask",
     "CausalLMTask",
     "ClassificationTask",
+    "LlamaTail",
+    "NoiseReport",
     "NullReporter",
     "PerturbConfig",
     "PerturbationDraw",
@@ -48,9 +70,14 @@ __all__ = [
     "load_factory",
     "run_workers",
     "batch_objective",
+    "cache_hidden_states",
+    "cached_lm",
+    "check_noise",
+    "check_noise_from_config",
     "draw_perturbation",
     "evaluate_signal",
     "fill_query_losses",
+    "finetune_losses",
     "l2_penalty",
     "margin",
     "model_fingerprint",

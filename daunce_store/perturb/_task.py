@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from daunce_store.errors import InvalidInputError
 
-__all__ = ["Task", "ClassificationTask", "CausalLMTask"]
+__all__ = ["Task", "ClassificationTask", "SequenceClassificationTask", "CausalLMTask"]
 
 
 class Task(abc.ABC):
@@ -130,6 +130,43 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     return true - torch.logsumexp(others, dim=1)
+
+
+class SequenceClassificationTask(Task):
+    """Hugging Face sequence classifiers (``AutoModelForSequenceClassification``): items are dicts with
+    ``input_ids`` and ``label``; the loss is the cross-entropy of the logits, the signal the loss or
+    ``-margin`` (as :class:`ClassificationTask`)."""
+
+    def __init__(self, pad_token_id: int = 0, signal: str = "loss", weight_decay: float | None = None):
+        if signal not in ("loss", "margin"):
+            raise InvalidInputError(f"signal must be 'loss' or 'margin', not {signal!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.signal_kind = signal
+        self.weight_decay = _checked_weight_decay(weight_decay)
+
+    def outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def per_example_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), batch["labels"], reduction="none")
+
+    def signal(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        if self.signal_kind == "loss":
+            return self.per_example_loss(outputs, batch)
+        return -margin(outputs.float(), batch["labels"])
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for r, item in enumerate(items):  # right padding, masked
+            input_ids[r, : len(item["input_ids"])] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+            attention[r, : len(item["input_ids"])] = 1
+        labels = torch.as_tensor([item["label"] for item in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": type(self).__name__, "signal": self.signal_kind, **_weight_decay_entry(self)}
 
 
 class CausalLMTask(Task):
