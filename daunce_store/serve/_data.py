@@ -1,0 +1,200 @@
+"""The examples behind the ids: rows of the user's data files (jsonl, json, csv, parquet), keyed by the
+store's ids, turned into what the page shows.
+
+A row's id is its ``id`` column when the file has one, else its row number (``0``, ``1``, ...): the
+convention of the rest of the project for data files. Each other column gets a kind from its first value,
+once: ``pixels`` (a list or array of numbers whose size is a square, or a 2-d / h × w × 3 nested list),
+``image`` (a ``data:image/png|jpeg|gif|webp;base64,...`` string), ``image-file`` (a path to a .png, .jpg,
+.jpeg, .gif or .webp file, relative to the data file), ``value`` (a number or bool) or ``text``
+(anything else). The page renders text as text (never as markup) and images as images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daunce_store.errors import InvalidInputError, UnknownIdError
+from daunce_store.store._inputs import read_table
+
+__all__ = ["DATA_SUFFIXES", "ExampleData", "read_examples"]
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LABEL_COLUMNS = ("label", "labels", "target", "class", "y")  # shown beside each example's score
+IMAGE_DATA = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]+$")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleData:
+    """One data file's rows by example id: ``content(ids)`` gives what the page shows for each."""
+
+    path: Path
+    rows: dict[str, int]  # example id -> row of ``columns``
+    columns: dict[str, list[Any]]  # column -> values, without the id column
+    kinds: dict[str, str]  # column -> pixels | image | image-file | value | text
+    pixel_range: dict[str, tuple[float, float]]  # pixels column -> (min, max) over the file: one brightness scale
+    label_column: str | None
+    matched: int  # how many of the store's ids of this set have a row here
+    expected: int  # how many ids the store's set has
+
+    def info(self) -> dict[str, Any]:
+        return {"path": str(self.path), "rows": len(self.rows), "columns": self.kinds, "label_column": self.label_column,
+                "ids_with_data": self.matched, "ids_in_store": self.expected}
+
+    def content(self, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Per id, ``{"label": ..., "fields": [{"name", "kind", "value"}, ...]}`` (None: no row for it)."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for example in ids:
+            row = self.rows.get(example)
+            if row is None:
+                out[example] = None
+                continue
+            fields = [{"name": c, "kind": kind, "value": self._value(c, kind, self.columns[c][row])} for c, kind in self.kinds.items()]
+            label = self.columns[self.label_column][row] if self.label_column else None
+            out[example] = {"label": _plain(label), "fields": fields}
+        return out
+
+    def image_file(self, example: str, column: str) -> Path:
+        """The image file a row names in an ``image-file`` column (resolved against the data file's folder)."""
+        if self.kinds.get(column) != "image-file":
+            raise InvalidInputError(f"column {column!r} of {self.path} does not hold image file paths")
+        row = self.rows.get(example)
+        if row is None:
+            raise UnknownIdError(f"id {example!r} has no row in {self.path}")
+        return _image_path(self.path, self.columns[column][row]) or Path("/nonexistent")
+
+    def _value(self, column: str, kind: str, value: Any) -> Any:
+        if kind == "pixels":
+            arr = _pixel_array(value)
+            if arr is None:
+                return None
+            low, high = self.pixel_range[column]
+            return {"height": arr.shape[0], "width": arr.shape[1], "channels": 1 if arr.ndim == 2 else 3,
+                    "min": low, "max": high, "values": [_plain(v) for v in arr.ravel().tolist()]}
+        if kind == "image":
+            return value if isinstance(value, str) and IMAGE_DATA.match(value) else None
+        if kind == "image-file":
+            return None  # the page fetches /api/image for it
+        if kind == "text" and not isinstance(value, str):
+            return None if _missing(value) else json.dumps(_plain(value), default=str)
+        return _plain(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe Python value: numpy scalars unwrapped, NaN/inf as None, arrays as lists."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _pixel_array(value: Any) -> np.ndarray | None:
+    """A list of numbers as an (h, w) or (h, w, 3) array, or None when it is not one."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        arr = np.asarray(value.tolist() if isinstance(value, np.ndarray) and value.dtype == object else value, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged lists, strings inside
+        return None
+    if arr.ndim == 1:
+        side = math.isqrt(arr.size)
+        return arr.reshape(side, side) if arr.size >= 4 and side * side == arr.size else None
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3):
+        return arr if arr.size else None
+    return None
+
+
+def _image_path(data_path: Path, value: Any) -> Path | None:
+    if not isinstance(value, str) or not value.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    path = Path(value) if Path(value).is_absolute() else data_path.parent / value
+    return path if path.is_file() else None
+
+
+def _kind(data_path: Path, values: list[Any]) -> str:
+    first = next((v for v in values if not _missing(v)), None)
+    if isinstance(first, str):
+        if IMAGE_DATA.match(first):
+            return "image"
+        return "image-file" if _image_path(data_path, first) is not None else "text"
+    if isinstance(first, (bool, int, float, np.number, np.bool_)):
+        return "value"
+    return "pixels" if _pixel_array(first) is not None else "text"
+
+
+def _read_frame(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.exists():
+        raise InvalidInputError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise InvalidInputError(f"data file {path} is a directory; give the file itself")
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise InvalidInputError(f"data file {path} has an unknown extension; use {', '.join(DATA_SUFFIXES)}")
+    if suffix in (".csv", ".parquet"):  # CSV cells as the text the file holds: id 007 stays 007
+        return read_table(path, as_text=True, layout="a header line, then one example per row")
+    try:
+        return pd.read_json(path, lines=suffix == ".jsonl", orient="records", dtype=False)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = "one JSON object per line" if suffix == ".jsonl" else "a JSON list of objects"
+        raise InvalidInputError(f"data file {path} is not {shape} ({first})") from None
+
+
+def read_examples(path: str | Path, store_ids: np.ndarray, what: str) -> ExampleData:
+    """Read a data file for the ids ``store_ids`` of one set (``what``: "train" or "query set 'test'").
+
+    Every check happens here, before the server starts: duplicate ids, and a file none of whose ids is an
+    id of that set (the wrong file, or one without an ``id`` column whose rows the store does not number).
+    """
+    path = Path(path)
+    frame = _read_frame(path)
+    if len(frame) == 0:
+        raise InvalidInputError(f"data file {path} has no rows")
+    has_id = "id" in frame.columns
+    if has_id:
+        ids = [str(v) for v in frame["id"].tolist()]
+        frame = frame.drop(columns="id")
+    else:
+        ids = [str(i) for i in range(len(frame))]
+    rows: dict[str, int] = {}
+    for i, example in enumerate(ids):
+        if example in rows:
+            raise InvalidInputError(f"data file {path}: id {example!r} is on rows {rows[example]} and {i}; ids must be unique")
+        rows[example] = i
+    store_ids = np.asarray(store_ids).astype(str)
+    wanted = set(store_ids.tolist())
+    matched = sum(1 for example in rows if example in wanted)
+    if matched == 0:
+        how = "the ids in its `id` column" if has_id else "its row numbers (it has no `id` column)"
+        raise InvalidInputError(
+            f"data file {path}: none of {how} ({ids[0]!r}, ...) is an id of the store's {what} "
+            f"({str(store_ids[0]) if len(store_ids) else ''!r}, ...); give the file an `id` column holding the store's ids"
+        )
+    columns = {str(c): frame[c].tolist() for c in frame.columns}
+    kinds = {c: _kind(path, values) for c, values in columns.items()}
+    pixel_range = {}
+    for c, kind in kinds.items():
+        if kind == "pixels":
+            arrays = [a for a in (_pixel_array(v) for v in columns[c]) if a is not None]
+            pixel_range[c] = (float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays)))
+    label = next((c for c in LABEL_COLUMNS if c in kinds and kinds[c] in ("value", "text")), None)
+    return ExampleData(path, rows, columns, kinds, pixel_range, label, matched, len(wanted))

@@ -1,0 +1,188 @@
+"use strict";
+// The daunce serve page: plain DOM calls on the JSON API. Every text from the store or the data files is
+// set with textContent (never innerHTML), so markup in a training text shows as text and never runs.
+
+const $ = (id) => document.getElementById(id);
+const page = document.body.dataset.page;
+let info = null;        // /api/info: columns, query sets, data files
+let shownColumns = -1;  // the K the current view was computed with
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+
+async function api(path, params = {}) {
+  const url = new URL(path, location.origin);
+  for (const [key, value] of Object.entries(params)) {
+    for (const v of [].concat(value)) url.searchParams.append(key, v);
+  }
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
+
+function pixels(value) {
+  // An (h, w) or (h, w, 3) array as a canvas, brightness scaled to the column's range over the file.
+  const canvas = el("canvas", "pixels");
+  canvas.width = value.width; canvas.height = value.height;
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(value.width, value.height);
+  const span = (value.max - value.min) || 1;
+  for (let p = 0; p < value.width * value.height; p++) {
+    for (let c = 0; c < 3; c++) {
+      const v = value.values[value.channels === 3 ? 3 * p + c : p];
+      img.data[4 * p + c] = Math.round(255 * ((v ?? value.min) - value.min) / span);
+    }
+    img.data[4 * p + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+  return canvas;
+}
+
+function content(set, id, example) {
+  const box = el("div", "content");
+  if (!example) { box.append(el("span", "field", "(no row in the data file)")); return box; }
+  for (const f of example.fields) {
+    if (f.value === null && f.kind !== "image-file") continue;
+    if (f.kind === "pixels") box.append(pixels(f.value));
+    else if (f.kind === "image" && f.value.startsWith("data:image/")) {
+      const img = el("img", "picture"); img.alt = f.name; img.src = f.value; box.append(img);
+    } else if (f.kind === "image-file") {
+      const img = el("img", "picture"); img.alt = f.name;
+      img.src = `/api/image?${new URLSearchParams({set, id, column: f.name})}`; box.append(img);
+    } else if (f.kind === "text") box.append(el("div", "text", f.value));
+    else if (info && info.data[set] && f.name !== info.data[set].label_column) box.append(el("div", "field", `${f.name}: ${f.value}`));
+  }
+  return box;
+}
+
+function card(set, id, example, parts) {
+  const li = el("li", "card");
+  const meta = el("div", "meta");
+  for (const p of parts) meta.append(p, el("br"));
+  meta.append(el("span", "id", id));
+  if (example && example.label !== null && example.label !== undefined) meta.append(" ", el("span", "label", example.label));
+  li.append(meta, content(set, id, example));
+  return li;
+}
+
+async function examples(set, ids) {
+  if (!info || !info.data[set] || ids.length === 0) return {};
+  return (await api("/api/examples", {set, id: ids})).examples;
+}
+
+function scoreText(s, side) { return el("span", `score ${side}`, s === null ? "—" : s.toPrecision(3)); }
+
+async function loadInfo() {
+  info = await api("/api/info");
+  $("store").textContent = `${info.url} · n=${info.n_train}`;
+  $("columns").textContent = `K = ${info.columns}`;
+  const measure = $("measure");
+  if (!measure.options.length) {
+    for (const m of info.measures) measure.append(new Option(m, m, m === info.default_measure, m === info.default_measure));
+  }
+}
+
+// --- the top-k page ------------------------------------------------------------------------------
+async function loadQueries() {
+  const set = $("query-set").value;
+  if (!set) return;
+  const r = await api("/api/queries", {query_set: set, contains: $("filter").value, limit: 500});
+  const select = $("query");
+  const keep = select.value;
+  select.replaceChildren(...r.ids.map((q) => new Option(q, q)));
+  if (r.ids.includes(keep)) select.value = keep;
+}
+
+function stabilityTable(st) {
+  const box = $("stability");
+  box.replaceChildren();
+  const table = el("table");
+  const cols = Object.keys(st.summary[0]).filter((c) => c !== "query");
+  const head = el("tr");
+  for (const c of cols) head.append(el("th", "", c === "side" ? "" : c.replace("overlap@", "top-k overlap at ")));
+  table.append(head);
+  for (const row of st.summary) {
+    const tr = el("tr");
+    for (const c of cols) {
+      const v = row[c];
+      tr.append(el("td", "", c === "side" ? (v === "pos" ? "proponents" : "opponents")
+        : v === null ? "—" : c.startsWith("overlap") || c === "bootstrap_overlap" ? `${Math.round(100 * v)}%` : v.toPrecision(2)));
+    }
+    table.append(tr);
+  }
+  const caption = el("caption", "", `How settled is this top-${st.records.length / st.summary.length} at K = ${st.num_columns}? ` +
+    "Overlap at K=c: share of the list also in the top-k from the first c columns; bootstrap_overlap: share kept " +
+    "when the K columns are resampled; median_rel_stderr: typical bootstrap error of a listed score relative to it.");
+  table.append(caption);
+  box.append(table);
+}
+
+async function showTopk() {
+  const set = $("query-set").value, query = $("query").value;
+  if (!set || !query) return;
+  const params = {query_set: set, query, k: $("k").value, measure: $("measure").value};
+  const [top, st] = await Promise.all([api("/api/topk", params), api("/api/stability", {...params, bootstrap: 10})]);
+  shownColumns = top.num_columns;
+  const ids = [...new Set(top.records.map((r) => r.train_id))];
+  const [train, queries] = await Promise.all([examples("train", ids), examples(set, [query])]);
+  $("query-view").replaceChildren(el("h2", "", `Query (${top.measure}, K = ${top.num_columns})`),
+    card(set, query, queries[query], [el("span", "rank", set)]));
+  for (const side of ["pos", "neg"]) {
+    $(side).replaceChildren(...top.records.filter((r) => r.side === side).map((r) =>
+      card("train", r.train_id, train[r.train_id], [el("span", "rank", `#${r.rank}`), scoreText(r.score, side)])));
+  }
+  stabilityTable(st);
+}
+
+async function startTopk() {
+  await loadInfo();
+  const sets = Object.keys(info.query_sets);
+  $("query-set").replaceChildren(...sets.map((s) => new Option(s, s)));
+  await loadQueries();
+  const rerun = () => showTopk().then(() => showError(null), showError);
+  $("query-set").onchange = () => loadQueries().then(rerun, showError);
+  $("filter").oninput = () => loadQueries().catch(showError);
+  for (const id of ["query", "k", "measure"]) $(id).onchange = rerun;
+  rerun();
+  return rerun;
+}
+
+// --- the self-influence page ---------------------------------------------------------------------
+async function showSelf() {
+  const side = $("side").value;
+  const r = await api("/api/self-influence", {k: $("k").value, measure: $("measure").value, side});
+  shownColumns = r.num_columns;
+  const ids = r.records.map((x) => x.train_id);
+  const train = await examples("train", ids);
+  $("self").replaceChildren(...r.records.map((x) =>
+    card("train", x.train_id, train[x.train_id], [el("span", "rank", `#${x.rank}`), scoreText(x.score, "pos")])));
+}
+
+async function startSelf() {
+  await loadInfo();
+  const rerun = () => showSelf().then(() => showError(null), showError);
+  for (const id of ["k", "side", "measure"]) $(id).onchange = rerun;
+  rerun();
+  return rerun;
+}
+
+// --- refresh: new perturbation columns land while the page is open ------------------------------
+(async () => {
+  try {
+    const rerun = await (page === "self" ? startSelf() : startTopk());
+    setInterval(async () => {
+      try {
+        await loadInfo();
+        const now = page === "self" ? info.columns : (info.query_sets[$("query-set").value] || {}).columns;
+        if (shownColumns >= 0 && now !== shownColumns) rerun();
+      } catch (err) { showError(err); }
+    }, 2000);
+  } catch (err) { showError(err); }
+})();
