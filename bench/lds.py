@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from _results import write_section  # bench/_results.py (the script's folder is on sys.path)
 from daunce_store.evaluation import MEASURES, SELF_MEASURES, default_config
 from daunce_store.evaluation.lds import compare_methods
 from daunce_store.evaluation.poison import run_backdoor, run_mislabel
@@ -380,17 +381,6 @@ Minimum LDS over {', '.join(d['title'] for d in beds.values())} for each measure
     return "\n".join(parts)
 
 
-def write_section(text: str, path: Path) -> None:
-    body = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in body:
-        start = body.index(SECTION)
-        nxt = body.find("\n## ", start + len(SECTION))
-        body = body[:start] + text.rstrip() + "\n" + (body[nxt:] if nxt >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(body)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small S and K; prints, writes nothing")
@@ -417,7 +407,7 @@ def main() -> None:
     for d in beds.values():
         plot(d, HERE / TESTBEDS[d["testbed"]]["plot"])
     text = render(beds, poison, "python bench/lds.py")
-    write_section(text, HERE / "RESULTS.md")
+    write_section(SECTION, text, HERE / "RESULTS.md")
     print(text)
 
 

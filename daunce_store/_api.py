@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from daunce_store import _constants as C
-from daunce_store import scoring
+from daunce_store import _select, scoring
+from daunce_store._select import Selection
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability, StoreScorer
 from daunce_store.store import LossStore, Snapshot
@@ -138,6 +139,23 @@ class Store(LossStore):
         """Dense scores of every train example per query (or their mean), in row blocks or as a frame."""
         return scoring.scores(self, query_set, queries, measure=measure, aggregate=aggregate, snapshot=snapshot,
                               columns=columns, block_rows=block_rows)
+
+    def select(
+        self, query_set: str, queries: Sequence[str] | None = None, *, remove: Literal["harmful", "helpful"] = "harmful",
+        top: int, measure: str = DEFAULT_MEASURE, write: Literal["kept", "removed"] = "kept",
+        data: str | os.PathLike[str] | None = None, output: str | os.PathLike[str] | None = None,
+        ids_output: str | os.PathLike[str] | None = None, backend: Backend = "auto",
+    ) -> Selection:
+        """Drop the ``top`` train examples most ``harmful`` to the query set (opponents: removing them should
+        lower its loss) or most ``helpful`` (proponents), ranked as :meth:`influence` ranks them, and return
+        the ``kept`` (or ``removed``) rows; with ``data`` (jsonl, json, csv, parquet; rows matched by an ``id``
+        column, else by row number) they are that file's rows, written to ``output`` in its format with the
+        ids beside it (``ids_output``, default ``OUTPUT.ids.txt``). ``.to_pandas()`` gives the rows.
+
+        >>> store.select("test", remove="harmful", top=50, data="train.jsonl", output="keep.jsonl")   # doctest: +SKIP
+        """
+        return _select.select(self, query_set, queries, remove=remove, top=top, measure=measure, write=write, data=data,
+                              output=output, ids_output=ids_output, backend=backend)
 
     def scorer(
         self, query_set: str | None = None, *, measure: str = DEFAULT_MEASURE, device: str | None = None,
