@@ -246,18 +246,41 @@ def append_queries(
 @_command(app)
 def perturb(
     store: StoreArg,
-    config: Annotated[Path, typer.Option("--config", help="YAML perturbation config (PerturbConfig fields; `factory` names the model).")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML perturbation config (PerturbConfig fields; `factory` names the model). With --recipe: the training settings only.")] = None,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes (spawned) sharing the work through leases.")] = 1,
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 (overrides the config).")] = None,
-    until: Annotated[Optional[int], typer.Option("--until", help="K: run until perturbations 0..K-1 are committed (overrides num_perturbations).")] = None,
+    until: Annotated[Optional[int], typer.Option("--until", "-K", help="K: run until perturbations 0..K-1 are committed (overrides num_perturbations).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     compact: Annotated[bool, typer.Option("--compact/--no-compact", help="Afterwards, pack full groups of committed columns into wide chunks for fast scans.")] = True,
     storage_options: StorageOpt = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="causal-lm or classifier: the model and data come from --model, --train, --queries (no factory); the store is created from the data's ids.", rich_help_panel="Recipe")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A Hugging Face model directory or a .gguf file.", rich_help_panel="Recipe")] = None,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Training data: .jsonl, .json, .parquet, .csv, .tsv or a saved `datasets` directory; ids from an `id` column, else row numbers.", rich_help_panel="Recipe")] = None,
+    queries: Annotated[list[str], typer.Option("--queries", help="A query set, NAME=FILE; repeatable.", rich_help_panel="Recipe")] = [],
+    prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", help="causal-lm: prompt field (default prompt; rows with `messages` instead are chats, the last assistant turn the completion).", rich_help_panel="Recipe")] = None,
+    completion_field: Annotated[Optional[str], typer.Option("--completion-field", help="causal-lm: completion field (default completion).", rich_help_panel="Recipe")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="classifier: text field (default text).", rich_help_panel="Recipe")] = None,
+    label_field: Annotated[Optional[str], typer.Option("--label-field", help="classifier: label field (default label; class indices or names from the model's label2id).", rich_help_panel="Recipe")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate each example to this many tokens.", rich_help_panel="Recipe")] = None,
+    lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="LoRA adapters (the config's, or r 64, alpha 16 on the MLP projections) or a full fine-tune (overrides the config).", rich_help_panel="Training")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (overrides the config).", rich_help_panel="Training")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps per perturbation (overrides the config).", rich_help_panel="Training")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size (overrides the config).", rich_help_panel="Training")] = None,
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
+    recipe_options = {"model": model, "train": train, "prompt_field": prompt_field, "completion_field": completion_field,
+                      "text_field": text_field, "label_field": label_field, "max_length": max_length}
+    given = [f"--{k.replace('_', '-')}" for k, v in recipe_options.items() if v is not None] + (["--queries"] if queries else [])
+    if recipe is None and given:
+        raise InvalidInputError(f"{', '.join(given)} need --recipe causal-lm|classifier")
     perturb = _training_extra("daunce perturb")
-    cfg = perturb.PerturbConfig.from_yaml(config)
-    done = perturb.run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent,
+    cfg = perturb.load_config(config, recipe, overrides={"lr": lr, "max_steps": max_steps, "batch_size": batch_size}, lora=lora)
+    if recipe is not None:
+        options = {k: v for k, v in recipe_options.items() if v is not None}
+        if queries:
+            options["queries"] = _parse_pairs(queries, "--queries")
+        cfg = perturb.prepare_recipe(store, recipe, options, cfg, until=until, storage_options=_storage_options(storage_options))
+    done = perturb.run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent if config else None,
                                storage_options=_storage_options(storage_options), console=err_console, progress=progress)
     if compact:  # safe beside other workers still appending; packs only full groups
         _open(store, "a", storage_options).compact()
@@ -447,6 +470,78 @@ def scores_command(
     err_console.print(f"wrote {rows} rows x {len(result.queries)} queries ({result.measure}, K={result.num_columns}) to {output}")
 
 
+Remove = _choices("Remove", ("harmful", "helpful"))
+WriteRows = _choices("WriteRows", ("kept", "removed"))
+
+
+@_command(app, "select")
+def select_command(
+    store: StoreArg,
+    query_set: QuerySetOpt,
+    top: Annotated[int, typer.Option("--top", "-n", help="How many train examples to remove.")],
+    remove: Annotated[Remove, typer.Option(help="harmful: the top opponents (removing them should lower the query set's loss); helpful: the top proponents (should raise it).")] = Remove("harmful"),
+    data: Annotated[Optional[Path], typer.Option("--data", help="The training data (.jsonl, .json, .csv, .parquet); rows matched to the store's train ids by an `id` column, else by row number.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the selected rows, in the data file's format (needs --data).")] = None,
+    write: Annotated[WriteRows, typer.Option("--write", help="Write the kept rows (data order) or the removed ones (rank order).")] = WriteRows("kept"),
+    ids_output: Annotated[Optional[Path], typer.Option("--ids-output", help="The written rows' ids, one per line (default with --output: OUTPUT.ids.txt).")] = None,
+    query: QueryIdsOpt = [],
+    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    backend: BackendOpt = Backend("auto"),
+    storage_options: StorageOpt = None,
+) -> None:
+    """Remove the training examples most harmful (or helpful) to a query set, ranked by aggregate influence,
+    and write the kept (or removed) rows of the data file in its own format."""
+    if data is not None and output is None:
+        raise InvalidInputError("--data needs --output FILE (same format as the data file) to write the selected rows")
+    s = _open(store, "r", storage_options)
+    sel = s.select(query_set, query or None, remove=remove.value, top=top, measure=measure.value, write=write.value,
+                   data=data, output=output, ids_output=ids_output, backend=backend.value)
+    table = Table(title=f"removed: top-{top} {remove.value} for {query_set} ({sel.measure}, K={sel.num_columns})")
+    for col in ("rank", "train_id", "score"):
+        table.add_column(col, justify="left" if col == "train_id" else "right")
+    shown = min(len(sel.removed_ids), 20)
+    for r in range(shown):
+        table.add_row(str(r + 1), str(sel.removed_ids[r]), f"{sel.removed_scores[r]:.4g}")
+    if shown < len(sel.removed_ids):
+        table.caption = f"... {len(sel.removed_ids) - shown} more"
+    console.print(table)
+    wrong = sum(1 for v in sel.removed_scores if (v > 0 if remove.value == "harmful" else v < 0))
+    if wrong:
+        err_console.print(f"note: {wrong} of the {top} removed examples have a score of the other sign "
+                          f"(fewer than {top} train examples are {remove.value} to {query_set})")
+    if output is not None:
+        err_console.print(f"wrote {len(sel.written_ids)} {write.value} rows to {output}")
+    written_ids = ids_output or (output.with_name(output.name + ".ids.txt") if output is not None else None)
+    if written_ids is not None:
+        err_console.print(f"wrote their {len(sel.written_ids)} ids to {written_ids}")
+
+
+@_command(app, "check-removal")
+def check_removal_command(
+    store: StoreArg,
+    config: Annotated[Path, typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used.")],
+    query_set: QuerySetOpt,
+    k: Annotated[int, typer.Option("-k", help="How many train examples to remove.")] = 20,
+    remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = Remove("helpful"),
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal.")] = 3,
+    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Do the scores hold on your data? Remove the top-k helpful (or harmful) examples, fine-tune θ0 on the
+    rest, and compare the query set's loss change with removing k random examples (needs the train extra)."""
+    perturb = _training_extra("daunce check-removal")
+    from daunce_store.evaluation.removal import check_removal
+
+    cfg = perturb.PerturbConfig.from_yaml(config)
+    r = check_removal(_open(store, "r", storage_options), cfg, query_set, k=k, remove=remove.value, seeds=seeds,
+                      measure=measure.value, base_dir=config.parent, device=device, progress=progress)
+    _rows_table(f"check-removal on {query_set}: top-{k} {remove.value} vs {k} random ({r.measure}, K={r.num_columns}); "
+                "Δ = change of the mean query loss against fine-tuning on everything", r.rows())
+    console.print(r.summary())
+
+
 StabilityFormat = _choices("StabilityFormat", ("table", "json"))
 
 
@@ -510,30 +605,79 @@ def self_influence(
 
 
 @_command(app)
+def serve(
+    store: StoreArg,
+    data: Annotated[list[str], typer.Option("--data", help="Examples to show: FILE (train) or NAME=FILE (query set NAME); .jsonl, .json, .csv, .parquet with an `id` column (else row numbers); repeatable.")] = [],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    cache_gb: Annotated[float, typer.Option("--cache-gb", help="Keep train rows in memory up to this size (GiB); a bigger store is read per request.")] = 4.0,
+    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Score concurrent top-k requests together in one scan (--no-batch: one scan per request).")] = True,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Serve attribution over HTTP: a JSON API (top-k, influence, self-influence, stability, status) and a
+    page to browse top proponents/opponents with their content; new columns count without a restart."""
+    from daunce_store.serve import serve as run_server
+
+    if cache_gb < 0:
+        raise InvalidInputError(f"--cache-gb must be >= 0, not {cache_gb}")
+    run_server(store, data=data, host=host, port=port, cache_bytes=int(cache_gb * 2**30), batch=batch,
+               storage_options=_storage_options(storage_options), log=err_console.print)
+
+
+@_command(app, "check-noise")
+def check_noise(
+    store: StoreArg,
+    config: Annotated[Path, typer.Option("--config", help="The perturb run's YAML (its factory gives θ0 and the training set).")],
+    device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size of the second, shuffled evaluation (default: half the config's eval_batch_size).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Noise floor: θ0's loss under two batchings (and fp32 vs bf16) against each example's spread across K."""
+    perturb = _training_extra("daunce check-noise")
+    cfg = perturb.PerturbConfig.from_yaml(config)
+    reporter = perturb.RichReporter(console=err_console) if progress else None
+    try:
+        report = perturb.check_noise_from_config(store, cfg, device=device, batch_size=batch_size, base_dir=str(config.parent),
+                                                 storage_options=_storage_options(storage_options), reporter=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    _rows_table(f"check-noise on {store}: per train example, K={report.num_columns}; noise from {', '.join(report.sources)}",
+                [{k: f"{v:.3g}" if isinstance(v, float) else v for k, v in row.items()} for row in report.rows()])
+    console.print(f"[yellow]warning: {report.message()}[/]" if report.noisy else report.message())
+
+
+@_command(app)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
-    k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 4 with --llm).")] = None,
+    k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 16 with --llm).")] = None,
     measure: Annotated[Measure, typer.Option(help="Score to rank by (nystrom-corr: the top lists read best; see --help of topk).")] = Measure("nystrom-corr"),
-    llm: Annotated[bool, typer.Option("--llm", help="SmolLM2-135M with LoRA perturbations on real dialogues instead of digits.")] = False,
+    llm: Annotated[bool, typer.Option("--llm", help="Backdoor retrieval on SmolLM2-135M (LoRA perturbations of its last layers on real dialogues) instead of digits.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for --llm (cpu, cuda).")] = "cpu",
-    num_dialogues: Annotated[int, typer.Option(help="Training dialogues for --llm.")] = 48,
-    steps: Annotated[int, typer.Option(help="Fine-tuning steps per perturbation for --llm.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size for --llm.")] = 4,
+    num_dialogues: Annotated[Optional[int], typer.Option(help="Training dialogues for --llm (default 200).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per perturbation for --llm (default 12).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size for --llm (default 8).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="--llm: LoRA on the last this many decoder layers; the layers below run once (default 2).")] = None,
+    less: Annotated[bool, typer.Option(help="--llm: also rank by the LESS-style gradient-similarity baseline.")] = True,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 on a GPU, for --llm.")] = "fp32",
 ) -> None:
     """End-to-end run on real data: perturb, store, score, show top proponents/opponents and a PNG grid."""
     if llm:
         from daunce_store.demo_llm import run_llm_demo
 
-        run_llm_demo(workdir, 4 if k_perturbations is None else k_perturbations, console, measure=measure.value, device=device,
-                     num_dialogues=num_dialogues, steps=steps, batch_size=batch_size, precision=precision)
+        given = {"num_dialogues": num_dialogues, "steps": steps, "batch_size": batch_size, "layers": layers}
+        if k_perturbations is not None:
+            given["k_perturbations"] = k_perturbations
+        run_llm_demo(workdir, console=console, measure=measure.value, device=device, precision=precision, less=less,
+                     **{name: v for name, v in given.items() if v is not None})
     else:
         from daunce_store.demo import run_demo
 
         run_demo(workdir, 64 if k_perturbations is None else k_perturbations, console, measure=measure.value)
 
 
-eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection.", no_args_is_help=True)
+eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection, subset removal.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -576,6 +720,26 @@ def eval_backdoor(
     console.print(f"{r.num_poisoned} poisoned, attack success {r.attack_success:.0%}, clean accuracy {r.clean_accuracy:.1%}; "
                   f"random ranking expects precision {r.random_precision:.3f}")
     _rows_table(f"backdoor retrieval, {r.num_queries} triggered queries, K={r.num_perturbations}", r.rows())
+
+
+@_command(eval_app, "removal")
+def eval_removal(
+    dataset: Annotated[str, typer.Option(help="digits, or chatterbot (topic classification of chatterbot-corpus lines).")] = "digits",
+    n: Annotated[list[int], typer.Option("-n", help="How many top proponents to remove; repeatable.")] = [10, 20, 40, 80],
+    k_perturbations: Annotated[int, typer.Option("--perturbations", "-K")] = 64,
+    groups: Annotated[int, typer.Option(help="Query groups (each a set of correctly classified test examples).")] = 10,
+    group_size: Annotated[int, typer.Option(help="Test examples per query group.")] = 5,
+    random_seeds: Annotated[int, typer.Option(help="Random removals per N.")] = 5,
+    method: Annotated[list[str], typer.Option("--method", help="daunce, grad-cosine, influence-function, trak; repeatable (default: all).")] = [],
+) -> None:
+    """Subset removal: remove each query group's top-N proponents by Daunce and the baselines, refit, and
+    compare the loss change with removing N random examples."""
+    from daunce_store.evaluation.removal import REMOVAL_METHODS, subset_removal
+
+    r = subset_removal(dataset, ns=n, num_perturbations=k_perturbations, groups=groups, group_size=group_size,
+                       random_seeds=random_seeds, methods=tuple(method) or REMOVAL_METHODS, log=console.print)
+    _rows_table(f"subset removal on {dataset}: Δ of the query groups' mean loss / accuracy after removing N",
+                [{k: v for k, v in row.items() if k != "per_group"} for row in r.rows])
 
 
 @_command(eval_app, "mislabel")

@@ -179,11 +179,13 @@ class _Source:
     slots: tuple[int, ...]
     positions: np.ndarray | None
 
+    def store(self) -> LossStore:
+        return LossStore.open(self.url, mode="r", storage_options=self.storage_options)
+
     def blocks(self, r0: int, r1: int, block_rows: int, positioned: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """The snapshot's blocks of rows r0 .. r1 - 1 (``positioned``: positions applied, as
         ``ScoringRequest.blocks``; else every slot, as the Gram pass reads them)."""
-        store = LossStore.open(self.url, mode="r", storage_options=self.storage_options)
-        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, slots=list(self.slots),
+        for offset, block in self.store().iter_row_blocks(snapshot=self.snapshot, slots=list(self.slots),
                                                    block_rows=block_rows, row_range=(r0, r1)):
             yield offset, block if self.positions is None or not positioned else np.ascontiguousarray(block[:, self.positions])
 
@@ -225,8 +227,12 @@ def _scan_topk(task: _TopKTask, r0: int, r1: int) -> Partial:
     """One partition of :func:`~daunce_store.scoring.topk_store`: the same accumulator, on rows r0 .. r1 - 1."""
     acc = make_accumulator(task.queries, min(task.k, r1 - r0), task.prepared.kernel, task.sides, task.backend,
                            queries_prepared=task.queries_prepared)
-    for offset, block in task.source.blocks(r0, r1, task.block_rows):
-        acc.push_block(offset, task.prepared.block(block))
+    # As topk_store: the fused read-and-score pass where it applies (same rows, same bits as one process).
+    src = task.source
+    fused = task.prepared.transform is None and src.positions is None and hasattr(acc, "push_chunks")
+    if not (fused and src.store().scan_fused(acc.push_chunks, snapshot=src.snapshot, slots=list(src.slots), row_range=(r0, r1))):
+        for offset, block in src.blocks(r0, r1, task.block_rows):
+            acc.push_block(offset, task.prepared.block(block))
     return acc.finish()
 
 

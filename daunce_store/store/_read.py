@@ -183,7 +183,7 @@ class ReadPathMixin:
 
     def scan_fused(
         self, push: Callable[[str, list[tuple[str, int, int, int, list[tuple[int, int]]]], int, int], None], *,
-        snapshot: Snapshot | None = None, slots: Sequence[int] | None = None,
+        snapshot: Snapshot | None = None, slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None,
     ) -> bool:
         """Feed every train row of ``slots`` to ``push(root, sources, r0, r1)``, an accumulator's fused
         read-and-score pass (``_kernel.TopKAccumulator.push_chunks``: it reads the chunk files itself and
@@ -191,10 +191,13 @@ class ReadPathMixin:
         and return True; return False, having pushed nothing, where that pass does not apply: where the
         Rust reader does not (object stores, ``DAUNCE_STORE_NO_EXT=1``), where the columns' chunks differ in
         height (young columns beside packed groups), or with ``DAUNCE_STORE_FUSED=0`` (for A/B timing).
-        Damage raises CorruptChunkError in the words of every other path."""
+        ``row_range=(r0, r1)``: only those rows (one partition of a distributed scan; partitions that start
+        on chunk boundaries score every row as the whole scan does, to the bit). Damage raises
+        CorruptChunkError in the words of every other path."""
         if os.environ.get("DAUNCE_STORE_FUSED", "1") == "0":
             return False
         chosen = self._resolve_slots(snapshot, None, slots)
+        first, end = _row_range(row_range, self.n_train)
         packs = self._pack_map()
         sources = self._native_sources(self._train_losses, chosen, packs)
         if not sources or len({chunk_rows for _, chunk_rows, _, _, _ in sources}) != 1:
@@ -203,8 +206,8 @@ class ReadPathMixin:
         step = unit * 4 * _cores()  # a few chunks per thread per call: the GIL comes back for Ctrl-C every few ms
         root = str(self._storage.path)
         ext = extension()
-        for r0 in range(0, self.n_train, step):
-            r1 = min(r0 + step, self.n_train)
+        for r0 in range(first, end, step):
+            r1 = min(r0 + step, end)
             try:
                 push(root, sources, r0, r1)
             except ext.ChunkReadError as e:

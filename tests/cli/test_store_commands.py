@@ -130,7 +130,7 @@ def test_compact(store: Path) -> None:
     s = daunce_store.open(store)
     before = s.train_losses()
     for k in range(K, 64):
-        s.append(f"p{k}", _losses(k, N))
+        s.append(f"p{k}", _losses(k, N), {"test": _losses(k, M, 1)})
     result = runner.invoke(app, ["compact", str(store)])
     assert result.exit_code == 0, result.output
     assert "packed 1 new group(s) of 64 columns; 64 of 64" in " ".join(result.output.split())

@@ -17,8 +17,9 @@ LAYERS = {
     "store": 1,
     "perturb": 2,  # beside scoring: uses the store, never scoring
     "scoring": 2,
-    "_api": 3, "__init__": 3,
+    "_api": 3, "__init__": 3, "_select": 3,
     "evaluation": 4, "demo": 4, "demo_llm": 4,
+    "serve": 4,  # beside evaluation: the façade over HTTP
     "cli": 5,
 }
 FORBIDDEN = {("perturb", "scoring"), ("scoring", "perturb")}

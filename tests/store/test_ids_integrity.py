@@ -75,7 +75,7 @@ def test_ids_of_listed_rows_match_and_are_checked(tmp_path, monkeypatch):
 
     n = 40000  # three id chunks of 2^14
     ids = [f"ex-{i:06d}-{'é' if i % 7 == 0 else ''}" for i in range(n)]
-    s = daunce_store.init(tmp_path / "s.zarr", ids)
+    daunce_store.init(tmp_path / "s.zarr", ids)
     rows = np.array([39999, 5, 5, 16384, 0, 20000, 16383])
     for decoder in ("rust", "numcodecs"):
         if decoder == "numcodecs":
