@@ -124,14 +124,20 @@ function stabilityTable(st) {
   box.append(table);
 }
 
+// Requests overlap (a change while the last answer is on its way): only the newest one may draw, so an
+// older answer arriving late never replaces a newer one.
+let drawing = 0;
+
 async function showTopk() {
   const set = $("query-set").value, query = $("query").value;
   if (!set || !query) return;
+  const mine = ++drawing;
   const params = {query_set: set, query, k: $("k").value, measure: $("measure").value};
   const [top, st] = await Promise.all([api("/api/topk", params), api("/api/stability", {...params, bootstrap: 10})]);
-  shownColumns = top.num_columns;
   const ids = [...new Set(top.records.map((r) => r.train_id))];
   const [train, queries] = await Promise.all([examples("train", ids), examples(set, [query])]);
+  if (mine !== drawing) return;
+  shownColumns = top.num_columns;
   $("query-view").replaceChildren(el("h2", "", `Query (${top.measure}, K = ${top.num_columns})`),
     card(set, query, queries[query], [el("span", "rank", set)]));
   for (const side of ["pos", "neg"]) {
@@ -157,10 +163,12 @@ async function startTopk() {
 // --- the self-influence page ---------------------------------------------------------------------
 async function showSelf() {
   const side = $("side").value;
+  const mine = ++drawing;
   const r = await api("/api/self-influence", {k: $("k").value, measure: $("measure").value, side});
-  shownColumns = r.num_columns;
   const ids = r.records.map((x) => x.train_id);
   const train = await examples("train", ids);
+  if (mine !== drawing) return;
+  shownColumns = r.num_columns;
   $("self").replaceChildren(...r.records.map((x) =>
     card("train", x.train_id, train[x.train_id], [el("span", "rank", `#${x.rank}`), scoreText(x.score, "pos")])));
 }
