@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,19 +24,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_row  # noqa: E402
 from topk import DATA, build_store  # noqa: E402  (the bench helpers)
 
 import daunce_store  # noqa: E402
 
 RESULTS = DATA / "dask_scoring.jsonl"
-
-
-def _record(row: dict) -> None:
-    row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    row["load1"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(row), flush=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _timed(path: Path, queries: list[str], args: argparse.Namespace, measure: str, client=None, partition_rows=None):
@@ -76,7 +68,7 @@ def main() -> None:
     for measure in args.measures:
         _timed(path, queries, argparse.Namespace(**{**vars(args), "repeat": 1}), measure)  # warm the page cache
         seconds, single[measure] = _timed(path, queries, args, measure)
-        _record({**common, "measure": measure, "how": "single process", "workers": 0, "seconds": round(seconds, 3)})
+        append_row(RESULTS, {**common, "measure": measure, "how": "single process", "workers": 0, "seconds": round(seconds, 3)})
     for workers in args.workers:
         t = time.perf_counter()
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -85,7 +77,7 @@ def main() -> None:
             for measure in args.measures:
                 _timed(path, queries, argparse.Namespace(**{**vars(args), "repeat": 1}), measure, client)  # warm the workers
                 seconds, got = _timed(path, queries, args, measure, client)
-                _record({**common, "measure": measure, "how": "LocalCluster", "workers": workers, "seconds": round(seconds, 3),
+                append_row(RESULTS, {**common, "measure": measure, "how": "LocalCluster", "workers": workers, "seconds": round(seconds, 3),
                          "cluster_start_s": round(start, 2), "partitions": -(-args.n // (1 << 22)),
                          "same_answer": _same(got, single[measure])})
 

@@ -40,21 +40,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from topk import BLOCK, DATA, _queries, _ram_data, _size, build_store, store_path  # noqa: E402  (the bench helpers)
+from _results import append_row  # noqa: E402
+from topk import BLOCK, DATA, _queries, _ram_data, _size, build_store  # noqa: E402  (the bench helpers)
 
 from daunce_store.scoring._attribution import kernel_queries, scan_block_rows, scoring_request  # noqa: E402
 from daunce_store.scoring._backend import make_accumulator  # noqa: E402
 
 RESULTS = DATA / "read_path.jsonl"
 K_TOP = 10
-
-
-def _record(row: dict) -> None:
-    row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    row["load1"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(row), flush=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 @contextlib.contextmanager
@@ -99,12 +92,12 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         with engine(name):
             t = best(lambda: scan(store), repeat)
         floors[name] = t
-        _record({"what": "scan", "engine": name, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
+        append_row(RESULTS, {"what": "scan", "engine": name, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
     snap = store.snapshot()
     slots = store.committed_slots(snapshot=snap)
     rows = scan_block_rows(store, slots)
     t = best(lambda: [None for _ in store.iter_row_blocks(block_rows=rows)], repeat)
-    _record({"what": "scan", "engine": "rust", "block_rows": rows, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
+    append_row(RESULTS, {"what": "scan", "engine": "rust", "block_rows": rows, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
     read_floor = min(floors["rust"], t)
     x = _ram_data(n, kc)
     for m in ms:
@@ -137,7 +130,7 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         t_kernel = best(lambda: fed(held), repeat)
         del held
         floor = max(t_gemm, read_floor)
-        _record({"what": "topk", "n": n, "K": kc, "m": m, "k": K_TOP, "seconds": t_topk, "sgemm_floor": t_gemm,
+        append_row(RESULTS, {"what": "topk", "n": n, "K": kc, "m": m, "k": K_TOP, "seconds": t_topk, "sgemm_floor": t_gemm,
                  "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": read_floor, "vs_floor": t_topk / floor, "blocks_seconds": t_blocks,
                  "block_rows": rows, "request_seconds": t_req, "kernel_seconds": t_kernel, "pipeline_seconds": t_pipe,
                  "naming_seconds": t_names, "named_rows": int(len(listed)), "runs": repeat})
@@ -153,16 +146,16 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
             proc = subprocess.run(cmd, capture_output=True, text=True)
             times.append(time.perf_counter() - t)
             assert proc.returncode == 0, proc.stderr[-2000:]
-        _record({"what": "latency", "how": "daunce topk process", "n": n, "K": kc, "seconds": min(times), "runs": repeat})
+        append_row(RESULTS, {"what": "latency", "how": "daunce topk process", "n": n, "K": kc, "seconds": min(times), "runs": repeat})
         t = best(lambda: subprocess.run([sys.executable, "-c", "import daunce_store.cli"], check=True), repeat)
-        _record({"what": "latency", "how": "of which: python + imports (`import daunce_store.cli`)", "n": n, "K": kc, "seconds": t, "runs": repeat})
+        append_row(RESULTS, {"what": "latency", "how": "of which: python + imports (`import daunce_store.cli`)", "n": n, "K": kc, "seconds": t, "runs": repeat})
         firsts, seconds = [], []
         for _ in range(repeat):  # a fresh handle each time: its first call reads the records, the second reuses them
             opened = daunce_store.open(path, mode="r")
             firsts.append(best(lambda: opened.topk("bench", ["q0"], k=K_TOP, measure="cov"), 1))
             seconds.append(best(lambda: opened.topk("bench", ["q0"], k=K_TOP, measure="cov"), 1))
         for call, ts in (("first", firsts), ("second", seconds)):
-            _record({"what": "latency", "how": f"store.topk on an open store, {call} call", "n": n, "K": kc, "seconds": min(ts), "runs": repeat})
+            append_row(RESULTS, {"what": "latency", "how": f"store.topk on an open store, {call} call", "n": n, "K": kc, "seconds": min(ts), "runs": repeat})
 
 
 def print_table() -> None:
