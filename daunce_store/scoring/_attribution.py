@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -360,13 +360,23 @@ def topk_store(
     prep = req.prepared()
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
-    # The Rust kernel reads a local store's chunks itself and scores them while they are in cache, where
-    # the kernel sees the stored rows as they are (no transform, all columns); else blocks are read and pushed.
-    fused = prep.transform is None and req.positions is None and hasattr(acc, "push_chunks")
-    if not (fused and store.scan_fused(acc.push_chunks, snapshot=req.snapshot, slots=req.slots)):
-        for offset, block in req.blocks(store, block_rows):
-            acc.push_block(offset, prep.block(block))
+    push_train_rows(acc, prep, store, req.snapshot, req.slots, req.positions, lambda: req.blocks(store, block_rows))
     return Attribution.from_result(names, store.train_ids_at, acc.finish(), req.measure.name, req.num_columns)
+
+
+def push_train_rows(
+    acc: Any, prep: Prepared, store: LossStore, snapshot: Snapshot, slots: Sequence[int], positions: np.ndarray | None,
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], row_range: tuple[int, int] | None = None,
+) -> None:
+    """Feed the train rows of ``slots`` (rows ``row_range``, default all) to ``acc``. The Rust kernel reads a
+    local store's chunks itself and scores them while they are in cache (``LossStore.scan_fused``) where it
+    sees the stored rows as they are (no transform, all columns); else the ``blocks()`` are pushed through
+    the measure's transform."""
+    fused = prep.transform is None and positions is None and hasattr(acc, "push_chunks")
+    if fused and store.scan_fused(acc.push_chunks, snapshot=snapshot, slots=slots, row_range=row_range):
+        return
+    for offset, block in blocks():
+        acc.push_block(offset, prep.block(block))
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:

@@ -49,6 +49,7 @@ from daunce_store.scoring._attribution import (
     kernel_queries,
     measure_inputs,
     measure_plan,
+    push_train_rows,
     scan_block_rows,
     scoring_request,
 )
@@ -227,12 +228,9 @@ def _scan_topk(task: _TopKTask, r0: int, r1: int) -> Partial:
     """One partition of :func:`~daunce_store.scoring.topk_store`: the same accumulator, on rows r0 .. r1 - 1."""
     acc = make_accumulator(task.queries, min(task.k, r1 - r0), task.prepared.kernel, task.sides, task.backend,
                            queries_prepared=task.queries_prepared)
-    # As topk_store: the fused read-and-score pass where it applies (same rows, same bits as one process).
-    src = task.source
-    fused = task.prepared.transform is None and src.positions is None and hasattr(acc, "push_chunks")
-    if not (fused and src.store().scan_fused(acc.push_chunks, snapshot=src.snapshot, slots=list(src.slots), row_range=(r0, r1))):
-        for offset, block in src.blocks(r0, r1, task.block_rows):
-            acc.push_block(offset, task.prepared.block(block))
+    src = task.source  # as topk_store: partitions on chunk boundaries score each row as one process does, to the bit
+    push_train_rows(acc, task.prepared, src.store(), src.snapshot, list(src.slots), src.positions,
+                    lambda: src.blocks(r0, r1, task.block_rows), row_range=(r0, r1))
     return acc.finish()
 
 

@@ -110,12 +110,12 @@ class ServedStore(Store):
         return np.array([where[s] for s in chosen], dtype=np.int64)
 
     def scan_fused(self, push: Callable[..., None], *, snapshot: Snapshot | None = None,
-                   slots: Sequence[int] | None = None) -> bool:
+                   slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None) -> bool:
         """No fused read of the store's chunks when the rows are in memory: the scan then takes the blocks
         of :meth:`iter_row_blocks`, from memory."""
         if self._cached_columns(self._rows, snapshot, None, slots) is not None:
             return False
-        return super().scan_fused(push, snapshot=snapshot, slots=slots)
+        return super().scan_fused(push, snapshot=snapshot, slots=slots, row_range=row_range)
 
     def iter_row_blocks(self, *, snapshot: Snapshot | None = None, query_set: str | None = None,
                         slots: Sequence[int] | None = None, block_rows: int | None = None, prefetch: int = 2,
