@@ -19,7 +19,7 @@ from rich.table import Table
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, iso, read_ids, read_losses, write_frames
+from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, iso, read_ids, read_losses
 
 app = typer.Typer(
     name="daunce",
@@ -151,7 +151,7 @@ def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> 
         result.write(output, None if fmt.value == "table" else fmt.value)
         err_console.print(f"wrote {len(result.records())} records to {output}")
     else:
-        write_frames([result.to_pandas()], sys.stdout, fmt.value)
+        result.write(sys.stdout, fmt.value)
 
 
 @_command(app)

@@ -9,12 +9,12 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
-from daunce_store.store import TABLE_FORMATS, write_frames
+from daunce_store.store import TABLE_FORMATS, write_frames, write_records
 from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
@@ -114,12 +114,15 @@ class Attribution:
 
         return pd.DataFrame.from_records(self.records(), columns=list(RECORD_FIELDS))
 
-    def write(self, path: str | os.PathLike[str], fmt: str | None = None) -> None:
-        """Write as json (a list of records), jsonl, csv or parquet; the format defaults to the suffix."""
-        fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]
+    def write(self, path: str | os.PathLike[str] | IO[str], fmt: str | None = None) -> None:
+        """Write as json (a list of records), jsonl, csv or parquet, to a file (the format defaults to
+        its suffix) or a text stream such as ``sys.stdout``."""
+        if fmt is None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError("give the format when writing to a stream (json, jsonl or csv)")
+        fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]  # type: ignore[arg-type]
         if fmt not in TABLE_FORMATS:
             raise InvalidInputError(f"unknown output format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
-        write_frames([self.to_pandas()], path, fmt)
+        write_records(self.records(), path, fmt, RECORD_FIELDS)
 
 
 def resolve_sides(side: str) -> tuple[str, ...]:

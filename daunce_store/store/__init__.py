@@ -9,7 +9,7 @@ from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcRe
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
-from daunce_store.store._tables import TABLE_FORMATS, write_frames
+from daunce_store.store._tables import TABLE_FORMATS, write_frames, write_records
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -32,6 +32,7 @@ __all__ = [
     "iso",
     "TABLE_FORMATS",
     "write_frames",
+    "write_records",
     "perturbation_weights",
     "weights_block",
     "append_query_matrix",

@@ -1,4 +1,4 @@
-"""Writing tables: the one place that turns pandas frames into json, jsonl, csv or parquet, to a file
+"""Writing tables: the one place that turns pandas frames (or flat records) into json, jsonl, csv or parquet, to a file
 (written whole under a temporary name, then renamed) or to a text stream such as stdout.
 
 Used by loss exports (``LossStore.export``), attribution results (``Attribution.write``) and the CLI.
@@ -6,8 +6,9 @@ Used by loss exports (``LossStore.export``), attribution results (``Attribution.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from daunce_store.errors import InvalidInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames"]
+__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records"]
 
 TABLE_FORMATS = ("json", "jsonl", "csv", "parquet")
 STREAMING_FORMATS = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
@@ -60,12 +61,39 @@ def write_frames(frames: Iterable[pd.DataFrame], target: str | os.PathLike[str] 
     """Write ``frames`` (one table, in pieces) as ``fmt`` to a file path or a text stream; returns the
     rows written. A file is written under ``NAME.partial`` and renamed, so a failed write leaves nothing
     under the asked-for name."""
+    return _to_target(target, fmt, lambda f, binary: _write(frames, f, fmt, binary))
+
+
+def write_records(
+    records: list[dict[str, Any]], target: str | os.PathLike[str] | IO[str], fmt: str, columns: Sequence[str]
+) -> int:
+    """Like :func:`write_frames` for a list of flat records with these ``columns`` (e.g. attribution
+    results). json and jsonl are written with the standard library, so a CLI answer does not wait for
+    pandas to import (0.3 s)."""
+    if fmt not in ("json", "jsonl"):
+        import pandas as pd
+
+        return write_frames([pd.DataFrame.from_records(records, columns=list(columns))], target, fmt)
+
+    def write(f: IO[Any], binary: bool) -> int:
+        if fmt == "json":
+            text = json.dumps(records, indent=1, separators=(",", ":")) + "\n"
+        else:
+            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        f.write(text.encode() if binary else text)
+        return len(records)
+
+    return _to_target(target, fmt, write)
+
+
+def _to_target(target: str | os.PathLike[str] | IO[str], fmt: str, write: Callable[[IO[Any], bool], int]) -> int:
+    """Run ``write(f, binary)`` on a text stream, or on a file written whole under a temporary name."""
     if fmt not in TABLE_FORMATS:
         raise InvalidInputError(f"unknown table format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
     if not isinstance(target, (str, os.PathLike)):
         if fmt == "parquet":
             raise InvalidInputError("parquet is a binary format: give an output file (--output PATH)")
-        return _write(frames, target, fmt, binary=False)
+        return write(target, False)
     path = Path(target)
     if path.is_dir():
         raise InvalidInputError(f"cannot write {path}: it is a folder; give a file name")
@@ -78,7 +106,7 @@ def write_frames(frames: Iterable[pd.DataFrame], target: str | os.PathLike[str] 
     tmp = path.with_name(path.name + ".partial")
     try:
         with open(tmp, "wb") as f:
-            rows = _write(frames, f, fmt, binary=True)
+            rows = write(f, True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
