@@ -4,6 +4,8 @@ and the scoring install working without the training stack."""
 from __future__ import annotations
 
 import inspect
+import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -72,3 +74,50 @@ def test_missing_extra_is_a_clear_error():
 
     with pytest.raises(MissingDependencyError, match=r"needs no_such_module_xyz .*daunce-store\[train\]"):
         import_optional("no_such_module_xyz", "train", "this feature")
+
+
+def test_attribution_writes_to_a_stream_in_every_text_format(small_store, tmp_path):
+    import pandas as pd
+
+    store, _, _ = small_store
+    top = store.topk(query_set="test", queries=["q1", "q2"], k=3, measure="cov")
+    want = top.records()
+    out = io.StringIO()
+    top.write(out, "json")
+    assert json.loads(out.getvalue()) == want
+    out = io.StringIO()
+    top.write(out, "jsonl")
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == want
+    out = io.StringIO()
+    top.write(out, "csv")
+    frame = pd.read_csv(io.StringIO(out.getvalue()), dtype={"train_id": str})
+    assert frame.to_dict("records") == pd.DataFrame.from_records(want).to_dict("records")
+    top.write(tmp_path / "top.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()] == want
+    with pytest.raises(daunce_store.errors.InvalidInputError, match="give the format"):
+        top.write(io.StringIO())
+    with pytest.raises(daunce_store.errors.InvalidInputError, match="binary format"):
+        top.write(io.StringIO(), "parquet")
+
+
+def test_cli_json_answer_loads_neither_pandas_nor_numba(small_store):
+    """The interactive path stays light: a json `daunce topk` imports no pandas (0.3 s) and, with the
+    extension built, no numba (0.2 s)."""
+    from daunce_store.store._read import extension
+
+    if extension() is None:
+        pytest.skip("without the extension, auto picks numba")
+    store, _, _ = small_store
+    code = textwrap.dedent(f"""
+        import json, sys
+        from daunce_store.cli import app
+        try:
+            app(["topk", {store.url!r}, "--query-set", "test", "--query", "q1", "-k", "3", "--format", "json"])
+        except SystemExit as e:
+            assert not e.code, e.code
+        print(json.dumps(sorted(m for m in ("pandas", "numba", "torch") if m in sys.modules)), file=sys.stderr)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [r["rank"] for r in json.loads(out.stdout)] == [1, 2, 3, 1, 2, 3]
+    assert out.stderr.strip().splitlines()[-1] == "[]"
