@@ -14,8 +14,9 @@ ties to the lower row). Rows of the data file are matched to the store's train i
 when the file has one, else by row number (row r is id ``"r"``, the string ``daunce init`` stores for a
 text ids file holding 0..n-1). The file must hold exactly the store's train ids, in any order.
 
-Formats: ``.jsonl`` (lines copied byte for byte), ``.json`` (an array of objects), ``.csv`` (cells kept as
-the text the file holds) and ``.parquet`` (rows taken with pyarrow, schema kept). Kept rows are written in
+Formats (read by :func:`daunce_store.store.read_data_file`): ``.jsonl``/``.ndjson`` (lines copied byte for
+byte), ``.json`` (an array of objects), ``.csv``/``.tsv`` (cells kept as the text the file holds) and
+``.parquet``/``.pq`` (rows taken with pyarrow, schema kept). Kept rows are written in
 the file's order; removed rows in rank order (the most influential first). The ids of the written rows,
 in the same order, go to a sidecar text file, one per line.
 """
@@ -32,6 +33,7 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring import DEFAULT_MEASURE
+from daunce_store.store import DATA_FILE_FORMATS, DataFile, data_file_format, read_data_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,133 +46,49 @@ __all__ = ["REMOVE", "WRITE", "DATA_FORMATS", "Selection", "select", "read_data_
 REMOVE = {"helpful": "pos", "harmful": "neg"}
 #: Which rows to write.
 WRITE = ("kept", "removed")
-#: Data file formats, by suffix.
-DATA_FORMATS = ("jsonl", "json", "csv", "parquet")
+#: Data file formats (the suffixes of each: :data:`daunce_store.store.DATA_FILE_FORMATS`).
+DATA_FORMATS = tuple(dict.fromkeys(DATA_FILE_FORMATS.values()))
 
 
-@dataclasses.dataclass(frozen=True)
-class DataFile:
-    """A data file read for selection: its format, the id of each row, and the rows themselves (raw lines
-    for jsonl, records for json, a text frame for csv, a pyarrow table for parquet)."""
+def _frame(data: DataFile, positions: np.ndarray) -> pd.DataFrame:
+    """The data file's rows at ``positions`` as a frame of its own columns."""
+    import pandas as pd
 
-    path: Path
-    fmt: str
-    ids: np.ndarray  # str, one per row
-    rows: Any
-    by_id_column: bool
-
-    def take(self, positions: np.ndarray) -> Any:
-        if self.fmt == "jsonl":
-            return [self.rows[i] for i in positions]
-        if self.fmt == "json":
-            return [self.rows[i] for i in positions]
-        if self.fmt == "csv":
-            return self.rows.iloc[positions]
-        return self.rows.take(positions)
-
-    def frame(self, selected: Any) -> pd.DataFrame:
-        import pandas as pd
-
-        if self.fmt == "jsonl":
-            return pd.DataFrame.from_records([json.loads(line) for line in selected])
-        if self.fmt == "json":
-            return pd.DataFrame.from_records(selected)
-        if self.fmt == "csv":
-            return selected.reset_index(drop=True)
-        return selected.to_pandas()
-
-    def write(self, selected: Any, path: Path) -> None:
-        """Write ``selected`` rows in this file's format under a temporary name, then rename."""
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            if self.fmt == "jsonl":
-                with open(tmp, "wb") as f:
-                    f.writelines(line if line.endswith(b"\n") else line + b"\n" for line in selected)
-            elif self.fmt == "json":
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(selected, f, ensure_ascii=False, indent=1)
-                    f.write("\n")
-            elif self.fmt == "csv":
-                selected.to_csv(tmp, index=False)
-            else:
-                import pyarrow.parquet as pq
-
-                pq.write_table(selected, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    if data.fmt == "parquet":
+        return data.table.take(positions).to_pandas()
+    columns = list(data.rows[0]) if data.fmt in ("csv", "tsv") else None  # every CSV row has every column
+    return pd.DataFrame.from_records([data.rows[i] for i in positions], columns=columns)
 
 
-def _format_of(path: Path, what: str) -> str:
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt not in DATA_FORMATS:
-        raise InvalidInputError(f"{what} {path}: unknown format {path.suffix or '(no suffix)'!r}; use "
-                                f"{', '.join('.' + f for f in DATA_FORMATS)}")
-    return fmt
-
-
-def _id_strings(values: list[Any], path: Path) -> np.ndarray:
-    bad = next((v for v in values if v is None or isinstance(v, (bool, float, dict, list))), "ok")
-    if bad != "ok":
-        raise InvalidInputError(f"{path}: the id column holds {bad!r}; ids must be strings or whole numbers")
-    return np.array([str(v) for v in values], dtype=str)
-
-
-def read_data_file(path: str | os.PathLike[str]) -> DataFile:
-    """Read a data file (jsonl, json, csv, parquet) and the id of each row (an ``id`` column/key when
-    present, else the row number), or one clear InvalidInputError."""
-    path = Path(path)
-    fmt = _format_of(path, "data file")
-    if not path.is_file():
-        raise InvalidInputError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
+def _write(data: DataFile, positions: np.ndarray, path: Path) -> None:
+    """Write the data file's rows at ``positions`` in its own format (jsonl lines byte for byte, the parquet
+    schema kept) under a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".partial")
     try:
-        if fmt == "jsonl":
-            rows = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
-            records = [json.loads(line) for line in rows]
-        elif fmt == "json":
-            rows = records = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(rows, list):
-                raise InvalidInputError(f"data file {path} must hold a JSON array of objects (one per example)")
-        elif fmt == "csv":
-            import pandas as pd
-
-            rows = pd.read_csv(path, dtype=str, keep_default_na=False)  # cells as the text they hold: 007 stays 007
+        if data.fmt == "jsonl":
+            with open(tmp, "wb") as f:
+                f.writelines(line if line.endswith(b"\n") else line + b"\n" for line in (data.lines[i] for i in positions))
+        elif data.fmt == "json":
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump([data.rows[i] for i in positions], f, ensure_ascii=False, indent=1)
+                f.write("\n")
+        elif data.fmt in ("csv", "tsv"):
+            _frame(data, positions).to_csv(tmp, sep="\t" if data.fmt == "tsv" else ",", index=False)
         else:
             import pyarrow.parquet as pq
 
-            rows = pq.read_table(path)
-    except InvalidInputError:
-        raise
-    except (ValueError, OSError, UnicodeDecodeError) as e:  # json, pandas and pyarrow parse errors are ValueErrors
-        raise InvalidInputError(f"data file {path} is not readable {fmt} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if fmt in ("jsonl", "json"):
-        if any(not isinstance(r, dict) for r in records):
-            raise InvalidInputError(f"data file {path}: every {'line' if fmt == 'jsonl' else 'element'} must be a JSON object")
-        has_id = bool(records) and all("id" in r for r in records)
-        if not has_id and any("id" in r for r in records):
-            first = next(i for i, r in enumerate(records) if "id" not in r)
-            raise InvalidInputError(f"data file {path}: row {first} has no 'id' while others do; give every row an id")
-        ids = _id_strings([r["id"] for r in records], path) if has_id else None
-        n = len(records)
-    elif fmt == "csv":
-        has_id, n = "id" in rows.columns, len(rows)
-        ids = rows["id"].to_numpy(dtype=str) if has_id else None
-    else:
-        has_id, n = "id" in rows.column_names, rows.num_rows
-        ids = _id_strings(rows.column("id").to_pylist(), path) if has_id else None
-    if n == 0:
-        raise InvalidInputError(f"data file {path} holds no rows")
-    if ids is None:
-        ids = np.arange(n).astype(str)
-    return DataFile(path, fmt, ids, rows, has_id)
+            pq.write_table(data.table.take(positions), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output(output: str | os.PathLike[str], data: str | os.PathLike[str]) -> Path:
     """The output path, checked against the data file: same format, not the data file itself, a folder
     that exists, not inside a Zarr store."""
     out, src = Path(output), Path(data)
-    fmt = _format_of(out, "output")
-    if fmt != _format_of(src, "data file"):
+    fmt = data_file_format(out, "output")
+    if fmt != data_file_format(src):
         raise InvalidInputError(f"output {out} is {fmt} but the data file is {src.suffix.lstrip('.')}; rows are written in "
                                 f"the data file's own format: name the output *{src.suffix}")
     if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
@@ -187,17 +105,15 @@ def check_output(output: str | os.PathLike[str], data: str | os.PathLike[str]) -
 
 def _match(data: DataFile, train_ids: np.ndarray) -> np.ndarray:
     """Position in the data file of each store train row, or InvalidInputError naming the mismatch."""
-    uniq, counts = np.unique(data.ids, return_counts=True)
-    if len(uniq) != len(data.ids):
-        raise InvalidInputError(f"data file {data.path}: duplicate ids {uniq[counts > 1][:5].tolist()}; every row needs a unique id")
-    order = np.argsort(data.ids, kind="stable")
-    sorted_ids = data.ids[order]
+    ids = np.array(data.ids, dtype=str)  # unique: read_data_file refuses a duplicate
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
     pos = np.searchsorted(sorted_ids, train_ids).clip(max=len(sorted_ids) - 1)
     found = sorted_ids[pos] == train_ids
     how = "its 'id' column" if data.by_id_column else "row numbers 0..N-1 (it has no 'id' column)"
-    if not found.all() or len(data.ids) != len(train_ids):
+    if not found.all() or len(ids) != len(train_ids):
         missing = train_ids[~found]
-        extra = np.setdiff1d(data.ids, train_ids)
+        extra = np.setdiff1d(ids, train_ids)
         detail = []
         if len(missing):
             detail.append(f"{len(missing)} store train ids are not in it (first {missing[:3].tolist()})")
@@ -276,10 +192,9 @@ def select(
             rows = rows[np.argsort(position[rows], kind="stable")]
     written_ids = train_ids[rows]
     if data_file is not None:
-        chosen = data_file.take(position[rows])
-        frame = data_file.frame(chosen)
+        frame = _frame(data_file, position[rows])
         if out is not None:
-            data_file.write(chosen, out)
+            _write(data_file, position[rows], out)
     else:
         import pandas as pd
 

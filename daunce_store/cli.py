@@ -480,7 +480,7 @@ def select_command(
     query_set: QuerySetOpt,
     top: Annotated[int, typer.Option("--top", "-n", help="How many train examples to remove.")],
     remove: Annotated[Remove, typer.Option(help="harmful: the top opponents (removing them should lower the query set's loss); helpful: the top proponents (should raise it).")] = Remove("harmful"),
-    data: Annotated[Optional[Path], typer.Option("--data", help="The training data (.jsonl, .json, .csv, .parquet); rows matched to the store's train ids by an `id` column, else by row number.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="The training data (.jsonl/.ndjson, .json, .csv, .tsv, .parquet); rows matched to the store's train ids by an `id` column, else by row number.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the selected rows, in the data file's format (needs --data).")] = None,
     write: Annotated[WriteRows, typer.Option("--write", help="Write the kept rows (data order) or the removed ones (rank order).")] = WriteRows("kept"),
     ids_output: Annotated[Optional[Path], typer.Option("--ids-output", help="The written rows' ids, one per line (default with --output: OUTPUT.ids.txt).")] = None,
@@ -607,7 +607,7 @@ def self_influence(
 @_command(app)
 def serve(
     store: StoreArg,
-    data: Annotated[list[str], typer.Option("--data", help="Examples to show: FILE (train) or NAME=FILE (query set NAME); .jsonl, .json, .csv, .parquet with an `id` column (else row numbers); repeatable.")] = [],
+    data: Annotated[list[str], typer.Option("--data", help="Examples to show: FILE (train) or NAME=FILE (query set NAME); .jsonl/.ndjson, .json, .csv, .tsv, .parquet with an `id` column (else row numbers); repeatable.")] = [],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     cache_gb: Annotated[float, typer.Option("--cache-gb", help="Keep train rows in memory up to this size (GiB); a bigger store is read per request.")] = 4.0,

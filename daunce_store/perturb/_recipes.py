@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,10 +26,10 @@ from typing import Any
 
 import torch
 
-from daunce_store.errors import InvalidInputError, MissingDependencyError
+from daunce_store.errors import InvalidInputError
 from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._task import CausalLMTask, SequenceClassificationTask, Task
-from daunce_store.store import LossStore, open_store, validate_ids
+from daunce_store.store import LossStore, open_store, read_data_file, validate_ids
 
 __all__ = [
     "RECIPES",
@@ -54,90 +53,13 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "causal-lm": {"lr": 3e-4, "warmup_ratio": 0.03, "epochs": 1, "batch_size": 8, "eval_batch_size": 32},
     "classifier": {"lr": 5e-5, "warmup_ratio": 0.03, "epochs": 3, "batch_size": 16, "eval_batch_size": 64},
 }
-ID_FIELD = "id"
-_TABLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".csv", ".tsv")
 
 
 # --- data files ------------------------------------------------------------------------------------------
 def read_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a data file as dicts, in file order; InvalidInputError naming the file when it cannot be read."""
-    p = Path(path)
-    if not p.exists():
-        raise InvalidInputError(f"data file {os.fspath(path)!r} does not exist")
-    if p.is_dir():
-        return _read_saved_dataset(p)
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            rows = []
-            with open(p, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise InvalidInputError(f"{p}: line {line_no} is not valid JSON ({e.msg})") from None
-        elif suffix == ".json":
-            with open(p, encoding="utf-8") as f:
-                rows = json.load(f)
-            if not isinstance(rows, list):
-                raise InvalidInputError(f"{p}: a .json data file must hold a list of objects (or use .jsonl, one a line)")
-        elif suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(p).to_pylist()
-        elif suffix in (".csv", ".tsv"):
-            import pandas as pd
-
-            # CSV has no types: read every cell as text, so ids like "007" stay as written.
-            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-            rows = frame.to_dict(orient="records")
-        else:
-            raise InvalidInputError(
-                f"data file {os.fspath(path)!r}: unknown extension {p.suffix!r}; use one of "
-                f"{', '.join(_TABLE_SUFFIXES)}, or a directory saved by datasets' save_to_disk"
-            )
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, InvalidInputError):
-            raise
-        raise InvalidInputError(f"data file {os.fspath(path)!r} cannot be read: {e}") from None
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise InvalidInputError(f"{p}: row {bad} is a {type(rows[bad]).__name__}, not an object with named fields")
-    if not rows:
-        raise InvalidInputError(f"data file {os.fspath(path)!r} has no rows")
-    return rows
-
-
-def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
-    if (path / "dataset_dict.json").exists():
-        splits = sorted(d.name for d in path.iterdir() if d.is_dir())
-        raise InvalidInputError(f"{path} holds a DatasetDict (splits {', '.join(splits)}); give one split's directory, e.g. {path / splits[0]}")
-    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-        raise InvalidInputError(f"{path} is a directory but not a dataset saved with datasets' save_to_disk")
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependencyError(f"{path} is a saved Hugging Face dataset; reading it needs `pip install datasets`") from None
-    return datasets.load_from_disk(os.fspath(path)).to_list()
-
-
-def example_ids(rows: Sequence[Mapping[str, Any]], where: str) -> list[str]:
-    """The ``id`` column as strings when the data has one (every row must), else row numbers."""
-    if not any(ID_FIELD in r for r in rows):
-        return [str(i) for i in range(len(rows))]
-    ids = []
-    for i, r in enumerate(rows):
-        value = r.get(ID_FIELD)
-        if value is None or isinstance(value, (bool, float, list, dict)) or not str(value).strip():
-            raise InvalidInputError(f"{where} row {i}: the {ID_FIELD!r} field is {value!r}; give every row a text or integer id, or drop the column")
-        ids.append(str(value))
-    first: dict[str, int] = {}
-    for i, x in enumerate(ids):
-        if x in first:
-            raise InvalidInputError(f"{where}: duplicate id {x!r} in rows {first[x]} and {i}; every example needs its own id")
-        first[x] = i
-    return ids
+    """The rows of a data file (or a saved ``datasets`` directory) as dicts, in file order; InvalidInputError
+    naming the file when it cannot be read (:func:`daunce_store.store.read_data_file`)."""
+    return read_data_file(path, dataset_dir=True).rows
 
 
 def _text(row: Mapping[str, Any], field: str, i: int, where: str, *, empty_ok: bool = False) -> str:
@@ -329,8 +251,8 @@ def _read_sets(train: str, queries: Mapping[str, str] | None) -> list[tuple[str 
     """(query-set name or None for train, file, rows, ids) of every data file."""
     out = []
     for name, path in [(None, train), *sorted((queries or {}).items())]:
-        rows = read_examples(path)
-        out.append((name, os.fspath(path), rows, example_ids(rows, os.fspath(path))))
+        data = read_data_file(path, dataset_dir=True)
+        out.append((name, os.fspath(path), data.rows, data.ids))
     return out
 
 

@@ -1,5 +1,5 @@
-"""The examples behind the ids: rows of the user's data files (jsonl, json, csv, parquet), keyed by the
-store's ids, turned into what the page shows.
+"""The examples behind the ids: rows of the user's data files (jsonl/ndjson, json, csv/tsv, parquet), keyed
+by the store's ids, turned into what the page shows.
 
 A row's id is its ``id`` column when the file has one, else its row number (``0``, ``1``, ...): the
 convention of the rest of the project for data files. Each other column gets a kind from its first value,
@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from daunce_store.errors import InvalidInputError, UnknownIdError
-from daunce_store.store._inputs import read_table
+from daunce_store.store import DATA_FILE_FORMATS, read_data_file
+from daunce_store.store._inputs import ID_FIELD
 
 __all__ = ["DATA_SUFFIXES", "ExampleData", "read_examples"]
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_SUFFIXES = tuple(DATA_FILE_FORMATS)
 LABEL_COLUMNS = ("label", "labels", "target", "class", "y")  # shown beside each example's score
 IMAGE_DATA = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]+$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
@@ -139,57 +140,27 @@ def _kind(data_path: Path, values: list[Any]) -> str:
     return "pixels" if _pixel_array(first) is not None else "text"
 
 
-def _read_frame(path: Path) -> Any:
-    import pandas as pd
-
-    if not path.exists():
-        raise InvalidInputError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise InvalidInputError(f"data file {path} is a directory; give the file itself")
-    suffix = path.suffix.lower()
-    if suffix not in DATA_SUFFIXES:
-        raise InvalidInputError(f"data file {path} has an unknown extension; use {', '.join(DATA_SUFFIXES)}")
-    if suffix in (".csv", ".parquet"):  # CSV cells as the text the file holds: id 007 stays 007
-        return read_table(path, as_text=True, layout="a header line, then one example per row")
-    try:
-        return pd.read_json(path, lines=suffix == ".jsonl", orient="records", dtype=False)
-    except ValueError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shape = "one JSON object per line" if suffix == ".jsonl" else "a JSON list of objects"
-        raise InvalidInputError(f"data file {path} is not {shape} ({first})") from None
-
-
 def read_examples(path: str | Path, store_ids: np.ndarray, what: str) -> ExampleData:
     """Read a data file for the ids ``store_ids`` of one set (``what``: "train" or "query set 'test'").
 
-    Every check happens here, before the server starts: duplicate ids, and a file none of whose ids is an
-    id of that set (the wrong file, or one without an ``id`` column whose rows the store does not number).
+    Every check happens here, before the server starts: the file's own (:func:`daunce_store.store.read_data_file`:
+    format, content, ids), and a file none of whose ids is an id of that set (the wrong file, or one
+    without an ``id`` column whose rows the store does not number).
     """
-    path = Path(path)
-    frame = _read_frame(path)
-    if len(frame) == 0:
-        raise InvalidInputError(f"data file {path} has no rows")
-    has_id = "id" in frame.columns
-    if has_id:
-        ids = [str(v) for v in frame["id"].tolist()]
-        frame = frame.drop(columns="id")
-    else:
-        ids = [str(i) for i in range(len(frame))]
-    rows: dict[str, int] = {}
-    for i, example in enumerate(ids):
-        if example in rows:
-            raise InvalidInputError(f"data file {path}: id {example!r} is on rows {rows[example]} and {i}; ids must be unique")
-        rows[example] = i
+    data = read_data_file(path)
+    path, ids = data.path, data.ids
+    rows = {example: i for i, example in enumerate(ids)}
     store_ids = np.asarray(store_ids).astype(str)
     wanted = set(store_ids.tolist())
     matched = sum(1 for example in rows if example in wanted)
     if matched == 0:
-        how = "the ids in its `id` column" if has_id else "its row numbers (it has no `id` column)"
+        how = "the ids in its `id` column" if data.by_id_column else "its row numbers (it has no `id` column)"
         raise InvalidInputError(
             f"data file {path}: none of {how} ({ids[0]!r}, ...) is an id of the store's {what} "
             f"({str(store_ids[0]) if len(store_ids) else ''!r}, ...); give the file an `id` column holding the store's ids"
         )
-    columns = {str(c): frame[c].tolist() for c in frame.columns}
+    names = dict.fromkeys(name for row in data.rows for name in row if name != ID_FIELD)  # in first-seen order
+    columns = {str(c): [row.get(c) for row in data.rows] for c in names}
     kinds = {c: _kind(path, values) for c, values in columns.items()}
     pixel_range = {}
     for c, kind in kinds.items():

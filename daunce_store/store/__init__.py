@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
-from daunce_store.store._inputs import read_ids, read_losses, validate_ids, validate_losses
+from daunce_store.store._inputs import (DATA_FILE_FORMATS, DataFile, data_file_format, read_data_file, read_ids,
+                                        read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
@@ -37,6 +38,10 @@ __all__ = [
     "weights_block",
     "append_query_matrix",
     "read_loss_matrix",
+    "DATA_FILE_FORMATS",
+    "DataFile",
+    "data_file_format",
+    "read_data_file",
     "read_ids",
     "read_losses",
     "validate_ids",

@@ -1,16 +1,20 @@
-"""Reading ids and loss vectors from the files users bring: text, CSV, parquet, .npy."""
+"""Reading the files users bring: ids and loss vectors (text, CSV, parquet, .npy) and data files of
+examples (jsonl, json, CSV/TSV, parquet, a saved ``datasets`` directory)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from daunce_store.errors import InvalidInputError
+from daunce_store.errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["read_ids", "read_losses", "validate_ids", "validate_losses"]
+__all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "read_data_file", "read_ids", "read_losses",
+           "validate_ids", "validate_losses"]
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -28,23 +32,27 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_table(path: Path, *, as_text: bool, layout: str) -> Any:
-    """A CSV or parquet file as a DataFrame, or one clear InvalidInputError; ``as_text``: CSV cells as the
-    strings the file holds (ids: ``007`` stays ``007``, ``NA`` stays ``NA``); ``layout``: what an empty CSV
-    should have held."""
+def _unreadable(path: Path, kind: str, error: BaseException) -> InvalidInputError:
+    return InvalidInputError(f"{path} is not a readable {kind} file ({_first_line(error)})")
+
+
+def read_table(path: Path, *, as_text: bool, layout: str, sep: str = ",") -> Any:
+    """A CSV (``sep``: its delimiter) or parquet file as a DataFrame, or one clear InvalidInputError;
+    ``as_text``: CSV cells as the strings the file holds (ids: ``007`` stays ``007``, ``NA`` stays ``NA``);
+    ``layout``: what an empty CSV should have held."""
     import pandas as pd
 
-    kind = "parquet" if path.suffix == ".parquet" else "CSV"
+    kind = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
     try:
         if kind == "parquet":
             return pd.read_parquet(path)
-        return pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path, sep=sep)
     except pd.errors.EmptyDataError:
         raise InvalidInputError(f"{path} holds no CSV header and no rows; write {layout}") from None
     except UnicodeDecodeError as e:
         raise InvalidInputError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as a UTF-8 {kind} file") from None
     except (ValueError, OSError, pd.errors.ParserError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise InvalidInputError(f"{path} is not a readable {kind} file ({_first_line(e)})") from None
+        raise _unreadable(path, kind, e) from None
 
 
 def _read_table_column(path: Path, column: str | None, *, as_text: bool) -> np.ndarray:
@@ -215,3 +223,170 @@ def validate_losses(values: object, n: int, *, what: str) -> np.ndarray:
             "or overflow float32; fix the loss computation before appending"
         )
     return np.ascontiguousarray(out)
+
+
+# --- data files of examples (perturb recipes, daunce select, daunce serve) ----------------------------------
+#: Data file formats by suffix (in any case).
+DATA_FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                     ".parquet": "parquet", ".pq": "parquet"}
+ID_FIELD = "id"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """A data file of examples read by :func:`read_data_file`: its rows in file order and each row's id.
+
+    ``ids``: every row's ``id`` field as a string when the rows have one (``by_id_column``), else the row
+    numbers ``"0", "1", ...``; unique either way. ``lines`` (jsonl only): each row's line exactly as the
+    file holds it, to write rows back byte for byte. ``table`` (parquet only): the pyarrow table the rows
+    were read from, with its schema.
+    """
+
+    path: Path
+    fmt: str  # jsonl | json | csv | tsv | parquet | dataset (a directory saved by datasets' save_to_disk)
+    rows: list[dict[str, Any]]
+    ids: list[str]
+    by_id_column: bool
+    lines: list[bytes] | None = None
+    table: Any = None
+
+
+def data_file_format(path: Path, what: str = "data file", *, dataset_dir: bool = False) -> str:
+    """The format of a data file from its suffix (see :data:`DATA_FILE_FORMATS`), or InvalidInputError."""
+    fmt = DATA_FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        ext = f"unknown extension {path.suffix!r}" if path.suffix else "no extension"
+        also = ", or a directory saved by datasets' save_to_disk" if dataset_dir else ""
+        raise InvalidInputError(f"{what} {path}: {ext}; use one of {', '.join(DATA_FILE_FORMATS)}{also}")
+    return fmt
+
+
+def read_data_file(path: str | os.PathLike[str], *, dataset_dir: bool = False) -> DataFile:
+    """Read a data file of examples: ``.jsonl``/``.ndjson`` (one JSON object a line), ``.json`` (a list of
+    objects), ``.csv``/``.tsv`` (every cell as the text the file holds: ``007`` stays ``007``),
+    ``.parquet``/``.pq``, and with ``dataset_dir`` a directory saved by ``datasets.Dataset.save_to_disk``.
+
+    The rows come in file order, with their ids (see :class:`DataFile`). Any problem (no such file, an
+    unknown suffix, unreadable or malformed content, no rows, a bad or duplicate id) is one
+    InvalidInputError naming the file, and the line of a JSON file or the row.
+    """
+    path = Path(path)
+    lines: list[bytes] | None = None
+    table = None
+    if dataset_dir and path.is_dir():
+        fmt, rows = "dataset", _read_saved_dataset(path)
+    else:
+        _check_file(path, "data")
+        fmt = data_file_format(path, dataset_dir=dataset_dir)
+        if fmt == "jsonl":
+            lines, rows = _read_jsonl(path)
+        elif fmt == "json":
+            rows = _read_json(path)
+        elif fmt == "parquet":
+            table = _read_parquet(path)
+            rows = table.to_pylist()
+        else:
+            frame = read_table(path, as_text=True, layout="a header line, then one example per row",
+                               sep="\t" if fmt == "tsv" else ",")
+            rows = frame.to_dict(orient="records")
+    if not rows:
+        raise InvalidInputError(f"data file {path} has no rows")
+    ids, by_id_column = _row_ids(rows, path)
+    return DataFile(path, fmt, rows, ids, by_id_column, lines, table)
+
+
+def _row_ids(rows: list[dict[str, Any]], path: Path) -> tuple[list[str], bool]:
+    """(ids, by_id_column): every row's ``id`` field as a string when any row has one, else row numbers."""
+    if not any(ID_FIELD in row for row in rows):
+        return [str(i) for i in range(len(rows))], False
+    ids: list[str] = []
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if ID_FIELD not in row:
+            raise InvalidInputError(f"data file {path}: row {i} has no {ID_FIELD!r} field while other rows do; "
+                                    "give every row an id, or none")
+        value = row[ID_FIELD]
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise InvalidInputError(f"data file {path}: row {i}: the {ID_FIELD!r} field is {value!r}; "
+                                    "give every row a text or integer id, or drop the field")
+        text = str(value)
+        if text in first:
+            raise InvalidInputError(f"data file {path}: duplicate id {text!r} in rows {first[text]} and {i}; "
+                                    "every example needs its own id")
+        first[text] = i
+        ids.append(text)
+    return ids, True
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InvalidInputError(f"data file {path} cannot be read ({_first_line(e)})") from None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _parse_json(text: bytes, path: Path, line: int | None = None) -> Any:
+    """UTF-8 JSON ``text``: line ``line`` of a jsonl file, or (None) a whole .json file."""
+    try:
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        where = f"data file {path}" + (f": line {line}" if line is not None else "")
+        raise InvalidInputError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"data file {path}: line {line or e.lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_jsonl(path: Path) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """(raw lines, objects) of the non-blank lines of a jsonl file."""
+    lines, rows = [], []
+    for number, line in enumerate(_read_bytes(path).splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        row = _parse_json(line, path, number)
+        if not isinstance(row, dict):
+            raise InvalidInputError(f"data file {path}: line {number} is {_json_kind(row)}, not a JSON object "
+                                    "with named fields (one example a line)")
+        lines.append(line)
+        rows.append(row)
+    return lines, rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """The objects of a .json file holding a list of them."""
+    rows = _parse_json(_read_bytes(path), path)
+    if not isinstance(rows, list):
+        raise InvalidInputError(f"data file {path} holds {_json_kind(rows)}; "
+                                "a .json data file holds a list of objects, one per example (or use .jsonl, one a line)")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise InvalidInputError(f"data file {path}: element {bad} of its list is {_json_kind(rows[bad])}, "
+                                "not a JSON object with named fields")
+    return rows
+
+
+def _read_parquet(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise _unreadable(path, "parquet", e) from None
+
+
+def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+    """The rows of a directory saved by ``datasets.Dataset.save_to_disk``."""
+    if (path / "dataset_dict.json").exists():
+        splits = sorted(d.name for d in path.iterdir() if d.is_dir())
+        raise InvalidInputError(f"{path} holds a DatasetDict (splits {', '.join(splits)}); give one split's directory, e.g. {path / splits[0]}")
+    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+        raise InvalidInputError(f"{path} is a directory but not a dataset saved with datasets' save_to_disk")
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError(f"{path} is a saved Hugging Face dataset; reading it needs `pip install datasets`") from None
+    return datasets.load_from_disk(os.fspath(path)).to_list()

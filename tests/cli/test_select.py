@@ -96,7 +96,7 @@ def test_parquet_with_integer_ids_keeps_its_schema(tmp_path) -> None:
     ("rows", "by row numbers 0..N-1 (it has no 'id' column)"),
     ("top", "top=60 would remove all 60 training examples"),
     ("query", "query set"),
-    ("format", "unknown format '.xlsx'"),
+    ("format", "unknown extension '.xlsx'"),
     ("same", "is the data file itself"),
     ("mixed", "rows are written in the data file's own format"),
 ])

@@ -159,7 +159,7 @@ def test_data_files_are_checked_before_serving(served, tmp_path):
     dup.write_text('{"id": "t1", "text": "a"}\n{"id": "t1", "text": "b"}\n')
     cases = [
         ([str(wrong)], InvalidInputError, "none of its row numbers (it has no `id` column)"),
-        ([str(dup)], InvalidInputError, "id 't1' is on rows 0 and 1"),
+        ([str(dup)], InvalidInputError, "duplicate id 't1' in rows 0 and 1"),
         ([str(tmp_path / "missing.jsonl")], InvalidInputError, "does not exist"),
         ([str(tmp_path / "train.txt")], InvalidInputError, "unknown extension"),
         ([f"nope={served['data']}"], UnknownQuerySetError, "unknown query set 'nope'"),
