@@ -141,6 +141,12 @@ pub fn prepare_rows_t<const AVX: bool>(x: &[f32], k: usize, measure: Measure, ou
     }
 }
 
+/// Queries from which train rows are prepared feature-major. From 2 queries on, the GEMM repacks
+/// row-major rows (2.6× slower at m = 2); one query takes its vector path, which reads row-major rows
+/// as they are, and there the transpose would be the extra cost (1M rows, K = 256: 0.068 s row-major,
+/// 0.092 s feature-major; 0.019 / 0.024 s at K = 64).
+const FEATURE_MAJOR_FROM_M: usize = 2;
+
 /// Row stride of a feature-major chunk of `rows` rows: a whole number of cache lines, but not a
 /// multiple of 4 KB, whose 8 rows written by one transpose would all land in one L1 set (at 1024
 /// rows that made the transpose 2× slower).
@@ -275,11 +281,13 @@ pub struct Lane {
     scores: Vec<f32>,
 }
 
-/// Score tile: `out` (mt × rc, row-major) = `q` (mt × K) · `a` with `a` (K × rc, feature-major with
-/// row stride `ld`: see [`prepare_rows_t`]), single-threaded.
+/// Score tile: `out` (mt × rc, row-major) = `q` (mt × K) · `a` with `a` the rc prepared rows, value j of
+/// row r at `a[r * a_row + j * a_col]`: row-major (`a_row` = K, `a_col` = 1) or feature-major (`a_row` =
+/// 1, `a_col` = the stride of [`prepare_rows_t`]), single-threaded.
 #[inline]
-fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, ld: usize, out: &mut [f32]) {
-    debug_assert!(q.len() >= mt * k && a.len() >= rc * k && out.len() >= mt * rc);
+#[allow(clippy::too_many_arguments)]
+fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, a_row: usize, a_col: usize, out: &mut [f32]) {
+    debug_assert!(q.len() >= mt * k && a.len() > (rc - 1) * a_row + (k - 1) * a_col && out.len() >= mt * rc);
     // SAFETY: the slices hold the (mt × K), (rc × K) and (mt × rc) matrices the strides describe.
     unsafe {
         gemm::gemm(
@@ -294,8 +302,8 @@ fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, ld: usize, ou
             1,
             k as isize,
             a.as_ptr(),
-            1,
-            ld as isize,
+            a_row as isize,
+            a_col as isize,
             0.0f32,
             1.0f32,
             false,
@@ -364,7 +372,11 @@ struct Pass<'a> {
 #[inline(always)]
 fn lane_pass<const AVX: bool>(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usize) {
     let (kc, k, cap, m, rc, mt) = (p.kc, p.k, p.cap, p.m, p.rc, p.mt);
+    // Feature-major rows cost a transpose in the preparation; they pay off where the GEMM would
+    // otherwise repack them (see `FEATURE_MAJOR_FROM_M`).
+    let feature_major = m >= FEATURE_MAJOR_FROM_M;
     let ld = feature_major_stride(rc);
+    let (a_row, a_col) = if feature_major { (1, ld) } else { (kc, 1) };
     lane.prepared.resize(ld * kc, 0.0);
     lane.scores.resize(rc * mt.min(m), 0.0);
     let mut dummy = Running::new();
@@ -373,13 +385,17 @@ fn lane_pass<const AVX: bool>(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usiz
         let c1 = (c0 + rc).min(r1);
         let nr = c1 - c0;
         let prep = &mut lane.prepared[..];
-        prepare_rows_t::<AVX>(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep, ld, &mut lane.scratch);
+        if feature_major {
+            prepare_rows_t::<AVX>(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep, ld, &mut lane.scratch);
+        } else {
+            prepare_rows(&p.block[c0 * kc..c1 * kc], kc, p.measure, &mut prep[..nr * kc]);
+        }
         let base = p.offset + c0 as u64;
         let mut j0 = 0;
         while j0 < m {
             let j1 = (j0 + mt).min(m);
             let tile = &mut lane.scores[..(j1 - j0) * nr];
-            gemm_tile(&p.queries[j0 * kc..j1 * kc], prep, kc, j1 - j0, nr, ld, tile);
+            gemm_tile(&p.queries[j0 * kc..j1 * kc], prep, kc, j1 - j0, nr, a_row, a_col, tile);
             for (t, s) in tile.chunks_exact(nr).enumerate() {
                 let j = j0 + t;
                 match (p.pos, p.neg) {
@@ -766,12 +782,16 @@ mod tests {
     #[test]
     fn random_matches_brute_force() {
         let mut seed = 1;
-        let (n, m, kc) = (5000, 7, 16);
-        let x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
-        let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
-        for &(k, block) in &[(1, 5000), (10, 777), (100, 64), (4999, 1000), (5000, 3000)] {
-            check(&x, &q, kc, k, Measure::Cov, block);
-            check(&x, &q, kc, k, Measure::Corr, block);
+        // m = 1 prepares rows row-major, m >= 2 feature-major (`FEATURE_MAJOR_FROM_M`); K = 20 leaves a
+        // remainder after the 8-wide transposes.
+        for (m, kc) in [(7, 16), (1, 16), (2, 20)] {
+            let n = 5000;
+            let x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
+            let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+            for &(k, block) in &[(1, 5000), (10, 777), (100, 64), (4999, 1000), (5000, 3000)] {
+                check(&x, &q, kc, k, Measure::Cov, block);
+                check(&x, &q, kc, k, Measure::Corr, block);
+            }
         }
     }
 
@@ -893,7 +913,7 @@ mod profile {
         println!("prepare {:?}", t.elapsed());
         let t = Instant::now();
         for _ in 0..n / rc {
-            gemm_tile(&qp, &prep, kc, m, rc, ld, &mut out);
+            gemm_tile(&qp, &prep, kc, m, rc, 1, ld, &mut out);
         }
         println!("gemm (1 thread) {:?}  {:.1} GFLOP/s", t.elapsed(), 2.0 * (n * kc * m) as f64 / t.elapsed().as_secs_f64() / 1e9);
         let t = Instant::now();

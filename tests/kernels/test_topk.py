@@ -170,3 +170,23 @@ def test_bad_input_raises_our_errors(backend):
             topk(blocks_of(x, 4), q, backend=backend, **bad)
     with pytest.raises(InvalidInputError, match="backend"):
         topk(blocks_of(x, 4), q, 2, backend="cuda")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_passed_blocks_is_named_by_row(backend, bad):
+    x, q = _random(300, 2, 8)
+    x[217, 3] = bad
+    with pytest.raises(InvalidInputError, match=r"train losses hold NaN or inf \(row 217\)"):
+        topk(blocks_of(x, 100), q, 5, "cov", backend=backend)
+
+
+def test_huge_finite_losses_are_not_taken_for_inf(backend):
+    """The cheap finiteness test (a block's float32 sum) overflows on huge finite values; the exact test
+    then decides, and the answer matches the reference."""
+    x, q = _random(256, 2, 8)
+    x[:, :4] *= np.float32(3e37)  # finite, but the block sums to inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(x.sum()) and np.isfinite(x).all()
+    got = topk(blocks_of(x, 256), q, 5, "corr", backend=backend)
+    want = topk_numpy(blocks_of(x, 256), q, 5, "corr")
+    np.testing.assert_array_equal(got["pos"][0], want["pos"][0])
