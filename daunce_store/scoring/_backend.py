@@ -91,6 +91,8 @@ def resolve_backend(backend: str) -> str:
 class _RustTopK:
     """Adapts the extension's accumulator: float32 C-contiguous inputs, kernel errors as ours."""
 
+    checks_finite = True  # the kernel names a row holding NaN or inf while preparing it, at no cost
+
     def __init__(self, queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...], queries_prepared: bool):
         try:
             self._acc = _kernel_module().TopKAccumulator(
@@ -198,16 +200,23 @@ def topk(
     if not np.isfinite(queries).all():
         raise InvalidInputError(f"queries hold NaN or inf (query row {int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])}); scores of NaN have no order")
     acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared, **options)
+    checked = getattr(acc, "checks_finite", False)  # the store's reads refuse NaN too; arrays passed in might not
     for offset, block in blocks:
-        # The store's reads already refuse NaN; arrays passed in directly might not. A block's float32 sum
-        # is NaN or inf whenever it holds one (or, rarely, when huge finite values overflow it), and is
-        # 2× cheaper than isfinite: the exact test only runs then.
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = block.sum()
-        if not np.isfinite(total):
-            finite = np.isfinite(block)
-            if not finite.all():
-                row = offset + int(np.flatnonzero(~finite.all(axis=1))[0])
-                raise InvalidInputError(f"train losses hold NaN or inf (row {row}); scores of NaN have no order")
+        if not checked:
+            _check_finite(offset, block)
         acc.push_block(offset, block)
     return acc.finish()
+
+
+def _check_finite(offset: int, block: np.ndarray) -> None:
+    """InvalidInputError naming the first row of ``block`` holding NaN or inf. A float32 sum is NaN or inf
+    whenever the block holds one (or, rarely, when huge finite values overflow it) and is 2× cheaper than
+    isfinite, so the exact test only runs then."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = block.sum()
+    if np.isfinite(total):
+        return
+    finite = np.isfinite(block)
+    if not finite.all():
+        row = offset + int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise InvalidInputError(f"train losses hold NaN or inf (row {row}); scores of NaN have no order")

@@ -41,6 +41,8 @@ impl Measure {
 pub enum TopKError {
     Shape(String),
     TooFewRows { k: usize, n: u64 },
+    /// A train row holds NaN or inf (the lowest such row seen).
+    NonFinite { row: u64 },
 }
 
 impl std::fmt::Display for TopKError {
@@ -48,6 +50,7 @@ impl std::fmt::Display for TopKError {
         match self {
             TopKError::Shape(s) => write!(f, "{s}"),
             TopKError::TooFewRows { k, n } => write!(f, "k={k} exceeds the number of rows {n}"),
+            TopKError::NonFinite { row } => write!(f, "train losses hold NaN or inf (row {row}); scores of NaN have no order"),
         }
     }
 }
@@ -73,14 +76,17 @@ fn sum_f64(xs: &[f32], sq: bool) -> f64 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Center `row` over its K values into `out`; for `corr` also scale to unit norm.
+/// Center `row` over its K values into `out`; for `corr` also scale to unit norm. Returns whether the
+/// row is finite: its f64 sum is NaN or inf exactly when it holds a NaN or an inf (K float32 values
+/// cannot overflow an f64), so the check costs nothing.
 ///
 /// Follows the numpy reference: the mean is summed in f64 and rounded to f32, the subtraction is in
 /// f32, the norm is summed in f64 from the f32 centered values.
 #[inline(always)]
-pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) {
+pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) -> bool {
     let k = row.len();
-    let mean = (sum_f64(row, false) / k as f64) as f32;
+    let sum = sum_f64(row, false);
+    let mean = (sum / k as f64) as f32;
     for (o, &x) in out.iter_mut().zip(row) {
         *o = x - mean;
     }
@@ -91,14 +97,20 @@ pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) {
             *o *= scale;
         }
     }
+    sum.is_finite()
 }
 
-/// Prepare every row of a row-major (R × K) block into `out` (same shape).
+/// Prepare every row of a row-major (R × K) block into `out` (same shape); the first row holding NaN or
+/// inf, if any.
 #[inline(always)]
-pub fn prepare_rows(x: &[f32], k: usize, measure: Measure, out: &mut [f32]) {
-    for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        prepare_row(row, measure, o);
+pub fn prepare_rows(x: &[f32], k: usize, measure: Measure, out: &mut [f32]) -> Option<usize> {
+    let mut bad = None;
+    for (i, (row, o)) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)).enumerate() {
+        if !prepare_row(row, measure, o) && bad.is_none() {
+            bad = Some(i);
+        }
     }
+    bad
 }
 
 /// Rows transposed 8 at a time: a group of 8 prepared rows (row-major in `scratch`) is written into
@@ -110,13 +122,18 @@ const GROUP: usize = 16;
 /// row-major rows it repacks them with a scalar gather on every call, which cost 18% of a
 /// 1M × 256 × 100 pass. `scratch` holds 8 prepared rows.
 #[inline(always)]
-pub fn prepare_rows_t<const AVX: bool>(x: &[f32], k: usize, measure: Measure, out: &mut [f32], ld: usize, scratch: &mut Vec<f32>) {
+pub fn prepare_rows_t<const AVX: bool>(
+    x: &[f32], k: usize, measure: Measure, out: &mut [f32], ld: usize, scratch: &mut Vec<f32>,
+) -> Option<usize> {
     let r = x.len() / k;
     scratch.resize(GROUP * k, 0.0);
+    let mut bad = None;
     let mut r0 = 0;
     while r0 < r {
         let g = GROUP.min(r - r0);
-        prepare_rows(&x[r0 * k..(r0 + g) * k], k, measure, &mut scratch[..g * k]);
+        if let Some(i) = prepare_rows(&x[r0 * k..(r0 + g) * k], k, measure, &mut scratch[..g * k]) {
+            bad = bad.or(Some(r0 + i));
+        }
         let mut j0 = 0;
         if AVX && g == GROUP {
             while j0 + 8 <= k {
@@ -139,6 +156,7 @@ pub fn prepare_rows_t<const AVX: bool>(x: &[f32], k: usize, measure: Measure, ou
         }
         r0 += g;
     }
+    bad
 }
 
 /// Queries from which train rows are prepared feature-major. From 2 queries on, the GEMM repacks
@@ -279,6 +297,8 @@ pub struct Lane {
     prepared: Vec<f32>,
     scratch: Vec<f32>,
     scores: Vec<f32>,
+    /// The lowest row holding NaN or inf this lane has seen.
+    non_finite: Option<u64>,
 }
 
 /// Score tile: `out` (mt × rc, row-major) = `q` (mt × K) · `a` with `a` the rc prepared rows, value j of
@@ -385,12 +405,16 @@ fn lane_pass<const AVX: bool>(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usiz
         let c1 = (c0 + rc).min(r1);
         let nr = c1 - c0;
         let prep = &mut lane.prepared[..];
-        if feature_major {
-            prepare_rows_t::<AVX>(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep, ld, &mut lane.scratch);
+        let bad = if feature_major {
+            prepare_rows_t::<AVX>(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep, ld, &mut lane.scratch)
         } else {
-            prepare_rows(&p.block[c0 * kc..c1 * kc], kc, p.measure, &mut prep[..nr * kc]);
-        }
+            prepare_rows(&p.block[c0 * kc..c1 * kc], kc, p.measure, &mut prep[..nr * kc])
+        };
         let base = p.offset + c0 as u64;
+        if let Some(i) = bad {
+            let row = base + i as u64;
+            lane.non_finite = Some(lane.non_finite.map_or(row, |r| r.min(row)));
+        }
         let mut j0 = 0;
         while j0 < m {
             let j1 = (j0 + mt).min(m);
@@ -543,6 +567,7 @@ impl TopKAccumulator {
                 prepared: Vec::new(),
                 scratch: Vec::new(),
                 scores: Vec::new(),
+                non_finite: None,
             })
             .collect();
         let chunk_rows = (65536 / ncols).clamp(64, 1024);
@@ -608,7 +633,16 @@ impl TopKAccumulator {
                 lane_pass_dispatch(lane, &pass, r0, r1);
             }
         });
-        Ok(())
+        self.check_finite()
+    }
+
+    /// `NonFinite` naming the lowest row holding NaN or inf seen so far (each lane notes its own while
+    /// preparing rows, at no cost: see [`prepare_row`]).
+    fn check_finite(&self) -> Result<(), TopKError> {
+        match self.lanes.iter().filter_map(|l| l.non_finite).min() {
+            Some(row) => Err(TopKError::NonFinite { row }),
+            None => Ok(()),
+        }
     }
 
     /// Fold `rows` rows that `feed` streams in, one lane per feeding thread, instead of a block:
@@ -669,6 +703,7 @@ impl TopKAccumulator {
 
     /// Merge the lanes: `(pos, neg)` results, each row-major (m × k), best first.
     pub fn finish(self) -> Result<(Option<SideResult>, Option<SideResult>), TopKError> {
+        self.check_finite()?; // rows fed by `push_with`
         if self.rows_seen < self.k as u64 {
             return Err(TopKError::TooFewRows { k: self.k, n: self.rows_seen });
         }
@@ -828,6 +863,31 @@ mod tests {
                         assert_eq!(bits(avx), want, "R={r} K={kc} ld={ld}, AVX");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nan_or_inf_rows_are_named() {
+        let mut seed = 9u64;
+        let (n, kc) = (3000, 12);
+        for m in [1, 3] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
+                let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+                x[2211 * kc + 5] = bad;
+                x[2900 * kc] = bad;
+                let mut acc = TopKAccumulator::new(&q, kc, 5, Measure::Cov, true, true, false).unwrap();
+                assert_eq!(acc.push_block(0, &x[..1000 * kc]), Ok(()));
+                assert_eq!(acc.push_block(1000, &x[1000 * kc..]), Err(TopKError::NonFinite { row: 2211 }), "m={m}");
+                // Rows streamed in by `push_with` are reported by `finish`.
+                let mut acc = TopKAccumulator::new(&q, kc, 5, Measure::Corr, true, false, false).unwrap();
+                acc.push_with::<()>(n as u64, |lanes, fold| {
+                    fold(&mut lanes[0], 0, &x);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(acc.finish().err(), Some(TopKError::NonFinite { row: 2211 }), "m={m}");
             }
         }
     }
