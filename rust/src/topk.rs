@@ -113,14 +113,14 @@ pub fn prepare_rows(x: &[f32], k: usize, measure: Measure, out: &mut [f32]) -> O
     bad
 }
 
-/// Rows transposed 8 at a time: a group of 8 prepared rows (row-major in `scratch`) is written into
-/// `out`, a (K × R) feature-major block, as 8 × 8 tiles (loads and stores of 8 contiguous values).
+/// Rows prepared at a time by [`prepare_rows_t`]: 16 rows, row-major in `scratch` (in L1), go out as
+/// pairs of 8 × 8 tiles, so that each written run is a whole 64-byte line.
 const GROUP: usize = 16;
 
 /// Prepare every row of a row-major (R × K) block like [`prepare_rows`], but write them feature-major:
-/// row r's value j at `out[j * ld + r]` (`ld` >= R; see [`feature_major_stride`]). The GEMM reads train rows in this layout as they are; given
-/// row-major rows it repacks them with a scalar gather on every call, which cost 18% of a
-/// 1M × 256 × 100 pass. `scratch` holds 8 prepared rows.
+/// row r's value j at `out[j * ld + r]` (`ld` >= R; see [`feature_major_stride`]). The GEMM reads train
+/// rows in this layout as they are; given row-major rows (and two or more queries) it repacks them with
+/// a scalar gather on every call, which cost 18% of a 1M × 256 × 100 pass. `scratch`: 16 rows (`GROUP`).
 #[inline(always)]
 pub fn prepare_rows_t<const AVX: bool>(
     x: &[f32], k: usize, measure: Measure, out: &mut [f32], ld: usize, scratch: &mut Vec<f32>,
@@ -138,11 +138,10 @@ pub fn prepare_rows_t<const AVX: bool>(
         if AVX && g == GROUP {
             while j0 + 8 <= k {
                 // SAFETY: AVX is only true in the copies compiled for AVX2/AVX-512 (see
-                // `lane_pass_dispatch`); the 8 rows of 8 values read and the 8 runs of 8 written are
-                // inside `scratch` (8 × K) and `out` (K × ld, r0 + 8 <= R <= ld).
+                // `lane_pass_dispatch`) and where tests checked the CPU; the 16 rows of 8 values read and
+                // the 8 runs of 16 written are inside `scratch` (16 × K) and `out` (K × ld, r0 + 16 <= R <= ld).
                 debug_assert!(out.len() >= (k - 1) * ld + r && ld >= r);
                 unsafe {
-                    // Two 8 × 8 tiles side by side: each written run is a whole 64-byte line.
                     transpose8_avx(scratch.as_ptr().add(j0), k, out.as_mut_ptr().add(j0 * ld + r0), ld);
                     transpose8_avx(scratch.as_ptr().add(8 * k + j0), k, out.as_mut_ptr().add(j0 * ld + r0 + 8), ld);
                 }
