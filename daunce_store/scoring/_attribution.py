@@ -15,7 +15,7 @@ import numpy as np
 
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, write_frames, write_records
-from daunce_store.scoring._backend import SIDES, make_accumulator, row_variance
+from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
     MEASURES,
@@ -379,7 +379,7 @@ def push_train_rows(
     if fused and store.scan_fused(acc.push_chunks, snapshot=snapshot, slots=slots, row_range=row_range):
         return
     for offset, block in blocks():
-        acc.push_block(offset, prep.block(block))
+        push_checked(acc, offset, prep.block(block))
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:

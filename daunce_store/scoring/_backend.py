@@ -121,8 +121,8 @@ class _RustTopK:
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         try:
             return dict(self._acc.finish())
-        except ValueError as e:
-            raise InvalidInputError(f"{e}; use a smaller k") from None
+        except ValueError as e:  # too few rows for k, or a row holding NaN or inf: the kernel's words
+            raise InvalidInputError(str(e)) from None
 
 
 def _check(queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...]) -> np.ndarray:
@@ -200,12 +200,18 @@ def topk(
     if not np.isfinite(queries).all():
         raise InvalidInputError(f"queries hold NaN or inf (query row {int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])}); scores of NaN have no order")
     acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared, **options)
-    checked = getattr(acc, "checks_finite", False)  # the store's reads refuse NaN too; arrays passed in might not
     for offset, block in blocks:
-        if not checked:
-            _check_finite(offset, block)
-        acc.push_block(offset, block)
+        push_checked(acc, offset, block)
     return acc.finish()
+
+
+def push_checked(acc: Any, offset: int, block: np.ndarray) -> None:
+    """``acc.push_block`` refusing a block that holds NaN or inf, naming the row: the Rust kernel notes such
+    rows itself while preparing them; for the other backends the block is checked here. (A store's reads
+    refuse NaN, but arrays passed in, or an inf written into a store by other means, would score as NaN.)"""
+    if not getattr(acc, "checks_finite", False):
+        _check_finite(offset, block)
+    acc.push_block(offset, block)
 
 
 def _check_finite(offset: int, block: np.ndarray) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._attribution import RowIds, scoring_request
-from daunce_store.scoring._backend import make_accumulator
+from daunce_store.scoring._backend import make_accumulator, push_checked
 from daunce_store.scoring._measures import DEFAULT_MEASURE
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def stability(
     whole = [np.array_equal(v, np.arange(num)) for v in variants]  # no column copy for these
     for offset, block in req.blocks(store, block_rows):
         for v, full_width, prep, acc in zip(variants, whole, preps, accs):
-            acc.push_block(offset, prep.block(block if full_width else np.ascontiguousarray(block[:, v])))
+            push_checked(acc, offset, prep.block(block if full_width else np.ascontiguousarray(block[:, v])))
     results = [acc.finish() for acc in accs]
     full = results[len(counts) - 1]
 

@@ -49,7 +49,7 @@ impl std::fmt::Display for TopKError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TopKError::Shape(s) => write!(f, "{s}"),
-            TopKError::TooFewRows { k, n } => write!(f, "k={k} exceeds the number of rows {n}"),
+            TopKError::TooFewRows { k, n } => write!(f, "k={k} exceeds the number of rows {n}; use a smaller k"),
             TopKError::NonFinite { row } => write!(f, "train losses hold NaN or inf (row {row}); scores of NaN have no order"),
         }
     }

@@ -166,3 +166,27 @@ def test_kernel_refuses_nan_input() -> None:
         q[1, 0] = np.inf
         with pytest.raises(errors.InvalidInputError, match="quer"):
             topk([(0, train)], q, k=3, backend=backend)
+
+
+@pytest.mark.parametrize("backend,fused", [("rust", "1"), ("rust", "0"), ("numpy", "1")])
+def test_inf_written_past_the_store_is_named(tmp_path, monkeypatch, backend: str, fused: str) -> None:
+    """`append` refuses inf, but a column edited by other means (zarr-python here, which keeps the chunk's
+    checksum valid) must not score as NaN: every path names the row."""
+    import zarr
+
+    import daunce_store
+    from _stores import build_store, make_losses
+
+    if backend == "rust":
+        from daunce_store.store._read import extension
+
+        if extension() is None:
+            pytest.skip("the extension is not built")
+    train, query = make_losses(N, M, 6)
+    store = build_store(tmp_path / "s.zarr", train, query, chunk_rows=16)
+    slot = {c.perturbation: c.slot for c in store.commits()}["p3"]
+    zarr.open_group(tmp_path / "s.zarr")["train/losses"][37, slot] = np.inf
+    monkeypatch.setenv("DAUNCE_STORE_FUSED", fused)
+    reopened = daunce_store.open(tmp_path / "s.zarr", mode="r")
+    with pytest.raises(errors.InvalidInputError, match=r"train losses hold NaN or inf \(row 37\)"):
+        reopened.topk("test", k=3, measure="cov", backend=backend)
