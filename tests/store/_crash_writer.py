@@ -3,7 +3,8 @@ p<start+1>, ... to a store in a loop until it is killed. Prints ``ready`` once t
 
     python _crash_writer.py STORE START {append,compact} [STORAGE_OPTIONS_JSON]
 
-With ``compact`` it runs :meth:`LossStore.compact` after every append, so kills also land in compaction.
+With ``compact`` it runs :meth:`LossStore.compact` after every append, so kills also land in compaction,
+and prints ``compacting`` just before each call, so the test can aim a kill at one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
         store.append(f"p{pid}", column(pid, store.n_train), {"test": column(pid, m, salt=1)}, metadata={"seed": pid})
         pid += 1
         if compact:
+            print("compacting", flush=True)
             store.compact()
 
 

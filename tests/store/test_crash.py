@@ -67,9 +67,16 @@ def test_sigkill_during_append_never_exposes_partial_columns(
     while trial < trials or (compact and trial < 3 * trials and not killed_mid_compaction()):
         trial += 1
         proc = _start_writer(location, next_pid, compact)
-        # One append takes ~20 ms here; delays up to a few appends land kills everywhere in the cycle
-        # (slot claim, chunk writes, commit record) and sometimes before the first one.
-        time.sleep(rng.uniform(0.0, max_delay))
+        if compact and trial % 2 == 0:
+            # Aim at a compaction: its window (claim .. manifest) is a few ms, and on a quiet machine random
+            # delays alone can miss it for dozens of trials. One call in four packs a group.
+            for _ in range(rng.randint(1, 4)):
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "compacting"
+            time.sleep(rng.uniform(0.0, 0.005))
+        else:
+            # One append takes ~20 ms here; delays up to a few appends land kills everywhere in the cycle
+            # (slot claim, chunk writes, commit record) and sometimes before the first one.
+            time.sleep(rng.uniform(0.0, max_delay))
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
 
