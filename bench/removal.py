@@ -60,8 +60,9 @@ def render_sweep(result: dict[str, Any]) -> list[str]:
     sweep = result.get("k_sweep")
     if not sweep:
         return []
-    bed = {r["method"]: {x["N"]: x["delta_loss"] for x in result["testbeds"][sweep["dataset"]]["rows"] if x["method"] == r["method"]}
-           for r in result["testbeds"][sweep["dataset"]]["rows"]}
+    bed: dict[str, dict[int, float]] = {}  # method -> N -> Δloss of the main run
+    for r in result["testbeds"][sweep["dataset"]]["rows"]:
+        bed.setdefault(r["method"], {})[r["N"]] = r["delta_loss"]
     ks = list(sweep["rows"])
     by_k = {k: {r["N"]: r["delta_loss"] for r in sweep["rows"][k]} for k in ks}
     parts = [f"**Daunce's K on {sweep['dataset']}** (`python bench/removal.py --k-sweep`, {sweep['date']}, {sweep['seconds']} s; "
