@@ -26,6 +26,7 @@ LEASES_PREFIX = f"{LOG_PREFIX}/leases"  # leases/<perturbation>/<generation>.jso
 PACK_CLAIMS_PREFIX = f"{LOG_PREFIX}/pack-claims"  # pack-claims/<group>.json : a compactor owns a group
 PACKS_PREFIX = f"{LOG_PREFIX}/packs"  # packs/<group>.json : committed columns packed into a group
 FATES_PREFIX = f"{LOG_PREFIX}/fates"  # fates/slot-<slot>.json, fates/group-<g>.json : writer or gc, whoever is first
+CLOCK_PREFIX = f"{LOG_PREFIX}/clock"  # clock/<uuid>.json : gc's storage-clock probe, written and removed at once
 RECLAIMED_PREFIX = f"{LOG_PREFIX}/reclaimed"  # reclaimed/<slot>.json : a packed slot's per-column chunks are gone (gc)
 ADAPTERS_PREFIX = f"{LOG_PREFIX}/adapters"  # adapters/<perturbation>.safetensors : a perturbation's trained weights
 

@@ -16,6 +16,7 @@ from zarr.codecs import Crc32cCodec
 
 from daunce_store import _constants as C
 from daunce_store.errors import CapacityError, CorruptRecordError, ReclaimedError
+from daunce_store.store._maintenance import GcReport
 from daunce_store.store._records import Commit, ImmutableRecords, claim_numbered, default_worker_name, now_iso
 from daunce_store.store._storage import Storage
 
@@ -47,6 +48,7 @@ class CompactionMixin:
         def _require_writable(self) -> None: ...
         def commits(self) -> list[Commit]: ...  # type: ignore[empty-body]
         def _read_rows(self, arr: Any, r0: int, r1: int, slots: Any, *, use_packs: bool = True) -> np.ndarray: ...  # type: ignore[empty-body]
+        def _delete_column_chunks(self, arr: Any, column: int, report: Any) -> None: ...
 
     def compact(self, *, worker: str | None = None) -> list[int]:
         """Pack committed columns, ``pack_width`` at a time (slot order), into the wide array
@@ -80,10 +82,17 @@ class CompactionMixin:
                 r1 = min(r0 + rows, self.n_train)
                 # Any copy will do: a column already packed by a compactor that raced this one may have had
                 # its per-column chunks reclaimed by gc since.
-                arr[r0:r1, c0 : c0 + width] = self._read_rows(self._train_losses, r0, r1, group_slots)
+                self._storage.op("get", f"{self._train_losses.path}/rows/{r0}:{r1}")
+                block = self._read_rows(self._train_losses, r0, r1, group_slots)
+                self._storage.op("put", f"{arr.path}/c/{r0 // rows}/{group}")
+                arr[r0:r1, c0 : c0 + width] = block
             record = {"group": group, "slots": group_slots, "worker": worker, "packed_at": now_iso()}
-            # Whoever is first decides the group's fate: this compactor, or a gc that took it for orphaned.
-            if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/group-{group:08d}.json", {"fate": "published", "at": now_iso()}):
+            # Whoever is first decides the group's fate: this compactor, or a gc that took it for orphaned. The
+            # fate carries the manifest, so a compactor killed right after it is published all the same (gc
+            # creates the manifest from it).
+            fate = {"fate": "published", "at": now_iso(), "manifest": record}
+            if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/group-{group:08d}.json", fate):
+                self._delete_column_chunks(arr, c0, GcReport([], [], 0, 0, []))  # what it wrote after gc's sweep
                 raise ReclaimedError(f"pack group {group} of {self.url} was reclaimed by `daunce gc` while this compactor wrote it; run compact again")
             if not self._storage.put_if_absent(f"{C.PACKS_PREFIX}/{group:08d}.json", record):
                 raise CorruptRecordError(f"pack group {group} of {self.url} has a manifest this compactor did not write")

@@ -60,6 +60,7 @@ from daunce_store.store._records import (
     default_worker_name,
     iso,
     now_iso,
+    record_number,
 )
 from daunce_store.store._storage import Storage
 
@@ -138,7 +139,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         self._train_index: dict[str, int] | None = None
         self._query_cache: dict[str, tuple[Any, np.ndarray, dict[str, int]]] = {}
         self._commit_records = ImmutableRecords(storage, C.COMMITS_PREFIX, lambda key, rec: commit_from_record(key, rec, storage.url))
-        self._manifests = ImmutableRecords(storage, C.PACKS_PREFIX, _parse_manifest)
+        self._manifests = ImmutableRecords(storage, C.PACKS_PREFIX, _parse_manifest, keep=lambda key: record_number(key) is not None)
         self._packed: Any = None
         # Data derived from committed columns (e.g. a scoring measure's K x K matrix), keyed by what it
         # was computed from: committed columns never change, so an entry never goes stale.
@@ -439,7 +440,11 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             "format_version": C.FORMAT_VERSION,
             "metadata": dict(metadata or {}),
         }
-        if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/slot-{slot:08d}.json", {"fate": "committed", "perturbation": pid, "at": now_iso()}):
+        # The slot's fate decides it: this writer or a gc, whoever creates it first. It carries the whole
+        # commit record, so a writer killed right after it is committed all the same: gc creates the
+        # commit record from it (with these bytes, so a late writer's own put then succeeds).
+        fate = {"fate": "committed", "perturbation": pid, "at": now_iso(), "commit": record}
+        if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/slot-{slot:08d}.json", fate):
             # gc took the slot while this writer filled it: remove what was written after gc's sweep.
             for arr in [self._train_losses, *(self._query(name)[0] for name in queries)]:
                 self._delete_column_chunks(arr, slot, GcReport([], [], 0, 0, []))
@@ -450,7 +455,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         if not self._storage.put_if_absent(f"{C.COMMITS_PREFIX}/{pid}.json", record):
             raise AlreadyCommittedError(
                 f"perturbation {pid!r} was committed by another worker while this one wrote it; "
-                "nothing of this attempt is visible"
+                f"nothing of this attempt is visible (`daunce gc` reclaims its slot {slot})"
             )
         if lease is not None:
             self.release(lease)
@@ -501,9 +506,12 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         """The weights kept by :meth:`save_adapter` for ``perturbation``, or None."""
         return self._storage.get_bytes(f"{C.ADAPTERS_PREFIX}/{check_perturbation_id(perturbation)}.safetensors")
 
-    @staticmethod
-    def _write_column(arr: Any, slot: int, values: np.ndarray) -> None:
-        arr[:, slot] = values
+    def _write_column(self, arr: Any, slot: int, values: np.ndarray) -> None:
+        """Column ``slot`` of ``arr``, one chunk at a time (each write is one failpoint: store/_failpoints.py)."""
+        rows, width, n = int(arr.chunks[0]), int(arr.chunks[1]), int(arr.shape[0])
+        for r0 in range(0, n, rows):
+            self._storage.op("put", f"{arr.path}/c/{r0 // rows}/{slot // width}")
+            arr[r0 : min(r0 + rows, n), slot] = values[r0 : r0 + rows]
 
     def _require_writable(self) -> None:
         if self.mode == "r":

@@ -1,36 +1,46 @@
 """Housekeeping: ``verify`` (an fsck of the store) and ``gc`` (space reclaim of what killed writers and
 racing compactors leave behind).
 
-What can be left behind, and why reclaiming it is safe:
+gc's safety, as invariants (FORMAT.md "What gc may delete" says the same for other implementations):
 
-* A **leaked slot**: a writer claimed slot s (``slots/<s>``), maybe wrote some chunks, and died before its
-  commit record. No reader ever reads s (readers trust commit records only). A slot's fate is decided by
-  one create-if-absent record, ``fates/slot-<s>``: a writer creates it (``committed``) just before its
-  commit record, ``gc`` creates it (``reclaimed``) before deleting the slot's chunks; exactly one of them
-  wins, so a slow writer is never reclaimed under its feet (it fails with a clear error and commits
-  nothing). ``gc`` only tries slots claimed longer ago than the grace period. Slot numbers are never
-  reused; only their chunks are deleted.
-* An **orphaned pack group**: a compactor claimed group g (``pack-claims/<g>``) and died before its
-  manifest. Readers use a group only once its manifest exists, and the compactor creates
-  ``fates/group-<g>`` (``published``) before the manifest, so ``gc`` races it the same way.
-* A **duplicate pack group**: two compactors packed the same columns. Readers use a slot's lowest group
-  and re-read the manifests for every row block, so once the lower group's manifest is older than the
-  grace period no reader still uses the higher one: ``gc`` deletes that manifest, then its chunks.
+1. **Only a record gc created, or an immutable record that rules a copy out, licenses a delete.** gc deletes
+   a slot's chunks only after it created ``fates/slot-<s>`` = ``reclaimed`` (create-if-absent: the writer,
+   which creates ``committed`` there before its commit record, then fails and commits nothing), or when the
+   commit record of the slot's perturbation names another slot (commit records are never rewritten, so this
+   slot can never become visible). It deletes a pack group's chunks only after it created
+   ``fates/group-<g>`` = ``reclaimed`` (the compactor then never publishes it), or after it retired the
+   group as a duplicate (2.). A missing record is never a licence: it is damage to report.
+2. **gc never deletes a group whose fate is ``published``**, except a duplicate it retired itself: it first
+   reads back, checksums included, the lower group(s) that hold the same columns (the copy readers use),
+   then creates ``fates/group-<g>.retired.json``, then deletes the manifest, then the chunks.
+3. **A column's own chunks go only after gc has read back a complete packed copy that a manifest names**,
+   checksums included, and found it bit-identical to them; then it records ``reclaimed/<s>`` naming the
+   group, then deletes them. No chunk that a commit or manifest can name is deleted otherwise.
+4. **Decided outcomes are completed, never undone.** A writer killed between its fate record and its commit
+   record has decided: the fate carries the whole commit record, and gc creates it (the same bytes the
+   writer would have written). Likewise a compactor's ``published`` fate carries its manifest. So a
+   committed-but-unrecorded slot is neither leaked forever nor reclaimed from under a slow writer, and a
+   missing manifest is restored, never taken as "orphaned".
+5. **No decision rests on absence that may be racing.** Claims are listed before the records that complete
+   them (slots before commits, pack claims before manifests); a claim whose completing record is missing is
+   then decided by its create-if-absent fate alone, so a record that appears between two listings changes
+   nothing.
+6. **No decision compares two hosts' clocks.** Ages are the storage's own modification times (file mtime,
+   object Last-Modified) against a probe object gc writes and removes (:meth:`Storage.clock`): one clock,
+   the storage's. An epoch record would need every writer to take part; the probe needs nobody. The grace
+   period (default an hour) is no longer what keeps committed data safe (1.-4. do, at any grace, even 0): it
+   spares live writers and compactors a failed attempt, and readers that still use a higher duplicate group
+   or a column's own chunks (they re-read the manifests for every row block) a :class:`CorruptChunkError`.
 
-* The **per-column copies of packed columns**: once slot s is packed in group g (its first group, the one
-  readers use) and g's manifest is older than the grace period, no reader reads s's per-column chunks any
-  more (readers re-read the manifests for every row block, and compactors read any copy), so ``gc`` records
-  ``reclaimed/<s>`` (naming g) and deletes them. A fully compacted and reclaimed store holds each loss once.
-
-The grace period (default an hour) covers the one window no record closes: a writer or compactor stalled
-for longer than it between its fate record and the very next record. A reader that still hit a deleted
-chunk would get a :class:`CorruptChunkError` naming it, never a silent NaN (the read path checks).
+What can be left behind: a **leaked slot** (claimed, never decided: its writer died before its fate record,
+or it lost a commit race), an **orphaned pack group** (claimed, never published), a **duplicate pack group**
+(two compactors packed the same columns) and the **per-column copies of packed columns**. A gc killed midway
+is finished by the next one (each step's record comes before its deletes; ``<what>-<n>.done.json`` after).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -41,7 +51,7 @@ from rich.progress import Progress
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
-from daunce_store.store._records import Commit, Snapshot, now_iso
+from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
 from daunce_store.store._storage import Storage
 
 __all__ = ["Finding", "MaintenanceMixin", "VerifyReport", "GcReport"]
@@ -86,15 +96,7 @@ class GcReport:
     bytes_freed: int
     skipped: list[str]
     packed_slots: list[int] = dataclasses.field(default_factory=list)  # packed slots whose per-column chunks went
-
-
-def _age_seconds(stamp: str | None, now: float) -> float:
-    if not stamp:
-        return float("inf")  # records without a time (never written by this package) count as old
-    try:
-        return now - _dt.datetime.fromisoformat(stamp).timestamp()
-    except ValueError:
-        return float("inf")
+    completed: list[str] = dataclasses.field(default_factory=list)  # commits and manifests gc created from their fates
 
 
 class MaintenanceMixin:
@@ -123,71 +125,119 @@ class MaintenanceMixin:
     # --- the leftovers, found from the records alone (cheap: listings and small JSON) ---------------
     def _records(self, prefix: str, keep: Callable[[int], bool] | None = None) -> dict[str, dict[str, Any]]:
         """The numbered records under ``prefix`` (only those whose number ``keep`` accepts: one listing, then
-        a GET for each kept record, not for all of them)."""
-        keys = [k for k in self._storage.list(prefix) if keep is None or keep(self._number(k))]
+        a GET for each kept record, not for all of them). Stray keys (not numbered records) are skipped."""
+        keys = [k for k in self._storage.list(prefix) if (n := record_number(k)) is not None and (keep is None or keep(n))]
         return {k: r for k, r in zip(keys, self._storage.get_many(keys)) if r is not None}
 
     @staticmethod
     def _number(key: str) -> int:
-        return int(key.rsplit("/", 1)[1].split(".")[0])
+        number = record_number(key)
+        assert number is not None, key  # callers pass keys listed by _records
+        return number
 
     def _fate(self, what: str, number: int) -> dict[str, Any] | None:
-        return self._storage.get(f"{C.FATES_PREFIX}/{what}-{number:08d}.json")
+        return self._storage.get(self._fate_key(what, number))
+
+    @staticmethod
+    def _fate_key(what: str, number: int, suffix: str = "") -> str:
+        return f"{C.FATES_PREFIX}/{what}-{number:08d}{suffix}.json"
 
     @staticmethod
     def _done_key(what: str, number: int) -> str:
-        return f"{C.FATES_PREFIX}/{what}-{number:08d}.done.json"
+        return MaintenanceMixin._fate_key(what, number, ".done")
 
-    def leftovers(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> dict[str, list[dict[str, Any]]]:
-        """What killed writers and racing compactors left: ``leaked_slots`` (claimed, never committed),
-        ``orphaned_groups`` (claimed, never published), ``duplicate_groups`` (packed twice), each entry
-        with ``reclaimable`` (older than ``grace_seconds`` and not already reclaimed)."""
-        now = time.time()
-        committed_slots = {c.slot for c in self.commits()}
-        done = set(self._storage.list(C.FATES_PREFIX))  # a finished reclaim leaves `<what>-<n>.done.json`
-        out: dict[str, list[dict[str, Any]]] = {"leaked_slots": [], "orphaned_groups": [], "duplicate_groups": []}
-        leaked = self._records(C.SLOTS_PREFIX, lambda n: n not in committed_slots and self._done_key("slot", n) not in done)
-        for key, rec in leaked.items():
-            slot = self._number(key)
-            fate = self._fate("slot", slot)
-            age = _age_seconds(rec.get("claimed_at"), now)
+    def stray_records(self) -> list[str]:
+        """Keys under ``_daunce/`` that no part of this package writes (a note in ``verify``; ignored by
+        everything else)."""
+        known = {C.SLOTS_PREFIX, C.PACK_CLAIMS_PREFIX, C.PACKS_PREFIX, C.FATES_PREFIX, C.RECLAIMED_PREFIX}
+        out = []
+        for key in self._storage.list(C.LOG_PREFIX):
+            folder = key.rsplit("/", 1)[0]
+            if folder in known and record_number(key) is None:
+                out.append(key)
+            elif folder not in known and not key.startswith((C.COMMITS_PREFIX + "/", C.QUERY_COMMITS_PREFIX + "/", C.LEASES_PREFIX + "/",
+                                                                C.ADAPTERS_PREFIX + "/", C.CLOCK_PREFIX + "/")):
+                out.append(key)
+        return out
+
+    def leftovers(self, grace_seconds: float = DEFAULT_GRACE_SECONDS, *, now: float | None = None) -> dict[str, list[dict[str, Any]]]:
+        """What killed writers and racing compactors left: ``leaked_slots``, ``orphaned_groups``,
+        ``duplicate_groups`` and ``packed_copies``, each entry with its ``state`` and ``reclaimable``
+        (``gc`` acts on it now). ``now`` is the storage's clock (gc passes :meth:`Storage.clock`); without
+        it this host's clock classifies what is old enough, which decides nothing (verify, status)."""
+        now = time.time() if now is None else now
+        old = lambda modified: now - modified > grace_seconds  # noqa: E731 - both on the storage's clock
+        # Claims first, then what completes them (invariant 5).
+        slot_claims = self._storage.list_modified(C.SLOTS_PREFIX)
+        committed = {c.slot: c.perturbation for c in self.commits()}
+        slot_of = {pid: slot for slot, pid in committed.items()}
+        fates = self._storage.list_modified(C.FATES_PREFIX)
+        out: dict[str, list[dict[str, Any]]] = {"leaked_slots": [], "orphaned_groups": [], "duplicate_groups": [], "packed_copies": []}
+        for key, modified in sorted(slot_claims.items()):
+            slot = record_number(key)
+            if slot is None or slot in committed or self._done_key("slot", slot) in fates:
+                continue
+            claim = self._storage.get(key) or {}
+            fate = self._fate("slot", slot) if self._fate_key("slot", slot) in fates else None
+            pid = claim.get("perturbation")
+            state, reclaimable = _slot_state(fate, slot_of.get(pid) if pid in slot_of else self._commit_slot(pid), slot)
+            if state == "committed":
+                continue  # its commit record appeared after the listing: not a leftover
+            if state == "undecided":
+                reclaimable = old(modified)
+            elif state == "legacy-committed":  # a fate written before fates carried the commit (format 1, older)
+                reclaimable = old(fates[self._fate_key("slot", slot)])
             out["leaked_slots"].append({
-                "slot": slot, "perturbation": rec.get("perturbation"), "worker": rec.get("worker"),
-                "claimed_at": rec.get("claimed_at"), "fate": (fate or {}).get("fate"), "reclaimable": age > grace_seconds,
+                "slot": slot, "perturbation": pid, "worker": claim.get("worker"), "claimed_at": claim.get("claimed_at"),
+                "fate": (fate or {}).get("fate"), "state": state, "reclaimable": reclaimable, "age": now - modified,
             })
-        manifests = self._records(C.PACKS_PREFIX)
-        published = {self._number(k): r for k, r in manifests.items()}
-        orphaned = self._records(C.PACK_CLAIMS_PREFIX, lambda n: n not in published and self._done_key("group", n) not in done)
-        for key, rec in orphaned.items():
-            group = self._number(key)
-            fate = self._fate("group", group)
-            age = _age_seconds(rec.get("claimed_at"), now)
+        group_claims = self._storage.list_modified(C.PACK_CLAIMS_PREFIX)
+        manifest_times = self._storage.list_modified(C.PACKS_PREFIX)
+        published = {self._number(k): r for k, r in self._records(C.PACKS_PREFIX).items()}
+        for key, modified in sorted(group_claims.items()):
+            group = record_number(key)
+            if group is None or group in published or self._done_key("group", group) in fates:
+                continue
+            claim = self._storage.get(key) or {}
+            fate = self._fate("group", group) if self._fate_key("group", group) in fates else None
+            retired = self._fate_key("group", group, ".retired") in fates
+            state, reclaimable = _group_state(fate, retired)
+            if state == "undecided":
+                reclaimable = old(modified)
             out["orphaned_groups"].append({
-                "group": group, "slots": rec.get("slots"), "worker": rec.get("worker"), "claimed_at": rec.get("claimed_at"),
-                "fate": (fate or {}).get("fate"), "reclaimable": age > grace_seconds,
+                "group": group, "slots": claim.get("slots"), "worker": claim.get("worker"), "claimed_at": claim.get("claimed_at"),
+                "fate": (fate or {}).get("fate"), "state": state, "reclaimable": reclaimable,
+                "age": now - (fates.get(self._fate_key("group", group)) or modified),
             })
+        manifest_age = {g: now - manifest_times.get(f"{C.PACKS_PREFIX}/{g:08d}.json", now) for g in published}
         first_group: dict[int, int] = {}
         for group in sorted(published):
             slots = [int(s) for s in published[group].get("slots", [])]
             covering = {first_group[s] for s in slots if s in first_group}
             if slots and all(s in first_group for s in slots):
-                # Safe once every covering group's manifest is older than the grace period (module docstring).
-                old_enough = all(_age_seconds(published[g].get("packed_at"), now) > grace_seconds for g in covering)
                 out["duplicate_groups"].append({
                     "group": group, "slots": slots, "covered_by": sorted(covering), "packed_at": published[group].get("packed_at"),
-                    "reclaimable": old_enough,
+                    # readers move to the covering group(s) once they see their manifests (invariant 6)
+                    "reclaimable": all(manifest_age[g] > grace_seconds for g in covering),
                 })
                 continue
             for s in slots:
                 first_group.setdefault(s, group)
-        # first_group is the pack map readers use (a slot's lowest published group); the reclaimed slots
-        # come from one listing (their records are read by verify, which needs their groups).
-        reclaimed = {self._number(k) for k in self._storage.list(C.RECLAIMED_PREFIX)}
+        # first_group is the pack map readers use (a slot's lowest published group).
+        reclaimed = {n for n in map(record_number, self._storage.list(C.RECLAIMED_PREFIX)) if n is not None}
         out["packed_copies"] = [
-            {"slot": slot, "group": group, "reclaimable": _age_seconds(published[group].get("packed_at"), now) > grace_seconds}
-            for slot, group in sorted(first_group.items()) if slot not in reclaimed
+            {"slot": slot, "group": group, "position": [int(s) for s in published[group]["slots"]].index(slot),
+             "reclaimable": manifest_age[group] > grace_seconds}
+            for slot, group in sorted(first_group.items()) if slot not in reclaimed and slot in committed
         ]
         return out
+
+    def _commit_slot(self, pid: Any) -> int | None:
+        """The slot that ``pid``'s commit record names now (one GET: it may have appeared since the listing)."""
+        if not isinstance(pid, str):
+            return None
+        rec = self._storage.get(f"{C.COMMITS_PREFIX}/{pid}.json")
+        return None if rec is None else int(rec.get("slot", -1))
 
     def reclaimed_slots(self) -> dict[int, int]:
         """slot -> pack group, for the packed slots whose per-column chunks ``gc`` deleted."""
@@ -197,51 +247,121 @@ class MaintenanceMixin:
     # --- gc -----------------------------------------------------------------------------------------
     def gc(self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False) -> GcReport:
         """Reclaim the space of leaked slots, orphaned and duplicate pack groups, and the per-column copies of
-        packed columns, older than ``grace_seconds`` (see the module docstring for why this is safe beside live writers, compactors
-        and readers). Idempotent; a gc killed midway is finished by the next one."""
+        packed columns, older than ``grace_seconds`` on the storage's clock, and complete commits and
+        manifests whose fate is decided (see the module docstring for the invariants that make this safe
+        beside live writers, compactors and readers). Idempotent; a gc killed midway is finished by the next."""
         self._require_writable()
-        found = self.leftovers(grace_seconds)
+        found = self.leftovers(grace_seconds, now=self._storage.clock())
         report = GcReport([], [], 0, 0, [])
         arrays = [self._train_losses] + [self._query(name)[0] for name in self.query_sets()]
         for item in found["leaked_slots"]:
+            slot = item["slot"]
+            if item["state"] == "commit-pending":  # invariant 4: complete the writer's decision
+                if not dry_run and self._complete(self._fate("slot", slot), "commit", f"{C.COMMITS_PREFIX}/{item['perturbation']}.json"):
+                    report.completed.append(f"commit of {item['perturbation']!r} (slot {slot})")
+                continue
             if not item["reclaimable"]:
                 continue
-            if dry_run or self._decide_fate("slot", item["slot"], report):
-                report.slots.append(item["slot"])
+            if dry_run or item["state"] in ("lost-race", "legacy-committed") or self._decide_fate("slot", slot, report):
+                report.slots.append(slot)
                 if not dry_run:
                     for arr in arrays:
-                        self._delete_column_chunks(arr, item["slot"], report)
-                    self._storage.put(self._done_key("slot", item["slot"]), {"reclaimed_at": now_iso()})
-        for item in found["duplicate_groups"]:
-            if item["reclaimable"]:
-                report.groups.append(item["group"])
-                if not dry_run:  # manifest first: from then on no reader picks the group up
-                    self._storage.delete(f"{C.PACKS_PREFIX}/{item['group']:08d}.json")
-                    self._delete_group_chunks(item["group"], report)
-                    self._storage.put(self._done_key("group", item["group"]), {"reclaimed_at": now_iso()})
-        for item in found["packed_copies"]:
-            if item["reclaimable"]:
-                report.packed_slots.append(item["slot"])
-                if not dry_run:  # the record first: from then on verify checks the packed copy only
-                    self._storage.put(f"{C.RECLAIMED_PREFIX}/{item['slot']:08d}.json", {"group": item["group"], "reclaimed_at": now_iso()})
-                    self._delete_column_chunks(self._train_losses, item["slot"], report)
+                        self._delete_column_chunks(arr, slot, report)
+                    self._storage.put(self._done_key("slot", slot), {"reclaimed_at": now_iso()})
         for item in found["orphaned_groups"]:
-            if item["reclaimable"] and (dry_run or self._decide_fate("group", item["group"], report, allow_published=True)):
-                report.groups.append(item["group"])
+            group = item["group"]
+            if item["state"] == "manifest-missing":  # invariant 4: a published group's manifest is restored
+                if not dry_run and self._complete(self._fate("group", group), "manifest", f"{C.PACKS_PREFIX}/{group:08d}.json"):
+                    report.completed.append(f"manifest of pack group {group}")
+                continue
+            if not item["reclaimable"]:
+                if item["state"] == "published-unrecorded":
+                    report.skipped.append(f"pack group {group}: published, but its manifest is missing and its fate predates "
+                                          "manifest copies; restore _daunce/packs/ from a copy (`daunce verify` names it)")
+                continue
+            if dry_run or item["state"] == "retiring" or self._decide_fate("group", group, report):
+                report.groups.append(group)
                 if not dry_run:
-                    self._delete_group_chunks(item["group"], report)
-                    self._storage.put(self._done_key("group", item["group"]), {"reclaimed_at": now_iso()})
+                    self._delete_group_chunks(group, report)
+                    self._storage.put(self._done_key("group", group), {"reclaimed_at": now_iso()})
+        for item in found["duplicate_groups"]:
+            if not item["reclaimable"]:
+                continue
+            group = item["group"]
+            if not (dry_run or self._copies_read_back(item["slots"], report, f"duplicate pack group {group}")):
+                continue
+            report.groups.append(group)
+            if not dry_run:  # invariant 2: retired first, then the manifest (no reader picks it up), then chunks
+                self._storage.put(self._fate_key("group", group, ".retired"), {"retired_at": now_iso(), "covered_by": item["covered_by"]})
+                self._storage.delete(f"{C.PACKS_PREFIX}/{group:08d}.json")
+                self._delete_group_chunks(group, report)
+                self._storage.put(self._done_key("group", group), {"reclaimed_at": now_iso()})
+        copies = [item for item in found["packed_copies"] if item["reclaimable"]]
+        if copies and not dry_run:
+            verified = self._copies_read_back([item["slot"] for item in copies], report, "packed columns", compare_own=True)
+            copies = [item for item in copies if item["slot"] in verified]
+        for item in copies:
+            report.packed_slots.append(item["slot"])
+            if not dry_run:  # invariant 3: the record first: from then on verify checks the packed copy only
+                self._storage.put(f"{C.RECLAIMED_PREFIX}/{item['slot']:08d}.json", {"group": item["group"], "reclaimed_at": now_iso()})
+                self._delete_column_chunks(self._train_losses, item["slot"], report)
         return report
 
-    def _decide_fate(self, what: str, number: int, report: GcReport, *, allow_published: bool = False) -> bool:
+    def _complete(self, fate: dict[str, Any] | None, field: str, key: str) -> bool:
+        """Create ``key`` from the record a decided fate carries (the writer's own bytes: a writer that is
+        still alive then finds its record there and succeeds). False when another record holds ``key``."""
+        record = (fate or {}).get(field)
+        return isinstance(record, dict) and self._storage.put_if_absent(key, record)
+
+    def _copies_read_back(self, slots: list[int], report: GcReport, what: str, *, compare_own: bool = False) -> set[int]:
+        """The slots among ``slots`` whose packed copy in their first published group reads back complete:
+        every wide chunk present, passing its crc32c, finite (and, with ``compare_own``, bit-identical to the
+        column's own chunks). What fails is named in ``report.skipped`` and left alone."""
+        packs = self._pack_map()
+        missing = [s for s in slots if s not in packs]
+        if missing:
+            report.skipped.append(f"{what}: slots {missing[:5]} are in no published pack group now; left alone")
+        by_group: dict[int, list[int]] = {}
+        for s in slots:
+            if s in packs:
+                by_group.setdefault(packs[s][0], []).append(s)
+        good: set[int] = set()
+        packed = self._packed_array() if by_group else None
+        for group, members in sorted(by_group.items()):
+            ok = set(members)
+            rows, width = int(packed.chunks[0]), self.pack_width
+            for r0 in range(0, self.n_train, rows):
+                r1 = min(r0 + rows, self.n_train)
+                self._storage.op("get", f"{packed.path}/c/{r0 // rows}/{group}")
+                try:
+                    copy = packed[r0:r1, group * width : (group + 1) * width]
+                    own = {s: self._read_own(s, r0, r1) for s in ok} if compare_own else {}
+                except (ValueError, RuntimeError, DaunceStoreError) as e:
+                    report.skipped.append(f"{what}: rows {r0}:{r1} of pack group {group} or its columns do not read back ({e}); left alone")
+                    ok = set()
+                    break
+                for s in list(ok):
+                    column = copy[:, packs[s][1]]
+                    if not np.isfinite(column).all() or (compare_own and not np.array_equal(column.view(np.uint32), own[s].view(np.uint32))):
+                        report.skipped.append(f"{what}: slot {s}'s copy in pack group {group} does not match at rows {r0}:{r1}; left alone")
+                        ok.discard(s)
+            good |= ok
+        return good
+
+    def _read_own(self, slot: int, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of column ``slot``'s own chunks (a missing chunk reads as NaN: never equal)."""
+        self._storage.op("get", f"{self._train_losses.path}/c/{r0 // int(self._train_losses.chunks[0])}/{slot}")
+        return np.asarray(self._train_losses[r0:r1, slot])
+
+    def _decide_fate(self, what: str, number: int, report: GcReport) -> bool:
         """Create ``fates/<what>-<n>`` = reclaimed; True when this gc (or an earlier, killed one) owns the
-        reclaim. A writer that got there first (``committed``) keeps its slot."""
-        key = f"{C.FATES_PREFIX}/{what}-{number:08d}.json"
+        reclaim. A writer or compactor that got there first (``committed``, ``published``) keeps it."""
+        key = self._fate_key(what, number)
         if self._storage.put_if_absent(key, {"fate": "reclaimed", "at": now_iso()}):
             return True
         fate = (self._storage.get(key) or {}).get("fate")
-        if fate == "reclaimed" or (allow_published and fate == "published"):
-            return True  # a killed gc's leftovers, or a group whose manifest was dropped as a duplicate
+        if fate == "reclaimed":
+            return True  # a killed gc's leftovers
         report.skipped.append(f"{what} {number}: its writer claimed it first ({fate}); left alone")
         return False
 
@@ -287,16 +407,9 @@ class MaintenanceMixin:
         except CorruptRecordError as e:
             found = {}
             findings.append(Finding("damage", "record", "", str(e)))
-        for item in found.get("leaked_slots", []):
-            findings.append(Finding("reclaimable" if item["reclaimable"] else "note", "leaked-slot", f"{C.SLOTS_PREFIX}/{item['slot']:08d}.json",
-                                    f"slot {item['slot']} was claimed by {item['worker']} for {item['perturbation']!r} at {item['claimed_at']} "
-                                    f"and never committed ({'`daunce gc` reclaims it' if item['reclaimable'] else 'possibly still being written'})"))
-        for item in found.get("orphaned_groups", []):
-            findings.append(Finding("reclaimable" if item["reclaimable"] else "note", "orphaned-group", f"{C.PACK_CLAIMS_PREFIX}/{item['group']:08d}.json",
-                                    f"pack group {item['group']} was claimed by {item['worker']} and never published"))
-        for item in found.get("duplicate_groups", []):
-            findings.append(Finding("reclaimable" if item["reclaimable"] else "note", "duplicate-group", f"{C.PACKS_PREFIX}/{item['group']:08d}.json",
-                                    f"pack group {item['group']} repeats columns of group(s) {item['covered_by']} (two compactors raced)"))
+        findings += _leftover_findings(found, grace_seconds)
+        for key in self.stray_records():
+            findings.append(Finding("note", "stray-record", key, f"{key!r} is not a record daunce-store writes; it is ignored (delete it if nothing of yours needs it)"))
         try:
             for lease in self.stale_leases():
                 findings.append(Finding("note", "stale-lease", f"{C.LEASES_PREFIX}/{lease['perturbation']}",
@@ -415,3 +528,73 @@ class MaintenanceMixin:
                     yield Finding("damage", "chunk", chunk, f"packed chunk {chunk!r} of group {group} holds NaN or inf")
                 elif source is not None and not np.array_equal(copy[:, kept], source):
                     yield Finding("damage", "chunk", chunk, f"packed chunk {chunk!r} differs from the columns {slots[:4]}... it copies")
+
+
+def _slot_state(fate: dict[str, Any] | None, commit_slot: int | None, slot: int) -> tuple[str, bool]:
+    """What a claimed slot without a (listed) commit is, and whether gc acts on it regardless of age:
+    ``committed`` (its commit record names it), ``undecided`` (no fate: its writer died before deciding, or
+    is still writing: reclaimable once old), ``reclaiming`` (gc's fate: a killed gc's work to finish),
+    ``commit-pending`` (decided committed, commit record not yet created: gc completes it),
+    ``lost-race`` (its perturbation's commit names another slot: it can never become visible),
+    ``legacy-committed`` (a committed fate without its commit record inside: reclaimable once old)."""
+    if commit_slot == slot:
+        return "committed", False
+    decided = (fate or {}).get("fate")
+    if decided is None:
+        return "undecided", False
+    if decided == "reclaimed":
+        return "reclaiming", True
+    if commit_slot is not None:
+        return "lost-race", True
+    if isinstance((fate or {}).get("commit"), dict):
+        return "commit-pending", True
+    return "legacy-committed", False
+
+
+def _group_state(fate: dict[str, Any] | None, retired: bool) -> tuple[str, bool]:
+    """What a claimed pack group without a manifest is: ``undecided`` (no fate: reclaimable once old),
+    ``reclaiming`` (gc's fate), ``retiring`` (a duplicate gc retired: its chunks go), ``manifest-missing``
+    (published; gc restores the manifest its fate carries), ``published-unrecorded`` (published by an older
+    version whose fate has no manifest copy: damage, never deleted)."""
+    decided = (fate or {}).get("fate")
+    if decided is None:
+        return "undecided", False
+    if decided == "reclaimed":
+        return "reclaiming", True
+    if retired:
+        return "retiring", True
+    if isinstance((fate or {}).get("manifest"), dict):
+        return "manifest-missing", True
+    return "published-unrecorded", False
+
+
+def _leftover_findings(found: dict[str, list[dict[str, Any]]], grace_seconds: float) -> Iterator[Finding]:
+    """verify's findings for what :meth:`MaintenanceMixin.leftovers` found."""
+    for item in found.get("leaked_slots", []):
+        key, slot, pid = f"{C.SLOTS_PREFIX}/{item['slot']:08d}.json", item["slot"], item["perturbation"]
+        state = item["state"]
+        if state == "commit-pending":
+            yield Finding("reclaimable", "commit-pending", key, f"slot {slot} holds the complete column of {pid!r}, decided committed by "
+                          f"{item['worker']}, which stopped before its commit record; `daunce gc` creates that record")
+        elif state == "lost-race":
+            yield Finding("reclaimable", "leaked-slot", key, f"slot {slot} was written by {item['worker']} for {pid!r}, which another "
+                          "worker committed first; `daunce gc` reclaims it")
+        else:
+            yield Finding("reclaimable" if item["reclaimable"] else "note", "leaked-slot", key,
+                          f"slot {slot} was claimed by {item['worker']} for {pid!r} at {item['claimed_at']} and never committed "
+                          f"({'`daunce gc` reclaims it' if item['reclaimable'] else 'possibly still being written'})")
+    for item in found.get("orphaned_groups", []):
+        key, group, state = f"{C.PACK_CLAIMS_PREFIX}/{item['group']:08d}.json", item["group"], item["state"]
+        if state in ("manifest-missing", "published-unrecorded"):
+            in_flight = item["age"] <= grace_seconds
+            fix = ("`daunce gc` restores it from the copy its fate record carries" if state == "manifest-missing"
+                   else "restore it from a copy of the store; `daunce gc` never deletes the group")
+            yield Finding("note" if in_flight else "damage", "missing-manifest", f"{C.PACKS_PREFIX}/{group:08d}.json",
+                          f"pack group {group} was published, but its manifest is missing"
+                          + (" (its compactor may be writing it now)" if in_flight else f"; {fix}"))
+        else:
+            yield Finding("reclaimable" if item["reclaimable"] else "note", "orphaned-group", key,
+                          f"pack group {group} was claimed by {item['worker']} and never published")
+    for item in found.get("duplicate_groups", []):
+        yield Finding("reclaimable" if item["reclaimable"] else "note", "duplicate-group", f"{C.PACKS_PREFIX}/{item['group']:08d}.json",
+                      f"pack group {item['group']} repeats columns of group(s) {item['covered_by']} (two compactors raced)")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
+import re
 import socket
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +37,7 @@ __all__ = [
     "now_iso",
     "perturbation_id",
     "process_start_time",
+    "record_number",
 ]
 
 T = TypeVar("T")
@@ -274,12 +277,23 @@ def _process_start(pid: int) -> tuple[float | None, bool]:
         return None, False
 
 
+_NUMBERED = re.compile(r"(?:(?:slot|group)-)?(\d{8})(?:\.\w+)?\.json")
+
+
+def record_number(key: str) -> int | None:
+    """The number of a numbered record (``slots/00000003.json``, ``fates/slot-00000003.json``, ...), or None
+    for a key that is not one (a stray file: ``verify`` notes it, nothing else acts on it)."""
+    match = _NUMBERED.fullmatch(key.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
 def claim_numbered(storage: Storage, prefix: str, record: dict[str, Any], limit: int) -> int | None:
     """Create the next free record ``{prefix}/{i:08d}.json`` (i < ``limit``) with create-if-absent, starting
     after the highest one listed; returns i, or None when all are taken. Of racing claimants each gets a
-    different number."""
+    different number (the nonce makes every claim's bytes its own: see :meth:`Storage.put_if_absent`)."""
+    record = {**record, "nonce": uuid.uuid4().hex}
     taken = storage.list(prefix)
-    number = max((int(k.rsplit("/", 1)[1].split(".")[0]) for k in taken), default=-1) + 1
+    number = max((n for n in map(record_number, taken) if n is not None), default=-1) + 1
     while number < limit:
         if storage.put_if_absent(f"{prefix}/{number:08d}.json", record):
             return number
@@ -291,13 +305,14 @@ class ImmutableRecords(Generic[T]):
     """The records under a prefix that are created once and never rewritten (commits, pack manifests):
     each is fetched and parsed once per handle, so a refresh costs one listing plus the new records."""
 
-    def __init__(self, storage: Storage, prefix: str, parse: Callable[[str, dict[str, Any]], T]):
-        self._storage, self._prefix, self._parse = storage, prefix, parse
+    def __init__(self, storage: Storage, prefix: str, parse: Callable[[str, dict[str, Any]], T],
+                 keep: Callable[[str], bool] | None = None):
+        self._storage, self._prefix, self._parse, self._keep = storage, prefix, parse, keep
         self._seen: dict[str, T] = {}
 
     def refresh(self) -> dict[str, T]:
-        """key -> parsed record, for every record listed now (in key order)."""
-        keys = self._storage.list(self._prefix)
+        """key -> parsed record, for every record listed now (in key order; ``keep`` filters the keys)."""
+        keys = [k for k in self._storage.list(self._prefix) if self._keep is None or self._keep(k)]
         new = [k for k in keys if k not in self._seen]
         for key, rec in zip(new, self._storage.get_many(new)):
             if rec is not None:

@@ -8,8 +8,10 @@ across processes on one machine and across machines on shared storage; no local 
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import zarr.storage
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, InvalidInputError
+from daunce_store.store._failpoints import Hook, env_hook
 
 __all__ = ["Storage"]
 
@@ -47,6 +50,9 @@ class Storage:
             raise InvalidInputError(f"storage_options must be a dict of object-store settings, not {type(storage_options).__name__}")
         parsed = urlparse(url)
         self.url = url
+        # Called as hook(kind, key) before every storage operation (store/_failpoints.py): tests aim
+        # crashes and schedule races with it; None (no failpoint in the environment) costs nothing.
+        self.hook: Hook | None = env_hook()
         self.is_local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
         options = dict(storage_options or {})
         if not self.is_local and parsed.scheme not in _URL_SCHEMES:
@@ -97,13 +103,26 @@ class Storage:
         stream = obstore.list(self._log_store(), chunk_size=1)
         return next(iter(stream), None) is not None
 
+    def op(self, kind: str, key: str) -> None:
+        """The failpoint before a storage operation (``put``, ``get``, ``list``, ``head``, ``delete``);
+        chunk I/O done through Zarr calls it too, so every operation of append, compact and gc has one."""
+        if self.hook is not None:
+            self.hook(kind, key)
+
     def put_if_absent(self, key: str, record: dict[str, Any]) -> bool:
-        """Atomically create ``key`` holding ``record``; False when it already exists (nothing written)."""
+        """Atomically create ``key`` holding ``record``; False when another writer's object is there
+        (nothing written).
+
+        True also when the object already holds exactly these bytes: a retried PUT whose first attempt
+        landed (its reply lost to a reset connection) or a record someone completed on our behalf (gc rolls
+        a decided commit forward with the writer's own bytes). Records that decide ownership carry a nonce
+        or the writer's name and time, so another writer's record never has our bytes."""
         data = _record_bytes(key, record)
+        self.op("put", key)
         try:
             obstore.put(self._log_store(), key, data, mode="create")
         except obstore.exceptions.AlreadyExistsError:
-            return False
+            return self.get_bytes(key) == data
         except Exception as e:
             self._raise_if_refused(key, e)
             raise
@@ -115,6 +134,7 @@ class Storage:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write raw bytes at ``key`` (e.g. a perturbation's adapter weights); whole-object replace."""
+        self.op("put", key)
         try:
             obstore.put(self._log_store(), key, bytes(data))
         except Exception as e:
@@ -142,6 +162,7 @@ class Storage:
 
     def get_bytes(self, key: str) -> bytes | None:
         """The raw bytes at ``key``, or None when there is nothing."""
+        self.op("get", key)
         try:
             return bytes(obstore.get(self._log_store(), key).bytes())
         except FileNotFoundError:
@@ -149,6 +170,7 @@ class Storage:
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The record at ``key``, None if absent; CorruptRecordError if it is not a JSON object."""
+        self.op("get", key)
         try:
             data = bytes(obstore.get(self._log_store(), key).bytes())
         except FileNotFoundError:
@@ -166,20 +188,41 @@ class Storage:
 
     def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
         """:meth:`get` of many keys, fetched in parallel (one round trip each on an object store)."""
-        if len(keys) < 8:
+        if len(keys) < 8 or self.hook is not None:  # a hook sees one operation at a time, in key order
             return [self.get(k) for k in keys]
         with ThreadPoolExecutor(max_workers=16) as pool:
             return list(pool.map(self.get, keys))
 
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (recursively), sorted."""
+        return sorted(self.list_modified(prefix))
+
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        """Keys under ``prefix`` (recursively) -> their last modification time, in unix seconds on the
+        storage's own clock (the file system's mtime, the object store's Last-Modified)."""
+        self.op("list", prefix)
         try:
             listing = obstore.list(self._log_store(), prefix).collect()
         except FileNotFoundError:
-            return []
-        return sorted(str(o["path"]) for o in listing)
+            return {}
+        return {str(o["path"]): o["last_modified"].timestamp() for o in listing}
+
+    def clock(self) -> float:
+        """Now, on the storage's own clock (unix seconds): the modification time of a probe object written
+        and removed for the purpose. Ages compared with it never mix two hosts' clocks, so a host whose
+        clock runs ahead cannot make another host's fresh record look old."""
+        key = f"{C.CLOCK_PREFIX}/{uuid.uuid4().hex}.json"
+        self.put_bytes(key, b"{}")
+        try:
+            self.op("head", key)
+            modified = obstore.head(self._log_store(), key)["last_modified"]
+        finally:
+            self.delete(key)
+        assert isinstance(modified, _dt.datetime)
+        return modified.timestamp()
 
     def delete(self, key: str) -> None:
+        self.op("delete", key)
         try:
             obstore.delete(self._log_store(), key)
         except FileNotFoundError:
@@ -187,6 +230,7 @@ class Storage:
 
     def size_of(self, key: str) -> int | None:
         """The size in bytes of the object at ``key``, or None when there is none (one HEAD request)."""
+        self.op("head", key)
         try:
             return int(obstore.head(self._log_store(), key)["size"])
         except FileNotFoundError:
