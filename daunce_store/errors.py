@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "DaunceStoreError",
     "InvalidInputError",
+    "DivergedError",
     "NotADaunceStoreError",
     "StoreVersionError",
     "StoreExistsError",
@@ -23,6 +24,7 @@ __all__ = [
     "ConvergenceWarning",
     "ConstantQueryWarning",
     "MissingQueryLossesWarning",
+    "IdNormalizationWarning",
     "MissingDependencyError",
 ]
 
@@ -33,6 +35,12 @@ class DaunceStoreError(ValueError):
 
 class InvalidInputError(DaunceStoreError):
     """Bad user input: NaN/inf losses, wrong length or dtype, duplicate ids, bad names, bad k."""
+
+
+class DivergedError(InvalidInputError):
+    """Losses that are NaN, inf or beyond ±``MAX_ABS_LOSS`` (1e15): what a diverged fine-tune produces. The
+    column is refused (float32 scores of it would overflow); rerun that perturbation with a lower learning
+    rate. ``daunce perturb`` skips such a perturbation and goes on with the next."""
 
 
 class NotADaunceStoreError(DaunceStoreError, FileNotFoundError):
@@ -103,6 +111,12 @@ class ConstantQueryWarning(UserWarning):
 class MissingQueryLossesWarning(UserWarning):
     """A column was committed without losses for some of the store's query sets: scoring those sets leaves it
     out until ``daunce append-queries`` (or ``LossStore.append_query_losses``) fills them."""
+
+
+class IdNormalizationWarning(UserWarning):
+    """Two ids differ only in Unicode normalisation (``"café"`` as NFC, one code point for the é, and as NFD,
+    an e and a combining accent): they print alike but are different ids, so asking for one never finds the
+    other. Write every id in one form (``unicodedata.normalize("NFC", id)``) before creating the store."""
 
 
 class MissingDependencyError(DaunceStoreError, ImportError):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from daunce_store.errors import InvalidInputError, MissingDependencyError
+from daunce_store.errors import IdNormalizationWarning, InvalidInputError, MissingDependencyError
 
 __all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "read_data_file", "read_ids", "read_losses",
            "validate_ids", "validate_losses"]
@@ -91,7 +93,9 @@ def _split_column(spec: str | os.PathLike[str], what: str) -> tuple[Path, str | 
 def read_ids(spec: str | os.PathLike[str]) -> np.ndarray:
     """Example ids from a text file (one per line), a CSV or a parquet file (``FILE[:COLUMN]``).
 
-    Ids are read as the strings the file holds, in every format: ``007`` stays ``007``.
+    Ids are read as the strings the file holds, in every format: ``007`` stays ``007``. A text file's lines
+    end at ``\n`` or ``\r\n`` only (not at the other breaks ``str.splitlines`` knows: U+2028, NEL, form
+    feed, ... may be part of an id); a leading UTF-8 byte order mark is dropped, and so are blank lines.
     """
     path, column = _split_column(spec, "ids")
     _check_file(path, "ids")
@@ -99,15 +103,25 @@ def read_ids(spec: str | os.PathLike[str]) -> np.ndarray:
         ids = _read_table_column(path, column, as_text=True)
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            # -sig: drops the BOM some editors write first; bytes decoded, not read_text, whose universal
+            # newlines would turn a lone \r into a line break before the check below sees it
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise InvalidInputError(
                 f"ids file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file with one id per line"
             ) from None
         if "\x00" in text:
             raise InvalidInputError(f"ids file {path} holds NUL bytes (a binary file?); give a text file with one id per line")
-        ids = np.array([line.rstrip("\r\n") for line in text.splitlines() if line.strip()])
-    return validate_ids(ids, what=str(path))
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+        lone_cr = next((i for i, line in enumerate(lines) if "\r" in line), None)
+        if lone_cr is not None:  # classic Mac line ends, or a stray CR: neither one id nor a line break for sure
+            raise InvalidInputError(
+                f"ids file {path}: line {lone_cr + 1} holds a carriage return (\\r) not followed by a newline; "
+                "end lines with \\n or \\r\\n"
+            )
+        ids = np.array([line for line in lines if line.strip()])
+    # The store validates them again (and warns about look-alikes there, once).
+    return validate_ids(ids, what=str(path), check_normalization=False)
 
 
 def read_losses(spec: str | os.PathLike[str], n: int | None = None) -> np.ndarray:
@@ -172,8 +186,12 @@ def _read_npy(path: Path, n: int | None) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def validate_ids(ids: object, *, what: str = "ids") -> np.ndarray:
-    """Ids as a 1-d array of unique non-empty strings, or InvalidInputError."""
+def validate_ids(ids: object, *, what: str = "ids", check_normalization: bool = True) -> np.ndarray:
+    """Ids as a 1-d array of unique non-empty strings, or InvalidInputError.
+
+    ``check_normalization``: warn (:class:`~daunce_store.errors.IdNormalizationWarning`) when ids differ only
+    in Unicode normalisation; they stay distinct ids.
+    """
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.size == 0:
         raise InvalidInputError(f"{what}: expected a non-empty 1-d list of ids, got shape {arr.shape}")
@@ -199,7 +217,41 @@ def validate_ids(ids: object, *, what: str = "ids") -> np.ndarray:
     if len(uniq) != len(strings):
         dupes = uniq[counts > 1][:5].tolist()
         raise InvalidInputError(f"{what}: duplicate ids {dupes}; every example needs a unique id")
+    if check_normalization:
+        _warn_lookalike_ids(strings, what)
     return strings.astype(str)
+
+
+def _warn_lookalike_ids(strings: np.ndarray, what: str) -> None:
+    """One IdNormalizationWarning naming the first ids that differ only in Unicode normalisation (the same NFC
+    form: canonically equivalent, so they print alike; compatibility forms such as "ﬁ" vs "fi" are different
+    text and not flagged). ASCII ids are their own NFC, so only the others are normalised (millions of ASCII
+    ids cost one isascii each); an ASCII id is looked at only when another id's NFC is it (KELVIN SIGN -> K)."""
+    first: dict[str, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for i, s in enumerate(strings):
+        if not s.isascii():
+            j = first.setdefault(unicodedata.normalize("NFC", s), i)
+            if j != i:
+                pairs.append((j, i))
+    ascii_forms = {key: i for key, i in first.items() if key.isascii()}
+    if ascii_forms:
+        pairs += [(i, ascii_forms[s]) for i, s in enumerate(strings) if s in ascii_forms and s.isascii()]
+    if pairs:
+        pairs.sort()
+        shown = "; ".join(f"{strings[j]!r} (row {j}, {_form(strings[j])}) and {strings[i]!r} (row {i}, {_form(strings[i])})"
+                          for j, i in pairs[:3])
+        more = f" and {len(pairs) - 3} more pairs" if len(pairs) > 3 else ""
+        warnings.warn(
+            f"{what}: ids that differ only in Unicode normalisation: {shown}{more}; they are kept as different ids "
+            "(a lookup by one never finds the other): write every id in one form, e.g. NFC",
+            IdNormalizationWarning, stacklevel=3,
+        )
+
+
+def _form(s: str) -> str:
+    """Which normal form ``s`` is in, for the warning."""
+    return next((f for f in ("NFC", "NFD") if unicodedata.is_normalized(f, s)), "neither NFC nor NFD")
 
 
 def validate_losses(values: object, n: int, *, what: str) -> np.ndarray:
