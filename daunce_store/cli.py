@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
@@ -29,6 +30,13 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _text(*parts: Any) -> Text:
+    """What the CLI prints, as rich Text: ids, names, paths and messages print as they are and are never
+    read as markup (a str given to rich is markup: an id ``[b]t1`` would print as a bold ``t1`` and one
+    holding ``[/]`` would raise MarkupError). A ``(text, style)`` part is printed in that style."""
+    return Text.assemble(*(p if isinstance(p, tuple) else str(p) for p in parts))
 
 StoreArg = Annotated[str, typer.Argument(help="Store path or URL (s3://bucket/prefix, ...).")]
 
@@ -64,13 +72,14 @@ SchedulerOpt = Annotated[
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}")
+    err_console.print(_text(("error:", "bold red"), f" {err}"))
     raise typer.Exit(code=2)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """Warnings as one yellow line naming their class (not Python's file:line form)."""
-    err_console.print(f"[bold yellow]warning ({category.__name__}):[/] {message}", highlight=False)
+    """Warnings as one yellow line naming their class (not Python's file:line form; soft_wrap: never cut into
+    lines, the terminal folds it)."""
+    err_console.print(_text((f"warning ({category.__name__}):", "bold yellow"), f" {message}"), soft_wrap=True)
 
 
 def _parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -141,15 +150,15 @@ def _open(store: str, mode: str, storage_options: Optional[str]) -> daunce_store
 
 def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
     if fmt.value == "table" and output is None:
-        table = Table(title=f"{title} ({result.measure}, K={result.num_columns})")
+        table = Table(title=_text(f"{title} ({result.measure}, K={result.num_columns})"))
         for col in ("query", "side", "rank", "train_id", "train_index", "score"):
             table.add_column(col, justify="right" if col in ("rank", "train_index", "score") else "left")
         for r in result.records():
-            table.add_row(r["query"], r["side"], str(r["rank"]), r["train_id"], str(r["train_index"]), f"{r['score']:.4g}")
+            table.add_row(*map(_text, (r["query"], r["side"], r["rank"], r["train_id"], r["train_index"], f"{r['score']:.4g}")))
         console.print(table)
     elif output is not None:
         result.write(output, None if fmt.value == "table" else fmt.value)
-        err_console.print(f"wrote {len(result.records())} records to {output}")
+        err_console.print(_text(f"wrote {len(result.records())} records to {output}"))
     else:
         result.write(sys.stdout, fmt.value)
 
@@ -171,7 +180,7 @@ def init(
         store, read_ids(train_ids), sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows, pack_width=pack_width,
         storage_options=_storage_options(storage_options),
     )
-    console.print(f"created {s.url}: n_train={s.n_train}, query sets {s.query_sets()}")
+    console.print(_text(f"created {s.url}: n_train={s.n_train}, query sets {s.query_sets()}"))
 
 
 @_command(app, "add-queries")
@@ -196,8 +205,8 @@ def add_queries(
         filled = perturb.fill_query_sets(store, cfg, list(pairs), device=device,
                                              storage_options=_storage_options(storage_options), base_dir=config.parent)
         for name, ids in filled.items():
-            console.print(f"{name}: losses under {len(ids)} stored perturbations")
-    console.print(f"query sets now: {s.query_sets()}")
+            console.print(_text(f"{name}: losses under {len(ids)} stored perturbations"))
+    console.print(_text(f"query sets now: {s.query_sets()}"))
 
 
 @_command(app)
@@ -218,7 +227,7 @@ def append(
         s = _open(store, "a", storage_options)
         commits = s.append_matrix(matrix, metadata=meta)
         names = ", ".join(c.perturbation for c in commits[:8]) + (", ..." if len(commits) > 8 else "")
-        console.print(f"committed {len(commits)} perturbations ({names}) (K={s.num_columns()})")
+        console.print(_text(f"committed {len(commits)} perturbations ({names}) (K={s.num_columns()})"))
         return
     if perturbation is None or train is None:
         raise InvalidInputError("give --perturbation and --train (one column), or --matrix FILE (many)")
@@ -226,7 +235,7 @@ def append(
     sizes = s.query_sets()  # each file's .npy header is checked against its set's size before it is read
     queries = {name: read_losses(path, sizes.get(name)) for name, path in _parse_pairs(query, "--query").items()}
     commit = s.append(perturbation, read_losses(train, s.n_train), queries, metadata={"source": "append", **meta})
-    console.print(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})")
+    console.print(_text(f"committed {commit.perturbation!r} in slot {commit.slot} (K={s.num_columns()})"))
 
 
 @_command(app, "append-queries")
@@ -240,7 +249,7 @@ def append_queries(
     s = _open(store, "a", storage_options)
     filled = append_query_matrix(s, query_set, matrix)
     columns = s.snapshot().query_slots.get(query_set, ())
-    console.print(f"{query_set}: losses for {len(filled)} perturbations added ({len(columns)} of {s.num_columns()} columns have them)")
+    console.print(_text(f"{query_set}: losses for {len(filled)} perturbations added ({len(columns)} of {s.num_columns()} columns have them)"))
 
 
 @_command(app)
@@ -284,7 +293,7 @@ def perturb(
                                storage_options=_storage_options(storage_options), console=err_console, progress=progress)
     if compact:  # safe beside other workers still appending; packs only full groups
         _open(store, "a", storage_options).compact()
-    console.print(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}")
+    console.print(_text(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}"))
 
 
 StatusFormat = _choices("StatusFormat", ("table", "json"))
@@ -301,9 +310,9 @@ def status(
     if format == StatusFormat.json:
         sys.stdout.write(json.dumps(info, indent=1) + "\n")
         return
-    table = Table(title=f"daunce store {info['url']}", show_header=False)
+    table = Table(title=_text(f"daunce store {info['url']}"), show_header=False)
     for key, value in info.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        table.add_row(_text(key), _text(json.dumps(value) if isinstance(value, (dict, list)) else value))
     console.print(table)
 
 
@@ -336,8 +345,8 @@ def leases(
         was = s.force_release(pid)
         note = {"live": f"it was live: worker {was['worker']!r} loses it at its next renewal",
                 "expired": "it had expired", "holder-gone": "its holder's process had exited"}[was["state"]]
-        err_console.print(f"released the lease on {was['perturbation']!r} held by worker {was['worker']!r} ({note}); "
-                          "any worker may claim it now")
+        err_console.print(_text(f"released the lease on {was['perturbation']!r} held by worker {was['worker']!r} ({note}); "
+                                "any worker may claim it now"))
     now = time.time()
     rows = [
         {"perturbation": r["perturbation"], "worker": r["worker"], "host": r.get("host"), "pid": r.get("pid"),
@@ -348,11 +357,11 @@ def leases(
     if format == LeasesFormat.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return
-    table = Table(title=f"leases of uncommitted perturbations in {s.url}", caption=None if rows else "no leases")
+    table = Table(title=_text(f"leases of uncommitted perturbations in {s.url}"), caption=None if rows else "no leases")
     for col in ("perturbation", "worker", "host", "pid", "expires", "seconds_left", "state"):
         table.add_column(col, justify="right" if col in ("pid", "seconds_left") else "left")
     for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r.values()))
+        table.add_row(*(_text("" if v is None else v) for v in r.values()))
     console.print(table)
 
 
@@ -375,16 +384,16 @@ def verify(
                                      "findings": [f.record() for f in report.findings]}, indent=1) + "\n")
     else:
         if report.findings:
-            table = Table(title=f"findings in {report.url}")
+            table = Table(title=_text(f"findings in {report.url}"))
             for col in ("kind", "what", "key", "message"):
                 table.add_column(col, overflow="fold")
             for f in report.findings:
                 style = {"damage": "bold red", "reclaimable": "yellow"}.get(f.kind, "")
-                table.add_row(f"[{style}]{f.kind}[/]" if style else f.kind, f.what, f.key, f.message)
+                table.add_row(_text((f.kind, style)), *map(_text, (f.what, f.key, f.message)))
             console.print(table)
         checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
-        verdict = "[green]ok[/]" if report.ok else f"[bold red]{report.count('damage')} damaged[/]"
-        console.print(f"{verdict}: checked {checked}; {report.count('reclaimable')} reclaimable by `daunce gc`, {report.count('note')} notes")
+        verdict = ("ok", "green") if report.ok else (f"{report.count('damage')} damaged", "bold red")
+        console.print(_text(verdict, f": checked {checked}; {report.count('reclaimable')} reclaimable by `daunce gc`, {report.count('note')} notes"))
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -400,11 +409,11 @@ def gc(
     groups (all past --grace); safe beside live writers, compactors and readers."""
     r = _open(store, "a", storage_options).gc(grace_seconds=grace, dry_run=dry_run)
     verb = "would reclaim" if dry_run else "reclaimed"
-    console.print(f"{verb} the own chunks of {len(r.packed_slots)} packed column(s), {len(r.slots)} leaked slot(s) {r.slots[:10]} "
-                  f"and {len(r.groups)} pack group(s) {r.groups[:10]}"
-                  + ("" if dry_run else f": {r.chunks_deleted} chunks, {r.bytes_freed} bytes"))
+    console.print(_text(f"{verb} the own chunks of {len(r.packed_slots)} packed column(s), {len(r.slots)} leaked slot(s) {r.slots[:10]} "
+                        f"and {len(r.groups)} pack group(s) {r.groups[:10]}"
+                        + ("" if dry_run else f": {r.chunks_deleted} chunks, {r.bytes_freed} bytes")))
     for line in r.skipped:
-        err_console.print(f"skipped {line}")
+        err_console.print(_text(f"skipped {line}"))
 
 
 ExportForm = _choices("ExportForm", ("wide", "long"))
@@ -419,7 +428,7 @@ def export(
 ) -> None:
     """Export the train and query loss matrices, with ids, to parquet, csv or jsonl."""
     rows = _open(store, "r", storage_options).export(output, form=form.value)
-    err_console.print(f"wrote {rows} rows ({form.value} form) to {output}")
+    err_console.print(_text(f"wrote {rows} rows ({form.value} form) to {output}"))
 
 
 def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
@@ -467,7 +476,7 @@ def scores_command(
     s = _open(store, "r", storage_options)
     result = s.scores(query_set, query or None, measure=measure.value, aggregate="mean" if mean else None)
     rows = result.write(output)
-    err_console.print(f"wrote {rows} rows x {len(result.queries)} queries ({result.measure}, K={result.num_columns}) to {output}")
+    err_console.print(_text(f"wrote {rows} rows x {len(result.queries)} queries ({result.measure}, K={result.num_columns}) to {output}"))
 
 
 Remove = _choices("Remove", ("harmful", "helpful"))
@@ -496,24 +505,24 @@ def select_command(
     s = _open(store, "r", storage_options)
     sel = s.select(query_set, query or None, remove=remove.value, top=top, measure=measure.value, write=write.value,
                    data=data, output=output, ids_output=ids_output, backend=backend.value)
-    table = Table(title=f"removed: top-{top} {remove.value} for {query_set} ({sel.measure}, K={sel.num_columns})")
+    table = Table(title=_text(f"removed: top-{top} {remove.value} for {query_set} ({sel.measure}, K={sel.num_columns})"))
     for col in ("rank", "train_id", "score"):
         table.add_column(col, justify="left" if col == "train_id" else "right")
     shown = min(len(sel.removed_ids), 20)
     for r in range(shown):
-        table.add_row(str(r + 1), str(sel.removed_ids[r]), f"{sel.removed_scores[r]:.4g}")
+        table.add_row(_text(r + 1), _text(sel.removed_ids[r]), _text(f"{sel.removed_scores[r]:.4g}"))
     if shown < len(sel.removed_ids):
         table.caption = f"... {len(sel.removed_ids) - shown} more"
     console.print(table)
     wrong = sum(1 for v in sel.removed_scores if (v > 0 if remove.value == "harmful" else v < 0))
     if wrong:
-        err_console.print(f"note: {wrong} of the {top} removed examples have a score of the other sign "
-                          f"(fewer than {top} train examples are {remove.value} to {query_set})")
+        err_console.print(_text(f"note: {wrong} of the {top} removed examples have a score of the other sign "
+                                f"(fewer than {top} train examples are {remove.value} to {query_set})"))
     if output is not None:
-        err_console.print(f"wrote {len(sel.written_ids)} {write.value} rows to {output}")
+        err_console.print(_text(f"wrote {len(sel.written_ids)} {write.value} rows to {output}"))
     written_ids = ids_output or (output.with_name(output.name + ".ids.txt") if output is not None else None)
     if written_ids is not None:
-        err_console.print(f"wrote their {len(sel.written_ids)} ids to {written_ids}")
+        err_console.print(_text(f"wrote their {len(sel.written_ids)} ids to {written_ids}"))
 
 
 @_command(app, "check-removal")
@@ -539,7 +548,7 @@ def check_removal_command(
                       measure=measure.value, base_dir=config.parent, device=device, progress=progress)
     _rows_table(f"check-removal on {query_set}: top-{k} {remove.value} vs {k} random ({r.measure}, K={r.num_columns}); "
                 "Δ = change of the mean query loss against fine-tuning on everything", r.rows())
-    console.print(r.summary())
+    console.print(_text(r.summary()))
 
 
 StabilityFormat = _choices("StabilityFormat", ("table", "json"))
@@ -570,7 +579,7 @@ def stability(
                                      "asymmetry": result.asymmetry}, indent=1) + "\n")
         return
     table = Table(
-        title=f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)",
+        title=_text(f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)"),
         caption="K=c: overlap of the top-k of the first c columns with the full list; boot: mean overlap over "
         "resamples; SE/|score|: median bootstrap standard error relative to the score"
         + ("" if result.asymmetry is None else
@@ -582,7 +591,7 @@ def stability(
         label = short.get(col, col.removeprefix("overlap@"))
         table.add_column(label, justify="left" if col in ("query", "side") else "right")
     for r in rows:
-        table.add_row(*(v if isinstance(v, str) else f"{v:.3g}" for v in r.values()))
+        table.add_row(*(_text(v if isinstance(v, str) else f"{v:.3g}") for v in r.values()))
     console.print(table)
 
 
@@ -621,7 +630,7 @@ def serve(
     if cache_gb < 0:
         raise InvalidInputError(f"--cache-gb must be >= 0, not {cache_gb}")
     run_server(store, data=data, host=host, port=port, cache_bytes=int(cache_gb * 2**30), batch=batch,
-               storage_options=_storage_options(storage_options), log=err_console.print)
+               storage_options=_storage_options(storage_options), log=lambda line: err_console.print(_text(line)))
 
 
 @_command(app, "check-noise")
@@ -645,7 +654,7 @@ def check_noise(
             reporter.close()
     _rows_table(f"check-noise on {store}: per train example, K={report.num_columns}; noise from {', '.join(report.sources)}",
                 [{k: f"{v:.3g}" if isinstance(v, float) else v for k, v in row.items()} for row in report.rows()])
-    console.print(f"[yellow]warning: {report.message()}[/]" if report.noisy else report.message())
+    console.print(_text((f"warning: {report.message()}", "yellow") if report.noisy else report.message()))
 
 
 @_command(app)
@@ -682,11 +691,11 @@ app.add_typer(eval_app, name="eval")
 
 
 def _rows_table(title: str, rows: list[dict[str, Any]]) -> None:
-    table = Table(title=title)
+    table = Table(title=_text(title))
     for col in rows[0]:
-        table.add_column(str(col))
+        table.add_column(_text(col))
     for r in rows:
-        table.add_row(*("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(_text("" if v is None else f"{v:.3f}" if isinstance(v, float) else v) for v in r.values()))
     console.print(table)
 
 
