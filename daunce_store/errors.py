@@ -52,7 +52,7 @@ class StoreVersionError(DaunceStoreError):
 
 
 class StoreExistsError(DaunceStoreError, FileExistsError):
-    """``init`` was pointed at a path that already holds a store."""
+    """``init`` was pointed at a path that already holds a store (or other data), or that lies inside one."""
 
 
 class UnknownQuerySetError(DaunceStoreError, KeyError):

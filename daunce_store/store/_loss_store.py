@@ -177,6 +177,14 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         storage = Storage(url, storage_options)
         if storage.is_file:
             raise StoreExistsError(f"{storage.url} is a file; a store is a directory, so pick another path")
+        from daunce_store.store._nesting import enclosing_store
+
+        outer = enclosing_store(storage, storage_options)
+        if outer is not None:  # written there, the new store would become part of the outer one's hierarchy
+            raise StoreExistsError(
+                f"{storage.url} is inside the daunce store {outer}; a store cannot hold another store, so pick a "
+                "path outside it"
+            )
         if storage.exists():
             raise StoreExistsError(f"{storage.url} already holds data; open it, or pick an empty path")
         root = zarr.open_group(storage.zarr_store, mode="w")
