@@ -44,5 +44,13 @@ DEFAULT_CAPACITY = 1 << 16
 DEFAULT_CHUNK_ROWS = 1 << 18
 DEFAULT_LEASE_SECONDS = 600.0
 
+# The largest |loss| a column may hold (append refuses more, as a diverged fine-tune). Scores are float32:
+# the kernels centre rows (|x - mean| <= 2 B for |x| <= B) and sum products of them, the preconditioned
+# measures' Gram sums R squares per row block, and self-influence holds a variance. With B = 1e15 a square
+# is at most 4e30, so a sum of K (<= the capacity 65536) or R (a block's rows, ~8.5e7 at most) of them stays
+# below float32's 3.4e38; B = 1e20 (seen from a diverged fine-tune) scored "Infinity" under cov and broke
+# the Gram. Real losses (cross-entropy, margins, squared errors) are far below it.
+MAX_ABS_LOSS = 1e15
+
 # Environment variable that forces the pure-Python / numba paths even when the extension is built.
 NO_EXT_ENV = "DAUNCE_STORE_NO_EXT"

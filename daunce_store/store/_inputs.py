@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from daunce_store.errors import IdNormalizationWarning, InvalidInputError, MissingDependencyError
+from daunce_store._constants import MAX_ABS_LOSS
+from daunce_store.errors import DivergedError, IdNormalizationWarning, InvalidInputError, MissingDependencyError
 
 __all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "read_data_file", "read_ids", "read_losses",
-           "validate_ids", "validate_losses"]
+           "validate_ids", "validate_losses", "out_of_range", "out_of_range_summary", "DIVERGED_ADVICE"]
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -255,7 +256,12 @@ def _form(s: str) -> str:
 
 
 def validate_losses(values: object, n: int, *, what: str) -> np.ndarray:
-    """A finite float32 vector of length n, or InvalidInputError saying what is wrong."""
+    """A float32 vector of length n with every |loss| <= ``MAX_ABS_LOSS``, or InvalidInputError saying what is
+    wrong (:class:`~daunce_store.errors.DivergedError` for NaN, inf or too large values).
+
+    Every append path (``append``, ``append_query_losses``, ``append_matrix``, the perturbation runner) goes
+    through this rule, so a store never holds a loss whose float32 scores could overflow.
+    """
     arr = np.asarray(values)
     if arr.dtype.kind not in "fiu":
         raise InvalidInputError(f"{what}: losses must be numbers, got dtype {arr.dtype}")
@@ -265,16 +271,40 @@ def validate_losses(values: object, n: int, *, what: str) -> np.ndarray:
         raise InvalidInputError(
             f"{what}: expected {n} losses (one per example, in id order), got shape {arr.shape}"
         )
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as inf
-        out = arr.astype(np.float32)
-    bad = ~np.isfinite(out)
+    bad = out_of_range(arr)  # on the values as given: 1e300 in float64 is "too large", not an inf made by the cast
     if bad.any():
-        first = np.flatnonzero(bad)[:5].tolist()
-        raise InvalidInputError(
-            f"{what}: {int(bad.sum())} losses are NaN or inf (first at rows {first}), "
-            "or overflow float32; fix the loss computation before appending"
-        )
-    return np.ascontiguousarray(out)
+        raise DivergedError(f"{what}: {out_of_range_summary(arr[bad], np.flatnonzero(bad))}; {DIVERGED_ADVICE}")
+    return np.ascontiguousarray(arr.astype(np.float32))
+
+
+#: What to do about losses :func:`out_of_range` flags (a diverged fine-tune is the usual cause).
+DIVERGED_ADVICE = (
+    "the fine-tune that produced them diverged: rerun that perturbation with a lower learning rate "
+    f"(or fix the loss computation); losses must stay within ±{MAX_ABS_LOSS:g} so that float32 scores cannot overflow"
+)
+
+
+def out_of_range(values: np.ndarray) -> np.ndarray:
+    """Mask of the losses a store refuses: NaN, inf, or |loss| > ``MAX_ABS_LOSS`` (see its note in
+    ``_constants``). Any shape; ``~(|x| <= B)`` is True for NaN as well."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        return np.abs(values.astype(np.float64)) > MAX_ABS_LOSS
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(values) <= MAX_ABS_LOSS)
+
+
+def out_of_range_summary(bad_values: np.ndarray, rows: np.ndarray | list[int] | None = None) -> str:
+    """What is wrong with the flagged values (and where: ``rows``), e.g. ``3 losses are NaN, inf or beyond
+    ±1e+15 (max |loss| 1e+20; first at rows [2, 7])``."""
+    bad_values = np.asarray(bad_values, dtype=np.float64).ravel()
+    nan = int(np.isnan(bad_values).sum())
+    sizes = np.abs(bad_values[~np.isnan(bad_values)])
+    parts = [f"max |loss| {sizes.max():.3g}"] if len(sizes) else []
+    parts += [f"{nan} NaN"] if nan else []
+    if rows is not None:
+        parts.append(f"first at rows {np.asarray(rows)[:5].tolist()}")
+    return f"{len(bad_values)} losses are NaN, inf or beyond ±{MAX_ABS_LOSS:g} ({'; '.join(parts)})"
 
 
 # --- data files of examples (perturb recipes, daunce select, daunce serve) ----------------------------------

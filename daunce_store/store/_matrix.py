@@ -30,10 +30,19 @@ from daunce_store.errors import (
     AlreadyCommittedError,
     CapacityError,
     DaunceStoreError,
+    DivergedError,
     InvalidInputError,
     MissingQueryLossesWarning,
 )
-from daunce_store.store._inputs import _check_file, _first_line, read_table, validate_ids
+from daunce_store.store._inputs import (
+    DIVERGED_ADVICE,
+    _check_file,
+    _first_line,
+    out_of_range,
+    out_of_range_summary,
+    read_table,
+    validate_ids,
+)
 from daunce_store.store._records import Commit, check_perturbation_id
 
 if TYPE_CHECKING:
@@ -73,17 +82,17 @@ class LossMatrix:
                 f"{self.source}: {'; '.join(parts)}; give exactly one row per {what} id (`daunce status` shows the sets)"
             )
         order = np.fromiter((position[s] for s in wanted), dtype=np.int64, count=len(wanted))
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as inf
-            out = np.ascontiguousarray(values[order].astype(np.float32))
-        bad = ~np.isfinite(out)
+        values = values[order]
+        bad = out_of_range(values)  # validate_losses' rule, checked for every column before the first append
         if bad.any():
             rows, cols = np.nonzero(bad)
             cells = [f"{wanted[r]!r} under {self.perturbations[c]!r}" for r, c in zip(rows[:_SHOWN].tolist(), cols[:_SHOWN].tolist())]
-            raise InvalidInputError(
-                f"{self.source}: {int(bad.sum())} {what} losses are NaN, inf or overflow float32 (e.g. {', '.join(cells)}); "
-                "fix the loss computation (or the empty cells) before appending"
+            perturbations = [self.perturbations[c] for c in np.unique(cols)[:_SHOWN].tolist()]
+            raise DivergedError(
+                f"{self.source}: {what} {out_of_range_summary(values[bad])} (e.g. {', '.join(cells)}) in perturbations "
+                f"{_few(perturbations)}; {DIVERGED_ADVICE} (or fill the empty cells)"
             )
-        return out
+        return np.ascontiguousarray(values.astype(np.float32))
 
 
 def _few(items: Sequence[str]) -> str:

@@ -109,11 +109,12 @@ def test_library_dataframe_and_no_set_column(tmp_path: Path) -> None:
         (lambda f: pd.concat([f, f.iloc[:1].assign(id="zz")]), r"1 ids are not in the train set \(e.g. 'zz'\)"),
         (lambda f: pd.concat([f, f[f["id"] == "t5"]]), r"duplicate ids \['t5'\]"),
         (lambda f: f.assign(p1=np.where(f["id"] == "t7", np.nan, f["p1"])), r"NaN, inf .*'t7' under 'p1'"),
+        (lambda f: f.assign(p1=np.where(f["id"] == "t7", 1e20, f["p1"])), r"max \|loss\| 1e\+20\) \(e.g. 't7' under 'p1'\) in perturbations 'p1'.*diverged"),
         (lambda f: f.assign(set=np.where(f["id"] == "q0", "nope", f["set"])), r"\['nope'\] are neither `train` nor a query set"),
         (lambda f: f.rename(columns={"p2": "bad id!"}), r"perturbation id 'bad id!'"),
         (lambda f: f.drop(columns="id"), r"no `id` column"),
     ],
-    ids=["missing", "extra", "duplicate", "nan", "unknown-set", "bad-pid", "no-id"],
+    ids=["missing", "extra", "duplicate", "nan", "exploding", "unknown-set", "bad-pid", "no-id"],
 )
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_bad_matrix_is_refused_store_unchanged(tmp_path: Path, edit, message: str, suffix: str) -> None:

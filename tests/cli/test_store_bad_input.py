@@ -47,7 +47,7 @@ def test_nan_losses(store: Path, tmp_path: Path) -> None:
     values = np.ones(N)
     values[4] = np.nan
     np.save(tmp_path / "nan.npy", values)
-    _refused(store, ["append", str(store), "--perturbation", "p9", "--train", str(tmp_path / "nan.npy")], "NaN or inf")
+    _refused(store, ["append", str(store), "--perturbation", "p9", "--train", str(tmp_path / "nan.npy")], "NaN, inf or beyond")
 
 
 def test_wrong_length(store: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_non_finite_train_losses_refused(location: Location, bad: float) -> None
     store = _store(location)
     values = column(9, N)
     values[7] = bad
-    _refused(location, lambda: store.append("p9", values), errors.InvalidInputError, r"NaN or inf \(first at rows \[7\]\)")
+    _refused(location, lambda: store.append("p9", values), errors.DivergedError, r"1 losses are NaN, inf or beyond ±1e\+15 \(.*first at rows \[7\]\)")
     assert store.num_columns() == 3
 
 
@@ -57,7 +57,52 @@ def test_float64_overflowing_float32_refused(location: Location) -> None:
     store = _store(location)
     values = column(9, N).astype(np.float64)
     values[3] = 1e300
-    _refused(location, lambda: store.append("p9", values), errors.InvalidInputError, "overflow float32")
+    _refused(location, lambda: store.append("p9", values), errors.DivergedError, r"max \|loss\| 1e\+300")
+
+
+# A diverged fine-tune's losses (1e20 was seen): finite float32, but their float32 scores overflow (cov printed
+# "Infinity", the Gram of the default measure turned inf). Every append path refuses them, naming the
+# perturbation and the largest |loss|, and says what to do.
+@pytest.mark.parametrize("size", [1e20, -1e20, 3e38, 1.01e15], ids=["1e20", "-1e20", "3e38", "just-over"])
+def test_exploding_train_losses_refused(location: Location, size: float) -> None:
+    store = _store(location)
+    values = column(9, N)
+    values[[4, 11]] = np.float32(size)
+    _refused(location, lambda: store.append("p9", values), errors.DivergedError,
+             r"train losses of 'p9': 2 losses are NaN, inf or beyond ±1e\+15 \(max \|loss\| .*first at rows \[4, 11\]\)")
+    with pytest.raises(errors.DivergedError) as info:
+        store.append("p9", values)
+    message = str(info.value)
+    assert f"max |loss| {abs(float(np.float32(size))):.3g}" in message
+    assert "diverged" in message and "lower learning rate" in message
+    assert store.num_columns() == 3
+
+
+def test_losses_at_the_bound_are_kept(location: Location) -> None:
+    """|loss| up to MAX_ABS_LOSS is a column like any other, and scores finitely under every measure."""
+    from daunce_store._constants import MAX_ABS_LOSS
+
+    store = _store(location)
+    values = column(9, N)
+    values[[0, 5]] = [MAX_ABS_LOSS, -MAX_ABS_LOSS]
+    store.append("p9", values, {"test": np.array([MAX_ABS_LOSS, 0.5, -MAX_ABS_LOSS], np.float32)})
+    assert store.num_columns() == 4
+    for measure in ("cov", "corr", "auto", "whitened"):
+        result = store.topk("test", k=3, measure=measure)
+        for side in result.scores:
+            assert np.isfinite(result.scores[side]).all(), (measure, side, result.scores[side])
+    assert np.isfinite(store.self_influence(k=3, measure="cov").scores["pos"]).all()
+
+
+def test_exploding_query_losses_refused(location: Location) -> None:
+    store = _store(location)
+    q = column(9, M)
+    q[1] = 5e16
+    _refused(location, lambda: store.append("p9", column(9, N), {"test": q}), errors.DivergedError,
+             r"query set 'test' losses of 'p9': 1 losses .*max \|loss\| 5e\+16")
+    store.add_query_set("later", ["x", "y"])
+    _refused(location, lambda: store.append_query_losses("p1", "later", np.array([1.0, -2e15])), errors.DivergedError,
+             r"query set 'later' losses of 'p1'.*max \|loss\| 2e\+15.*lower learning rate")
 
 
 @pytest.mark.parametrize("length", [0, N - 1, N + 1])
