@@ -28,6 +28,11 @@ CONVERGENCE_THRESHOLD = 0.7
 # its two forward+backward passes cost at most ~20 % of the training. Uncapped, the 7-example probe of
 # the SmolLM2-135M LoRA test (2 steps of 4) took 76 s against 30 s of training on 2 CPU cores.
 PROBE_FRACTION = 0.1
+# YAML aliases (`*name`) repeat their anchor's whole subtree, so nested ones grow exponentially: a
+# "billion laughs" config of nine short lines expands to ~10^9 nodes, and walking them (validating, saving
+# the config into each commit) took 1.5 GB and did not end; with this bound it is refused in ~2 ms. A real config shares a few small blocks (a LoRA
+# section, tens of nodes), so aliases may add at most this many nodes beyond those the file itself holds.
+MAX_YAML_ALIAS_NODES = 10_000
 
 # The reference LLM setting of the Daunce paper: LoRA on the MLP projections.
 DEFAULT_LORA: dict[str, Any] = {
@@ -214,22 +219,9 @@ class PerturbConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> PerturbConfig:
-        """Read a config from a YAML file (``yaml.safe_load``; keys are the field names)."""
-        import yaml
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError as e:
-            raise InvalidInputError(f"config file {os.fspath(path)!r} does not exist") from e
-        except IsADirectoryError as e:
-            raise InvalidInputError(f"config file {os.fspath(path)!r} is a directory; give the YAML file itself") from e
-        except OSError as e:
-            raise InvalidInputError(f"config file {os.fspath(path)!r} cannot be read: {e.strerror or e}") from e
-        except UnicodeDecodeError as e:
-            raise InvalidInputError(f"config file {os.fspath(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
-        except yaml.YAMLError as e:
-            raise InvalidInputError(f"config file {os.fspath(path)!r} is not valid YAML: {e}") from e
+        """Read a config from a YAML file (safe loading, aliases bounded by ``MAX_YAML_ALIAS_NODES``; keys are
+        the field names)."""
+        data = read_yaml(path)
         return cls.from_dict({} if data is None else data)
 
     def replace(self, **changes: Any) -> PerturbConfig:
@@ -243,6 +235,75 @@ class PerturbConfig:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """A config file's YAML (``yaml.safe_load``), or InvalidInputError naming the file: unreadable, not
+    UTF-8, not YAML, or aliases that expand past ``MAX_YAML_ALIAS_NODES`` (or into themselves)."""
+    import yaml
+
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loader = yaml.SafeLoader(f)
+            try:
+                node = loader.get_single_node()  # the node graph: an alias is one shared node, not a copy
+                if node is None:
+                    return None
+                extra = _alias_expansion(node)
+                if extra is None:
+                    raise InvalidInputError(f"config file {name!r}: a YAML alias (*name) refers to a node that holds it, "
+                                            "a recursive structure; a config cannot hold one")
+                if extra > MAX_YAML_ALIAS_NODES:
+                    raise InvalidInputError(
+                        f"config file {name!r}: its YAML aliases (*name) expand to {extra:,} more nodes than the file "
+                        f"holds, past the limit of {MAX_YAML_ALIAS_NODES:,} (a 'billion laughs' document?); write the "
+                        "values out, or share smaller blocks"
+                    )
+                return loader.construct_document(node)
+            finally:
+                loader.dispose()
+    except FileNotFoundError as e:
+        raise InvalidInputError(f"config file {name!r} does not exist") from e
+    except IsADirectoryError as e:
+        raise InvalidInputError(f"config file {name!r} is a directory; give the YAML file itself") from e
+    except OSError as e:
+        raise InvalidInputError(f"config file {name!r} cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"config file {name!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"config file {name!r} is not valid YAML: {e}") from e
+    except RecursionError:  # PyYAML composes nested blocks recursively
+        raise InvalidInputError(f"config file {name!r} nests its YAML too deeply to read; a config is a few levels deep") from None
+
+
+def _alias_expansion(root: Any) -> int | None:
+    """How many nodes aliases add when the YAML node graph under ``root`` is expanded into a tree (its
+    expanded size less its distinct nodes), or None when an alias makes it infinite (a node inside itself).
+    Each distinct node is visited once and sizes are exact integers, so a billion laughs costs a few dozen steps."""
+    import yaml
+
+    def children(node: Any) -> list[Any]:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}  # expanded size of each finished node
+    open_nodes: set[int] = set()  # nodes whose subtree is being walked
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative depth-first walk: a deeply nested file cannot exhaust Python's stack here
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children(node))
+        elif key in open_nodes:  # met again below itself
+            return None
+        elif key not in size:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node))
+    return size[id(root)] - len(size)
 
 
 def lora_layer_count(spec: Any) -> int | None:

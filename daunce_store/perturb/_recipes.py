@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.perturb._config import PerturbConfig
+from daunce_store.perturb._config import PerturbConfig, read_yaml
 from daunce_store.perturb._task import CausalLMTask, SequenceClassificationTask, Task
 from daunce_store.store import LossStore, open_store, read_data_file, validate_ids
 
@@ -331,10 +331,7 @@ def load_config(config_file: str | os.PathLike[str] | None, recipe: str | None =
     data: dict[str, Any] = dict(RECIPE_DEFAULTS[recipe]) if recipe else {}
     if config_file is not None:
         yaml_config = PerturbConfig.from_yaml(config_file)  # its own checks and errors first
-        import yaml
-
-        with open(config_file, encoding="utf-8") as f:
-            given = set(yaml.safe_load(f) or {})  # the keys the file sets: they win over the recipe's defaults
+        given = set(read_yaml(config_file) or {})  # the keys the file sets: they win over the recipe's defaults
         if recipe is not None and yaml_config.factory:
             raise InvalidInputError(f"--config {os.fspath(config_file)!r} names factory {yaml_config.factory!r} and --recipe {recipe!r} is given; drop one")
         data.update({k: v for k, v in yaml_config.to_dict().items() if k in given})
@@ -379,7 +376,7 @@ def prepare_recipe(url: str, recipe: str, options: Mapping[str, Any], config: Pe
     if config.lora_settings() is not None:
         _check_lora_targets(skeleton, config.lora_settings(), options["model"])
     parts = _PARTS[recipe](**options)
-    validate_ids(parts.train_ids, what=f"train ids of {options['train']}")
+    validate_ids(parts.train_ids, what=f"train ids of {options['train']}", check_normalization=False)  # the store warns
     _open_or_create(url, parts, storage_options)
     return config.replace(factory=RECIPES[recipe], factory_kwargs=options)
 
