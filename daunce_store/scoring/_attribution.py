@@ -16,6 +16,7 @@ import numpy as np
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, write_frames, write_records
 from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
+from daunce_store.scoring._numpy import score_overflow_error
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
     MEASURES,
@@ -446,7 +447,12 @@ class Scores:
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         for offset, block in self._request.blocks(self._store, self._block_rows):
-            yield offset, self._prepared.dense(block).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below, by query
+                scores = self._prepared.dense(block).astype(np.float32)
+            bad = ~np.isfinite(scores)
+            if bad.any():  # as the top-k kernels: no inf or NaN score is ever handed out (or written)
+                raise score_overflow_error(int(np.flatnonzero(bad.any(axis=0))[0]))
+            yield offset, scores
 
     def to_numpy(self) -> np.ndarray:
         out = np.empty((len(self.train_ids), len(self.queries)), np.float32)

@@ -58,11 +58,12 @@ from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
     Gram,
     Prepared,
+    column_names,
     draws_of,
+    gram_part,
     metric_self_scores,
 )
-from daunce_store.scoring._numpy import prepare_rows
-from daunce_store.store import LossStore, Snapshot, weights_block
+from daunce_store.store import LossStore, Snapshot
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -243,35 +244,21 @@ def _scan_self(task: _SelfTask, r0: int, r1: int) -> Partial:
     return acc.finish()
 
 
-def _scan_gram(task: _GramTask, r0: int, r1: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One partition of :meth:`Gram.accumulate`: each block's (K, K) float64 part and subset counts, unsummed,
-    so the driver can add them in row order (float sums are not associative). K·K·8 bytes per block."""
-    draws = draws_of(task.source.snapshot, task.source.slots) if task.kind == "nystrom" else []
-    parts = []
+def _scan_gram(task: _GramTask, r0: int, r1: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """One partition of :meth:`Gram.accumulate`: each block's :func:`gram_part` ((K, K) float64 part, subset
+    counts, spread), unsummed, so the driver can add them in row order (float sums are not associative).
+    K·K·8 bytes per block."""
+    snapshot, slots = task.source.snapshot, task.source.slots
+    draws = draws_of(snapshot, slots) if task.kind == "nystrom" else []
+    names = column_names(snapshot, slots)
     with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate: the same GEMM path, the same bits
-        for offset, block in task.source.blocks(r0, r1, task.block_rows, positioned=False):
-            u = prepare_rows(block, "cov")
-            if task.kind == "nystrom":
-                w, members = weights_block(draws, offset, offset + len(block))
-                parts.append(((w.T @ u).astype(np.float64), np.asarray(members)))
-            else:
-                parts.append(((u.T @ u).astype(np.float64), np.zeros(0)))
-    return parts
+        return [gram_part(task.kind, block, offset, draws, names)
+                for offset, block in task.source.blocks(r0, r1, task.block_rows, positioned=False)]
 
 
-def _gram_from_parts(kind: str, parts: list[tuple[np.ndarray, np.ndarray]], num: int) -> Gram:
+def _gram_from_parts(kind: str, parts: list[tuple[np.ndarray, np.ndarray, str]], num: int) -> Gram:
     """The sums of :meth:`Gram.accumulate`, in its order."""
-    matrix: np.ndarray | None = None
-    sizes = np.zeros(num)
-    for part, members in parts:
-        if kind == "nystrom":
-            sizes += members
-        matrix = part if matrix is None else matrix + part
-    if matrix is None:
-        raise InvalidInputError("the store has no train rows to score")
-    if kind == "nystrom":
-        matrix = matrix / np.maximum(sizes, 1.0)[:, None]
-    return Gram(kind, matrix)
+    return Gram.from_parts(kind, parts, num)
 
 
 # --- the driver -----------------------------------------------------------------------------------------

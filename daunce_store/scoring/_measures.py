@@ -27,26 +27,32 @@ Adding a measure: one entry in ``MEASURES`` and, if it needs a new matrix, a bra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from daunce_store.errors import InvalidInputError, NotEnoughColumnsError
+from daunce_store._constants import MAX_ABS_LOSS
+from daunce_store.errors import DivergedError, InvalidInputError, NotEnoughColumnsError
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.store import PerturbationDraw, weights_block
 
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
 
-__all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores"]
+__all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
+           "gram_part", "column_names"]
 
 # Measured on the LDS testbeds (bench/RESULTS.md, "Accuracy"): a plain ridge on sym(W̄ᵀŪ) collapses at
 # K = 256 (near-zero and negative eigenvalues); raising them to 2-3 % of the largest is stable.
 NYSTROM_FLOOR = 0.03
 # Whitening ridge λ = 0.3 · tr(ŪᵀŪ)/K: LDS is flat around it (0.1-1.0 measured within 0.01-0.02).
 WHITEN_RIDGE = 0.3
+# A Gram block term whose entries are all below this is made of float32 products at or under float32's normal
+# range (1.2e-38): losses that vary only by ~1e-19 or less (e.g. subnormal losses ~1e-40). Such a Gram has lost
+# its digits, and its inverse scales queries beyond float32; a real Gram is many orders above it.
+GRAM_TINY = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,40 +122,99 @@ def _center(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=1, keepdims=True)
 
 
+# How a Gram's losses vary across the columns (Gram.spread): as float32 can square them, not at all, or only
+# below float32's range (GRAM_TINY).
+SPREAD_OK, SPREAD_CONSTANT, SPREAD_TINY = "ok", "constant", "tiny"
+
+
+def gram_part(kind: str, block: np.ndarray, offset: int, draws: Sequence[PerturbationDraw] = (),
+              names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, str]:
+    """One row block's term of :class:`Gram`: ``(part (K, K) float64, subset members (K,), spread)``, with
+    ``spread`` one of ``SPREAD_*`` for this block alone. ``names``: the columns' perturbation ids, for the
+    error a block raises when it holds losses beyond ±``MAX_ABS_LOSS`` (stored before appends refused them,
+    or written by other means): a :class:`DivergedError` naming those columns. Without it such a column
+    overflows the float32 Gram (read as "every loss is constant") or, below overflow, dominates every score."""
+    # Two passes without a temporary, cheap beside the (K, R) x (R, K) GEMM below; NaN fails the test too.
+    if not (block.max(initial=-np.inf) <= MAX_ABS_LOSS and block.min(initial=np.inf) >= -MAX_ABS_LOSS):
+        raise _beyond_range(kind, block, offset, names)
+    # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
+    u = prepare_rows(block, "cov")  # centered over K
+    if kind == "nystrom":
+        w, members = weights_block(draws, offset, offset + len(block))  # (R, K) row-major: see below
+        # w.T @ u with w row-major: measured 100x faster in OpenBLAS than a (K, R) C-order left side.
+        with np.errstate(over="ignore", invalid="ignore"):
+            part = (w.T @ u).astype(np.float64)
+        members = np.asarray(members, dtype=np.float64)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            part = (u.T @ u).astype(np.float64)
+        members = np.zeros(0)
+    if not np.isfinite(part).all():  # not for |loss| <= MAX_ABS_LOSS (its note bounds R); kept as the last word
+        raise _beyond_range(kind, block, offset, names)
+    if np.abs(part).max(initial=0.0) > GRAM_TINY:
+        return part, members, SPREAD_OK
+    return part, members, SPREAD_TINY if u.any() else SPREAD_CONSTANT
+
+
+def _beyond_range(kind: str, block: np.ndarray, offset: int, names: Sequence[str]) -> DivergedError:
+    """The error of a block holding losses beyond ±MAX_ABS_LOSS, naming their columns."""
+    with np.errstate(invalid="ignore"):
+        size = np.abs(block).max(axis=0)
+    bad = np.flatnonzero(~(size <= MAX_ABS_LOSS))
+    if not len(bad):  # only an overflowing part, which MAX_ABS_LOSS's bound on R rules out: name the largest column
+        bad = np.array([int(np.argmax(size))])
+    cols = [repr(names[j]) if j < len(names) else f"at position {j}" for j in bad[:5].tolist()]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return DivergedError(
+        f"the {kind} measure cannot score train rows {offset}:{offset + len(block)}: the columns of perturbations "
+        f"{', '.join(cols)}{more} hold losses up to |loss| {float(np.max(size[bad])):.3g}, beyond the ±{MAX_ABS_LOSS:g} "
+        "that float32 scoring supports (their fine-tune diverged; they were stored before appends refused such "
+        "losses, or written by other means). Leave those columns out (columns=), or rerun those perturbations "
+        "with a lower learning rate into a new store"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Gram:
     """Σ_i x_i ū_iᵀ over every train row, (K, K) float64, for the columns it was accumulated on.
 
     ū_i: row i's losses centered over the K columns; x_i = ū_i (``whitened``), or the perturbations'
-    linearized weights w_ik = a_ik·1[i∈D_k]/|D_k| (``nystrom``).
+    linearized weights w_ik = a_ik·1[i∈D_k]/|D_k| (``nystrom``). ``spread``: whether the losses vary
+    across the columns at all (``SPREAD_CONSTANT`` if not), and whether float32 could square them
+    (``SPREAD_TINY``: they vary only below ~1e-19, e.g. subnormal losses), so that an empty Gram is
+    explained truthfully.
     """
 
     kind: str
     matrix: np.ndarray
+    spread: str = SPREAD_OK
 
     @classmethod
-    def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw] = ()) -> Gram:
-        matrix: np.ndarray | None = None
-        sizes = np.zeros(len(draws))
+    def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw] = (),
+                   names: Sequence[str] = ()) -> Gram:
+        """One pass over ``blocks``; ``names``: the columns' perturbation ids (for errors)."""
         # One BLAS thread: these (K, R) x (R, K) products are small, the store's reader thread needs the
         # other core, and OpenBLAS's spinning threads made them 3-8x slower on a busy 2-core machine.
         with threadpool_limits(1, user_api="blas"):
-            for offset, block in blocks:
-                # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
-                u = prepare_rows(block, "cov")  # centered over K
-                if kind == "nystrom":
-                    w, members = weights_block(draws, offset, offset + len(block))  # (R, K) row-major: see below
-                    sizes += members
-                    # w.T @ u with w row-major: measured 100x faster in OpenBLAS than a (K, R) C-order left side.
-                    part = (w.T @ u).astype(np.float64)
-                else:
-                    part = (u.T @ u).astype(np.float64)
-                matrix = part if matrix is None else matrix + part
+            return cls.from_parts(kind, (gram_part(kind, block, offset, draws, names) for offset, block in blocks), len(draws))
+
+    @classmethod
+    def from_parts(cls, kind: str, parts: Iterable[tuple[np.ndarray, np.ndarray, str]], num_draws: int = 0) -> Gram:
+        """The sum of :func:`gram_part` terms, in their order (float sums are not associative)."""
+        matrix: np.ndarray | None = None
+        sizes = np.zeros(num_draws)
+        spreads = set()
+        for part, members, spread in parts:
+            if kind == "nystrom":
+                sizes += members
+            spreads.add(spread)
+            matrix = part if matrix is None else matrix + part
         if matrix is None:
             raise InvalidInputError("the store has no train rows to score")
         if kind == "nystrom":
             matrix = matrix / np.maximum(sizes, 1.0)[:, None]  # row k of WᵀŪ carries 1/|D_k|
-        return cls(kind, matrix)
+        spread = next((s for s in (SPREAD_OK, SPREAD_TINY) if s in spreads), SPREAD_CONSTANT)
+        return cls(kind, matrix, spread)
 
     def selected(self, positions: np.ndarray | None) -> np.ndarray:
         """P Eᵀ A E P: the centered Gram of a column selection (positions may repeat: a bootstrap)."""
@@ -165,6 +230,12 @@ class Gram:
 
     def preconditioner(self, positions: np.ndarray | None = None) -> np.ndarray:
         """M, projected onto the centered subspace (P M P), (K', K') float64."""
+        if self.spread == SPREAD_TINY:
+            raise InvalidInputError(
+                f"the train losses vary across the perturbations only by ~1e-19 or less (e.g. subnormal losses "
+                f"~1e-40): float32 cannot square them, so the {self.kind} measure has nothing to invert. Score with "
+                "--measure corr (scale-free) or cov, or rescale the losses (multiply them by a constant) before appending"
+            )
         b = self.selected(positions)
         kk = len(b)
         p = np.eye(kk) - 1.0 / kk
@@ -176,6 +247,8 @@ class Gram:
         else:
             vals, vecs = np.linalg.eigh(0.5 * (b + b.T))
             top = vals.max()
+            if not top > 0 and self.spread == SPREAD_CONSTANT:
+                raise NotEnoughColumnsError("every train loss is constant across the perturbations; nothing to score")
             if not top > 0:
                 raise InvalidInputError(
                     "the train losses do not respond to the recorded perturbation weights (W̄ᵀŪ has no positive "
@@ -232,11 +305,25 @@ def prepare(measure: Measure, q: np.ndarray, gram: Gram | None, positions: np.nd
     m = gram.preconditioner(positions)
     qc = _center(q)
     if not measure.normalized:
-        return Prepared(measure, "cov", np.ascontiguousarray((qc @ m).astype(np.float32)), None, None)
+        return Prepared(measure, "cov", np.ascontiguousarray(_float32(qc @ m, measure)), None, None)
     vals, vecs = np.linalg.eigh(m)
     root = (vecs * np.sqrt(np.maximum(vals, 0.0))) @ vecs.T  # M^½ (symmetric, range ⊥ 1)
-    queries = prepare_rows((qc @ root).astype(np.float32), "corr")
-    return Prepared(measure, "corr", queries, None, root.astype(np.float32))
+    queries = prepare_rows(_float32(qc @ root, measure), "corr")
+    return Prepared(measure, "corr", queries, None, _float32(root, measure))
+
+
+def _float32(x: np.ndarray, measure: Measure) -> np.ndarray:
+    """``x`` in float32, or a clear error where it does not fit: M scales like 1/spread², so losses that
+    barely vary (~1e-19 and less) give prepared queries beyond float32, which would score as inf."""
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidInputError(
+            f"the {measure.name} preconditioner scales the queries beyond float32: the train losses vary across the "
+            "perturbations by too little for float32 (spreads of ~1e-19 or less, e.g. subnormal losses). Score with "
+            "--measure corr (scale-free) or cov, or rescale the losses (multiply them by a constant) before appending"
+        )
+    return out
 
 
 def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, block_rows: int | None = None) -> Gram:
@@ -247,5 +334,11 @@ def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: s
     if key not in cache:
         draws = draws_of(snapshot, slots) if kind == "nystrom" else []
         blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
-        cache[key] = Gram.accumulate(kind, blocks, draws)
+        cache[key] = Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
     return cache[key]
+
+
+def column_names(snapshot: Snapshot, slots: Sequence[int]) -> list[str]:
+    """The perturbation id of the column in each slot (for messages)."""
+    by_slot = {c.slot: c.perturbation for c in snapshot.commits}
+    return [by_slot.get(s, f"slot {s}") for s in slots]

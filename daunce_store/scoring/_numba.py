@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._numpy import prepare_queries
+from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
 
 __all__ = ["NumbaTopK", "available"]
 
@@ -48,10 +48,17 @@ if numba is not None:
                 for t in range(kc):
                     v = np.float64(out[i, t])
                     ss += v * v
-                norm = np.float32(np.sqrt(ss))
-                scale = np.float32(1.0) / norm if norm > 0 else np.float32(0.0)
-                for t in range(kc):
-                    out[i, t] *= scale
+                norm64 = np.sqrt(ss)
+                if norm64 >= _TINY:
+                    scale = np.float32(1.0) / np.float32(norm64)
+                    for t in range(kc):
+                        out[i, t] *= scale
+                elif norm64 > 0:  # subnormal norm: its float32 reciprocal is inf (see _numpy.prepare_rows)
+                    for t in range(kc):
+                        out[i, t] = np.float32(np.float64(out[i, t]) / norm64)
+                else:
+                    for t in range(kc):
+                        out[i, t] = np.float32(0.0)
         return out
 
     @njit(cache=True, nogil=True)
@@ -83,8 +90,9 @@ if numba is not None:
         return kth, eq[-1]
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _select(scores, base, sign, k, keys, idxs, counts, thr_key, thr_idx, full):  # pragma: no cover
-        """Fold scores (m, R) of rows base .. base + R; key = sign * score, larger is better."""
+    def _select(scores, base, sign, k, keys, idxs, counts, thr_key, thr_idx, full, nan):  # pragma: no cover
+        """Fold scores (m, R) of rows base .. base + R; key = sign * score, larger is better. A NaN score is
+        noted in ``nan[j]`` (it has no place in the order), not ranked."""
         m, r = scores.shape
         cap = keys.shape[1]
         for j in prange(m):
@@ -94,6 +102,9 @@ if numba is not None:
             f = full[j]
             for t in range(r):
                 x = sign * scores[j, t]
+                if x != x:
+                    nan[j] = True
+                    continue
                 if f:
                     if x < tk or (x == tk and base + t > ti):
                         continue
@@ -119,6 +130,7 @@ class _SideState:
         self.thr_key = np.full(m, -np.inf, np.float32)
         self.thr_idx = np.full(m, np.iinfo(np.int64).max, np.int64)
         self.full = np.zeros(m, np.bool_)
+        self.nan = np.zeros(m, np.bool_)
 
 
 class NumbaTopK:
@@ -141,7 +153,7 @@ class NumbaTopK:
         self.rows_seen += s.shape[1]
         for side, st in self.state.items():
             sign = np.float32(1.0 if side == "pos" else -1.0)
-            _select(s, np.int64(offset), sign, self.k, st.keys, st.idxs, st.counts, st.thr_key, st.thr_idx, st.full)
+            _select(s, np.int64(offset), sign, self.k, st.keys, st.idxs, st.counts, st.thr_key, st.thr_idx, st.full, st.nan)
 
     def push_block(self, offset: int, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, np.float32)
@@ -154,7 +166,8 @@ class NumbaTopK:
         rows = max(256, _TILE_VALUES // max(m, 1))
         for r0 in range(0, block.shape[0], rows):
             prep = _prepare_rows(block[r0 : r0 + rows], self.corr)
-            scores = self.qp @ prep.T  # (m, rows), C-contiguous
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by finish, by query
+                scores = self.qp @ prep.T  # (m, rows), C-contiguous
             self.push_scores(offset + r0, scores)
 
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -162,6 +175,9 @@ class NumbaTopK:
             raise InvalidInputError(f"k={self.k} exceeds the number of rows {self.rows_seen}; use a smaller k")
         out = {}
         m, k = self.qp.shape[0], self.k
+        for st in self.state.values():
+            if st.nan.any():
+                raise score_overflow_error(int(np.flatnonzero(st.nan)[0]))
         for side, st in self.state.items():
             keys = np.empty((m, k), np.float32)
             idxs = np.empty((m, k), np.int64)
@@ -174,4 +190,4 @@ class NumbaTopK:
             idxs = np.take_along_axis(idxs, order, axis=-1)
             keys = np.take_along_axis(keys, order, axis=-1)
             out[side] = (idxs, keys if side == "pos" else -keys)
-        return out
+        return check_scores(out)

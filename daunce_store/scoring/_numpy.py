@@ -9,22 +9,66 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK"]
+from daunce_store._constants import MAX_ABS_LOSS
+from daunce_store.errors import InvalidInputError
+
+__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores"]
+
+# float32's smallest normal number: a row norm below it has a reciprocal beyond float32 (see prepare_rows).
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def score_overflow_error(query: int) -> InvalidInputError:
+    """The error of every backend when a score is inf or NaN (the Rust kernel's ``ScoreOverflow`` says the
+    same): finite losses that large have no float32 score, and NaN has no place in a ranking or in JSON."""
+    bound = f"{MAX_ABS_LOSS:g}".replace("e+", "e")
+    return InvalidInputError(
+        f"scores of query {query} overflow float32 (inf or NaN): the losses are too large to score; a store "
+        f"refuses |loss| > {bound} (MAX_ABS_LOSS), so such a column came from a diverged fine-tune appended before "
+        "that check or written by other means: leave its columns out (columns=) or rescale the losses"
+    )
+
+
+def check_scores(result: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``result`` when every score in it is finite, else :func:`score_overflow_error` for the first query
+    with an inf (an inf score always makes its side's top-k)."""
+    for _, scores in result.values():
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            raise score_overflow_error(int(np.flatnonzero(bad.any(axis=1))[0]))
+    return result
+
+
+def first_nan_query(scores: np.ndarray) -> int | None:
+    """The first query (column of ``scores``, (R, m)) holding a NaN score, or None; one sum in the common
+    case (a sum is NaN when a NaN is in it, or when infs of both signs meet: then the exact test decides)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isnan(scores.sum()):
+            return None
+    nan = np.isnan(scores).any(axis=0)
+    return int(np.flatnonzero(nan)[0]) if nan.any() else None
 
 
 def prepare_rows(x: np.ndarray, measure: str) -> np.ndarray:
     """Center each row over the K columns; for ``corr`` also scale it to unit norm.
 
     Then cov(i, j) = <a_i, b_j> / (K - 1) and corr(i, j) = <a_i, b_j> (DESIGN §1). A constant row has
-    zero norm; its correlation with anything is defined as 0.
+    zero norm; its correlation with anything is defined as 0. A row whose norm is below float32's smallest
+    normal (it varies only in subnormals, e.g. losses ~1e-40) is divided by its norm in float64: the float32
+    reciprocal would be inf (and inf × 0 NaN). Every backend does the same.
     """
     x = np.asarray(x, dtype=np.float32)
     mean = x.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
     xc = x - mean
     if measure == "corr":
-        norm = np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64)).astype(np.float32)
-        scale = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+        norm64 = np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64))
+        norm = norm64.astype(np.float32)
+        normal = norm64 >= _TINY
+        scale = np.divide(1.0, norm, out=np.zeros_like(norm), where=normal)
         xc *= scale[:, None]
+        tiny = np.flatnonzero(~normal & (norm64 > 0))
+        if len(tiny):  # rare: zeroed by the scale above, refilled here
+            xc[tiny] = ((x[tiny] - mean[tiny]).astype(np.float64) / norm64[tiny, None]).astype(np.float32)
     return np.ascontiguousarray(xc, dtype=np.float32)
 
 
@@ -79,6 +123,9 @@ class NumpyTopK:
         scores = scores[:, None] if scores.ndim == 1 else scores
         if scores.shape[0] == 0:
             return
+        nan = first_nan_query(scores)
+        if nan is not None:
+            raise score_overflow_error(nan)
         self.rows_seen += scores.shape[0]
         if "pos" in self.sides:
             _select_block(scores, offset, self.k, self.best["pos"])
@@ -87,18 +134,16 @@ class NumpyTopK:
 
     def push_block(self, offset: int, block: np.ndarray) -> None:
         if block.ndim != 2 or block.shape[1] != self.qp.shape[1]:
-            from daunce_store.errors import InvalidInputError
-
             raise InvalidInputError(
                 f"block has shape {block.shape} but the queries have {self.qp.shape[1]} columns; "
                 "score with the columns both have"
             )
-        # (R, m); never more than one block at a time
-        self.push_scores(offset, prepare_rows(block, self.measure) @ self.qp.T)
+        # (R, m); never more than one block at a time. An overflow is reported by push_scores, by query.
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores = prepare_rows(block, self.measure) @ self.qp.T
+        self.push_scores(offset, scores)
 
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        from daunce_store.errors import InvalidInputError
-
         if self.rows_seen < self.k:
             raise InvalidInputError(f"k={self.k} exceeds the number of rows {self.rows_seen}; use a smaller k")
         out = {}
@@ -106,7 +151,7 @@ class NumpyTopK:
             idx = np.stack([b[0] for b in self.best[side]]).astype(np.int64)
             val = np.stack([b[1] for b in self.best[side]]).astype(np.float32)
             out[side] = (idx, val if side == "pos" else -val)
-        return out
+        return check_scores(out)
 
 
 def topk_numpy(

@@ -41,7 +41,7 @@ import numpy as np
 from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._measures import DEFAULT_MEASURE
-from daunce_store.scoring._numpy import prepare_queries
+from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
 
 if TYPE_CHECKING:
     from daunce_store.scoring._attribution import Attribution
@@ -117,8 +117,13 @@ def _prepare_rows(torch: Any, x: Any, corr: bool) -> Any:
     mean = x.mean(dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
     xc = x - mean
     if corr:
-        norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
-        xc.mul_(torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+        norm64 = torch.linalg.vector_norm(xc, dim=1, keepdim=True, dtype=torch.float64)
+        norm = norm64.to(torch.float32)
+        normal = norm64 >= _TINY
+        tiny = ~normal & (norm64 > 0)  # subnormal norm: divided in float64 (see _numpy.prepare_rows)
+        small = torch.where(tiny, xc.to(torch.float64) / torch.where(tiny, norm64, 1.0), 0.0).to(torch.float32)
+        xc.mul_(torch.where(normal, 1.0 / norm, torch.zeros_like(norm)))
+        xc.add_(small)
     return xc
 
 
@@ -230,8 +235,11 @@ class _Engine:
         self.sel = {s: _Selection(torch, m, self.k, 1 if s == "pos" else -1, device) for s in sides}
         self.tile = max(256, _TILE_VALUES["cuda" if device.type == "cuda" else "cpu"] // max(m, 1))
         self.rows_seen = 0
+        # Per query: a NaN score was seen (the masks never admit NaN, so it is noted here; read in result).
+        self.nan = torch.zeros(m, dtype=torch.bool, device=device)
 
     def launch_scores(self, scores: Any, base: int) -> _Launched:
+        self.nan |= scores.isnan().any(dim=1)
         masks = {s: sel.mask(scores) for s, sel in self.sel.items()}
         counts = {s: mk.sum(1, dtype=self.t.int32) for s, mk in masks.items()}
         return _Launched(scores, base, masks, counts, self.t.stack([c.max() for c in counts.values()]))
@@ -254,11 +262,14 @@ class _Engine:
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self.rows_seen < self.k:
             raise InvalidInputError(f"k={self.k} exceeds the number of rows {self.rows_seen}; use a smaller k")
+        nan = self.nan.cpu().numpy()
+        if nan.any():
+            raise score_overflow_error(int(np.flatnonzero(nan)[0]))
         out = {}
         for side, sel in self.sel.items():
             keys = sel.keys if side == "pos" else -sel.keys
             out[side] = (sel.rows.cpu().numpy().astype(np.int64, copy=True), keys.cpu().numpy().astype(np.float32, copy=True))
-        return out
+        return check_scores(out)
 
 
 def _column_error(shape: tuple[int, ...], k_cols: int) -> InvalidInputError:

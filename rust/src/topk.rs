@@ -43,6 +43,8 @@ pub enum TopKError {
     TooFewRows { k: usize, n: u64 },
     /// A train row holds NaN or inf (the lowest such row seen).
     NonFinite { row: u64 },
+    /// A score of this query (row of the queries) is inf or NaN: finite losses too large for float32.
+    ScoreOverflow { query: usize },
 }
 
 impl std::fmt::Display for TopKError {
@@ -51,6 +53,13 @@ impl std::fmt::Display for TopKError {
             TopKError::Shape(s) => write!(f, "{s}"),
             TopKError::TooFewRows { k, n } => write!(f, "k={k} exceeds the number of rows {n}; use a smaller k"),
             TopKError::NonFinite { row } => write!(f, "train losses hold NaN or inf (row {row}); scores of NaN have no order"),
+            // The words of daunce_store.scoring._numpy.score_overflow_error (every backend says the same).
+            TopKError::ScoreOverflow { query } => write!(
+                f,
+                "scores of query {query} overflow float32 (inf or NaN): the losses are too large to score; a store \
+                 refuses |loss| > 1e15 (MAX_ABS_LOSS), so such a column came from a diverged fine-tune appended before \
+                 that check or written by other means: leave its columns out (columns=) or rescale the losses"
+            ),
         }
     }
 }
@@ -81,7 +90,9 @@ fn sum_f64(xs: &[f32], sq: bool) -> f64 {
 /// cannot overflow an f64), so the check costs nothing.
 ///
 /// Follows the numpy reference: the mean is summed in f64 and rounded to f32, the subtraction is in
-/// f32, the norm is summed in f64 from the f32 centered values.
+/// f32, the norm is summed in f64 from the f32 centered values. A norm below f32's smallest normal
+/// (a row varying only in subnormals, e.g. losses ~1e-40) has a reciprocal beyond f32 (1/1e-42 = inf, and
+/// inf × 0 = NaN): such rows are divided by the norm in f64 instead, which lands in [-1, 1].
 #[inline(always)]
 pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) -> bool {
     let k = row.len();
@@ -91,10 +102,18 @@ pub fn prepare_row(row: &[f32], measure: Measure, out: &mut [f32]) -> bool {
         *o = x - mean;
     }
     if measure == Measure::Corr {
-        let norm = sum_f64(out, true).sqrt() as f32;
-        let scale = if norm > 0.0 { 1.0f32 / norm } else { 0.0 };
-        for o in out.iter_mut() {
-            *o *= scale;
+        let norm = sum_f64(out, true).sqrt();
+        if norm >= f32::MIN_POSITIVE as f64 {
+            let scale = 1.0f32 / norm as f32;
+            for o in out.iter_mut() {
+                *o *= scale;
+            }
+        } else if norm > 0.0 {
+            for o in out.iter_mut() {
+                *o = (*o as f64 / norm) as f32;
+            }
+        } else {
+            out.iter_mut().for_each(|o| *o = 0.0);
         }
     }
     sum.is_finite()
@@ -242,11 +261,13 @@ struct Running {
     buf: Vec<Entry>,
     thr: Entry,
     full: bool,
+    /// A NaN score was seen: it has no place in the order, so `finish` reports it instead of dropping it.
+    nan: bool,
 }
 
 impl Running {
     fn new() -> Self {
-        Running { buf: Vec::new(), thr: Entry { key: f32::NEG_INFINITY, idx: u64::MAX }, full: false }
+        Running { buf: Vec::new(), thr: Entry { key: f32::NEG_INFINITY, idx: u64::MAX }, full: false, nan: false }
     }
 
     /// The smallest key that can still enter (ties are settled in `offer`).
@@ -334,7 +355,9 @@ fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, a_row: usize,
 }
 
 /// Fold one query's scores for rows `base .. base + s.len()` into its running top-k: `pos` sees the
-/// scores, `neg` their negation (so "larger key is better" holds on both sides).
+/// scores, `neg` their negation (so "larger key is better" holds on both sides). The tests are written
+/// `!(x < floor)` so that a NaN score is a hit and gets noted (`Running::nan`), never silently skipped;
+/// keys are `+ 0.0` so that -0 and +0 tie (as in the other backends) under `total_cmp`.
 #[inline(always)]
 fn select_scores<const POS: bool, const NEG: bool>(s: &[f32], base: u64, k: usize, cap: usize, p: &mut Running, n: &mut Running) {
     const W: usize = 32;
@@ -348,22 +371,27 @@ fn select_scores<const POS: bool, const NEG: bool>(s: &[f32], base: u64, k: usiz
         if chunk.len() == W {
             let mut m = 0u32;
             for &x in chunk {
-                m |= ((POS && x >= pf) as u32) | ((NEG && x <= nf) as u32);
+                m |= ((POS && !(x < pf)) as u32) | ((NEG && !(x > nf)) as u32);
             }
             hit = m != 0;
         } else {
             for &x in chunk {
-                hit |= (POS && x >= pf) || (NEG && x <= nf);
+                hit |= (POS && !(x < pf)) || (NEG && !(x > nf));
             }
         }
         if hit {
             for (t, &x) in chunk.iter().enumerate() {
                 let idx = base + (c0 + t) as u64;
+                if x.is_nan() {
+                    p.nan |= POS;
+                    n.nan |= NEG;
+                    continue;
+                }
                 if POS && x >= p.floor() {
-                    p.offer(Entry { key: x, idx }, k, cap);
+                    p.offer(Entry { key: x + 0.0, idx }, k, cap);
                 }
                 if NEG && -x >= n.floor() {
-                    n.offer(Entry { key: -x, idx }, k, cap);
+                    n.offer(Entry { key: -x + 0.0, idx }, k, cap);
                 }
             }
         }
@@ -708,6 +736,12 @@ impl TopKAccumulator {
         }
         let (k, m) = (self.k, self.m);
         let mut lanes = self.lanes;
+        // A NaN score (noted while selecting) or an infinite one (kept in the top-k) is an error naming the
+        // first such query: neither has a place in a ranking, nor in the JSON the results are written to.
+        let nan_query = (0..m).find(|&j| lanes.iter().any(|l| l.pos.get(j).is_some_and(|r| r.nan) || l.neg.get(j).is_some_and(|r| r.nan)));
+        if let Some(query) = nan_query {
+            return Err(TopKError::ScoreOverflow { query });
+        }
         let merge = |lanes: &mut [Lane], positive: bool| -> SideResult {
             let mut parts: Vec<Vec<Running>> =
                 lanes.iter_mut().map(|l| std::mem::take(if positive { &mut l.pos } else { &mut l.neg })).collect();
@@ -744,6 +778,11 @@ impl TopKAccumulator {
         };
         let pos = if self.pos { Some(merge(&mut lanes, true)) } else { None };
         let neg = if self.neg { Some(merge(&mut lanes, false)) } else { None };
+        for side in [&pos, &neg].into_iter().flatten() {
+            if let Some(at) = side.scores.iter().position(|s| !s.is_finite()) {
+                return Err(TopKError::ScoreOverflow { query: at / k });
+            }
+        }
         Ok((pos, neg))
     }
 }
@@ -930,6 +969,56 @@ mod tests {
         let mut out = [9.0f32; 3];
         prepare_row(&[2.0, 2.0, 2.0], Measure::Corr, &mut out);
         assert_eq!(out, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn subnormal_rows_have_finite_correlation() {
+        // Losses ~1e-40 vary by subnormals: the f32 reciprocal of their norm is inf (and inf × 0 NaN).
+        let row = [1.0e-40f32, 1.2e-40, 0.9e-40, 1.1e-40];
+        let mut out = [0f32; 4];
+        prepare_row(&row, Measure::Corr, &mut out);
+        assert!(out.iter().all(|v| v.is_finite() && v.abs() <= 1.0), "{out:?}");
+        let norm: f64 = out.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+        // Such rows score finitely against each other, on both sides, and -0 ties +0 (all cov scores underflow).
+        let mut seed = 5u64;
+        let x: Vec<f32> = (0..200 * 4).map(|_| 1.0e-40 + lcg(&mut seed) * 1.0e-41).collect();
+        for measure in [Measure::Cov, Measure::Corr] {
+            let (p, n) = run(&x, &x[..8], 4, 5, measure, 64);
+            assert!(p.scores.iter().chain(&n.scores).all(|s| s.is_finite()), "{measure:?}");
+            if measure == Measure::Cov {
+                assert_eq!(p.indices[..5], [0, 1, 2, 3, 4]);
+                assert_eq!(n.indices[..5], [0, 1, 2, 3, 4]);
+            }
+        }
+    }
+
+    #[test]
+    fn scores_beyond_f32_are_an_error() {
+        // Finite losses whose products overflow f32: cov scores of ±inf (with FMA an inf accumulator stays
+        // inf; without, infs of both signs meet as NaN). None is ranked (an inf would print as `Infinity`, a
+        // NaN be skipped silently): finish names the query, on whichever side the inf would top.
+        let kc = 4;
+        let x: Vec<f32> = (0..100)
+            .flat_map(|i| match i {
+                37 => [3.0e38, -3.0e38, 0.0, 0.0],
+                61 => [-3.0e38, 3.0e38, 0.0, 0.0],
+                _ => [i as f32, 1.0, -1.0, 0.5],
+            })
+            .collect();
+        let q = [0.0f32, 1.0, 0.0, 0.0, 3.0e38, -3.0e38, 0.0, 0.0]; // query 1: +inf at row 37, -inf at row 61
+        for (pos, neg) in [(true, true), (true, false), (false, true)] {
+            let mut acc = TopKAccumulator::new(&q, kc, 3, Measure::Cov, pos, neg, false).unwrap();
+            acc.push_block(0, &x).unwrap();
+            let got = acc.finish();
+            assert_eq!(got.as_ref().err(), Some(&TopKError::ScoreOverflow { query: 1 }), "pos={pos} neg={neg} {got:?}");
+        }
+        // A NaN among pushed scores, and an inf, likewise.
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut acc = TopKAccumulator::new(&[0.0, 1.0], 2, 2, Measure::Cov, true, true, true).unwrap();
+            acc.push_scores(0, &[1.0, bad, 2.0, 0.5]).unwrap();
+            assert_eq!(acc.finish().err(), Some(TopKError::ScoreOverflow { query: 0 }), "{bad}");
+        }
     }
 
     #[test]
