@@ -20,7 +20,7 @@ from rich.text import Text
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, iso, read_ids, read_losses
+from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_ids, read_losses
 
 app = typer.Typer(
     name="daunce",
@@ -575,8 +575,9 @@ def stability(
     result = s.stability(query_set, query or None, k=k, measure=measure.value, side=side.value,
                          fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend.value)
     if format == StabilityFormat.json:
-        sys.stdout.write(json.dumps({"summary": result.summary_records(), "records": result.records(),
-                                     "asymmetry": result.asymmetry}, indent=1) + "\n")
+        # Strict JSON: NaN ("not computed": no bootstrap resamples) as null, never a bare NaN token.
+        sys.stdout.write(dumps_json({"summary": result.summary_records(), "records": result.records(),
+                                     "asymmetry": result.asymmetry}, nan_as_null=True, indent=1) + "\n")
         return
     table = Table(
         title=_text(f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)"),

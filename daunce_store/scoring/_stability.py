@@ -190,7 +190,8 @@ def stability(
         for s in sides:
             where = np.searchsorted(listed, full[s][0])  # (m, k) rows into `losses`
             picked = np.stack([d[where, cols] for d in reps])  # (B, m, k)
-            stderr[s] = np.std(picked, axis=0, ddof=1).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
+            # float64: scores near the loss bound (~1e30) have squares beyond float32
+            stderr[s] = np.std(picked, axis=0, ddof=1, dtype=np.float64).astype(np.float32) if len(reps) > 1 else np.zeros_like(stderr[s])
     return Stability(
         queries=req.names, train_ids=RowIds.of(np.concatenate([full[s][0].ravel() for s in sides]), store.train_ids_at), measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},

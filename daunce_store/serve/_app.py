@@ -30,6 +30,7 @@ from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES
 from daunce_store.serve._batch import TopkBatcher
 from daunce_store.serve._data import ExampleData
 from daunce_store.serve._rows import ServedStore
+from daunce_store.store import json_ready
 
 __all__ = ["create_app"]
 
@@ -47,7 +48,8 @@ def _status_code(error: DaunceStoreError) -> int:
 
 
 def _finite(value: Any) -> Any:
-    """NaN and inf as null (JSON has neither), through dicts and lists."""
+    """NaN and inf as null (JSON has neither), through dicts and lists: for status figures, where a missing
+    value is no answer's point. Scores go through :func:`json_ready` instead, which never hides one."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -89,7 +91,8 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
     SideQ = Annotated[str, Query(description="pos (proponents), neg (opponents) or both.")]
 
     def ranking(result: Any) -> dict[str, Any]:
-        return {"measure": result.measure, "num_columns": result.num_columns, "records": _finite(result.records())}
+        # Scores are finite (the kernels refuse inf and NaN); were one not, a 400 says so, never a null score.
+        return {"measure": result.measure, "num_columns": result.num_columns, "records": json_ready(result.records(), what="the ranking")}
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -155,8 +158,9 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         snap = store.current()
         result = store.stability(query_set, query or None, k=k, measure=measure, side=side, fractions=tuple(fraction),  # type: ignore[arg-type]
                                  bootstrap=bootstrap, seed=seed, snapshot=snap)
-        return _finite({"measure": result.measure, "num_columns": result.num_columns, "summary": result.summary_records(),
-                        "records": result.records(), "asymmetry": result.asymmetry})
+        # NaN there means "not computed" (no bootstrap resamples): null, as `daunce stability --format json` writes it
+        return json_ready({"measure": result.measure, "num_columns": result.num_columns, "summary": result.summary_records(),
+                           "records": result.records(), "asymmetry": result.asymmetry}, nan_as_null=True, what="the stability answer")
 
     def data_of(name: str) -> ExampleData:
         if name not in data:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
-from daunce_store.store._inputs import (DATA_FILE_FORMATS, DataFile, data_file_format, read_data_file, read_ids,
-                                        read_losses, validate_ids, validate_losses)
+from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, read_data_file,
+                                        read_ids, read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
-from daunce_store.store._tables import TABLE_FORMATS, write_frames, write_records
+from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_records
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -34,6 +34,8 @@ __all__ = [
     "TABLE_FORMATS",
     "write_frames",
     "write_records",
+    "json_ready",
+    "dumps_json",
     "perturbation_weights",
     "weights_block",
     "append_query_matrix",
@@ -46,4 +48,5 @@ __all__ = [
     "read_losses",
     "validate_ids",
     "validate_losses",
+    "DIVERGED_ADVICE",
 ]

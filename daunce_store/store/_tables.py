@@ -7,6 +7,7 @@ Used by loss exports (``LossStore.export``), attribution results (``Attribution.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from daunce_store.errors import InvalidInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records"]
+__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records", "json_ready", "dumps_json"]
 
 TABLE_FORMATS = ("json", "jsonl", "csv", "parquet")
 STREAMING_FORMATS = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
@@ -64,12 +65,44 @@ def write_frames(frames: Iterable[pd.DataFrame], target: str | os.PathLike[str] 
     return _to_target(target, fmt, lambda f, binary: _write(frames, f, fmt, binary))
 
 
+def json_ready(value: Any, *, nan_as_null: bool = False, what: str = "the output") -> Any:
+    """``value`` (dicts, lists, tuples, numbers, ...) with every float finite, for strict JSON (which has no
+    NaN or Infinity: Python's ``json`` writes them as bare tokens that other parsers reject, and a CSV or
+    parquet reader takes them as numbers). ``nan_as_null``: a NaN means "not computed" (a bootstrap statistic
+    without resamples) and becomes None; otherwise a NaN, and an infinity always, is an InvalidInputError
+    naming where it is, never written."""
+    def walk(v: Any, where: str) -> Any:
+        if isinstance(v, float):
+            if math.isfinite(v):
+                return v
+            if nan_as_null and math.isnan(v):
+                return None
+            raise InvalidInputError(
+                f"{what}: {where} is {v}, which no output format may hold (JSON has no NaN or Infinity); "
+                "this is a bug in what computed it, or losses beyond float32 (see MAX_ABS_LOSS): nothing was written"
+            )
+        if isinstance(v, dict):
+            return {k: walk(x, f"{where}[{k!r}]") for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return walk(value, "value")
+
+
+def dumps_json(value: Any, *, nan_as_null: bool = False, what: str = "the output", **options: Any) -> str:
+    """``json.dumps`` of :func:`json_ready` ``(value)``, with ``allow_nan=False`` as the last guard."""
+    return json.dumps(json_ready(value, nan_as_null=nan_as_null, what=what), allow_nan=False, **options)
+
+
 def write_records(
     records: list[dict[str, Any]], target: str | os.PathLike[str] | IO[str], fmt: str, columns: Sequence[str]
 ) -> int:
     """Like :func:`write_frames` for a list of flat records with these ``columns`` (e.g. attribution
     results). json and jsonl are written with the standard library, so a CLI answer does not wait for
-    pandas to import (0.3 s)."""
+    pandas to import (0.3 s). In every format a NaN or infinite value is an error (:func:`json_ready`),
+    before anything is written."""
+    records = json_ready(records, what=f"the {fmt} records")
     if fmt not in ("json", "jsonl"):
         import pandas as pd
 
@@ -77,9 +110,9 @@ def write_records(
 
     def write(f: IO[Any], binary: bool) -> int:
         if fmt == "json":
-            text = json.dumps(records, indent=1, separators=(",", ":")) + "\n"
+            text = json.dumps(records, indent=1, separators=(",", ":"), allow_nan=False) + "\n"
         else:
-            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+            text = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records)
         f.write(text.encode() if binary else text)
         return len(records)
 

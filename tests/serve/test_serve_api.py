@@ -309,3 +309,30 @@ def test_images_by_path_and_data_uri(served, tmp_path):
     assert image.status_code == 200 and image.content == PNG and image.headers["content-type"] == "image/png"
     missing = client.get("/api/image", params={"id": "t99", "column": "picture"})
     assert missing.status_code == 404 and "has no row" in missing.json()["error"]
+
+
+def test_extreme_values_are_strict_json_or_a_4xx(served, tmp_path):
+    """A column of a diverged fine-tune (|loss| 1e20, written past the append check): every answer is strict
+    JSON; a ranking that would hold an inf score is a 400 naming the problem, never a null or `Infinity`
+    score. Without bootstrap resamples the stability figures are null, as the CLI writes them."""
+    import zarr
+    from fastapi.testclient import TestClient
+
+    slot = {c.perturbation: c.slot for c in daunce_store.open(served["url"]).commits()}["p2"]
+    group = zarr.open_group(served["url"])
+    for name, size in (("train/losses", N), ("queries/test/losses", 5)):
+        group[name][:, slot] = np.where(np.arange(size) % 2 == 0, 1e20, -1e20).astype(np.float32)
+    store = ServedStore.open_served(served["url"])
+    client = TestClient(create_app(store, load_data(store, [str(served["data"])])))
+
+    def strict(response):
+        return json.loads(response.text, parse_constant=lambda token: pytest.fail(f"{token} in {response.text[:200]}"))
+
+    for params, message in (({"measure": "cov"}, "overflow float32"), ({}, "'p2' hold losses up to |loss| 1e+20")):
+        response = client.get("/api/topk", params={"query_set": "test", "k": 3, **params})
+        assert response.status_code == 400, response.text
+        assert message in strict(response)["error"]
+    body = strict(client.get("/api/topk", params={"query_set": "test", "k": 3, "measure": "corr"}))
+    assert all(isinstance(r["score"], float) for r in body["records"])
+    body = strict(client.get("/api/stability", params={"query_set": "test", "k": 3, "measure": "corr", "bootstrap": 0}))
+    assert all(r["stderr"] is None for r in body["records"]) and all(isinstance(r["score"], float) for r in body["records"])
