@@ -226,9 +226,13 @@ class MaintenanceMixin:
         # first_group is the pack map readers use (a slot's lowest published group).
         reclaimed = {n for n in map(record_number, self._storage.list(C.RECLAIMED_PREFIX)) if n is not None}
         out["packed_copies"] = [
-            {"slot": slot, "group": group, "position": [int(s) for s in published[group]["slots"]].index(slot),
-             "reclaimable": manifest_age[group] > grace_seconds}
+            {"slot": slot, "group": group, "state": "packed", "reclaimable": manifest_age[group] > grace_seconds}
             for slot, group in sorted(first_group.items()) if slot not in reclaimed and slot in committed
+        ]
+        # A gc killed between a slot's reclaimed record and the end of its deletes: the record is the licence.
+        out["packed_copies"] += [
+            {"slot": slot, "group": first_group.get(slot), "state": "deleting", "reclaimable": True}
+            for slot in sorted(reclaimed) if self._done_key("copy", slot) not in fates
         ]
         return out
 
@@ -296,15 +300,18 @@ class MaintenanceMixin:
                 self._storage.delete(f"{C.PACKS_PREFIX}/{group:08d}.json")
                 self._delete_group_chunks(group, report)
                 self._storage.put(self._done_key("group", group), {"reclaimed_at": now_iso()})
-        copies = [item for item in found["packed_copies"] if item["reclaimable"]]
+        copies = [item for item in found["packed_copies"] if item["reclaimable"] and item["state"] == "packed"]
         if copies and not dry_run:
             verified = self._copies_read_back([item["slot"] for item in copies], report, "packed columns", compare_own=True)
             copies = [item for item in copies if item["slot"] in verified]
-        for item in copies:
-            report.packed_slots.append(item["slot"])
+        for item in copies + [item for item in found["packed_copies"] if item["state"] == "deleting"]:
+            if item["state"] == "packed":
+                report.packed_slots.append(item["slot"])
             if not dry_run:  # invariant 3: the record first: from then on verify checks the packed copy only
-                self._storage.put(f"{C.RECLAIMED_PREFIX}/{item['slot']:08d}.json", {"group": item["group"], "reclaimed_at": now_iso()})
+                if item["state"] == "packed":
+                    self._storage.put(f"{C.RECLAIMED_PREFIX}/{item['slot']:08d}.json", {"group": item["group"], "reclaimed_at": now_iso()})
                 self._delete_column_chunks(self._train_losses, item["slot"], report)
+                self._storage.put(self._done_key("copy", item["slot"]), {"reclaimed_at": now_iso()})
         return report
 
     def _complete(self, fate: dict[str, Any] | None, field: str, key: str) -> bool:

@@ -277,7 +277,7 @@ def _process_start(pid: int) -> tuple[float | None, bool]:
         return None, False
 
 
-_NUMBERED = re.compile(r"(?:(?:slot|group)-)?(\d{8})(?:\.\w+)?\.json")
+_NUMBERED = re.compile(r"(?:(?:slot|group|copy)-)?(\d{8})(?:\.\w+)?\.json")
 
 
 def record_number(key: str) -> int | None:

@@ -192,46 +192,6 @@ def test_gc_reclaims_orphaned_pack_group(tmp_path) -> None:
     assert location.open().verify().findings == []
 
 
-GC_PROCESS = """
-import sys, daunce_store
-store = daunce_store.open(sys.argv[1])
-print("ready", flush=True)
-store.gc(grace_seconds=0)
-"""
-
-
-def test_sigkill_during_gc(tmp_path) -> None:
-    """gc killed at random points: committed columns stay intact, and the next gc finishes the job."""
-    import os
-    import random
-    import signal
-    import time
-
-    location = Location("local", str(tmp_path), None)
-    s = _store(location, chunk_rows=4, capacity=512)  # 24 chunks per leaked slot: many deletes to land a kill in
-    fill(s, range(3))
-    assert s.compact() == [0]  # slots 0 and 1 packed: their per-column copies are reclaimed too
-    rng = random.Random(7)
-    leaked: list[int] = []
-    killed_mid_gc = 0
-    for trial in range(8):
-        leaked += [_leak_slot(s, 100 + 10 * trial + i) for i in range(10)]
-        proc = subprocess.Popen([sys.executable, "-c", GC_PROCESS, location.url()], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.3))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert assert_consistent(location.open(mode="r")) == [0, 1, 2]
-        killed_mid_gc += bool(location.open().status()["leaked_slots"])
-    location.open().gc(grace_seconds=0)
-    assert location.open().status()["leaked_slots"] == []
-    chunk_columns = {int(k.rsplit("/", 1)[1]) for k in location.objects() if k.startswith("train/losses/c/")}
-    assert location.open().reclaimed_slots() == {0: 0, 1: 0}
-    assert chunk_columns == {2} and chunk_columns.isdisjoint(leaked)
-    assert location.open().verify().findings == []
-    assert killed_mid_gc >= 2, killed_mid_gc  # the kills did land inside gc runs
-
-
 def test_readers_and_writers_during_gc(tmp_path) -> None:
     """Readers score while gc reclaims leaked slots and duplicate groups and writers append: every answer
     is the same, and every append either commits intact or fails loudly with nothing visible."""
