@@ -1,4 +1,5 @@
-"""Crash injection: a real writer process is SIGKILLed at random points while appending; after every
+"""Crash injection: a real writer process is SIGKILLed at named failpoints (the N-th storage operation, N
+spread over an append's and a compaction's operations) while appending; after every
 kill the store opens, every committed column reads back bit-identical, nothing partial is visible, and
 the killed perturbation can be appended again."""
 
@@ -6,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from _support import BUCKET, Location, assert_consistent, column
+from daunce_store.store._failpoints import FAILPOINT_ENV, TRACE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,19 @@ N, M = 1024, 64
 CHUNK_ROWS = 32  # 32 train chunks + 2 query chunks per append: many separate writes to land a kill in
 
 
-def _start_writer(location: Location, start: int, compact: bool) -> subprocess.Popen[str]:
+APPEND_TARGETS = [("put", "_daunce/slots/*"), ("put", "train/losses/*"), ("put", "_daunce/fates/*"), ("put", "_daunce/commits/*"),
+                  ("any", "*")]
+
+
+def _start_writer(location: Location, start: int, compact: bool, *, failpoint: str | None = None, trace: Path | None = None,
+                  cycles: int = 0) -> subprocess.Popen[str]:
     options = [json.dumps(location.options)] if location.options else []
+    env = {k: v for k, v in os.environ.items() if k not in (FAILPOINT_ENV, TRACE_ENV)}
+    env.update({FAILPOINT_ENV: failpoint} if failpoint else {})
+    env.update({TRACE_ENV: str(trace)} if trace else {})
     proc = subprocess.Popen(
-        [sys.executable, str(WRITER), location.url(), str(start), "compact" if compact else "append", *options],
-        stdout=subprocess.PIPE, text=True, cwd=WRITER.parent,
+        [sys.executable, str(WRITER), location.url(), str(start), "compact" if compact else "append", str(cycles), *options],
+        stdout=subprocess.PIPE, text=True, cwd=WRITER.parent, env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the writer opened the store (imports take a while)
@@ -39,7 +47,7 @@ def _start_writer(location: Location, start: int, compact: bool) -> subprocess.P
 
 @pytest.mark.parametrize(
     "backend, compact, trials",
-    [("local", False, 50), ("local", True, 24), pytest.param("s3", False, 8, marks=pytest.mark.s3)],
+    [("local", False, 40), ("local", True, 24), pytest.param("s3", False, 8, marks=pytest.mark.s3)],
     ids=["local-append", "local-append+compact", "s3-append"],
 )
 def test_sigkill_during_append_never_exposes_partial_columns(
@@ -53,32 +61,37 @@ def test_sigkill_during_append_never_exposes_partial_columns(
         "s.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]}, chunk_rows=CHUNK_ROWS, capacity=1024,
         pack_width=4,  # with compaction on: a group of 4 columns (32 wide chunks) after every 4th append
     )
-    max_delay = 0.1 if backend == "local" else 0.6  # an S3 append is a few hundred ms against moto
-    rng = random.Random(1234)
-    next_pid = 0
+    # Aim, don't sleep: count the storage operations of the writer's first cycles (4 with compaction, so one
+    # packs a group), then kill each trial before a named operation: each write of an append in turn, or
+    # any operation spread over them (with compaction, every other trial before an operation on a pack
+    # record or chunk).
+    ops = tmp_path / "ops.txt"
+    probe = _start_writer(location, 0, compact, trace=ops, cycles=4 if compact else 1)
+    assert probe.wait() == 0
+    traced = ops.read_text().splitlines()
+    pack_ops = [line for line in traced if "pack" in line]
+    assert len(traced) > N // CHUNK_ROWS and (not compact or len(pack_ops) > N // CHUNK_ROWS), (len(traced), len(pack_ops))
+    next_pid = 1 if not compact else 4
     killed_mid_append = 0
+    killed_before: set[str] = set()
 
     def killed_mid_compaction() -> bool:  # a claimed group that never got its manifest
         s = location.open(mode="r")
         return len(s._storage.list("_daunce/pack-claims")) > len(s._storage.list("_daunce/packs"))
 
-    trial = 0
-    # With compaction, go on (up to 3x the trials) until a kill has landed inside one: its window is short.
-    while trial < trials or (compact and trial < 3 * trials and not killed_mid_compaction()):
-        trial += 1
-        proc = _start_writer(location, next_pid, compact)
-        if compact and trial % 2 == 0:
-            # Aim at a compaction: its window (claim .. manifest) is a few ms, and on a quiet machine random
-            # delays alone can miss it for dozens of trials. One call in four packs a group.
-            for _ in range(rng.randint(1, 4)):
-                assert proc.stdout is not None and proc.stdout.readline().strip() == "compacting"
-            time.sleep(rng.uniform(0.0, 0.005))
-        else:
-            # One append takes ~20 ms here; delays up to a few appends land kills everywhere in the cycle
-            # (slot claim, chunk writes, commit record) and sometimes before the first one.
-            time.sleep(rng.uniform(0.0, max_delay))
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+    compaction_kills = 0
+    for trial in range(trials):
+        if compact and trial % 2:
+            failpoint = f"kill@any:{1 + (trial // 2 * 7) % len(pack_ops)}:*pack*"
+        else:  # before each write of an append in turn (the claim, a chunk, the fate, the commit), or any op
+            kind, glob = APPEND_TARGETS[trial % len(APPEND_TARGETS)]
+            spread = {"train/losses/*": N // CHUNK_ROWS, "*": len(traced)}.get(glob, 1)
+            failpoint = f"kill@{kind}:{1 + (trial // len(APPEND_TARGETS) * 7) % spread}:{glob}"
+        ops.unlink(missing_ok=True)
+        proc = _start_writer(location, next_pid, compact, failpoint=failpoint, trace=ops)
+        assert proc.wait() == -signal.SIGKILL, failpoint  # the writer loops forever: only the failpoint ends it
+        last = ops.read_text().splitlines()[-1]  # the operation it was killed before
+        killed_before.add(last.split(" ", 1)[1].rsplit("/", 1)[0].split("/c/")[0])
 
         reopened = location.open()
         committed = assert_consistent(reopened)
@@ -96,12 +109,16 @@ def test_sigkill_during_append_never_exposes_partial_columns(
         slot = {c.perturbation: c.slot for c in again.commits()}[f"p{killed}"]
         assert (again.train_losses(slots=[slot])[:, 0] == column(killed, N)).all()
         if compact:  # compaction after a killed compaction packs the rest, and reads stay right
+            compaction_kills += killed_mid_compaction()
             reopened.compact()
             packed = reopened._pack_map()
             assert len(packed) == 4 * ((killed + 1) // 4) and set(packed) <= {c.slot for c in reopened.commits()}
             assert assert_consistent(location.open(mode="r")) == list(range(killed + 1))
         next_pid = killed + 1
-    # The kills did land inside appends (not only between them), so the test exercised something.
+    # The kills landed inside appends (not only between them), before every kind of write, and (with
+    # compaction) inside compactions: a claimed group that never got its manifest.
     assert killed_mid_append >= trials // 5, killed_mid_append
-    if compact:  # kills landed in compactions too: claimed groups that never got a manifest
-        assert killed_mid_compaction()
+    aimed = {"train/losses", "train/packed", "_daunce/packs"} if compact else {"_daunce/slots", "train/losses", "_daunce/fates", "_daunce/commits"}
+    assert aimed <= killed_before, killed_before
+    if compact:
+        assert compaction_kills >= 2, compaction_kills
