@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, InvalidInputError, LeaseError
+from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, DivergedError, InvalidInputError, LeaseError
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig, lora_layer_count
 from daunce_store.perturb._objective import batch_objective, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._task import Task
-from daunce_store.store import PerturbationDraw, perturbation_id
+from daunce_store.store import PerturbationDraw, perturbation_id, validate_losses
 
 __all__ = [
     "run_perturbation",
@@ -480,7 +480,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
             t_probe = time.perf_counter() - t_probe
             reporter.begin(pid, "train", len(order))
             losses_seen = []
-            for idx in order:
+            for step, idx in enumerate(order, 1):
                 if beat.lost is not None:
                     raise beat.lost
                 batch = _to_device(_fetch(train_data, idx, task), device)
@@ -489,8 +489,9 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                     obj = batch_objective(task, prep.model, batch, c, config.objective, config.gamma, prep.reference)
                 obj = obj + l2_penalty(params, weight_decay)  # the target's own regularizer
                 if not torch.isfinite(obj):
-                    raise InvalidInputError(
-                        f"perturbation {pid}: the objective became {obj.item()} (diverged); lower lr or rho"
+                    raise DivergedError(
+                        f"perturbation {pid}: the objective became {obj.item()} at step {step} of {len(order)}: the "
+                        "fine-tune diverged; lower the learning rate (lr) or rho and run it again"
                     )
                 opt.zero_grad(set_to_none=True)
                 obj.backward()
@@ -510,6 +511,11 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                 for name, data in query_data.items()
             }
             t_eval = time.perf_counter() - t1
+            # The store's own rule (validate_losses: NaN, inf, |loss| > MAX_ABS_LOSS), before anything of this
+            # perturbation is written, its weights included: a fine-tune that diverged is refused here.
+            validate_losses(train_signal, len(train_data), what=f"perturbation {pid}: train losses")
+            for name, values in query_signal.items():
+                validate_losses(values, len(values), what=f"perturbation {pid}: query set {name!r} losses")
             adapter = None
             if config.keep_adapters:
                 adapter = _save_state(store, pid, prep.state())

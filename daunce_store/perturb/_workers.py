@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, InvalidInputError, LeaseError
+from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, DivergedError, InvalidInputError, LeaseError
+from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
@@ -102,6 +103,10 @@ def run_worker(
     (a killed run being resumed) is taken over at once. When every remaining perturbation is leased by a
     live worker this one waits (``poll_seconds``, default a quarter of the lease) for them to finish or
     expire, and says on stderr what it waits for (once per change). Returns the commits this worker made.
+
+    A perturbation whose fine-tune diverges (a NaN or inf objective, or losses the store refuses: NaN, inf,
+    |loss| > ``MAX_ABS_LOSS``) is not committed: this worker says so in one line on stderr, gives its lease
+    back and goes on with the next id, never trying that one again (:func:`run_workers` counts them).
     """
     if int(until) < 1:
         raise InvalidInputError(f"until={until}: ask for at least one perturbation")
@@ -118,10 +123,11 @@ def run_worker(
     worker = worker or _launcher_worker_name()  # leases and commit records carry it
     name = worker
     waiting_on: frozenset[tuple[str, str]] = frozenset()
+    diverged: set[str] = set()  # seeds make a rerun diverge again: each is tried once per worker
     try:
         while True:
             committed = {c.perturbation for c in store.commits()}
-            remaining = [p for p in ids if p not in committed]
+            remaining = [p for p in ids if p not in committed and p not in diverged]
             reporter.perturbations(len(ids), len(ids) - len(remaining))
             if not remaining:
                 return commits
@@ -143,6 +149,10 @@ def run_worker(
                 )
             except (LeaseError, AlreadyCommittedError):
                 continue  # another worker took this one over; move on
+            except DivergedError as e:  # its lease is given back already (run_perturbation); the next id
+                diverged.add(lease.perturbation)
+                reason = str(e).removeprefix(f"perturbation {lease.perturbation}: ")
+                _say(f"{name}: perturbation {lease.perturbation} diverged and was not committed (going on with the next id): {reason}")
     finally:
         reporter.close()
 
@@ -253,7 +263,11 @@ def run_workers(
     """Run perturbations 0..until-1 into the store at ``url`` with ``workers`` processes; returns the
     number of committed columns among them. One worker runs in this process; more are ``spawn``-ed
     processes (one CPU share or one GPU each) that cooperate through leases, so this can also be run
-    on several machines against one store."""
+    on several machines against one store.
+
+    Perturbations whose fine-tune diverged are skipped by the workers (:func:`run_worker`); when the others
+    are done, a :class:`~daunce_store.errors.DivergedError` says how many diverged, which, and what to do
+    (the committed columns are valid: the same command again runs only what is missing)."""
     from daunce_store.store import open_store
 
     until = until or config.num_perturbations
@@ -320,7 +334,17 @@ def run_workers(
                 f"{len(failed)} of {workers} workers failed: {', '.join(failed)}; see their tracebacks above. "
                 "Committed columns are valid; fix the cause and run the same command again to finish"
             )
-    return len(ids & {c.perturbation for c in store.commits()})
+    committed = ids & {c.perturbation for c in store.commits()}
+    missing = sorted(ids - committed)
+    if missing:  # every worker ended normally: what it left uncommitted, it saw diverge
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DivergedError(
+            f"{len(missing)} of {until} perturbations diverged and were not committed ({shown}); the other "
+            f"{len(committed)} are committed in {url}. Their fine-tunes produced NaN, inf or |loss| > {MAX_ABS_LOSS:g} "
+            "(each worker said which on stderr): lower the learning rate (lr) or rho in the config, then run the "
+            "same command again to redo only those"
+        )
+    return len(committed)
 
 
 def fill_query_sets(

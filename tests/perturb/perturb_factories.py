@@ -58,6 +58,18 @@ def digits(l2: float = 1e-3, signal: str = "loss", later: bool = False):
     return model, ClassificationTask(signal), train, queries
 
 
+def digits_blowing_up(row: int, size: float = 1e30):
+    """``digits`` whose train example ``row`` holds only pixel 0, set to ``size``. Pixel 0 is blank in every
+    digit, so theta0's weights on it are exactly 0 and the example's loss at theta0 is ordinary; but one SGD
+    step on it sends those weights to ~size·lr and its logits to inf: a perturbation whose D_k holds ``row``
+    diverges (a NaN objective at its next visit, or NaN losses), every other one trains as usual."""
+    model, task, train, queries = digits()
+    x, y = (t.clone() for t in train.tensors)
+    x[row] = 0.0
+    x[row, 0] = size
+    return model, task, torch.utils.data.TensorDataset(x, y), queries
+
+
 # --- language models -------------------------------------------------------------------------------------
 def topic_texts(n: int, words: int = 40) -> list[str]:
     """Short passages of the standard library's pydoc topics text (always installed, no network)."""
