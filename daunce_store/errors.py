@@ -21,6 +21,7 @@ __all__ = [
     "CorruptRecordError",
     "CapacityError",
     "ReclaimedError",
+    "StorageError",
     "ConvergenceWarning",
     "ConstantQueryWarning",
     "MissingQueryLossesWarning",
@@ -91,6 +92,11 @@ class CorruptRecordError(DaunceStoreError):
 
 class CapacityError(DaunceStoreError):
     """The store has no free column slot left."""
+
+
+class StorageError(DaunceStoreError):
+    """The disk or object store refused or failed an operation (disk full, I/O error, a fault that outlived
+    the retries); the message names the store, the operation, and what was left behind."""
 
 
 class ReclaimedError(DaunceStoreError):

@@ -17,6 +17,7 @@ from zarr.codecs import Crc32cCodec
 from daunce_store import _constants as C
 from daunce_store.errors import CapacityError, CorruptRecordError, ReclaimedError
 from daunce_store.store._maintenance import GcReport
+from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, ImmutableRecords, claim_numbered, default_worker_name, now_iso
 from daunce_store.store._storage import Storage
 
@@ -62,14 +63,19 @@ class CompactionMixin:
         read them. Returns the groups made (columns left over wait for the next run).
         """
         self._require_writable()
+        made: list[int] = []
+        left = lambda: (f"the groups made before it ({made}) are published; a group in progress stays claimed and the "  # noqa: E731
+                        "next `daunce gc` reclaims it; committed columns are untouched")
+        with storage_errors(self.url, "compact", left):
+            return self._compact(worker or default_worker_name(), made)
+
+    def _compact(self, worker: str, made: list[int]) -> list[int]:
         width = self.pack_width
         packed = set(self._pack_map())
         todo = [c.slot for c in self.commits() if c.slot not in packed]
-        made: list[int] = []
         if len(todo) < width:
             return made
         arr = self._packed_array(create=True)
-        worker = worker or default_worker_name()
         while len(todo) >= width:
             group_slots, todo = todo[:width], todo[width:]
             group = claim_numbered(self._storage, C.PACK_CLAIMS_PREFIX, {"slots": group_slots, "worker": worker, "claimed_at": now_iso()},

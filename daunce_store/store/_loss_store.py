@@ -46,6 +46,7 @@ from daunce_store.store._compact import CompactionMixin, _parse_manifest
 from daunce_store.store._inputs import validate_ids, validate_losses
 from daunce_store.store._leases import LeasesMixin
 from daunce_store.store._maintenance import GcReport, MaintenanceMixin
+from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._matrix import append_matrix, warn_missing_query_losses
 from daunce_store.store._read import ReadPathMixin
 from daunce_store.store._records import (
@@ -187,19 +188,23 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             )
         if storage.exists():
             raise StoreExistsError(f"{storage.url} already holds data; open it, or pick an empty path")
-        root = zarr.open_group(storage.zarr_store, mode="w")
-        _create_column_arrays(root, C.TRAIN_GROUP, ids, capacity, chunk_rows)
-        for name, qids in sets.items():
-            _create_column_arrays(root, f"{C.QUERIES_GROUP}/{name}", qids, capacity, chunk_rows)
-        # The format attribute goes last: a crash during init leaves something that is not a store.
-        root.attrs[C.ROOT_ATTR] = {
-            "format": C.FORMAT_NAME,
-            "format_version": C.FORMAT_VERSION,
-            "seed": int(seed),
-            "pack_width": int(pack_width),
-            "created_at": now_iso(),
-            **dict(attributes or {}),
-        }
+        left = lambda: f"what was written is not a store (its format attribute comes last): delete {storage.url} and run init again"  # noqa: E731
+        with storage_errors(storage.url, "init", left):
+            storage.op("put", "zarr.json")
+            root = zarr.open_group(storage.zarr_store, mode="w")
+            _create_column_arrays(root, C.TRAIN_GROUP, ids, capacity, chunk_rows)
+            for name, qids in sets.items():
+                _create_column_arrays(root, f"{C.QUERIES_GROUP}/{name}", qids, capacity, chunk_rows)
+            # The format attribute goes last: a crash during init leaves something that is not a store.
+            storage.op("put", "zarr.json")
+            root.attrs[C.ROOT_ATTR] = {
+                "format": C.FORMAT_NAME,
+                "format_version": C.FORMAT_VERSION,
+                "seed": int(seed),
+                "pack_width": int(pack_width),
+                "created_at": now_iso(),
+                **dict(attributes or {}),
+            }
         return cls(storage, mode="a")
 
     @classmethod
@@ -425,6 +430,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         for name, values in (query_losses or {}).items():
             arr, _, _ = self._query(name)
             queries[name] = validate_losses(values, int(arr.shape[0]), what=f"query set {name!r} losses of {pid!r}")
+        progress: dict[str, Any] = {}
         if self.is_committed(pid):
             raise AlreadyCommittedError(
                 f"perturbation {pid!r} is already committed in {self.url}; appends are idempotent per "
@@ -432,8 +438,14 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             )
         worker = worker or (lease.worker if lease else default_worker_name())
         self._check_lease(pid, lease)
+        with storage_errors(self.url, f"append of perturbation {pid!r}", lambda: _append_left(pid, progress)):
+            return self._append_claimed(pid, train, queries, metadata, worker, lease, progress)
+
+    def _append_claimed(self, pid: str, train: np.ndarray, queries: dict[str, np.ndarray], metadata: Mapping[str, Any] | None,
+                        worker: str, lease: Lease | None, progress: dict[str, Any]) -> Commit:
+        """:meth:`append` from the slot claim on (``progress`` says how far it got, for a storage error)."""
         started = now_iso()
-        slot = self._claim_slot(pid, worker)
+        slot = progress["slot"] = self._claim_slot(pid, worker)
         # Data first, in a slot nobody else writes; only then the record that makes it visible.
         self._write_column(self._train_losses, slot, train)
         for name, values in queries.items():
@@ -452,6 +464,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         # commit record, so a writer killed right after it is committed all the same: gc creates the
         # commit record from it (with these bytes, so a late writer's own put then succeeds).
         fate = {"fate": "committed", "perturbation": pid, "at": now_iso(), "commit": record}
+        progress["deciding"] = True
         if not self._storage.put_if_absent(f"{C.FATES_PREFIX}/slot-{slot:08d}.json", fate):
             # gc took the slot while this writer filled it: remove what was written after gc's sweep.
             for arr in [self._train_losses, *(self._query(name)[0] for name in queries)]:
@@ -460,6 +473,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
                 f"slot {slot} of {self.url} was reclaimed by `daunce gc` as leaked while this writer filled it (the write "
                 f"took longer than gc's grace period); nothing of perturbation {pid!r} is visible: append it again"
             )
+        progress["decided"] = True
         if not self._storage.put_if_absent(f"{C.COMMITS_PREFIX}/{pid}.json", record):
             raise AlreadyCommittedError(
                 f"perturbation {pid!r} was committed by another worker while this one wrote it; "
@@ -579,6 +593,20 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             "size_bytes": self._storage.size_bytes(),
         }
 
+
+
+def _append_left(pid: str, progress: dict[str, Any]) -> str:
+    """What a failed append left, from how far it got (see :meth:`LossStore._append_claimed`)."""
+    slot = progress.get("slot")
+    if slot is None:
+        return f"nothing of {pid!r} was written"
+    if progress.get("decided"):
+        return (f"its column (slot {slot}) is complete and decided committed: `daunce gc` creates its commit record, "
+                f"or append {pid!r} again, which reports it committed")
+    if progress.get("deciding"):
+        return (f"nothing of {pid!r} is visible yet; if its decision record landed, `daunce gc` completes the commit, "
+                f"else it reclaims slot {slot}")
+    return f"nothing of {pid!r} is visible; `daunce gc` reclaims its slot {slot}"
 
 
 def _json_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from rich.progress import Progress
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
+from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
 from daunce_store.store._storage import Storage
 
@@ -255,8 +256,14 @@ class MaintenanceMixin:
         manifests whose fate is decided (see the module docstring for the invariants that make this safe
         beside live writers, compactors and readers). Idempotent; a gc killed midway is finished by the next."""
         self._require_writable()
-        found = self.leftovers(grace_seconds, now=self._storage.clock())
         report = GcReport([], [], 0, 0, [])
+        left = lambda: (f"it had reclaimed {len(report.slots)} slot(s) and {len(report.groups)} group(s); each step's record "  # noqa: E731
+                        "comes before its deletes, so the next `daunce gc` finishes the job; committed columns are untouched")
+        with storage_errors(self.url, "gc", left):
+            return self._gc(grace_seconds, dry_run, report)
+
+    def _gc(self, grace_seconds: float, dry_run: bool, report: GcReport) -> GcReport:
+        found = self.leftovers(grace_seconds, now=self._storage.clock())
         arrays = [self._train_losses] + [self._query(name)[0] for name in self.query_sets()]
         for item in found["leaked_slots"]:
             slot = item["slot"]
