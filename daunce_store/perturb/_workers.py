@@ -18,7 +18,7 @@ from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
-from daunce_store.store import default_worker_name, iso, perturbation_id
+from daunce_store.store import default_worker_name, iso, perturbation_id, storage_errors
 
 if TYPE_CHECKING:
     import torch
@@ -122,39 +122,49 @@ def run_worker(
     commits: list[Any] = []
     worker = worker or _launcher_worker_name()  # leases and commit records carry it
     name = worker
-    waiting_on: frozenset[tuple[str, str]] = frozenset()
     diverged: set[str] = set()  # seeds make a rerun diverge again: each is tried once per worker
+    left = lambda: (f"the {len(commits)} perturbation(s) it committed stay; the one in flight is not visible: its lease "  # noqa: E731
+                    "expires (or goes stale when this process is gone) and the next worker takes it over; `daunce gc` "
+                    "reclaims what it wrote")
     try:
-        while True:
-            committed = {c.perturbation for c in store.commits()}
-            remaining = [p for p in ids if p not in committed and p not in diverged]
-            reporter.perturbations(len(ids), len(ids) - len(remaining))
-            if not remaining:
-                return commits
-            lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
-            if lease is None:
-                waiting_on = _say_what_we_wait_for(store, remaining, waiting_on, name)
-                time.sleep(wait)
-                continue
-            waiting_on = frozenset()
-            if lease.taken_over is not None:
-                _say(f"{name}: took over perturbation {lease.perturbation} from {_holder(lease.taken_over)}, "
-                     f"{_why_stale(lease.taken_over)}")
-            try:
-                commits.append(
-                    run_perturbation(
-                        store, int(lease.perturbation), model, task, train_data, query_data, config,
-                        lease=lease, reporter=reporter,
-                    )
-                )
-            except (LeaseError, AlreadyCommittedError):
-                continue  # another worker took this one over; move on
-            except DivergedError as e:  # its lease is given back already (run_perturbation); the next id
-                diverged.add(lease.perturbation)
-                reason = str(e).removeprefix(f"perturbation {lease.perturbation}: ")
-                _say(f"{name}: perturbation {lease.perturbation} diverged and was not committed (going on with the next id): {reason}")
+        with storage_errors(store.url, f"perturb (worker {name})", left):
+            return _work(store, ids, model, task, train_data, query_data, config, worker, name, wait, reporter, commits, diverged)
     finally:
         reporter.close()
+
+
+def _work(store: Any, ids: list[str], model: Any, task: Any, train_data: Any, query_data: Any, config: Any, worker: str,
+          name: str, wait: float, reporter: Any, commits: list[Any], diverged: set[str]) -> list[Any]:
+    """:func:`run_worker`'s loop: claim the next free id, run it, until every id is committed."""
+    waiting_on: frozenset[tuple[str, str]] = frozenset()
+    while True:
+        committed = {c.perturbation for c in store.commits()}
+        remaining = [p for p in ids if p not in committed and p not in diverged]
+        reporter.perturbations(len(ids), len(ids) - len(remaining))
+        if not remaining:
+            return commits
+        lease = store.claim_next(remaining, worker=worker, ttl=config.lease_seconds)
+        if lease is None:
+            waiting_on = _say_what_we_wait_for(store, remaining, waiting_on, name)
+            time.sleep(wait)
+            continue
+        waiting_on = frozenset()
+        if lease.taken_over is not None:
+            _say(f"{name}: took over perturbation {lease.perturbation} from {_holder(lease.taken_over)}, "
+                 f"{_why_stale(lease.taken_over)}")
+        try:
+            commits.append(
+                run_perturbation(
+                    store, int(lease.perturbation), model, task, train_data, query_data, config,
+                    lease=lease, reporter=reporter,
+                )
+            )
+        except (LeaseError, AlreadyCommittedError):
+            continue  # another worker took this one over; move on
+        except DivergedError as e:  # its lease is given back already (run_perturbation); the next id
+            diverged.add(lease.perturbation)
+            reason = str(e).removeprefix(f"perturbation {lease.perturbation}: ")
+            _say(f"{name}: perturbation {lease.perturbation} diverged and was not committed (going on with the next id): {reason}")
 
 
 def _launcher_worker_name() -> str:

@@ -8,6 +8,7 @@ from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, Data
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
 from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
+from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
 from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_records
@@ -31,6 +32,7 @@ __all__ = [
     "perturbation_id",
     "default_worker_name",
     "iso",
+    "storage_errors",
     "TABLE_FORMATS",
     "write_frames",
     "write_records",

@@ -135,3 +135,25 @@ def test_a_killed_worker_is_redone_and_k_is_exact(tmp_path: Path) -> None:
     run_perturbation(fresh, int(pid), model, task, train, queries, cfg)
     slot = next(c.slot for c in s.commits() if c.perturbation == pid)
     np.testing.assert_allclose(s.train_losses(slots=[slot])[:, 0], fresh.train_losses()[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_disk_mid_perturb_is_one_line(tmp_path: Path) -> None:
+    """The second perturbation's chunk write meets ENOSPC (a failpoint: the store's 3rd train-chunk write):
+    `daunce perturb` ends with one line naming the store, the operation and what was left; the first column
+    is committed intact, and a rerun (space back) finishes the job."""
+    store = _init(tmp_path)
+    config = _config(tmp_path, ratio=1.0, epochs=1, batch_size=64)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DAUNCE_STORE_FAILPOINT="enospc@put:2:train/losses/c/*", COLUMNS="400")
+    proc = subprocess.run([str(DAUNCE), "perturb", str(store), "--config", str(config), "--until", "3", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(store) in errors[0] and "append of perturbation '000001' failed: no space left on device" in errors[0], errors[0]
+    assert "nothing of '000001' is visible" in errors[0]
+    s = daunce_store.open(store, mode="r")
+    assert s.num_columns() == 1 and np.isfinite(s.train_losses()).all()
+    out = _run("perturb", str(store), "--config", str(config), "--until", "3", "--no-progress")
+    assert "3 of 3 perturbations committed" in out
+    daunce_store.open(store).gc(grace_seconds=0)
+    assert daunce_store.open(store).verify().findings == []
