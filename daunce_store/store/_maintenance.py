@@ -517,6 +517,10 @@ class MaintenanceMixin:
                     continue
                 if not np.isfinite(values).all():
                     yield Finding("damage", "chunk", key, f"chunk {key!r} holds NaN or inf in committed column {col}")
+                elif values.size and float(np.abs(values).max()) > C.MAX_ABS_LOSS:
+                    yield Finding("damage", "chunk", key, f"chunk {key!r} of committed column {col} holds |loss| up to "
+                                  f"{float(np.abs(values).max()):.3g}, beyond {C.MAX_ABS_LOSS:.0e} (a diverged fine-tune, written "
+                                  "before appends checked it): its statistics overflow float32; rerun that perturbation into a new store")
 
     def _check_packs(self, checked: dict[str, int], reclaimed: dict[int, int]) -> Iterator[Finding]:
         """Every published group's wide chunks are present, finite, and equal the columns they copy (where

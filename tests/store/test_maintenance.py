@@ -47,7 +47,8 @@ def test_verify_clean_store(location: Location) -> None:
     assert report.checked["chunks"] == 5 * 3 + 5 * 1 + 2 * 3  # train, query, packed groups x row chunks
 
 
-@pytest.mark.parametrize("damage", ["missing-chunk", "flipped-byte", "nan-chunk", "changed-id", "packed-differs", "commit-wrong-slot"])
+@pytest.mark.parametrize("damage", ["missing-chunk", "flipped-byte", "nan-chunk", "diverged-chunk", "changed-id", "packed-differs",
+                                    "commit-wrong-slot"])
 def test_verify_names_each_damage(location: Location, damage: str) -> None:
     s = _store(location)
     fill(s, range(4))
@@ -63,6 +64,8 @@ def test_verify_names_each_damage(location: Location, damage: str) -> None:
         obstore.put(raw, key, bytes(data))
     elif damage == "nan-chunk":  # a valid chunk (checksum and all) that holds NaN: written by something else
         zarr.open_group(s._storage.zarr_store)["train/losses"][40, slot] = np.nan
+    elif damage == "diverged-chunk":  # 1e20: valid float32, written before appends refused |loss| > MAX_ABS_LOSS
+        zarr.open_group(s._storage.zarr_store)["train/losses"][40, slot] = 1e20
     elif damage == "changed-id":  # still unique and checksummed: only the digest can tell
         zarr.open_group(s._storage.zarr_store)["train/ids"][3] = "t3-renamed"
         key = "train/ids"
