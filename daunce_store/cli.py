@@ -406,12 +406,15 @@ def gc(
     storage_options: StorageOpt = None,
 ) -> None:
     """Reclaim space: packed columns' own chunks, slots leaked by killed writers, orphaned or duplicate pack
-    groups (all past --grace); safe beside live writers, compactors and readers."""
+    groups (all past --grace, on the storage's clock), and complete commits whose writer stopped after deciding;
+    decided by records alone, so committed columns are safe beside live writers, compactors and readers."""
     r = _open(store, "a", storage_options).gc(grace_seconds=grace, dry_run=dry_run)
     verb = "would reclaim" if dry_run else "reclaimed"
     console.print(_text(f"{verb} the own chunks of {len(r.packed_slots)} packed column(s), {len(r.slots)} leaked slot(s) {r.slots[:10]} "
                         f"and {len(r.groups)} pack group(s) {r.groups[:10]}"
                         + ("" if dry_run else f": {r.chunks_deleted} chunks, {r.bytes_freed} bytes")))
+    for line in r.completed:
+        console.print(_text(f"completed the {line} (decided by its writer, which stopped before recording it)"))
     for line in r.skipped:
         err_console.print(_text(f"skipped {line}"))
 

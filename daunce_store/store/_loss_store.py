@@ -579,7 +579,9 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             ],
             "slots_claimed": len(self._storage.list(C.SLOTS_PREFIX)),
             # What killed writers and racing compactors left (`daunce gc` reclaims it once past its grace).
-            "leaked_slots": [item["slot"] for item in leftovers["leaked_slots"]],
+            "leaked_slots": [item["slot"] for item in leftovers["leaked_slots"] if item["state"] != "commit-pending"],
+            # Decided committed, their writer gone before the commit record: `daunce gc` creates it.
+            "commits_pending": [item["perturbation"] for item in leftovers["leaked_slots"] if item["state"] == "commit-pending"],
             "orphaned_groups": [item["group"] for item in leftovers["orphaned_groups"]],
             "duplicate_groups": [item["group"] for item in leftovers["duplicate_groups"]],
             "packed_columns_with_own_chunks": len(leftovers["packed_copies"]),  # gc frees these past its grace
