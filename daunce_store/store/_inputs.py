@@ -214,6 +214,12 @@ def validate_ids(ids: object, *, what: str = "ids", check_normalization: bool = 
         raise InvalidInputError(
             f"{what}: ids must not be empty or blank strings (first at position {blank[0]})"
         )
+    broken = [i for i, s in enumerate(strings) if "\n" in s or "\r" in s]
+    if broken:  # id files, `select --ids-output` and the text tables hold one id a line
+        raise InvalidInputError(
+            f"{what}: ids must be one line of text; {len(broken)} hold a line break (first at position {broken[0]}: "
+            f"{strings[broken[0]]!r}); replace the line breaks in those ids"
+        )
     uniq, counts = np.unique(strings.astype(str), return_counts=True)
     if len(uniq) != len(strings):
         dupes = uniq[counts > 1][:5].tolist()

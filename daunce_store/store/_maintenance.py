@@ -107,6 +107,7 @@ class MaintenanceMixin:
     _root: Any
     _train_losses: Any
     _train_ids_arr: Any
+    _manifests: Any  # ImmutableRecords of the pack manifests (LossStore)
     url: str
     n_train: int
     capacity: int
@@ -173,6 +174,9 @@ class MaintenanceMixin:
         committed = {c.slot: c.perturbation for c in self.commits()}
         slot_of = {pid: slot for slot, pid in committed.items()}
         fates = self._storage.list_modified(C.FATES_PREFIX)
+        # Slots a manifest or a reclaimed record names were committed: never reclaimed, whatever else is missing.
+        named = {n for n in map(record_number, self._storage.list(C.RECLAIMED_PREFIX)) if n is not None}
+        named |= {slot for _, slots in self._manifests.refresh().values() for slot in slots}
         out: dict[str, list[dict[str, Any]]] = {"leaked_slots": [], "orphaned_groups": [], "duplicate_groups": [], "packed_copies": []}
         for key, modified in sorted(slot_claims.items()):
             slot = record_number(key)
@@ -184,10 +188,10 @@ class MaintenanceMixin:
             state, reclaimable = _slot_state(fate, slot_of.get(pid) if pid in slot_of else self._commit_slot(pid), slot)
             if state == "committed":
                 continue  # its commit record appeared after the listing: not a leftover
-            if state == "undecided":
+            if state == "undecided" and slot in named:
+                state = "unrecorded"  # a manifest or reclaimed record proves it was committed: its record is missing
+            elif state == "undecided":
                 reclaimable = old(modified)
-            elif state == "legacy-committed":  # a fate written before fates carried the commit (format 1, older)
-                reclaimable = old(fates[self._fate_key("slot", slot)])
             out["leaked_slots"].append({
                 "slot": slot, "perturbation": pid, "worker": claim.get("worker"), "claimed_at": claim.get("claimed_at"),
                 "fate": (fate or {}).get("fate"), "state": state, "reclaimable": reclaimable, "age": now - modified,
@@ -273,7 +277,7 @@ class MaintenanceMixin:
                 continue
             if not item["reclaimable"]:
                 continue
-            if dry_run or item["state"] in ("lost-race", "legacy-committed") or self._decide_fate("slot", slot, report):
+            if dry_run or item["state"] == "lost-race" or self._decide_fate("slot", slot, report):
                 report.slots.append(slot)
                 if not dry_run:
                     for arr in arrays:
@@ -554,7 +558,8 @@ def _slot_state(fate: dict[str, Any] | None, commit_slot: int | None, slot: int)
     is still writing: reclaimable once old), ``reclaiming`` (gc's fate: a killed gc's work to finish),
     ``commit-pending`` (decided committed, commit record not yet created: gc completes it),
     ``lost-race`` (its perturbation's commit names another slot: it can never become visible),
-    ``legacy-committed`` (a committed fate without its commit record inside: reclaimable once old)."""
+    ``unrecorded`` (decided committed by an older version, whose fate has no copy of the commit record, and no
+    commit record: damage to report, never deleted: the record may only be missing)."""
     if commit_slot == slot:
         return "committed", False
     decided = (fate or {}).get("fate")
@@ -566,7 +571,7 @@ def _slot_state(fate: dict[str, Any] | None, commit_slot: int | None, slot: int)
         return "lost-race", True
     if isinstance((fate or {}).get("commit"), dict):
         return "commit-pending", True
-    return "legacy-committed", False
+    return "unrecorded", False  # decided committed by an older version: its commit record cannot be rebuilt
 
 
 def _group_state(fate: dict[str, Any] | None, retired: bool) -> tuple[str, bool]:
@@ -591,7 +596,12 @@ def _leftover_findings(found: dict[str, list[dict[str, Any]]], grace_seconds: fl
     for item in found.get("leaked_slots", []):
         key, slot, pid = f"{C.SLOTS_PREFIX}/{item['slot']:08d}.json", item["slot"], item["perturbation"]
         state = item["state"]
-        if state == "commit-pending":
+        if state == "unrecorded":
+            yield Finding("damage", "missing-commit", key, f"slot {slot} holds a column of {pid!r} decided committed (its fate or a "
+                          "pack manifest says so), but its commit record is missing (lost, or its writer, an older version, "
+                          f"stopped right before it) and cannot be rebuilt; restore _daunce/commits/{pid}.json from a copy "
+                          "(`daunce gc` never deletes the slot)")
+        elif state == "commit-pending":
             yield Finding("reclaimable", "commit-pending", key, f"slot {slot} holds the complete column of {pid!r}, decided committed by "
                           f"{item['worker']}, which stopped before its commit record; `daunce gc` creates that record")
         elif state == "lost-race":

@@ -215,3 +215,45 @@ def test_sigkill_during_gc_at_every_kind_of_step(tmp_path: Path) -> None:
         assert chunk_columns == {2} and chunk_columns.isdisjoint(leaked), (n, chunk_columns)
         assert again.verify().findings == [], (n, again.verify().findings)
         shutil.rmtree(work)
+
+
+def _age(root: Path, seconds: float) -> None:
+    """Make every record look written ``seconds`` ago (on the storage's clock: file modification times)."""
+    for path in (root / "_daunce").rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            os.utime(path, (stat.st_atime - seconds, stat.st_mtime - seconds))
+
+
+@pytest.mark.parametrize("layout", ["older-fate", "no-fate-but-packed"])
+def test_a_missing_commit_record_is_never_a_licence(tmp_path: Path, layout: str) -> None:
+    """A committed column whose commit record went missing, in a store written two hours ago: with a fate
+    from an older version (no copy of the commit inside), or with no fate at all but named by a pack manifest.
+    gc with the default grace deletes nothing of it; verify calls it damage; the record put back, all is well."""
+    location = Location("local", str(tmp_path), None)
+    s = _store(location)
+    fill(s, range(4))
+    root = tmp_path / "s.zarr"
+    slot = {c.perturbation: c.slot for c in s.commits()}["p1"]
+    fate = root / C.FATES_PREFIX / f"slot-{slot:08d}.json"
+    if layout == "older-fate":
+        fate.write_text(json.dumps({"fate": "committed", "perturbation": "p1", "at": "2026-12-02T10:00:00+00:00"}))
+    else:
+        assert s.compact() == [0, 1]
+        fate.unlink()
+    _age(root, 7200)
+    commit, aside = root / C.COMMITS_PREFIX / "p1.json", tmp_path / "p1.aside"
+    shutil.move(commit, aside)
+    def its_chunks() -> dict[str, bytes]:  # p1's own chunks and every packed chunk (other slots' own copies may go)
+        return {k: v for k, v in location.objects().items() if k.endswith(f"/{slot}") or k.startswith("train/packed/")}
+
+    chunks = its_chunks()
+    assert chunks
+    report = location.open().gc()
+    assert report.slots == [], report
+    assert its_chunks() == chunks
+    found = location.open().verify()
+    assert any(f.what == "missing-commit" and f.kind == "damage" for f in found.findings), found.findings
+    shutil.move(aside, commit)
+    assert assert_consistent(location.open(mode="r")) == [0, 1, 2, 3]
+    assert location.open().verify().ok

@@ -107,3 +107,15 @@ def test_many_pairs_are_summarised() -> None:
     pairs = [(unicodedata.normalize("NFC", f"é{i}"), unicodedata.normalize("NFD", f"é{i}")) for i in range(5)]
     with pytest.warns(IdNormalizationWarning, match="and 2 more pairs"):
         validate_ids([x for pair in pairs for x in pair])
+
+
+def test_ids_holding_a_line_break_are_refused(tmp_path) -> None:
+    """An id from a CSV cell may hold a line break; id files, `select --ids-output` and the text tables are one
+    id a line, so such an id would come back as two. Refused at init, naming it, and nothing is written."""
+    import daunce_store
+    from daunce_store import errors
+
+    for bad in ("a\nx", "b\r\ny", "c\rz"):
+        with pytest.raises(errors.InvalidInputError, match="one line of text.*line break"):
+            daunce_store.init(tmp_path / "s.zarr", ["t0", bad, "t2"])
+        assert not (tmp_path / "s.zarr").exists()
