@@ -4,6 +4,13 @@ Both local paths and URLs (``s3://``, ``gs://``, ``az://``, ``memory://``) go th
 ``put(..., mode="create")`` is the one atomic primitive the commit log needs: ``link``/``O_EXCL`` on a
 local disk, a conditional put (``If-None-Match: *``) on an object store. So the same code is safe
 across processes on one machine and across machines on shared storage; no local file lock is involved.
+
+Faults of a remote store (tests/store/test_s3_faults.py drives each through a fault-injecting proxy):
+obstore retries 5xx replies, and resets of idempotent requests (reads, whole-object overwrites such as
+chunk PUTs), itself. It does not retry a create-if-absent PUT whose connection broke after the request
+may have been sent (a reset, a lost reply, a timeout): :meth:`Storage.put_if_absent` does, checking that
+an object found there holds its own bytes. Records are small, so their requests time out in seconds
+(``RECORD_REQUEST_TIMEOUT``), not after obstore's 30 s meant for bulk transfers.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +35,17 @@ from daunce_store.errors import CorruptRecordError, InvalidInputError
 from daunce_store.store._failpoints import Hook, env_hook
 
 __all__ = ["Storage"]
+
+# The request timeout of the commit-log client (small JSON records, <= a few KB each), unless the user's
+# storage_options set one. obstore's default, 30 s, is sized for bulk transfers: a commit PUT whose reply
+# was lost took 30 s to fail (tests/store/test_s3_faults.py, before this). AWS advises retrying a request
+# of < 512 KB not answered within 2 s (S3 performance guidelines, "timeouts and retries"); 5 s leaves room
+# for a loaded emulator, and a timeout that was premature costs one checked retry, never a record.
+RECORD_REQUEST_TIMEOUT = "5s"
+# Attempts of a create-if-absent PUT whose request may have reached the store (the first and three
+# retries, 0.1, 0.2 and 0.4 s apart): obstore itself retries each attempt's 5xx replies and refused
+# connections, so these only cover what it leaves to the caller.
+CREATE_ATTEMPTS = 4
 
 
 class Storage:
@@ -62,6 +82,9 @@ class Storage:
                 f"{', '.join(s + '://' for s in _URL_SCHEMES)} (an S3-compatible server: s3:// with "
                 'storage_options={"endpoint": ...})'
             )
+        # Two clients of one location: ``_log`` for the commit log's small records (short request timeout on a
+        # remote store) and ``_bulk`` for chunks and raw bytes (obstore's defaults, or the user's options).
+        self._bulk: Any = None
         if self.is_local:
             path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
             self.path: Path | None = path
@@ -70,14 +93,15 @@ class Storage:
         else:
             self.path = None
             if parsed.scheme == "memory":
-                self._log = obstore.store.MemoryStore()
+                self._log = self._bulk = obstore.store.MemoryStore()
             else:
                 try:
-                    self._log = obstore.store.from_url(url, **options)
+                    self._bulk = obstore.store.from_url(url, **options)
+                    self._log = obstore.store.from_url(url, **_record_client_options(options))
                 except (obstore.exceptions.BaseError, TypeError, ValueError) as e:  # bad URL or unknown option
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise InvalidInputError(f"store URL {url!r}: {first}; check the URL and storage_options") from None
-            self._zarr_store = zarr.storage.ObjectStore(self._log)
+            self._zarr_store = zarr.storage.ObjectStore(self._bulk)
 
     # --- the commit log: small JSON records ---------------------------------------------------
     def _log_store(self) -> Any:
@@ -86,6 +110,10 @@ class Storage:
             self.path.mkdir(parents=True, exist_ok=True)
             self._log = obstore.store.LocalStore(str(self.path), mkdir=True)
         return self._log
+
+    def _bulk_store(self) -> Any:
+        """The client for chunks and raw bytes (the same one as the commit log's on a local disk)."""
+        return self._bulk if self._bulk is not None else self._log_store()
 
     @property
     def is_file(self) -> bool:
@@ -116,27 +144,51 @@ class Storage:
         True also when the object already holds exactly these bytes: a retried PUT whose first attempt
         landed (its reply lost to a reset connection) or a record someone completed on our behalf (gc rolls
         a decided commit forward with the writer's own bytes). Records that decide ownership carry a nonce
-        or the writer's name and time, so another writer's record never has our bytes."""
+        or the writer's name and time, so another writer's record never has our bytes.
+
+        A PUT whose connection broke after its request may have reached the store (reset, reply lost,
+        timed out) is retried here, obstore leaving that to the caller for a conditional PUT; when every
+        attempt broke so, the object is read back: ours (an attempt landed) is True, another's False, none
+        re-raises the last error."""
         data = _record_bytes(key, record)
         self.op("put", key)
+        error: Exception | None = None
+        for attempt in range(CREATE_ATTEMPTS):
+            if attempt:
+                time.sleep(0.1 * 2 ** (attempt - 1))
+            try:
+                obstore.put(self._log_store(), key, data, mode="create")
+            except obstore.exceptions.AlreadyExistsError:
+                return self.get_bytes(key) == data
+            except Exception as e:
+                self._raise_if_refused(key, e)
+                if not _maybe_sent(e):
+                    raise
+                error = e
+            else:
+                return True
         try:
-            obstore.put(self._log_store(), key, data, mode="create")
-        except obstore.exceptions.AlreadyExistsError:
-            return self.get_bytes(key) == data
-        except Exception as e:
-            self._raise_if_refused(key, e)
-            raise
-        return True
+            found = self.get_bytes(key)
+        except Exception:  # noqa: BLE001 - the store does not answer: report the PUT's own error
+            found = None
+        if found is None:
+            assert error is not None
+            raise error
+        return found == data
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        """Write ``key`` (whole-object replace, atomic on both local disks and object stores)."""
-        self.put_bytes(key, _record_bytes(key, record))
+        """Write ``key`` (whole-object replace, atomic on both local disks and object stores; an overwrite
+        is idempotent, so obstore itself retries it after a reset, a timeout or a 5xx)."""
+        self._put(self._log_store(), key, _record_bytes(key, record))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write raw bytes at ``key`` (e.g. a perturbation's adapter weights); whole-object replace."""
+        self._put(self._bulk_store(), key, bytes(data))
+
+    def _put(self, client: Any, key: str, data: bytes) -> None:
         self.op("put", key)
         try:
-            obstore.put(self._log_store(), key, bytes(data))
+            obstore.put(client, key, data)
         except Exception as e:
             self._raise_if_refused(key, e)
             raise
@@ -164,7 +216,7 @@ class Storage:
         """The raw bytes at ``key``, or None when there is nothing."""
         self.op("get", key)
         try:
-            return bytes(obstore.get(self._log_store(), key).bytes())
+            return bytes(obstore.get(self._bulk_store(), key).bytes())
         except FileNotFoundError:
             return None
 
@@ -291,6 +343,24 @@ class Storage:
 
 # obstore URL schemes that support the create-if-absent put the commit log relies on.
 _URL_SCHEMES = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory")
+
+
+def _record_client_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for the commit log's client: ``RECORD_REQUEST_TIMEOUT`` unless the user set a timeout."""
+    client = options.get("client_options")
+    if client is not None and not isinstance(client, dict):
+        return options  # from_url names the mistake
+    return {**options, "client_options": {"timeout": RECORD_REQUEST_TIMEOUT, **(client or {})}}
+
+
+# How obstore (object_store's RetryError) describes a transport error that came after the request may have
+# been sent: it retries these only for idempotent requests, and a create-if-absent PUT is not one.
+_MAYBE_SENT = re.compile(r"\bkind: (Interrupted|Timeout)\b")
+
+
+def _maybe_sent(error: Exception) -> bool:
+    """Whether ``error`` is a broken connection of a request that may have reached the store."""
+    return isinstance(error, obstore.exceptions.GenericError) and _MAYBE_SENT.search(str(error)) is not None
 
 
 def _record_bytes(key: str, record: dict[str, Any]) -> bytes:
