@@ -168,7 +168,8 @@ class MaintenanceMixin:
         (``gc`` acts on it now). ``now`` is the storage's clock (gc passes :meth:`Storage.clock`); without
         it this host's clock classifies what is old enough, which decides nothing (verify, status)."""
         now = time.time() if now is None else now
-        old = lambda modified: now - modified > grace_seconds  # noqa: E731 - both on the storage's clock
+        # Both on the storage's clock; >= so that grace 0 means "everything", also where that clock counts whole seconds.
+        old = lambda modified: now - modified >= grace_seconds  # noqa: E731
         # Claims first, then what completes them (invariant 5).
         slot_claims = self._storage.list_modified(C.SLOTS_PREFIX)
         committed = {c.slot: c.perturbation for c in self.commits()}
@@ -223,7 +224,7 @@ class MaintenanceMixin:
                 out["duplicate_groups"].append({
                     "group": group, "slots": slots, "covered_by": sorted(covering), "packed_at": published[group].get("packed_at"),
                     # readers move to the covering group(s) once they see their manifests (invariant 6)
-                    "reclaimable": all(manifest_age[g] > grace_seconds for g in covering),
+                    "reclaimable": all(manifest_age[g] >= grace_seconds for g in covering),
                 })
                 continue
             for s in slots:
@@ -231,7 +232,7 @@ class MaintenanceMixin:
         # first_group is the pack map readers use (a slot's lowest published group).
         reclaimed = {n for n in map(record_number, self._storage.list(C.RECLAIMED_PREFIX)) if n is not None}
         out["packed_copies"] = [
-            {"slot": slot, "group": group, "state": "packed", "reclaimable": manifest_age[group] > grace_seconds}
+            {"slot": slot, "group": group, "state": "packed", "reclaimable": manifest_age[group] >= grace_seconds}
             for slot, group in sorted(first_group.items()) if slot not in reclaimed and slot in committed
         ]
         # A gc killed between a slot's reclaimed record and the end of its deletes: the record is the licence.

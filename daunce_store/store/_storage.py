@@ -15,7 +15,6 @@ an object found there holds its own bytes. Records are small, so their requests 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
@@ -266,12 +265,15 @@ class Storage:
         key = f"{C.CLOCK_PREFIX}/{uuid.uuid4().hex}.json"
         self.put_bytes(key, b"{}")
         try:
-            self.op("head", key)
-            modified = obstore.head(self._log_store(), key)["last_modified"]
+            # Read back by a listing, as the records' times are: S3 gives whole seconds in a HEAD's
+            # Last-Modified but milliseconds in a listing, and a probe rounded down would make fresh records
+            # look younger than they are.
+            modified = self.list_modified(C.CLOCK_PREFIX).get(key)  # other gcs' probes may be listed too
         finally:
             self.delete(key)
-        assert isinstance(modified, _dt.datetime)
-        return modified.timestamp()
+        if modified is None:
+            raise FileNotFoundError(f"the clock probe {key!r} written in {self.url} is not listed")
+        return modified
 
     def delete(self, key: str) -> None:
         self.op("delete", key)
