@@ -72,7 +72,8 @@ SchedulerOpt = Annotated[
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(_text(("error:", "bold red"), f" {err}"))
+    # soft_wrap: one line however long (a log greps it whole; the terminal folds it for the eye)
+    err_console.print(_text(("error:", "bold red"), f" {err}"), soft_wrap=True)
     raise typer.Exit(code=2)
 
 

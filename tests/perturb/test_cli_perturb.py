@@ -143,7 +143,7 @@ def test_a_full_disk_mid_perturb_is_one_line(tmp_path: Path) -> None:
     is committed intact, and a rerun (space back) finishes the job."""
     store = _init(tmp_path)
     config = _config(tmp_path, ratio=1.0, epochs=1, batch_size=64)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DAUNCE_STORE_FAILPOINT="enospc@put:2:train/losses/c/*", COLUMNS="400")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DAUNCE_STORE_FAILPOINT="enospc@put:2:train/losses/c/*", COLUMNS="80")
     proc = subprocess.run([str(DAUNCE), "perturb", str(store), "--config", str(config), "--until", "3", "--no-progress"],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

@@ -27,7 +27,7 @@ def _daunce(*args: str, failpoint: str | None = None) -> subprocess.CompletedPro
     env = {k: v for k, v in os.environ.items() if k != FAILPOINT_ENV}
     if failpoint:
         env[FAILPOINT_ENV] = failpoint
-    env["COLUMNS"] = "400"  # one line is one line, not folded at a narrow pseudo-terminal
+    env["COLUMNS"] = "80"  # a narrow terminal: the error must still be one line
     return subprocess.run([*DAUNCE, *args], capture_output=True, text=True, env=env)
 
 
