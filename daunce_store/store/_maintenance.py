@@ -18,7 +18,8 @@ gc's safety, as invariants (FORMAT.md "What gc may delete" says the same for oth
    group, then deletes them. No chunk that a commit or manifest can name is deleted otherwise.
 4. **Decided outcomes are completed, never undone.** A writer killed between its fate record and its commit
    record has decided: the fate carries the whole commit record, and gc creates it (the same bytes the
-   writer would have written). Likewise a compactor's ``published`` fate carries its manifest. So a
+   writer would have written; a fate written by an older version, without the copy, gets a record rebuilt
+   from the fate and the slot's claim). Likewise a compactor's ``published`` fate carries its manifest. So a
    committed-but-unrecorded slot is neither leaked forever nor reclaimed from under a slow writer, and a
    missing manifest is restored, never taken as "orphaned".
 5. **No decision rests on absence that may be racing.** Claims are listed before the records that complete
@@ -273,7 +274,8 @@ class MaintenanceMixin:
         for item in found["leaked_slots"]:
             slot = item["slot"]
             if item["state"] == "commit-pending":  # invariant 4: complete the writer's decision
-                if not dry_run and self._complete(self._fate("slot", slot), "commit", f"{C.COMMITS_PREFIX}/{item['perturbation']}.json"):
+                record = self._decided_commit(slot)
+                if not dry_run and record is not None and self._storage.put_if_absent(f"{C.COMMITS_PREFIX}/{record['perturbation']}.json", record):
                     report.completed.append(f"commit of {item['perturbation']!r} (slot {slot})")
                 continue
             if not item["reclaimable"]:
@@ -325,6 +327,23 @@ class MaintenanceMixin:
                 self._delete_column_chunks(self._train_losses, item["slot"], report)
                 self._storage.put(self._done_key("copy", item["slot"]), {"reclaimed_at": now_iso()})
         return report
+
+    def _decided_commit(self, slot: int) -> dict[str, Any] | None:
+        """The commit record a slot's ``committed`` fate decided: the copy it carries, or, for a fate written by
+        an older version (no copy), one rebuilt from the fate and the slot's claim (the data was complete before
+        the fate: query sets are those with a chunk in the slot; the metadata is lost and says so)."""
+        fate = self._fate("slot", slot) or {}
+        if isinstance(fate.get("commit"), dict):
+            return fate["commit"]
+        claim = self._storage.get(f"{C.SLOTS_PREFIX}/{slot:08d}.json") or {}
+        pid = fate.get("perturbation") or claim.get("perturbation")
+        if fate.get("fate") != "committed" or not isinstance(pid, str):
+            return None
+        sets = [name for name in self.query_sets() if self._storage.size_of(f"{self._query(name)[0].path}/c/0/{slot}") is not None]
+        return {"perturbation": pid, "slot": slot, "query_sets": sorted(sets), "worker": claim.get("worker"),
+                "started_at": claim.get("claimed_at"), "committed_at": fate.get("at"), "format_version": C.FORMAT_VERSION,
+                "metadata": {"rebuilt_by": "daunce gc", "why": "its writer (an older version) decided the commit and stopped "
+                             "before recording it; the original metadata is lost"}}
 
     def _complete(self, fate: dict[str, Any] | None, field: str, key: str) -> bool:
         """Create ``key`` from the record a decided fate carries (the writer's own bytes: a writer that is
@@ -558,9 +577,9 @@ def _slot_state(fate: dict[str, Any] | None, commit_slot: int | None, slot: int)
     ``committed`` (its commit record names it), ``undecided`` (no fate: its writer died before deciding, or
     is still writing: reclaimable once old), ``reclaiming`` (gc's fate: a killed gc's work to finish),
     ``commit-pending`` (decided committed, commit record not yet created: gc completes it),
-    ``lost-race`` (its perturbation's commit names another slot: it can never become visible),
-    ``unrecorded`` (decided committed by an older version, whose fate has no copy of the commit record, and no
-    commit record: damage to report, never deleted: the record may only be missing)."""
+    ``lost-race`` (its perturbation's commit names another slot: it can never become visible). A slot with
+    no fate that a manifest or reclaimed record names is ``unrecorded`` (set by the caller): committed, its
+    record lost, never deleted."""
     if commit_slot == slot:
         return "committed", False
     decided = (fate or {}).get("fate")
@@ -570,9 +589,7 @@ def _slot_state(fate: dict[str, Any] | None, commit_slot: int | None, slot: int)
         return "reclaiming", True
     if commit_slot is not None:
         return "lost-race", True
-    if isinstance((fate or {}).get("commit"), dict):
-        return "commit-pending", True
-    return "unrecorded", False  # decided committed by an older version: its commit record cannot be rebuilt
+    return "commit-pending", True  # gc creates the commit record (from the fate's copy, or rebuilt: older fates)
 
 
 def _group_state(fate: dict[str, Any] | None, retired: bool) -> tuple[str, bool]:
