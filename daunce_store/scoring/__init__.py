@@ -7,7 +7,7 @@ from __future__ import annotations
 from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
 from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
-from daunce_store.scoring._numpy import prepare_queries, prepare_rows
+from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
 from daunce_store.scoring._stability import Stability, stability
 from daunce_store.scoring._torch import StoreScorer, TorchScorer, scorer
@@ -21,6 +21,7 @@ __all__ = [
     "MEASURE_NAMES",
     "Attribution",
     "Measure",
+    "ScoreUnderflowError",
     "Scores",
     "Stability",
     "StoreScorer",

@@ -16,7 +16,7 @@ import numpy as np
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, write_frames, write_records
 from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
-from daunce_store.scoring._numpy import score_overflow_error
+from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
     MEASURES,
@@ -365,7 +365,8 @@ def topk_store(
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     push_train_rows(acc, prep, store, req.snapshot, req.slots, req.positions, lambda: req.blocks(store, block_rows))
-    return Attribution.from_result(names, store.train_ids_at, acc.finish(), req.measure.name, req.num_columns)
+    result = check_underflow(acc.finish(), q, prepared, prep.kernel, names, req.measure.name)
+    return Attribution.from_result(names, store.train_ids_at, result, req.measure.name, req.num_columns)
 
 
 def push_train_rows(
@@ -446,13 +447,25 @@ class Scores:
     _block_rows: int | None
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        cov = self._prepared.kernel == "cov"
+        top = np.zeros(len(self.queries), np.float32)  # each query's largest |score| so far (cov)
         for offset, block in self._request.blocks(self._store, self._block_rows):
             with np.errstate(over="ignore", invalid="ignore"):  # reported below, by query
                 scores = self._prepared.dense(block).astype(np.float32)
             bad = ~np.isfinite(scores)
             if bad.any():  # as the top-k kernels: no inf or NaN score is ever handed out (or written)
                 raise score_overflow_error(int(np.flatnonzero(bad.any(axis=0))[0]))
+            if cov and len(scores):
+                top = np.maximum(top, np.maximum(scores.max(axis=0), -scores.min(axis=0)))
             yield offset, scores
+        if cov and not (top >= _TINY).all():  # as the top-k paths (check_underflow): all-underflowed is no answer
+            raw = self._request.losses  # the losses themselves, unless these are their mean (aggregate)
+            same = raw.shape[0] == len(self.queries)
+            spread = query_spread(raw, False) if same else query_spread(self._prepared.queries, True)
+            bad_queries = np.flatnonzero(underflowed(top, spread))
+            if len(bad_queries):
+                j = int(bad_queries[0])
+                raise score_underflow_error(f"query {self.queries[j]!r}", float(spread[j]), self.measure)
 
     def to_numpy(self) -> np.ndarray:
         out = np.empty((len(self.train_ids), len(self.queries)), np.float32)

@@ -23,7 +23,7 @@ from daunce_store._constants import NO_EXT_ENV
 from daunce_store._ext import _built, extension
 from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._numpy import NumpyTopK
+from daunce_store.scoring._numpy import NumpyTopK, check_underflow
 
 __all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES", "SIDES", "BACKENDS"]
 
@@ -189,7 +189,9 @@ def topk(
     cov(i, j) = <a_i, b_j> / (K - 1). ``pos`` = largest first, ``neg`` = smallest first, equal scores
     go to the lower row index. Every backend returns the same indices and, to float32 tolerance, the
     same scores as the numpy reference :func:`daunce_store.scoring._numpy.topk_numpy`. ``options``:
-    ``device=`` and ``allow_tf32=`` of ``backend="torch"``.
+    ``device=`` and ``allow_tf32=`` of ``backend="torch"``. A varying query whose ``cov`` scores are all 0
+    or below float32's normal range (losses that vary only at ~1e-19 or less: they underflow) is a
+    :class:`~daunce_store.scoring._numpy.ScoreUnderflowError`, on every backend, never a ranking in row order.
 
     >>> import numpy as np
     >>> x = np.arange(12, dtype=np.float32).reshape(4, 3) ** 2
@@ -202,7 +204,7 @@ def topk(
     acc = make_accumulator(queries, k, measure, tuple(sides), backend, queries_prepared, **options)
     for offset, block in blocks:
         push_checked(acc, offset, block)
-    return acc.finish()
+    return check_underflow(acc.finish(), queries, queries_prepared, measure)
 
 
 def push_checked(acc: Any, offset: int, block: np.ndarray) -> None:

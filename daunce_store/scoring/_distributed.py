@@ -63,6 +63,7 @@ from daunce_store.scoring._measures import (
     gram_part,
     metric_self_scores,
 )
+from daunce_store.scoring._numpy import check_underflow
 from daunce_store.store import LossStore, Snapshot
 
 if TYPE_CHECKING:
@@ -397,6 +398,8 @@ def topk_distributed(
         q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
         task = _TopKTask(run.source, run.scan_rows, prep, q, prepared, int(k), req.sides, backend)
         best = run.topk(_scan_topk, task, int(k))
+    # On the merged answer, not per partition: a partition's rows may all score 0 where others do not.
+    best = check_underflow(best, q, prepared, prep.kernel, names, req.measure.name)
     return Attribution.from_result(names, store.train_ids_at, best, req.measure.name, req.num_columns)
 
 

@@ -234,7 +234,8 @@ class Gram:
             raise InvalidInputError(
                 f"the train losses vary across the perturbations only by ~1e-19 or less (e.g. subnormal losses "
                 f"~1e-40): float32 cannot square them, so the {self.kind} measure has nothing to invert. Score with "
-                "--measure corr (scale-free) or cov, or rescale the losses (multiply them by a constant) before appending"
+                "--measure corr (it standardizes each row's losses, so it works at any scale), or rescale the losses "
+                "(multiply them by a constant) before appending"
             )
         b = self.selected(positions)
         kk = len(b)
@@ -321,7 +322,8 @@ def _float32(x: np.ndarray, measure: Measure) -> np.ndarray:
         raise InvalidInputError(
             f"the {measure.name} preconditioner scales the queries beyond float32: the train losses vary across the "
             "perturbations by too little for float32 (spreads of ~1e-19 or less, e.g. subnormal losses). Score with "
-            "--measure corr (scale-free) or cov, or rescale the losses (multiply them by a constant) before appending"
+            "--measure corr (it standardizes each row's losses, so it works at any scale), or rescale the losses "
+            "(multiply them by a constant) before appending"
         )
     return out
 

@@ -5,14 +5,15 @@ Every other backend must return the same indices and scores (to float32 toleranc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import InvalidInputError
 
-__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores"]
+__all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores",
+           "ScoreUnderflowError", "query_spread", "underflowed", "check_underflow"]
 
 # float32's smallest normal number: a row norm below it has a reciprocal beyond float32 (see prepare_rows).
 _TINY = float(np.finfo(np.float32).tiny)
@@ -36,6 +37,75 @@ def check_scores(result: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, 
         bad = ~np.isfinite(scores)
         if bad.any():
             raise score_overflow_error(int(np.flatnonzero(bad.any(axis=1))[0]))
+    return result
+
+
+class ScoreUnderflowError(InvalidInputError):
+    """Every cov score of a (non-constant) query is 0 or below float32's normal range (~1.2e-38): the losses
+    vary only at a scale whose covariances underflow float32 (e.g. subnormal losses ~1e-40, covariances
+    ~1e-81), so a top-k of those scores is row order, not an attribution. corr standardizes each row and
+    scores such losses correctly."""
+
+
+def query_spread(queries: np.ndarray, queries_prepared: bool) -> np.ndarray:
+    """How much each query's losses vary across the columns, (m,) float64: max |q − mean(q)| of raw
+    queries (0 exactly for a constant one); for prepared cov queries (centered, 1/(K − 1) folded in) the
+    same measured back, max |q|·(K − 1). O(m·K): nothing next to a scan."""
+    q = np.asarray(queries, dtype=np.float64)
+    if queries_prepared:
+        return np.abs(q).max(axis=1, initial=0.0) * max(q.shape[1] - 1, 1)
+    return np.abs(q - q.mean(axis=1, keepdims=True)).max(axis=1, initial=0.0)
+
+
+def underflowed(top: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Queries (m,) bool whose largest |score| ``top`` (over every row ranked) is below float32's normal
+    range although the query varies (``spread`` > 0): each of its scores is 0 or a subnormal, i.e. the
+    products of its losses with the train rows' underflowed. A real covariance is many orders above it."""
+    return (spread > 0) & ~(top >= _TINY)
+
+
+def score_underflow_error(query: str, spread: float, measure: str = "cov") -> ScoreUnderflowError:
+    """The error of every backend and path when :func:`underflowed` holds for ``query`` (named for messages)."""
+    head = (f"the {measure} scores of {query} are all 0 or below float32's normal range (~1.2e-38), so a ranking "
+            "of them would be row order or rounding noise, not an attribution: ")
+    if measure != "cov":  # a preconditioned measure's prepared query is not on the losses' scale
+        return ScoreUnderflowError(head + f"they underflow float32. Score with --measure {measure}-corr or corr "
+                                   "(both standardize, so the losses' scale does not matter)")
+    if spread * spread < _TINY:  # the query's own losses vary below ~1e-19: products at their scale underflow
+        why = (f"its losses vary across the perturbations only at ~{spread:.0e}, and covariances of losses at "
+               f"that scale (~{spread * spread:.0e}) underflow float32 (e.g. subnormal losses ~1e-40)")
+    else:
+        why = (f"its losses vary at ~{spread:.2g}, but the train losses vary across the perturbations only at "
+               f"~{_TINY / spread:.0e} or less (or not at all), and their covariances with it underflow float32")
+    return ScoreUnderflowError(
+        head + why + ". Score with --measure corr (it standardizes each row's losses, so it works at any scale), "
+        "or rescale the losses (multiply them by a constant) before appending"
+    )
+
+
+def check_underflow(result: dict[str, tuple[np.ndarray, np.ndarray]], queries: np.ndarray, queries_prepared: bool,
+                    kernel: str, names: Sequence[str] | None = None, measure: str = "cov") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``result`` (a finished top-k: ``{side: (indices, scores)}``) unless a query's cov scores all
+    underflowed (:func:`underflowed`), then :class:`ScoreUnderflowError` naming the first such query.
+
+    Run on the final answer of every path (each backend, the fused store read, the distributed merge), so
+    they all agree; it reads the (m, k) scores and the (m, K) queries only, so normal inputs cost nothing
+    and come back untouched. A side's top-k holds its extreme score; with one side asked for, that side's
+    extreme stands for all (a query with no score in float32's normal range on that side, yet varying, is
+    all but always an underflowed one). corr scores are correlations in [−1, 1] and are not checked."""
+    if kernel != "cov" or not result:
+        return result
+    top = np.zeros(np.shape(queries)[0])
+    for _, scores in result.values():
+        if scores.size:
+            top = np.maximum(top, np.abs(scores.astype(np.float64)).max(axis=1))
+    bad = np.flatnonzero(~(top >= _TINY))  # cheap first test: normal answers stop here
+    if len(bad):
+        spread = query_spread(queries, queries_prepared)
+        bad = np.flatnonzero(underflowed(top, spread))
+        if len(bad):
+            j = int(bad[0])
+            raise score_underflow_error(f"query {names[j]!r}" if names is not None else f"query {j}", float(spread[j]), measure)
     return result
 
 

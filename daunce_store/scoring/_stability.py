@@ -27,6 +27,7 @@ from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._attribution import RowIds, scoring_request
 from daunce_store.scoring._backend import make_accumulator, push_checked
 from daunce_store.scoring._measures import DEFAULT_MEASURE
+from daunce_store.scoring._numpy import check_underflow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -176,6 +177,9 @@ def stability(
             push_checked(acc, offset, prep.block(block if full_width else np.ascontiguousarray(block[:, v])))
     results = [acc.finish() for acc in accs]
     full = results[len(counts) - 1]
+    # The answer is the full-K top-k: refused as topk refuses it when its cov scores all underflowed (a subset's
+    # or resample's lists are only compared with it).
+    check_underflow(full, *preps[len(counts) - 1].kernel_queries, preps[len(counts) - 1].kernel, req.names, req.measure.name)
 
     overlap = {s: np.stack([_overlap(r[s][0], full[s][0]) for r in results[: len(counts)]], axis=1) for s in sides}
     boot = results[len(counts):]

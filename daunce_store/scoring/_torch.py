@@ -41,7 +41,7 @@ import numpy as np
 from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._measures import DEFAULT_MEASURE
-from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
+from daunce_store.scoring._numpy import _TINY, check_scores, check_underflow, prepare_queries, score_overflow_error
 
 if TYPE_CHECKING:
     from daunce_store.scoring._attribution import Attribution
@@ -436,7 +436,13 @@ class TorchScorer:
 
     def topk(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
              queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{side: (indices (m, k) int64, scores (m, k) float32)}`` of queries (m, K) against the rows."""
+        """``{side: (indices (m, k) int64, scores (m, k) float32)}`` of queries (m, K) against the rows (a
+        query whose cov scores all underflowed is a ScoreUnderflowError, as in :func:`~daunce_store.scoring.topk`)."""
+        return check_underflow(self.select(queries, k, sides, queries_prepared), queries, queries_prepared, self.measure)
+
+    def select(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
+               queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`topk` without the underflow check (for callers that make it with the queries' names)."""
         sides = tuple(sides)
         if not sides or set(sides) - set(_SIDES):
             raise InvalidInputError(f"sides must be a non-empty subset of {_SIDES}, not {sides!r}")
@@ -505,8 +511,10 @@ class StoreScorer:
             )
         req = scoring_request(self.store, self.query_set, queries, k, self.measure.name, side, self.snapshot,
                               self.columns, self.block_rows)
-        q, prepared, names = kernel_queries(req, req.prepared(), self.query_set, queries, aggregate)
-        result = self.kernel.topk(q, k, req.sides, queries_prepared=prepared)
+        prep = req.prepared()
+        q, prepared, names = kernel_queries(req, prep, self.query_set, queries, aggregate)
+        result = check_underflow(self.kernel.select(q, k, req.sides, queries_prepared=prepared), q, prepared, prep.kernel,
+                                 names, req.measure.name)
         return Attribution.from_result(names, self.store.train_ids_at, result, req.measure.name, req.num_columns)
 
     def topk_losses(self, losses: np.ndarray, *, k: int = 10, side: str = "both",
@@ -531,8 +539,10 @@ class StoreScorer:
         if len(names) != q.shape[0]:
             raise InvalidInputError(f"{len(names)} names for {q.shape[0]} query rows")
         _warn_constant_queries(q, names)
-        qk, prepared = prepare(self.measure, q, self.gram, self.positions).kernel_queries
-        result = self.kernel.topk(qk, k, sides, queries_prepared=prepared)
+        prep = prepare(self.measure, q, self.gram, self.positions)
+        qk, prepared = prep.kernel_queries
+        result = check_underflow(self.kernel.select(qk, k, sides, queries_prepared=prepared), qk, prepared, prep.kernel,
+                                 names, self.measure.name)
         return Attribution.from_result(names, self.store.train_ids_at, result, self.measure.name, self.num_columns)
 
 
