@@ -22,6 +22,7 @@ __all__ = [
     "CapacityError",
     "ReclaimedError",
     "StorageError",
+    "ScoreUnderflowError",
     "ConvergenceWarning",
     "ConstantQueryWarning",
     "MissingQueryLossesWarning",
@@ -92,6 +93,13 @@ class CorruptRecordError(DaunceStoreError):
 
 class CapacityError(DaunceStoreError):
     """The store has no free column slot left."""
+
+
+class ScoreUnderflowError(InvalidInputError):
+    """Every cov score of a (non-constant) query is 0 or below float32's normal range (~1.2e-38): the losses
+    vary only at a scale whose covariances underflow float32 (e.g. subnormal losses ~1e-40, covariances
+    ~1e-81), so a top-k of those scores is row order, not an attribution. corr standardizes each row and
+    scores such losses correctly."""
 
 
 class StorageError(DaunceStoreError):

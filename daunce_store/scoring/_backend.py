@@ -191,7 +191,7 @@ def topk(
     same scores as the numpy reference :func:`daunce_store.scoring._numpy.topk_numpy`. ``options``:
     ``device=`` and ``allow_tf32=`` of ``backend="torch"``. A varying query whose ``cov`` scores are all 0
     or below float32's normal range (losses that vary only at ~1e-19 or less: they underflow) is a
-    :class:`~daunce_store.scoring._numpy.ScoreUnderflowError`, on every backend, never a ranking in row order.
+    :class:`~daunce_store.errors.ScoreUnderflowError`, on every backend, never a ranking in row order.
 
     >>> import numpy as np
     >>> x = np.arange(12, dtype=np.float32).reshape(4, 3) ** 2

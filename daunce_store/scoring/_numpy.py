@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from daunce_store._constants import MAX_ABS_LOSS
-from daunce_store.errors import InvalidInputError
+from daunce_store.errors import InvalidInputError, ScoreUnderflowError
 
 __all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores",
            "ScoreUnderflowError", "query_spread", "underflowed", "check_underflow"]
@@ -38,13 +38,6 @@ def check_scores(result: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, 
         if bad.any():
             raise score_overflow_error(int(np.flatnonzero(bad.any(axis=1))[0]))
     return result
-
-
-class ScoreUnderflowError(InvalidInputError):
-    """Every cov score of a (non-constant) query is 0 or below float32's normal range (~1.2e-38): the losses
-    vary only at a scale whose covariances underflow float32 (e.g. subnormal losses ~1e-40, covariances
-    ~1e-81), so a top-k of those scores is row order, not an attribution. corr standardizes each row and
-    scores such losses correctly."""
 
 
 def query_spread(queries: np.ndarray, queries_prepared: bool) -> np.ndarray:
