@@ -157,6 +157,39 @@ class Store(LossStore):
         return _select.select(self, query_set, queries, remove=remove, top=top, measure=measure, write=write, data=data,
                               output=output, ids_output=ids_output, backend=backend)
 
+    def attribute(
+        self, rows: Sequence[Mapping[str, Any]] | None = None, *, prompt: str | None = None, completion: str | None = None,
+        k: int = 10, measure: str = DEFAULT_MEASURE, side: Side = "both", backend: Backend = "auto", device: str = "cpu",
+    ) -> Attribution:
+        """Top-k train examples for NEW examples, not in any query set: each is evaluated under the K perturbed
+        models the store kept (a recipe run's LoRA adapters: K forward passes, no gradients) and its losses are
+        scored against the train rows. ``rows`` hold the run's fields (prompt/completion or messages; text/label)
+        and an optional ``id``; or give one ``prompt`` and ``completion``. The model and adapters stay loaded
+        on this Store, so later calls pay only the forward passes. Needs the ``train`` extra.
+
+        >>> store.attribute(prompt="What is a list?", completion="A mutable sequence.").to_pandas()   # doctest: +SKIP
+        """
+        rows = _new_rows(rows, prompt, completion)
+        kept = self._kept_models(device)
+        losses = kept.losses(rows)
+        names = [str(r["id"]) if r.get("id") is not None else f"new-{i}" for i, r in enumerate(rows)]
+        return scoring.topk_losses(self, losses, names, kept.slots, k=k, measure=measure, side=side, backend=backend,
+                                   snapshot=kept.snapshot)
+
+    def _kept_models(self, device: str) -> Any:
+        """The recipe's θ0 and kept adapters, loaded once per Store and device; refreshed when columns land."""
+        from daunce_store._optional import import_optional
+
+        import_optional("torch", "train", "Store.attribute")
+        from daunce_store.perturb import KeptModels
+
+        snap = self.snapshot()
+        cache = self.__dict__.setdefault("_kept", {})
+        kept = cache.get(device)
+        if kept is None or kept.snapshot.perturbations != snap.perturbations:
+            kept = cache[device] = KeptModels(self, snapshot=snap, device=device, reuse=kept)
+        return kept
+
     def scorer(
         self, query_set: str | None = None, *, measure: str = DEFAULT_MEASURE, device: str | None = None,
         snapshot: Snapshot | None = None, columns: Sequence[int] | None = None, allow_tf32: bool = False,
@@ -170,6 +203,22 @@ class Store(LossStore):
         """
         return scoring.scorer(self, query_set, measure=measure, device=device, snapshot=snapshot, columns=columns,
                               allow_tf32=allow_tf32, block_rows=block_rows)
+
+
+def _new_rows(rows: Sequence[Mapping[str, Any]] | None, prompt: str | None, completion: str | None) -> list[dict[str, Any]]:
+    if rows is not None and (prompt is not None or completion is not None):
+        raise InvalidInputError("give rows, or prompt and completion, not both")
+    if rows is None:
+        if prompt is None or completion is None:
+            raise InvalidInputError("give the new example: prompt and completion (the output to explain), or rows")
+        return [{"prompt": prompt, "completion": completion}]
+    out = list(rows)
+    if not out or not all(isinstance(r, Mapping) for r in out):
+        raise InvalidInputError("rows must be a non-empty list of dicts holding the run's fields (e.g. prompt and completion)")
+    ids = [str(r["id"]) for r in out if r.get("id") is not None]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"rows repeat an id ({next(i for i in ids if ids.count(i) > 1)!r}); give each new example its own id")
+    return [dict(r) for r in out]
 
 
 # The entry points: a Store's own constructors (same signatures and docs as LossStore.create / open).

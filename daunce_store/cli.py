@@ -272,6 +272,8 @@ def perturb(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="classifier: text field (default text).", rich_help_panel="Recipe")] = None,
     label_field: Annotated[Optional[str], typer.Option("--label-field", help="classifier: label field (default label; class indices or names from the model's label2id).", rich_help_panel="Recipe")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate each example to this many tokens.", rich_help_panel="Recipe")] = None,
+    train_layers: Annotated[Optional[int], typer.Option("--train-layers", help="causal-lm fast path: LoRA on the last L decoder layers, θ0's hidden states below them computed once and cached (default 2).", rich_help_panel="Recipe")] = None,
+    full_model: Annotated[bool, typer.Option("--full-model", help="causal-lm: opt out of the fast path; every step and evaluation runs all layers.", rich_help_panel="Recipe")] = False,
     lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="LoRA adapters (the config's, or r 64, alpha 16 on the MLP projections) or a full fine-tune (overrides the config).", rich_help_panel="Training")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (overrides the config).", rich_help_panel="Training")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps per perturbation (overrides the config).", rich_help_panel="Training")] = None,
@@ -279,8 +281,9 @@ def perturb(
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
     recipe_options = {"model": model, "train": train, "prompt_field": prompt_field, "completion_field": completion_field,
-                      "text_field": text_field, "label_field": label_field, "max_length": max_length}
-    given = [f"--{k.replace('_', '-')}" for k, v in recipe_options.items() if v is not None] + (["--queries"] if queries else [])
+                      "text_field": text_field, "label_field": label_field, "max_length": max_length, "train_layers": train_layers}
+    given = [f"--{k.replace('_', '-')}" for k, v in recipe_options.items() if v is not None] + (["--queries"] if queries else []) \
+        + (["--full-model"] if full_model else [])
     if recipe is None and given:
         raise InvalidInputError(f"{', '.join(given)} need --recipe causal-lm|classifier")
     perturb = _training_extra("daunce perturb")
@@ -289,12 +292,19 @@ def perturb(
         options = {k: v for k, v in recipe_options.items() if v is not None}
         if queries:
             options["queries"] = _parse_pairs(queries, "--queries")
-        cfg = perturb.prepare_recipe(store, recipe, options, cfg, until=until, storage_options=_storage_options(storage_options))
+        cfg = perturb.prepare_recipe(store, recipe, options, cfg, until=until, storage_options=_storage_options(storage_options),
+                                     full_model=full_model, say=lambda line: err_console.print(_text(line)))
     done = perturb.run_workers(store, cfg, until=until, workers=workers, device=device, base_dir=config.parent if config else None,
                                storage_options=_storage_options(storage_options), console=err_console, progress=progress)
+    s = _open(store, "a", storage_options)
     if compact:  # safe beside other workers still appending; packs only full groups
-        _open(store, "a", storage_options).compact()
+        s.compact()
     console.print(_text(f"{done} of {until or cfg.num_perturbations} perturbations committed in {store}"))
+    kept = s.adapter_sizes()
+    if kept:
+        total = sum(kept.values())
+        console.print(_text(f"kept {len(kept)} {'LoRA adapters' if cfg.lora_settings() is not None else 'weight sets'} "
+                            f"({total / len(kept) / 1e6:.1f} MB each, {total / 1e6:.1f} MB in all) for `daunce attribute` and `daunce add-queries`"))
 
 
 StatusFormat = _choices("StatusFormat", ("table", "json"))

@@ -14,6 +14,21 @@ import daunce_store
 from _stores import build_store, make_losses
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _daunce_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The derived-data cache (model copies, hidden states: perturb/_model_files.py) in a folder of this test
+    session, never the user's ~/.cache; spawned workers inherit it through the environment."""
+    import os
+
+    old = os.environ.get("DAUNCE_CACHE_DIR")
+    os.environ["DAUNCE_CACHE_DIR"] = str(tmp_path_factory.mktemp("daunce-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DAUNCE_CACHE_DIR", None)
+    else:
+        os.environ["DAUNCE_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def small_store(tmp_path: Path) -> tuple[daunce_store.LossStore, np.ndarray, np.ndarray]:
     train, query = make_losses(300, 7, 12)

@@ -36,6 +36,8 @@ from daunce_store.perturb._recipes import (
 )
 from daunce_store.perturb._workers import WorkerError, build_from_config, fill_query_sets, load_factory, run_worker, run_workers
 from daunce_store.perturb._cached import CachedCausalLMTask, LlamaTail, cache_hidden_states, cached_lm
+from daunce_store.perturb._adapters import KeptModels, losses_under_states
+from daunce_store.perturb._model_files import cache_root, local_copy
 from daunce_store.perturb._noise import NOISE_RATIO_WARNING, NoiseReport, check_noise, check_noise_from_config
 from daunce_store.perturb._task import CausalLMTask, ClassificationTask, SequenceClassificationTask, Task, margin, sequence_loss
 from daunce_store.store import PerturbationDraw, perturbation_id, perturbation_weights
@@ -70,7 +72,11 @@ __all__ = [
     "load_factory",
     "run_workers",
     "batch_objective",
+    "KeptModels",
     "cache_hidden_states",
+    "cache_root",
+    "local_copy",
+    "losses_under_states",
     "cached_lm",
     "check_noise",
     "check_noise_from_config",

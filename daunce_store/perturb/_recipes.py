@@ -28,6 +28,7 @@ import torch
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.perturb._config import PerturbConfig, read_yaml
+from daunce_store.perturb._model_files import cache_root, local_copy
 from daunce_store.perturb._task import CausalLMTask, SequenceClassificationTask, Task
 from daunce_store.store import LossStore, open_store, read_data_file, validate_ids
 
@@ -50,9 +51,14 @@ RECIPES = {
 # pretrained transformers (DESIGN §1: LLMs lr 3e-4 with 3 % warm-up), not PerturbConfig's defaults, which
 # are tuned on small models (lr 3e-3, 20 epochs of batch 64) and would wreck a pretrained network.
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "causal-lm": {"lr": 3e-4, "warmup_ratio": 0.03, "epochs": 1, "batch_size": 8, "eval_batch_size": 32},
+    "causal-lm": {"lr": 3e-4, "warmup_ratio": 0.03, "epochs": 1, "batch_size": 8, "eval_batch_size": 32, "lora": {}},
     "classifier": {"lr": 5e-5, "warmup_ratio": 0.03, "epochs": 3, "batch_size": 16, "eval_batch_size": 64},
 }
+# The causal-lm recipe's fast path (perturb/_cached.py): LoRA on the last L decoder layers only, θ0's hidden
+# states at layer N − L computed once and cached, the head applied at target tokens only. L = 2 is the
+# default: on SmolLM2-135M it finds the planted backdoor as well as L = 4 at ~half the time per
+# perturbation (bench/RESULTS.md "Recipe fast path"). `--full-model` runs every layer instead.
+DEFAULT_TRAIN_LAYERS = 2
 
 
 # --- data files ------------------------------------------------------------------------------------------
@@ -73,29 +79,15 @@ def _text(row: Mapping[str, Any], field: str, i: int, where: str, *, empty_ok: b
     return value
 
 
-# --- models ----------------------------------------------------------------------------------------------
-def _model_source(model: str) -> tuple[str, dict[str, Any]]:
-    """(directory, extra from_pretrained kwargs) for a Hugging Face directory or a .gguf file."""
-    p = Path(model)
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        return os.fspath(p.parent), {"gguf_file": p.name}
-    if p.is_dir() and (p / "config.json").exists():
-        return os.fspath(p), {}
-    what = "does not exist" if not p.exists() else "is a directory without config.json" if p.is_dir() else "is not a .gguf file"
-    raise InvalidInputError(
-        f"--model {model!r} {what}; give a Hugging Face model directory (save_pretrained) or a .gguf file"
-    )
-
-
+# --- models ---------------------------------------------------------------------------------------------
 # Cached per process: the checks before the store is created and the factory in the same process read one
 # model's config and tokenizer once (from a GGUF file each read parses the file: ~4 s for SmolLM2-135M).
 @functools.lru_cache(maxsize=4)
 def _load_config(model: str) -> Any:
     from transformers import AutoConfig
 
-    directory, kw = _model_source(model)
     try:
-        return AutoConfig.from_pretrained(directory, **kw)
+        return AutoConfig.from_pretrained(local_copy(model))
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInputError(f"--model {model!r} is not a model transformers can read: {_first_line(e)}") from None
 
@@ -104,9 +96,8 @@ def _load_config(model: str) -> Any:
 def _load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
-    directory, kw = _model_source(model)
     try:
-        return AutoTokenizer.from_pretrained(directory, **kw)
+        return AutoTokenizer.from_pretrained(local_copy(model))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidInputError(f"--model {model!r} has no tokenizer transformers can load ({_first_line(e)}); save one beside the model (tokenizer.save_pretrained)") from None
 
@@ -288,8 +279,7 @@ _PARTS = {"causal-lm": _causal_lm_parts, "classifier": _classifier_parts}
 
 
 def _load_model(recipe: str, model: str, parts: _Parts) -> torch.nn.Module:
-    directory, kw = _model_source(model)
-    net = _auto_class(recipe).from_pretrained(directory, dtype=torch.float32, **kw).eval()
+    net = _auto_class(recipe).from_pretrained(local_copy(model), dtype=torch.float32).eval()
     if recipe == "classifier" and getattr(net.config, "pad_token_id", None) is None:
         # GPT-2-style classifiers find each sequence's last token through pad_token_id; without one they
         # refuse batches of more than one sequence.
@@ -297,15 +287,25 @@ def _load_model(recipe: str, model: str, parts: _Parts) -> torch.nn.Module:
     return net
 
 
-def causal_lm(model: str, train: str, queries: Mapping[str, str] | None = None, **fields: Any) -> tuple[Any, Task, list[Any], dict[str, list[Any]]]:
-    """The ``causal-lm`` recipe as a factory: ``(model, CausalLMTask, train items, query items)``.
+def causal_lm(model: str, train: str, queries: Mapping[str, str] | None = None, train_layers: int | None = None,
+              reporter: Any = None, **fields: Any) -> tuple[Any, Task, list[Any], dict[str, list[Any]]]:
+    """The ``causal-lm`` recipe as a factory: ``(model, CausalLMTask, train items, query items)``, or with
+    ``train_layers`` L the cached fast path's ``(tail, CachedCausalLMTask, cached train, cached queries)``
+    (:func:`~daunce_store.perturb.cached_lm`; hidden states cached under ``cache_root()/hidden-states``).
 
     ``fields``: ``prompt_field`` ("prompt"), ``completion_field`` ("completion"), ``messages_field``
     ("messages": a chat, rendered by the tokenizer's chat template; its last assistant turn is the
-    completion), ``max_length`` (None), ``weight_decay`` (None).
+    completion), ``max_length`` (None), ``weight_decay`` (None). ``reporter``: progress of the cache.
     """
     parts = _causal_lm_parts(model, train, queries, **fields)
-    return _load_model("causal-lm", model, parts), parts.task, parts.train, parts.queries
+    net = _load_model("causal-lm", model, parts)
+    if not train_layers:
+        return net, parts.task, parts.train, parts.queries
+    from daunce_store.perturb._cached import cached_lm
+
+    assert isinstance(parts.task, CausalLMTask)
+    return cached_lm(net, parts.task, parts.train, parts.queries, int(train_layers),
+                     cache_dir=cache_root() / "hidden-states", reporter=reporter)
 
 
 def classifier(model: str, train: str, queries: Mapping[str, str] | None = None, **fields: Any) -> tuple[Any, Task, list[Any], dict[str, list[Any]]]:
@@ -329,6 +329,7 @@ def load_config(config_file: str | os.PathLike[str] | None, recipe: str | None =
     if recipe is not None and recipe not in RECIPES:
         raise InvalidInputError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
     data: dict[str, Any] = dict(RECIPE_DEFAULTS[recipe]) if recipe else {}
+    given: set[str] = set()
     if config_file is not None:
         yaml_config = PerturbConfig.from_yaml(config_file)  # its own checks and errors first
         given = set(read_yaml(config_file) or {})  # the keys the file sets: they win over the recipe's defaults
@@ -340,19 +341,27 @@ def load_config(config_file: str | os.PathLike[str] | None, recipe: str | None =
         data["lora"] = None
     elif lora and data.get("lora") is None:
         data["lora"] = {}
+    if recipe is not None and "keep_adapters" not in given:
+        # A recipe keeps its LoRA adapters (a few MB each) unless told otherwise: `daunce attribute` and
+        # `add-queries` evaluate new examples under them. A full fine-tune's state is the whole model: not kept.
+        data["keep_adapters"] = data.get("lora") is not None
     return PerturbConfig.from_dict(data)
 
 
 def prepare_recipe(url: str, recipe: str, options: Mapping[str, Any], config: PerturbConfig, *, until: int | None = None,
-                   storage_options: dict[str, Any] | None = None) -> PerturbConfig:
+                   storage_options: dict[str, Any] | None = None, full_model: bool = False,
+                   say: Any = None) -> PerturbConfig:
     """Check a recipe run end to end (data, model, classes, LoRA targets, K) and then open the store at
     ``url``, or create it from the data's ids; returns ``config`` with the recipe as its factory, ready for
     :func:`run_workers`. ``options`` (``model``, ``train``, ``queries`` {name: file}, field names, ...) go
-    over the config's ``factory_kwargs``. Nothing is written when a check fails."""
+    over the config's ``factory_kwargs``. Nothing is written when a check fails.
+
+    ``causal-lm`` runs on the cached fast path (``train_layers``, default :data:`DEFAULT_TRAIN_LAYERS`) unless
+    ``full_model`` or the architecture has no cached tail; ``say(line)`` is told which, in one line."""
     if recipe not in RECIPES:
         raise InvalidInputError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
     options = {**config.factory_kwargs, **{k: v for k, v in options.items() if v is not None}}
-    known = list(inspect.signature(_PARTS[recipe]).parameters)
+    known = list(inspect.signature(_PARTS[recipe]).parameters) + (["train_layers"] if recipe == "causal-lm" else [])
     unknown = sorted(set(options) - set(known))
     if unknown:
         flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in unknown)
@@ -375,10 +384,44 @@ def prepare_recipe(url: str, recipe: str, options: Mapping[str, Any], config: Pe
     skeleton = _check_architecture(recipe, options["model"], _load_config(options["model"]))  # the model first
     if config.lora_settings() is not None:
         _check_lora_targets(skeleton, config.lora_settings(), options["model"])
-    parts = _PARTS[recipe](**options)
+    options["train_layers"], note = _fast_path(recipe, options, skeleton, config, full_model)
+    if options["train_layers"] is None:
+        del options["train_layers"]
+    parts = _PARTS[recipe](**{k: v for k, v in options.items() if k != "train_layers"})
     validate_ids(parts.train_ids, what=f"train ids of {options['train']}", check_normalization=False)  # the store warns
     _open_or_create(url, parts, storage_options)
+    if say is not None:
+        say(note)  # once every check passed: an error stays the command's one line
     return config.replace(factory=RECIPES[recipe], factory_kwargs=options)
+
+
+def _fast_path(recipe: str, options: Mapping[str, Any], skeleton: torch.nn.Module, config: PerturbConfig,
+               full_model: bool) -> tuple[int | None, str]:
+    """The number of cached-tail layers to train (None: the whole model runs at every step), and one line saying so."""
+    from daunce_store.perturb._cached import decoder_layers
+
+    asked = options.get("train_layers")
+    if asked is not None and (full_model or recipe != "causal-lm"):
+        raise InvalidInputError("--train-layers is the causal-lm recipe's fast path; drop it" +
+                                (" or --full-model" if full_model else ""))
+    if recipe != "causal-lm":
+        return None, ("fast path off: the cached tail is built for causal LMs, so every training step and every evaluation "
+                      "runs the whole classifier (expect each perturbation to cost about its fine-tune's forward and backward passes)")
+    if full_model:
+        return None, "fast path off (--full-model): every training step and every evaluation runs all layers of the model"
+    try:
+        total = len(decoder_layers(skeleton))
+    except InvalidInputError:
+        return None, (f"fast path off: {type(skeleton).__name__} is not a Llama-family model (the cached tail needs model.model.layers, "
+                      ".norm, .rotary_emb, .embed_tokens and lm_head), so every step runs all of it (expect several times the fast path's cost)")
+    layers = DEFAULT_TRAIN_LAYERS if asked is None else asked
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        raise InvalidInputError(f"--train-layers must be a whole number from 1 to {total} (the model's decoder layers), not {layers!r}")
+    if config.lora_settings() is None:
+        raise InvalidInputError("the fast path trains LoRA adapters on the last --train-layers layers; drop --no-lora "
+                                "(or `lora: null` in --config), or add --full-model for a full fine-tune of every layer")
+    return layers, (f"fast path: LoRA on the last {layers} of {total} decoder layers; θ0's hidden states at layer {total - layers} "
+        f"are computed once and cached under {cache_root() / 'hidden-states'}; the head runs at target tokens only")
 
 
 def _open_or_create(url: str, parts: _Parts, storage_options: dict[str, Any] | None) -> LossStore:
@@ -415,3 +458,93 @@ def _same_ids(have: list[str], ids: list[str], what: str, url: str) -> None:
         row = next(i for i, (a, b) in enumerate(zip(have, ids)) if a != b)
         detail = f"row {row}: {have[row]!r} in the store, {ids[row]!r} in the data"
     raise InvalidInputError(f"{what} does not match the ids of {url} ({detail}); use a new store path for new data")
+
+
+# --- a recipe run, read back from its commits -------------------------------------------------------------
+class RecipeModel:
+    """θ0 of a recipe run and how its data rows become items the runner evaluates: what ``daunce attribute``
+    and ``daunce add-queries`` need to put new examples under the run's kept adapters.
+
+    Built from the run's ``factory_kwargs`` (kept in every commit's metadata): the model (its local copy),
+    the tokenizer, the task and, on the fast path, the tail (``train_layers``) with new rows' hidden states
+    computed by θ0's lower layers. Loading it takes ~1 s for SmolLM2-135M once the local copy exists.
+    """
+
+    def __init__(self, recipe: str, options: Mapping[str, Any], device: str = "cpu"):
+        if recipe not in RECIPES:
+            raise InvalidInputError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+        self.recipe, self.options = recipe, dict(options)
+        self.fields = {k: v for k, v in self.options.items() if k not in ("model", "train", "queries", "train_layers")}
+        model = self.options["model"]
+        self.tokenizer = _load_tokenizer(model)
+        self.config = _load_config(model)
+        if recipe == "causal-lm":
+            base_task: Task = CausalLMTask(pad_token_id=_pad_id(self.tokenizer), max_length=self.fields.get("max_length"),
+                                           weight_decay=self.fields.get("weight_decay"))
+        else:
+            base_task = SequenceClassificationTask(pad_token_id=_pad_id(self.tokenizer), signal=self.fields.get("signal", "loss"),
+                                                   weight_decay=self.fields.get("weight_decay"))
+        self._base_task = base_task
+        self.full = _load_model(recipe, model, _Parts(base_task, [], [], {}, {})).to(device)
+        self.train_layers = self.options.get("train_layers")
+        if self.train_layers:
+            from daunce_store.perturb._cached import CachedCausalLMTask, LlamaTail
+
+            self.model: torch.nn.Module = LlamaTail(self.full, int(self.train_layers))
+            self.task: Task = CachedCausalLMTask(weight_decay=self.fields.get("weight_decay"))
+        else:
+            self.model, self.task = self.full, base_task
+        self.device = device
+
+    @classmethod
+    def from_commits(cls, commits: Sequence[Any], url: str, device: str = "cpu") -> RecipeModel:
+        """The recipe of a store's commits (all from one recipe run), or InvalidInputError saying why not."""
+        factories = {str((c.metadata.get("config") or {}).get("factory")) for c in commits}
+        recipes = [name for name, spec in RECIPES.items() if {spec} == factories]
+        if not commits or not recipes:
+            raise InvalidInputError(
+                f"{url} was not made by a recipe (daunce perturb --recipe ...): its commits name "
+                f"{', '.join(sorted(factories)) or 'no columns'}; evaluate new examples as a query set instead "
+                f"(daunce add-queries {url} --query-set NAME=ids.txt --config run.yaml)"
+            )
+        options = [(c.metadata.get("config") or {}).get("factory_kwargs") or {} for c in commits]
+        if any(o != options[0] for o in options[1:]):
+            raise InvalidInputError(f"{url} holds columns of recipe runs with different settings (model, data or fields); "
+                                    "new examples can only be evaluated under one run's models")
+        return cls(recipes[0], options[0], device)
+
+    def _as_run_fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A ``{prompt, completion}`` row in the run's own fields: renamed, or as a two-turn chat for a chat run."""
+        prompt_field = self.fields.get("prompt_field", "prompt")
+        if "prompt" not in row or "completion" not in row or prompt_field in row:
+            return row
+        if self._chat:
+            return {**row, self.fields.get("messages_field", "messages"): [
+                {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
+        return {**row, prompt_field: row["prompt"], self.fields.get("completion_field", "completion"): row["completion"]}
+
+    @functools.cached_property
+    def _chat(self) -> bool:
+        """Was the run's train data chats (``messages``) rather than prompt/completion fields?"""
+        first = read_data_file(self.options["train"], dataset_dir=True).rows[:1] if os.path.exists(self.options["train"]) else []
+        return bool(first) and first[0].get(self.fields.get("messages_field", "messages")) is not None \
+            and first[0].get(self.fields.get("prompt_field", "prompt")) is None
+
+    def rows_items(self, rows: Sequence[Mapping[str, Any]], where: str) -> list[Any]:
+        """Items of data rows (the run's field names: prompt/completion or messages; text/label), ready for
+        :attr:`task` and :attr:`model`."""
+        if not rows:
+            raise InvalidInputError(f"{where} holds no rows")
+        if self.recipe == "causal-lm":
+            rows = [self._as_run_fields(r) for r in rows]
+            names = ("prompt_field", "completion_field", "messages_field", "max_length")
+            items = causal_lm_items(self.tokenizer, rows, where, **{k: v for k, v in self.fields.items() if k in names})
+        else:
+            names = ("text_field", "label_field", "max_length")
+            items = classifier_items(self.tokenizer, self.config, rows, where, **{k: v for k, v in self.fields.items() if k in names})
+        if not self.train_layers:
+            return items
+        from daunce_store.perturb._cached import cache_hidden_states
+
+        assert isinstance(self._base_task, CausalLMTask)
+        return cache_hidden_states(self.full, self._base_task, items, int(self.train_layers), device=self.device)

@@ -4,7 +4,7 @@ built on them; :func:`scorer` keeps prepared train rows on a torch device for re
 
 from __future__ import annotations
 
-from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_store
+from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_losses, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
 from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
 from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
@@ -38,5 +38,6 @@ __all__ = [
     "stability",
     "topk",
     "topk_distributed",
+    "topk_losses",
     "topk_store",
 ]

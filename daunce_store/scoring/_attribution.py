@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
-from daunce_store.store import TABLE_FORMATS, write_frames, write_records
+from daunce_store.store import TABLE_FORMATS, validate_losses, write_frames, write_records
 from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
 from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
@@ -361,12 +361,55 @@ def topk_store(
     """
     check_aggregate(aggregate)  # before any reading
     req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns, block_rows)
+    return _topk_request(store, req, query_set, queries, k, backend, block_rows, aggregate)
+
+
+def _topk_request(store: LossStore, req: ScoringRequest, query_set: str, queries: Sequence[str] | None, k: int,
+                  backend: str, block_rows: int | None, aggregate: str | None) -> Attribution:
     prep = req.prepared()
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     push_train_rows(acc, prep, store, req.snapshot, req.slots, req.positions, lambda: req.blocks(store, block_rows))
     result = check_underflow(acc.finish(), q, prepared, prep.kernel, names, req.measure.name)
     return Attribution.from_result(names, store.train_ids_at, result, req.measure.name, req.num_columns)
+
+
+def topk_losses(
+    store: LossStore,
+    losses: np.ndarray,
+    names: Sequence[str],
+    slots: Sequence[int],
+    *,
+    k: int = 10,
+    measure: str = DEFAULT_MEASURE,
+    side: str = "both",
+    backend: str = "auto",
+    snapshot: Snapshot | None = None,
+    block_rows: int | None = None,
+) -> Attribution:
+    """Top-k train examples for queries that are not in the store: ``losses`` (m, len(slots)) are their losses
+    under the committed columns ``slots`` (e.g. new examples evaluated under the kept adapters), scored against
+    the train rows of those columns exactly as a stored query set's would be."""
+    sides = resolve_sides(side)
+    resolve_measure(measure)
+    check_k(k, store.n_train)
+    q = np.asarray(losses)
+    if q.ndim != 2 or q.shape != (len(names), len(slots)):
+        raise InvalidInputError(f"losses must be (queries, columns) = ({len(names)}, {len(slots)}), not {q.shape}")
+    snap = snapshot or store.snapshot()
+    committed = store.committed_slots(snapshot=snap)
+    where = {slot: i for i, slot in enumerate(committed)}
+    if any(int(s) not in where for s in slots):
+        raise InvalidInputError(f"slot {next(int(s) for s in slots if int(s) not in where)} is not a committed column of {store.url}")
+    order = np.argsort([where[int(s)] for s in slots], kind="stable")  # the request's columns run in slot order
+    positions = [where[int(slots[i])] for i in order]
+    snap, chosen, pos, resolved, gram = measure_inputs(store, measure, snap, None, None if len(positions) == len(committed) else positions, block_rows)
+    q = np.ascontiguousarray(q[:, order], dtype=np.float32)
+    validate_losses(q.ravel(), q.size, what="the new queries' losses")
+    names = tuple(str(n) for n in names)
+    _warn_constant_queries(q, names)
+    req = ScoringRequest(sides, snap, np.arange(len(names)), names, chosen, pos, q, resolved, gram)
+    return _topk_request(store, req, "new", None, k, backend, block_rows, None)
 
 
 def push_train_rows(

@@ -528,6 +528,16 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         """The weights kept by :meth:`save_adapter` for ``perturbation``, or None."""
         return self._storage.get_bytes(f"{C.ADAPTERS_PREFIX}/{check_perturbation_id(perturbation)}.safetensors")
 
+    def adapter_sizes(self, snapshot: Snapshot | None = None) -> dict[str, int]:
+        """Bytes of the weights kept for each committed perturbation that has them (commit metadata ``adapter``)."""
+        out = {}
+        for commit in (snapshot or self.snapshot()).commits:
+            key = commit.metadata.get("adapter")
+            size = self._storage.size_of(key) if isinstance(key, str) else None
+            if size is not None:
+                out[commit.perturbation] = size
+        return out
+
     def _write_column(self, arr: Any, slot: int, values: np.ndarray) -> None:
         """Column ``slot`` of ``arr``, one chunk at a time (each write is one failpoint: store/_failpoints.py)."""
         rows, width, n = int(arr.chunks[0]), int(arr.chunks[1]), int(arr.shape[0])

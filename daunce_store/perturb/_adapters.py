@@ -1,0 +1,112 @@
+"""New examples under a store's kept adapters: the losses ``daunce attribute`` scores and ``add-queries`` stores.
+
+A recipe run (``daunce perturb --recipe``) records the recipe in every commit and keeps each perturbation's
+LoRA adapter (a few MB). :class:`KeptModels` loads θ0 (:class:`RecipeModel`) and the adapters once; then
+:meth:`KeptModels.losses` puts new examples under the K perturbed models — K forward passes, no gradients,
+LoRA injected once and only its weights swapped per column — and returns losses aligned with the store's
+columns, which scoring ranks like any query's (``scoring.topk_losses``). A server keeps one KeptModels, so
+a request pays only the forward passes (``bench/attribute.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from daunce_store.errors import InvalidInputError
+from daunce_store.perturb._config import PerturbConfig
+from daunce_store.perturb._progress import NullReporter, Reporter
+from daunce_store.perturb._recipes import RecipeModel
+from daunce_store.perturb._runner import _prepared, evaluate_signal
+
+__all__ = ["KeptModels", "losses_under_states"]
+
+
+def losses_under_states(model: torch.nn.Module, task: Any, data: Any, config: PerturbConfig,
+                        states: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
+                        reporter: Reporter | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(perturbation, losses of data)`` under each kept weight set, in order. LoRA adapters are injected once
+    (``config``'s LoRA settings, the run's) and only their weights are swapped; full states are loaded into
+    one working copy."""
+    reporter = reporter or NullReporter()
+    with _prepared(model, task, config, 0) as prep:
+        for pid, state in states:
+            if config.lora_settings() is None:
+                prep.model.load_state_dict(state)
+            else:
+                from peft import set_peft_model_state_dict
+
+                result = set_peft_model_state_dict(prep.model, state)
+                if getattr(result, "unexpected_keys", None):
+                    raise InvalidInputError(f"the adapter kept for {pid!r} does not fit the run's LoRA settings "
+                                            f"(unexpected weights {result.unexpected_keys[:3]})")
+            yield pid, evaluate_signal(prep.model, task, data, config, reporter, pid)
+
+
+def _run_config(commit: Any, device: str, eval_batch_size: int | None) -> PerturbConfig:
+    cfg = PerturbConfig.from_dict(commit.metadata["config"]).replace(device=device)
+    return cfg.replace(eval_batch_size=eval_batch_size) if eval_batch_size else cfg
+
+
+class KeptModels:
+    """θ0 of a recipe store and the adapters its committed columns kept, loaded once.
+
+    >>> kept = KeptModels(store)                                            # doctest: +SKIP
+    >>> losses = kept.losses([{"prompt": "Hi", "completion": "Hello"}])      # (1, K), columns kept.slots
+    """
+
+    def __init__(self, store: Any, *, snapshot: Any = None, device: str = "cpu", eval_batch_size: int | None = None,
+                 reuse: KeptModels | None = None):
+        snap = snapshot or store.snapshot()
+        commits = list(snap.commits)
+        if not commits:
+            raise InvalidInputError(f"{store.url} has no committed columns yet; run `daunce perturb {store.url} --recipe ...` first")
+        # `reuse`: an earlier KeptModels of this store (fewer columns then): its loaded model and adapters stay.
+        same = reuse is not None and reuse.recipe.options == (commits[0].metadata.get("config") or {}).get("factory_kwargs")
+        self.recipe = reuse.recipe if same and reuse is not None else RecipeModel.from_commits(commits, store.url, device)
+        kept = [c for c in commits if c.metadata.get("adapter")]
+        if not kept:
+            raise InvalidInputError(
+                f"{store.url} kept no adapters (its run had keep_adapters: false), so new examples cannot be put under "
+                f"its {len(commits)} perturbed models; rerun `daunce perturb` into a new store (recipes keep LoRA adapters by default)"
+            )
+        self.store, self.snapshot, self.device, self.eval_batch_size = store, snap, device, eval_batch_size
+        self.commits = kept
+        self.config = _run_config(kept[0], device, eval_batch_size)
+        self._states: dict[str, Mapping[str, torch.Tensor]] = dict(reuse._states) if same and reuse is not None else {}
+
+    @property
+    def slots(self) -> list[int]:
+        return [c.slot for c in self.commits]
+
+    @property
+    def perturbations(self) -> list[str]:
+        return [c.perturbation for c in self.commits]
+
+    def _state(self, pid: str) -> Mapping[str, torch.Tensor]:
+        if pid not in self._states:
+            from safetensors.torch import load
+
+            data = self.store.load_adapter(pid)
+            if data is None:
+                raise InvalidInputError(f"{self.store.url}: the adapter of {pid!r} named by its commit is missing; "
+                                        "run `daunce verify` on the store")
+            self._states[pid] = load(data)
+        return self._states[pid]
+
+    def items(self, rows: Sequence[Mapping[str, Any]], where: str = "the new examples") -> list[Any]:
+        return self.recipe.rows_items(rows, where)
+
+    def losses(self, rows: Sequence[Mapping[str, Any]] | None = None, *, items: list[Any] | None = None,
+               where: str = "the new examples", reporter: Reporter | None = None) -> np.ndarray:
+        """(len(rows), K) float32 losses of data rows (the run's fields) under the kept adapters, columns in
+        the order of :attr:`slots`; or of ``items`` already built by :meth:`items`."""
+        data = items if items is not None else self.items(rows or [], where)
+        states = [(pid, self._state(pid)) for pid in self.perturbations]
+        out = np.empty((len(data), len(states)), np.float32)
+        for j, (_, values) in enumerate(losses_under_states(self.recipe.model, self.recipe.task, data, self.config, states, reporter)):
+            out[:, j] = values
+        return out
