@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 import warnings
@@ -20,7 +21,7 @@ from rich.text import Text
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_ids, read_losses
+from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_data_file, read_ids, read_losses
 
 app = typer.Typer(
     name="daunce",
@@ -187,26 +188,40 @@ def init(
 @_command(app, "add-queries")
 def add_queries(
     store: StoreArg,
-    query_set: Annotated[list[str], typer.Option("--query-set", help="NAME=FILE with the new query set's ids; repeatable.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: evaluate the new sets under its stored adapters (keep_adapters: true).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Torch device for --config (cpu, cuda, cuda:1).")] = None,
+    queries: Annotated[list[str], typer.Option("--queries", help="NAME=DATA_FILE: a new query set of examples (the run's fields) for a recipe store, evaluated at once under its kept adapters; repeatable.")] = [],
+    query_set: Annotated[list[str], typer.Option("--query-set", help="NAME=FILE with the new query set's ids; repeatable.")] = [],
+    config: Annotated[Optional[Path], typer.Option("--config", help="With --query-set: the perturb run's YAML; evaluate the new sets under its stored adapters.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Torch device for the evaluation (cpu, cuda, cuda:1).")] = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Add query sets to an existing store (and, with --config, fill their losses from stored adapters)."""
+    """Add query sets to an existing store: examples from data files, evaluated under a recipe store's kept
+    adapters (--queries); or ids (--query-set), filled later with `append-queries`, or at once from a
+    factory run's stored adapters (--config). A refusal registers nothing."""
+    if bool(queries) == bool(query_set):
+        raise InvalidInputError("give --queries NAME=DATA_FILE (a recipe store) or --query-set NAME=IDS_FILE, one of them")
+    if queries and config is not None:
+        raise InvalidInputError("--config goes with --query-set; a recipe store's --queries need no config (the commits hold the recipe)")
     s = _open(store, "a", storage_options)
+    if queries:
+        perturb = _training_extra("daunce add-queries --queries")
+        filled = perturb.add_query_data(s, _parse_pairs(queries, "--queries"), device=device or "cpu")
+        for name, (n, k) in filled.items():
+            console.print(_text(f"{name}: {n} examples, losses under {k} kept adapters"))
+        console.print(_text(f"query sets now: {s.query_sets()}"))
+        return
     pairs = _parse_pairs(query_set, "--query-set")
     # Every input is read and checked before the first write: a bad file leaves the store unchanged.
     sets = {name: read_ids(path) for name, path in pairs.items()}
     if config is not None:
         perturb = _training_extra("daunce add-queries --config")
         cfg = perturb.PerturbConfig.from_yaml(config)
-    for name, ids in sets.items():
-        s.add_query_set(name, ids)
-    if config is not None:
-        filled = perturb.fill_query_sets(store, cfg, list(pairs), device=device,
-                                             storage_options=_storage_options(storage_options), base_dir=config.parent)
+        filled = perturb.fill_query_sets(store, cfg, sets, device=device,
+                                         storage_options=_storage_options(storage_options), base_dir=config.parent)
         for name, ids in filled.items():
             console.print(_text(f"{name}: losses under {len(ids)} stored perturbations"))
+    else:
+        for name, ids in sets.items():
+            s.add_query_set(name, ids)
     console.print(_text(f"query sets now: {s.query_sets()}"))
 
 
@@ -608,6 +623,59 @@ def stability(
     for r in rows:
         table.add_row(*(_text(v if isinstance(v, str) else f"{v:.3g}") for v in r.values()))
     console.print(table)
+
+
+@_command(app)
+def attribute(
+    store: StoreArg,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The new example's prompt.")] = None,
+    completion: Annotated[Optional[str], typer.Option("--completion", help="The output to explain (its loss is what is attributed).")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="Many new examples: a data file (.jsonl, .csv, .parquet, ...) with the run's fields and an optional id.")] = None,
+    k: KOpt = 10,
+    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    side: SideOpt = Side("both"),
+    device: Annotated[str, typer.Option("--device", help="Torch device for the forward passes.")] = "cpu",
+    format: FormatOpt = OutFormat("table"),
+    output: OutputOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Attribute a NEW output: evaluate it under the K kept adapters of a recipe store (K forward passes, no
+    gradients) and list the train examples that pushed it up (pos) and down (neg), with their text."""
+    _training_extra("daunce attribute")
+    if input is not None and (prompt is not None or completion is not None):
+        raise InvalidInputError("give --prompt and --completion, or --input FILE, not both")
+    rows = read_data_file(input).rows if input is not None else None
+    s = _open(store, "r", storage_options)
+    result = s.attribute(rows, prompt=prompt, completion=completion, k=k, measure=measure.value, side=side.value, device=device)
+    texts = _train_texts(s)
+    if format.value == "table" and output is None and texts is not None:
+        table = Table(title=_text(f"train examples behind the new output ({result.measure}, K={result.num_columns})"))
+        for col in ("query", "side", "rank", "train_id", "score", "text"):
+            table.add_column(col, justify="right" if col in ("rank", "score") else "left", overflow="fold")
+        for r in result.records():
+            table.add_row(*map(_text, (r["query"], r["side"], r["rank"], r["train_id"], f"{r['score']:.4g}", texts.get(r["train_id"], ""))))
+        console.print(table)
+    else:
+        _emit(result, format, output, "new output")
+
+
+def _train_texts(s: daunce_store.Store) -> dict[str, str] | None:
+    """id -> one line of text of a recipe store's train rows (its remembered data file), or None."""
+    commits = s.commits()
+    options = ((commits[0].metadata.get("config") or {}).get("factory_kwargs") or {}) if commits else {}
+    path = options.get("train")
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    data = read_data_file(path)
+    fields = [options.get(f, d) for f, d in (("prompt_field", "prompt"), ("completion_field", "completion"), ("text_field", "text"))]
+    out = {}
+    for id_, row in zip(data.ids, data.rows):
+        parts = [str(row[f]) for f in fields if row.get(f) is not None]
+        if not parts and row.get(options.get("messages_field", "messages")):
+            parts = [str(m.get("content", "")) for m in row[options.get("messages_field", "messages")] if isinstance(m, dict)]
+        text = " → ".join(" ".join(p.split()) for p in parts)
+        out[str(id_)] = text if len(text) <= 120 else text[:119] + "…"
+    return out
 
 
 @_command(app, "self-influence")

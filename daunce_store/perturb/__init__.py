@@ -36,7 +36,7 @@ from daunce_store.perturb._recipes import (
 )
 from daunce_store.perturb._workers import WorkerError, build_from_config, fill_query_sets, load_factory, run_worker, run_workers
 from daunce_store.perturb._cached import CachedCausalLMTask, LlamaTail, cache_hidden_states, cached_lm
-from daunce_store.perturb._adapters import KeptModels, losses_under_states
+from daunce_store.perturb._adapters import KeptModels, add_query_data, losses_under_states
 from daunce_store.perturb._model_files import cache_root, local_copy
 from daunce_store.perturb._noise import NOISE_RATIO_WARNING, NoiseReport, check_noise, check_noise_from_config
 from daunce_store.perturb._task import CausalLMTask, ClassificationTask, SequenceClassificationTask, Task, margin, sequence_loss
@@ -73,6 +73,7 @@ __all__ = [
     "run_workers",
     "batch_objective",
     "KeptModels",
+    "add_query_data",
     "cache_hidden_states",
     "cache_root",
     "local_copy",

@@ -22,7 +22,7 @@ from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._recipes import RecipeModel
 from daunce_store.perturb._runner import _prepared, evaluate_signal
 
-__all__ = ["KeptModels", "losses_under_states"]
+__all__ = ["KeptModels", "add_query_data", "losses_under_states"]
 
 
 def losses_under_states(model: torch.nn.Module, task: Any, data: Any, config: PerturbConfig,
@@ -64,15 +64,16 @@ class KeptModels:
         commits = list(snap.commits)
         if not commits:
             raise InvalidInputError(f"{store.url} has no committed columns yet; run `daunce perturb {store.url} --recipe ...` first")
-        # `reuse`: an earlier KeptModels of this store (fewer columns then): its loaded model and adapters stay.
-        same = reuse is not None and reuse.recipe.options == (commits[0].metadata.get("config") or {}).get("factory_kwargs")
-        self.recipe = reuse.recipe if same and reuse is not None else RecipeModel.from_commits(commits, store.url, device)
+        recipe, options = RecipeModel.run_of(commits, store.url)  # the records only: refusals come before any loading
         kept = [c for c in commits if c.metadata.get("adapter")]
         if not kept:
             raise InvalidInputError(
                 f"{store.url} kept no adapters (its run had keep_adapters: false), so new examples cannot be put under "
                 f"its {len(commits)} perturbed models; rerun `daunce perturb` into a new store (recipes keep LoRA adapters by default)"
             )
+        # `reuse`: an earlier KeptModels of this store (fewer columns then): its loaded model and adapters stay.
+        same = reuse is not None and reuse.recipe.options == options and reuse.device == device
+        self.recipe = reuse.recipe if same and reuse is not None else RecipeModel(recipe, options, device)
         self.store, self.snapshot, self.device, self.eval_batch_size = store, snap, device, eval_batch_size
         self.commits = kept
         self.config = _run_config(kept[0], device, eval_batch_size)
@@ -110,3 +111,33 @@ class KeptModels:
         for j, (_, values) in enumerate(losses_under_states(self.recipe.model, self.recipe.task, data, self.config, states, reporter)):
             out[:, j] = values
         return out
+
+
+def add_query_data(store: Any, sets: Mapping[str, Any], *, device: str = "cpu",
+                   reporter: Reporter | None = None) -> dict[str, tuple[int, int]]:
+    """Add query sets from data files (``{name: file}``, the run's fields) to a recipe store and fill their losses
+    under every kept adapter. Everything is read, checked and evaluated before the first write, so a refusal
+    (not a recipe store, no adapters kept, a bad row, a name in use) registers nothing. Returns
+    ``{name: (examples, columns filled)}``."""
+    from daunce_store.store import read_data_file, validate_ids, validate_losses
+    from daunce_store.store._records import check_query_set_name
+
+    have = store.query_sets()
+    for name in sets:
+        check_query_set_name(name)
+        if name in have:
+            raise InvalidInputError(f"{store.url} already has a query set {name!r}; pick a new name")
+    kept = KeptModels(store, device=device)
+    computed = {}
+    for name, path in sets.items():
+        data = read_data_file(path, dataset_dir=True)
+        validate_ids(data.ids, what=f"ids of {path}", check_normalization=False)
+        losses = kept.losses(data.rows, where=str(path), reporter=reporter)
+        for j, pid in enumerate(kept.perturbations):
+            validate_losses(losses[:, j], len(data.ids), what=f"query set {name!r} under {pid}")
+        computed[name] = (data.ids, losses)
+    for name, (ids, losses) in computed.items():  # every check and forward pass done: now the writes
+        store.add_query_set(name, ids)
+        for j, pid in enumerate(kept.perturbations):
+            store.append_query_losses(pid, name, losses[:, j])
+    return {name: (len(ids), len(kept.perturbations)) for name, (ids, _) in computed.items()}

@@ -279,7 +279,15 @@ _PARTS = {"causal-lm": _causal_lm_parts, "classifier": _classifier_parts}
 
 
 def _load_model(recipe: str, model: str, parts: _Parts) -> torch.nn.Module:
-    net = _auto_class(recipe).from_pretrained(local_copy(model), dtype=torch.float32).eval()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars in every worker's log, ~0.2 s each: noise
+    try:
+        net = _auto_class(recipe).from_pretrained(local_copy(model), dtype=torch.float32).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if recipe == "classifier" and getattr(net.config, "pad_token_id", None) is None:
         # GPT-2-style classifiers find each sequence's last token through pad_token_id; without one they
         # refuse batches of more than one sequence.
@@ -496,9 +504,10 @@ class RecipeModel:
             self.model, self.task = self.full, base_task
         self.device = device
 
-    @classmethod
-    def from_commits(cls, commits: Sequence[Any], url: str, device: str = "cpu") -> RecipeModel:
-        """The recipe of a store's commits (all from one recipe run), or InvalidInputError saying why not."""
+    @staticmethod
+    def run_of(commits: Sequence[Any], url: str) -> tuple[str, dict[str, Any]]:
+        """(recipe, factory_kwargs) of a store's commits (all from one recipe run), or InvalidInputError saying
+        why not; reads only the commit records."""
         factories = {str((c.metadata.get("config") or {}).get("factory")) for c in commits}
         recipes = [name for name, spec in RECIPES.items() if {spec} == factories]
         if not commits or not recipes:
@@ -511,7 +520,7 @@ class RecipeModel:
         if any(o != options[0] for o in options[1:]):
             raise InvalidInputError(f"{url} holds columns of recipe runs with different settings (model, data or fields); "
                                     "new examples can only be evaluated under one run's models")
-        return cls(recipes[0], options[0], device)
+        return recipes[0], dict(options[0])
 
     def _as_run_fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         """A ``{prompt, completion}`` row in the run's own fields: renamed, or as a two-turn chat for a chat run."""

@@ -360,26 +360,37 @@ def run_workers(
 def fill_query_sets(
     url: str,
     config: PerturbConfig,
-    names: Sequence[str],
+    names: Sequence[str] | Mapping[str, Sequence[str]],
     *,
     device: str | None = None,
     storage_options: dict[str, Any] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, list[str]]:
-    """Evaluate query sets ``names`` (added after the run) under the perturbations' stored weights; the
-    config's factory must return them in its query_data. Returns the perturbation ids filled per set."""
+    """Evaluate query sets ``names`` under the perturbations' stored weights; the config's factory must
+    return them in its query_data. ``names`` given as ``{name: ids}`` are registered first, but only once
+    every check passed (the factory returns them, with as many examples as ids, and the store kept
+    weights): a refusal registers nothing. Returns the perturbation ids filled per set."""
     from daunce_store.store import open_store
 
     if device:
         config = config.replace(device=device)
     store = open_store(url, storage_options=storage_options)
+    register = dict(names) if isinstance(names, Mapping) else {}
+    if not any(c.metadata.get("adapter") for c in store.commits()):
+        raise InvalidInputError(
+            f"{store.url} kept no weights (its run had keep_adapters: false), so a new query set cannot be evaluated under "
+            "its perturbed models; nothing was added. Rerun `daunce perturb` with keep_adapters: true into a new store"
+        )
     model, task, _, queries = build_from_config(config, base_dir)
-    out = {}
     for name in names:
         if name not in queries:
             raise InvalidInputError(
                 f"the factory {config.factory!r} returns no query set {name!r} (it returns {sorted(queries)}); "
                 "return the new query set's examples under that name"
             )
-        out[name] = fill_query_losses(store, model, task, name, queries[name], config)
-    return out
+        if name in register and len(register[name]) != len(queries[name]):
+            raise InvalidInputError(f"query set {name!r}: {len(register[name])} ids but the factory returns "
+                                    f"{len(queries[name])} examples")
+    for name, ids in register.items():
+        store.add_query_set(name, ids)
+    return {name: fill_query_losses(store, model, task, name, queries[name], config) for name in names}
