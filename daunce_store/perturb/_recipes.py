@@ -56,8 +56,9 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The causal-lm recipe's fast path (perturb/_cached.py): LoRA on the last L decoder layers only, θ0's hidden
 # states at layer N − L computed once and cached, the head applied at target tokens only. L = 2 is the
-# default: on SmolLM2-135M it finds the planted backdoor as well as L = 4 at ~half the time per
-# perturbation (bench/RESULTS.md "Recipe fast path"). `--full-model` runs every layer instead.
+# default: on SmolLM2-135M it retrieves the planted backdoor (P@10 1.00, the LLM demo and the recipe test),
+# and L = 4 costs ~20 % more per perturbation (the head at the reply tokens costs more than two layers),
+# while the full model costs 4.3x (bench/RESULTS.md "LLM attribution"). `--full-model` runs every layer.
 DEFAULT_TRAIN_LAYERS = 2
 
 

