@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, DivergedError, InvalidInputError, LeaseError
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.perturb._config import PerturbConfig
-from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
+from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter, reporting
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
 from daunce_store.store import default_worker_name, iso, perturbation_id, storage_errors
 
@@ -127,7 +127,7 @@ def run_worker(
                     "expires (or goes stale when this process is gone) and the next worker takes it over; `daunce gc` "
                     "reclaims what it wrote")
     try:
-        with storage_errors(store.url, f"perturb (worker {name})", left):
+        with reporting(reporter), storage_errors(store.url, f"perturb (worker {name})", left):
             return _work(store, ids, model, task, train_data, query_data, config, worker, name, wait, reporter, commits, diverged)
     finally:
         reporter.close()
@@ -240,11 +240,12 @@ def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[
 
     torch.set_num_threads(threads)
     cfg = PerturbConfig.from_dict(config)
-    model, task, train, queries = build_from_config(cfg, base_dir)
+    # No queue without progress bars: a child blocked on a full, unread queue would never exit.
+    reporter = QueueReporter(queue, worker) if queue is not None else NullReporter()
+    with reporting(reporter):  # the factory's own slow steps (a hidden-state cache) show on the same bars
+        model, task, train, queries = build_from_config(cfg, base_dir)
     store = open_store(url, storage_options=storage_options)
     queries = _known_sets(store, queries)
-    # No queue without progress bars: a child blocked on a full, unread queue would never exit.
-    reporter = QueueReporter(queue, worker) if queue is not None else False
     run_worker(store, model, task, train, queries, cfg, until=until, worker=worker, progress=reporter)
 
 
@@ -304,11 +305,14 @@ def run_workers(
         )
         workers = 1
     if workers == 1:
-        from daunce_store.perturb._progress import NullReporter, RichReporter
-    
-        model, task, train, queries = build_from_config(config, base_dir)
-        queries = _known_sets(store, queries)
         reporter = RichReporter(console) if progress else NullReporter()
+        try:
+            with reporting(reporter):  # the factory's own slow steps (a hidden-state cache) show on the same bars
+                model, task, train, queries = build_from_config(config, base_dir)
+        except BaseException:
+            reporter.close()
+            raise
+        queries = _known_sets(store, queries)
         run_worker(store, model, task, train, queries, config, until=until, progress=reporter)
     else:
         from daunce_store.perturb._progress import serve_queue_progress
