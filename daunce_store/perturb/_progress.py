@@ -193,7 +193,8 @@ class _Board:
     def tick(self) -> None:
         """A plain line when none was written for the interval (called by a timer, or the queue loop)."""
         with self._lock:
-            self._plain()
+            if self.interval > 0:  # at 0 every event prints already
+                self._plain()
 
     def stop(self) -> None:
         with self._lock:
@@ -222,7 +223,7 @@ class _Board:
             return
         of = "" if left == self.total else f" of {self.total}"
         workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
-        self._line(f"estimate: {left}{of} perturbation{'s' if left > 1 else ''} ≈ {self._left()} here ({workers}); "
+        self._line(f"estimate: {left}{of} perturbation{'s' if self.total > 1 else ''} ≈ {self._left()} here ({workers}); "
                    f"{basis}")
 
     def _plain(self, force: bool = False) -> None:
