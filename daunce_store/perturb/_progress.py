@@ -229,14 +229,14 @@ class _Board:
     def _plain(self, force: bool = False) -> None:
         if self.live or (not force and self._clock() - self._last_line < self.interval):
             return
-        parts = [f"[{_clock_time(self._clock() - self._start)}] perturbations {self.done}/{self.total if self.total is not None else '?'}"]
+        parts = [f"perturbations {self.done}/{self.total}"] if self.total is not None else []
         for worker, (label, phase, completed, total) in self._phases.items():
             who = f"{worker} " if self.workers > 1 else ""
             parts.append(f"{who}{label} {phase} {completed}/{total}")
         left = self._left()
         if left and self.done < (self.total or 0):
             parts.append(f"≈ {left} left")
-        self._line("; ".join(parts))
+        self._line(f"[{_clock_time(self._clock() - self._start)}] " + "; ".join(parts))
 
     def _line(self, text: str) -> None:
         if self.live:

@@ -196,7 +196,11 @@ def _prepared(model: torch.nn.Module, task: Task, config: PerturbConfig, torch_s
         bias="none", **_lora_layers(model, lora.get("layers")),
     )
     try:
-        peft_model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias on every call: a
+            # FutureWarning about peft's code, which no user setting changes.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = get_peft_model(model, peft_config)
     except ValueError as e:
         raise InvalidInputError(
             f"could not add LoRA adapters ({e}); set lora.target_modules to the names of the model's "

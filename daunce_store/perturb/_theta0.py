@@ -14,7 +14,8 @@ and process, in one line, when their mean is near what a model that knows nothin
 - a language model (:class:`CausalLMTask`, :class:`CachedCausalLMTask`) at or above ``UNTRAINED_LM`` · log V
   (V tokens) mean token cross-entropy: random weights score log V (measured 6.01 against log 400 = 5.99 on
   the test's tiny Llama); a pretrained model that never saw the data already scores far less (SmolLM2-135M
-  on chatterbot dialogues: 3.9 = 0.36 log V), and one epoch of fine-tuning only lowers it. Above half of
+  on chatterbot dialogues: 3.9 = 0.36 log V; after the LLM demo's LoRA fine-tune on them: 2.5 = 0.23 log V),
+  and fine-tuning only lowers it. Above half of
   log V the model predicts the completions no better than a model that knows only how often each token
   occurs; a pretrained model that was not fine-tuned on the data is not flagged: Daunce finds poisoned rows
   with it (issue 22: P@8 1.00 with SmolLM2 as shipped).
