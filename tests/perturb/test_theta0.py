@@ -37,6 +37,7 @@ def _items():
 
 
 def _bert(seed: int):
+    """A 1-layer BERT classifier with random weights (its own seed per test: the check runs once per model and process)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def test_a_fresh_head_warns_once_in_one_line(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     train, test = _items()
     task = SequenceClassificationTask(pad_token_id=0)
-    model = _bert(seed=0)  # random weights: the head has never seen these labels
+    model = _bert(seed=101)  # random weights: the head has never seen these labels
     with pytest.warns(UntrainedModelWarning) as caught:
         store, commit = _perturb(tmp_path / "s.zarr", model, task, train, test)
     said = [str(w.message) for w in caught if issubclass(w.category, UntrainedModelWarning)]
@@ -90,7 +91,7 @@ def test_a_trained_classifier_does_not_warn(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     train, test = _items()
     task = SequenceClassificationTask(pad_token_id=0)
-    model = _fit(_bert(seed=1), task, train)
+    model = _fit(_bert(seed=102), task, train)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedModelWarning)
         _, commit = _perturb(tmp_path / "s.zarr", model, task, train, test)
@@ -104,13 +105,15 @@ def test_the_black_box_objective_is_checked_too(tmp_path: Path) -> None:
     train, test = _items()
     task = SequenceClassificationTask(pad_token_id=0)
     with pytest.warns(UntrainedModelWarning):
-        _, commit = _perturb(tmp_path / "s.zarr", _bert(seed=2), task, train, test, objective="blackbox")
+        _, commit = _perturb(tmp_path / "s.zarr", _bert(seed=103), task, train, test, objective="blackbox")
     assert commit.metadata["theta0_check"]["untrained"]
 
 
 def test_a_random_language_model_warns(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    model, task, train, queries = F.tiny_lm()
+    _, task, train, queries = F.tiny_lm()
+    # Its own seed: the check runs once per model (weights) and process, and other tests use tiny_lm's model.
+    model = F.tiny_llama(400, seed=23)
     with pytest.warns(UntrainedModelWarning, match="language model whose mean token cross-entropy") as caught:
         _, commit = _perturb(tmp_path / "s.zarr", model, task, train, queries["test"], lora={"r": 4, "target_modules": ["q_proj"]})
     rec = commit.metadata["theta0_check"]
