@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,6 +240,8 @@ def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[
     from daunce_store.perturb._progress import QueueReporter
 
     torch.set_num_threads(threads)
+    # One line per warning, as `daunce` prints its own (not Python's file:line form with the source line).
+    warnings.showwarning = lambda message, category, *_, **__: _say(f"warning ({category.__name__}) in {worker}: {message}")
     cfg = PerturbConfig.from_dict(config)
     # No queue without progress bars: a child blocked on a full, unread queue would never exit.
     reporter = QueueReporter(queue, worker) if queue is not None else NullReporter()
@@ -294,8 +297,6 @@ def run_workers(
         # A Dask task (or any multiprocessing pool worker) runs in a daemonic process, which may not start
         # children ("daemonic processes are not allowed to have children"). One worker here still finishes
         # the run: the leases need no particular number of workers.
-        import warnings
-
         warnings.warn(
             f"workers={workers}: this process is daemonic (a Dask task or a multiprocessing pool worker) and "
             "cannot start worker processes; running one worker in this process instead. Start more tasks "

@@ -138,3 +138,7 @@ def test_two_worker_processes_report_to_the_parent_in_plain_lines(tmp_path: Path
     # Each line names the worker of each phase (which worker gets which perturbation is up to the leases).
     assert re.search(r"perturbations \d/4; \S+:w[01] 0000\d\d train steps \d/6", out), out
     assert "perturbations 4/4" in out and "4 of 4 perturbations committed" in out
+    # A warning in a worker process is one line naming it (1 epoch of 6 steps stops far from the optimum).
+    said = [line for line in out.splitlines() if "ConvergenceWarning" in line]
+    assert said and all(re.match(r"warning \(ConvergenceWarning\) in \S+:w[01]: perturbation ", line) for line in said), out
+    assert "warnings.warn(" not in out
