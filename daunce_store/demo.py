@@ -55,9 +55,12 @@ def run_demo(
     path = workdir / "digits.zarr"
     if path.exists():
         shutil.rmtree(path)
-    console.print(f"running K={k_perturbations} Daunce perturbations (IF objective, 30% subsets) into {path}")
+    config = default_config(ratio=1.0)  # r = 1.0: the best worst-case LDS with nystrom (bench/RESULTS.md)
+    subsets = "every example perturbed, r = 1.0" if config.ratio == 1.0 else f"{config.ratio:.0%} subsets"
+    console.print(f"running K={k_perturbations} Daunce perturbations ({config.objective.upper()} objective, {subsets}; "
+                  f"{config.epochs} epochs of Adam, batch {config.batch_size}) into {path}")
     store = fill_store(path, model, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, k_perturbations,
-                       config=default_config(ratio=1.0), seed=seed, progress=RichReporter(console=console), train_ids=data.train_ids)
+                       config=config, seed=seed, progress=RichReporter(console=console), train_ids=data.train_ids)
 
     # A few queries: the first test images of different digits.
     _, first = np.unique(data.y_test, return_index=True)

@@ -24,6 +24,7 @@ __all__ = [
     "StorageError",
     "ScoreUnderflowError",
     "ConvergenceWarning",
+    "UntrainedModelWarning",
     "ConstantQueryWarning",
     "MissingQueryLossesWarning",
     "IdNormalizationWarning",
@@ -115,6 +116,11 @@ class ReclaimedError(DaunceStoreError):
 class ConvergenceWarning(UserWarning):
     """A perturbed fine-tune ended far from the optimum of its objective (its gradient norm fell too little);
     the column is kept, but Daunce's estimators assume the perturbed optimum was reached."""
+
+
+class UntrainedModelWarning(UserWarning):
+    """θ0's losses on its train data are near chance (a classifier's fresh head, a language model with random
+    weights): Daunce's scores assume θ0 fits its data, so fine-tune it first or pass a trained model."""
 
 
 class ConstantQueryWarning(UserWarning):

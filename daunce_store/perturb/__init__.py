@@ -15,7 +15,16 @@ import_optional("torch", "train", "daunce_store.perturb")  # a clear error befor
 
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, DEFAULT_LORA, PROBE_FRACTION, PerturbConfig
 from daunce_store.perturb._objective import batch_objective, l2_penalty, perturbed_objective, reference_terms
-from daunce_store.perturb._progress import NullReporter, QueueReporter, Reporter, RichReporter
+from daunce_store.perturb._progress import (
+    PROGRESS_SECONDS_ENV,
+    NullReporter,
+    QueueReporter,
+    Reporter,
+    RichReporter,
+    current_reporter,
+    reporting,
+)
+from daunce_store.perturb._theta0 import UNTRAINED_CLASSIFIER, UNTRAINED_LM
 from daunce_store.perturb._runner import (
     draw_perturbation,
     evaluate_signal,
@@ -47,6 +56,11 @@ __all__ = [
     "DEFAULT_LORA",
     "NOISE_RATIO_WARNING",
     "PROBE_FRACTION",
+    "PROGRESS_SECONDS_ENV",
+    "UNTRAINED_CLASSIFIER",
+    "UNTRAINED_LM",
+    "current_reporter",
+    "reporting",
     "RECIPES",
     "SequenceClassificationTask",
     "causal_lm",

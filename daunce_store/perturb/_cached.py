@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.perturb._progress import NullReporter, Reporter
+from daunce_store.perturb._progress import Reporter, current_reporter
 from daunce_store.perturb._task import CausalLMTask, Task, _checked_weight_decay, _weight_decay_entry
 
 __all__ = ["LlamaTail", "CachedCausalLMTask", "cache_hidden_states", "cached_lm", "decoder_layers"]
@@ -219,7 +219,7 @@ def cache_hidden_states(
         path = Path(cache_dir) / f"{_cache_key(model, first, rows, dtype)}.safetensors"
         if path.exists():
             return _read_cache(path, rows)
-    reporter = reporter or NullReporter()
+    reporter = reporter or current_reporter()  # inside `daunce perturb`'s factory call: the run's own bars / lines
     dev = torch.device(device)
     model.to(dev)
     was = model.training

@@ -15,8 +15,9 @@ from daunce_store.errors import InvalidInputError
 
 __all__ = ["PerturbConfig", "DEFAULT_LORA", "CONVERGENCE_THRESHOLD", "PROBE_FRACTION"]
 
-# The convergence check: a fine-tune whose gradient norm of the perturbed objective (on the probe of D_k)
-# ends above this fraction of its value at theta0 raises a ConvergenceWarning. Calibrated on digits
+# The convergence check: a run whose fine-tunes' gradient norm of the perturbed objective (on the probe of
+# D_k) ends, in the median over its columns, above this fraction of its value at theta0 raises a
+# ConvergenceWarning (once; see _warn_if_unconverged in _runner.py). Calibrated on digits
 # (1437 train examples, theta0 fitted with weight decay 1e-3 and fine-tuned with it, IF objective, K = 32
 # per setting, r = 0.3 and 1.0): the settings the evaluations pick on LDS (adam, lr 3e-3, 20 epochs, batch
 # 64) end at ratios 0.34-0.62 (median 0.45) on logistic regression and 0.13-0.66 (median 0.22-0.53) on the
@@ -102,8 +103,9 @@ class PerturbConfig:
     convergence_probe: int = _field(1024, "Largest convergence probe: the first examples of D_k (at most this many, "
                                     "and at most a tenth of steps x batch_size), on which the gradient norm of the "
                                     "perturbed objective (L2 term included) is measured at theta0 and after the "
-                                    "fine-tune. The ratio end/start goes into the commit's metadata['convergence'], "
-                                    "and a ConvergenceWarning is raised when it is above CONVERGENCE_THRESHOLD. "
+                                    "fine-tune. The ratio end/start goes into the commit's metadata['convergence']; "
+                                    "a ConvergenceWarning is raised once when the median ratio of the run's columns "
+                                    "rises above CONVERGENCE_THRESHOLD (not for runs shorter than one pass over D_k). "
                                     "Costs two forward+backward passes over the probe (<= ~20% of the training); "
                                     "0 disables it.")
     device: str = _field("cpu", "Torch device: 'cpu', 'cuda', 'cuda:1', ...")

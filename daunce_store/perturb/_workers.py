@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from daunce_store.errors import AlreadyCommittedError, DaunceStoreError, DivergedError, InvalidInputError, LeaseError
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.perturb._config import PerturbConfig
-from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter
+from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter, reporting
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
 from daunce_store.store import default_worker_name, iso, perturbation_id, storage_errors
 
@@ -127,7 +128,7 @@ def run_worker(
                     "expires (or goes stale when this process is gone) and the next worker takes it over; `daunce gc` "
                     "reclaims what it wrote")
     try:
-        with storage_errors(store.url, f"perturb (worker {name})", left):
+        with reporting(reporter), storage_errors(store.url, f"perturb (worker {name})", left):
             return _work(store, ids, model, task, train_data, query_data, config, worker, name, wait, reporter, commits, diverged)
     finally:
         reporter.close()
@@ -239,12 +240,15 @@ def _worker_main(url: str, storage_options: dict[str, Any] | None, config: dict[
     from daunce_store.perturb._progress import QueueReporter
 
     torch.set_num_threads(threads)
+    # One line per warning, as `daunce` prints its own (not Python's file:line form with the source line).
+    warnings.showwarning = lambda message, category, *_, **__: _say(f"warning ({category.__name__}) in {worker}: {message}")
     cfg = PerturbConfig.from_dict(config)
-    model, task, train, queries = build_from_config(cfg, base_dir)
+    # No queue without progress bars: a child blocked on a full, unread queue would never exit.
+    reporter = QueueReporter(queue, worker) if queue is not None else NullReporter()
+    with reporting(reporter):  # the factory's own slow steps (a hidden-state cache) show on the same bars
+        model, task, train, queries = build_from_config(cfg, base_dir)
     store = open_store(url, storage_options=storage_options)
     queries = _known_sets(store, queries)
-    # No queue without progress bars: a child blocked on a full, unread queue would never exit.
-    reporter = QueueReporter(queue, worker) if queue is not None else False
     run_worker(store, model, task, train, queries, cfg, until=until, worker=worker, progress=reporter)
 
 
@@ -293,8 +297,6 @@ def run_workers(
         # A Dask task (or any multiprocessing pool worker) runs in a daemonic process, which may not start
         # children ("daemonic processes are not allowed to have children"). One worker here still finishes
         # the run: the leases need no particular number of workers.
-        import warnings
-
         warnings.warn(
             f"workers={workers}: this process is daemonic (a Dask task or a multiprocessing pool worker) and "
             "cannot start worker processes; running one worker in this process instead. Start more tasks "
@@ -304,11 +306,14 @@ def run_workers(
         )
         workers = 1
     if workers == 1:
-        from daunce_store.perturb._progress import NullReporter, RichReporter
-    
-        model, task, train, queries = build_from_config(config, base_dir)
-        queries = _known_sets(store, queries)
         reporter = RichReporter(console) if progress else NullReporter()
+        try:
+            with reporting(reporter):  # the factory's own slow steps (a hidden-state cache) show on the same bars
+                model, task, train, queries = build_from_config(config, base_dir)
+        except BaseException:
+            reporter.close()
+            raise
+        queries = _known_sets(store, queries)
         run_worker(store, model, task, train, queries, config, until=until, progress=reporter)
     else:
         from daunce_store.perturb._progress import serve_queue_progress

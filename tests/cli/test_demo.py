@@ -8,16 +8,27 @@ from pathlib import Path
 
 import pytest
 
+import daunce_store
+
 pytest.importorskip("torch")
 pytestmark = pytest.mark.train
 
 
 def test_demo_runs_and_writes_a_png(tmp_path: Path) -> None:
+    # -W default: every warning is shown once (the CLI prints each as "warning (Category): ..." on stderr).
     out = subprocess.run(
-        [sys.executable, "-m", "daunce_store.cli", "demo", "--workdir", str(tmp_path), "-K", "4"],
+        [sys.executable, "-W", "default", "-m", "daunce_store.cli", "demo", "--workdir", str(tmp_path), "-K", "4"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
+    assert "warning" not in out.stderr.lower() and "Warning" not in out.stdout, out.stderr + out.stdout
+    text = " ".join(out.stdout.split())
+    # What it says it runs is what it runs (default_config(ratio=1.0)), as the README says.
+    assert "every example perturbed, r = 1.0" in text and "30%" not in text
+    store = daunce_store.open(tmp_path / "digits.zarr")
+    assert {c.metadata["draw"]["ratio"] for c in store.commits()} == {1.0}
+    # Output to a pipe: plain progress lines as it goes, and the time estimate.
+    assert "estimate: 4 perturbations ≈" in text and "perturbations 4/4" in text
     png = tmp_path / "topk.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in out.stdout.replace("\n", "")

@@ -185,3 +185,12 @@ def smollm2(n_train: int = 24, n_query: int = 8, max_length: int = 40):
         prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
         items.append(CausalLMTask.encode(tok, prompt, f"{answer}<|im_end|>", max_length=max_length))
     return model, task, items[:n_train], {"test": items[n_train:]}
+
+
+def tiny_lm_cached(num_layers: int = 1):
+    """``tiny_lm`` on the cached path (:func:`cached_lm`): the hidden-state cache is computed inside the
+    factory, so `daunce perturb` shows its progress through ``current_reporter()``."""
+    from daunce_store.perturb import cached_lm
+
+    model, task, train, queries = tiny_lm()
+    return cached_lm(model, task, train, queries, num_layers)
