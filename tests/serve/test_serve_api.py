@@ -23,6 +23,8 @@ from daunce_store.serve import ServedStore, create_app, load_data
 
 from _serve_support import K, N, append_next, free_port, losses, make_store, write_data
 
+LOCAL = "http://127.0.0.1"  # TestClient's default Host (testserver) is refused by the Host check
+
 
 def same_records(api: list[dict[str, Any]], cli: list[dict[str, Any]]) -> None:
     """The same records, scores to float32 rounding: the CLI on a local store scores chunk segments as it
@@ -92,7 +94,7 @@ def test_bad_input_is_a_4xx_with_one_line(served, path, params, code, message):
     from fastapi.testclient import TestClient
 
     store = ServedStore.open_served(served["url"])
-    client = TestClient(create_app(store, load_data(store, [str(served["data"])])))
+    client = TestClient(create_app(store, load_data(store, [str(served["data"])])), base_url=LOCAL)
     response = client.get(path, params=params)
     assert response.status_code == code, response.text
     error = response.json()["error"]
@@ -301,9 +303,9 @@ def test_images_by_path_and_data_uri(served, tmp_path):
     store = ServedStore.open_served(served["url"])
     examples = load_data(store, [str(data)])
     assert examples["train"].kinds == {"picture": "image-file", "inline": "image"}
-    client = TestClient(create_app(store, examples))
+    client = TestClient(create_app(store, examples), base_url=LOCAL)
     got = client.get("/api/examples", params={"id": ["t1", "t2"]}).json()["examples"]
-    assert {f["name"]: f["value"] for f in got["t1"]["fields"]} == {"picture": None, "inline": uri}
+    assert {f["name"]: f["value"] for f in got["t1"]["fields"]} == {"picture": "img/a.png", "inline": uri}  # servable: named
     assert {f["name"]: f["value"] for f in got["t2"]["fields"]}["inline"] is None  # not a data:image URI: dropped
     image = client.get("/api/image", params={"id": "t1", "column": "picture"})
     assert image.status_code == 200 and image.content == PNG and image.headers["content-type"] == "image/png"
@@ -323,7 +325,7 @@ def test_extreme_values_are_strict_json_or_a_4xx(served, tmp_path):
     for name, size in (("train/losses", N), ("queries/test/losses", 5)):
         group[name][:, slot] = np.where(np.arange(size) % 2 == 0, 1e20, -1e20).astype(np.float32)
     store = ServedStore.open_served(served["url"])
-    client = TestClient(create_app(store, load_data(store, [str(served["data"])])))
+    client = TestClient(create_app(store, load_data(store, [str(served["data"])])), base_url=LOCAL)
 
     def strict(response):
         return json.loads(response.text, parse_constant=lambda token: pytest.fail(f"{token} in {response.text[:200]}"))
