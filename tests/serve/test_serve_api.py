@@ -21,7 +21,7 @@ from daunce_store.cli import app as cli
 from daunce_store.errors import CorruptChunkError, InvalidInputError, UnknownQuerySetError
 from daunce_store.serve import ServedStore, create_app, load_data
 
-from _serve_support import K, N, append_next, free_port, losses, make_store, write_data
+from _serve_support import PNG, K, N, append_next, free_port, losses, make_store, write_data
 
 LOCAL = "http://127.0.0.1"  # TestClient's default Host (testserver) is refused by the Host check
 
@@ -187,6 +187,7 @@ def test_example_content(served):
     assert {k: fields["pixels"]["value"][k] for k in ("height", "width", "channels", "min", "max")} == \
         {"height": 4, "width": 4, "channels": 1, "min": 0.0, "max": 15.0}
     assert out["t3"]["label"] == 0 and data.label_column == "label"
+    assert set(fields) == {"text", "pixels"}  # the label is the label, not a field too (the page showed it twice)
 
 
 def test_cli_serve_binds_loopback_and_answers(served):
@@ -282,8 +283,6 @@ def test_concurrent_requests_over_http(server, served):
             assert [r["score"] for r in records] == pytest.approx([r["score"] for r in expected[q]], rel=1e-5)
 
 
-# A real 1 × 1 PNG (a red pixel), as a file and as a data URI.
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc000000301010018dd8db00000000049454e44ae426082")
 
 
 def test_images_by_path_and_data_uri(served, tmp_path):
