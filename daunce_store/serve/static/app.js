@@ -240,6 +240,8 @@ async function startSelf() {
   return rerun;
 }
 
+$("controls").addEventListener("submit", (e) => e.preventDefault());  // Enter in a field: no page reload
+
 // --- refresh: new perturbation columns land while the page is open ------------------------------
 (async () => {
   try {
