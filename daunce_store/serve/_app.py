@@ -46,6 +46,7 @@ __all__ = ["create_app"]
 STATIC = Path(__file__).parent / "static"
 TRAIN = "train"  # the data set name of the train rows (not a query-set name: the store refuses it)
 MAX_LISTED_QUERIES = 1000  # ids per /api/queries answer; narrow with contains=
+MAX_EXAMPLES = 10_000  # ids per /api/examples request
 # The pages: this origin only (the page draws pixels on canvases and data:image columns as <img>).
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 # Swagger UI's page starts it with an inline script.
@@ -240,6 +241,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
                  set: str = TRAIN) -> dict[str, Any]:
         """The content of examples from the data files: ``set`` is ``train`` or a query-set name."""
         d = data_of(set)
+        budget.cap("ids", len(id), MAX_EXAMPLES, "ask for fewer ids at once")
         return {"set": set, "label_column": d.label_column, "examples": _finite(d.content(id))}
 
     @app.get("/api/image")

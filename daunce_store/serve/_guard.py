@@ -5,7 +5,10 @@ its own origin; the browser still sends that name in ``Host``. So every request,
 middleware: routes added later are covered by construction), must name an allowed host: the loopback names,
 the bound address, and the ``--allowed-host`` names. Off loopback every request must also carry the token
 (as Jupyter does): ``?token=`` once (answered with a cookie and a redirect to the same URL without it), the
-cookie, or ``Authorization: token <token>`` for scripts.
+cookie, or ``Authorization: token <token>`` for scripts. And a page of another site may not make the browser
+send requests here (the Host check cannot see those: the Host is ours): a request whose ``Origin`` names another
+host is refused, and so is a cross-site subresource (``Sec-Fetch-Site: cross-site``: an ``<img>`` or ``<script>``
+pointing here, which could start expensive work); following a link here (a navigation) stays allowed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import secrets
 from collections.abc import Sequence
 from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from daunce_store.errors import InvalidInputError
 
@@ -101,6 +104,13 @@ class AccessGuard:
         if not self.access.allows_host(host):
             await _refuse(send, 403, f"Host {host!r} is not one this server answers to ({', '.join(self.access.hosts)}): "
                                      f"open it by one of those names, or start it with --allowed-host {_host_name(host) or 'NAME'}")
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self.access.allows_host(urlsplit(origin).netloc):
+            await _refuse(send, 403, f"a page of {origin!r} may not send requests to this server (Origin not one of {', '.join(self.access.hosts)})")
+            return
+        if headers.get("sec-fetch-site") == "cross-site" and headers.get("sec-fetch-mode") != "navigate":
+            await _refuse(send, 403, "a page of another site may not load this server's resources; open the page itself")
             return
         token = self.access.token
         if token is None:

@@ -15,7 +15,8 @@ while expensive ones run or queue. A new expensive route opts in by decorating i
     @app.get("/api/new")
     @lane.expensive
     def new_route(...):                          # runs in the lane; a sync def, as usual
-        budget.check(k=k, queries=1, passes=..)  # refused naming the cap when over budget
+        budget.check(k=k, queries=1, passes=..)  # refused naming the cap when over budget (scoring work)
+        budget.cap("tokens", n, MAX_TOKENS, "send a shorter text")  # a route's own cap
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class WorkBudget:
         """The caps now, for one query (what the page asks for): it stays within them."""
         return {"max_work": self.max_work, "max_records": MAX_RECORDS, "max_queries": self.max_queries(),
                 "max_bootstrap_one_query": max(self.max_passes(1) - 3, 0)}
+
+    @staticmethod
+    def cap(name: str, value: int, cap: int, advice: str) -> None:
+        """A route's own cap (ids per request, tokens of a text, ...): refused naming it when ``value`` exceeds it."""
+        if value > cap:
+            raise OverBudgetError(f"{value} {name} in one request is over this server's cap of {cap}: {advice}")
 
     def check(self, *, k: int, queries: int, passes: int = 1, bootstrap: int | None = None) -> None:
         """Refuse (:class:`OverBudgetError`, naming the cap) a request scoring ``queries`` queries in

@@ -88,6 +88,7 @@ def test_stability_and_status_are_the_cli_json(server, served):
         ("/api/queries", {"query_set": "nope"}, 404, "unknown query set 'nope'"),
         ("/api/examples", {"set": "test", "id": ["q1"]}, 404, "no data file for 'test'"),
         ("/api/image", {"id": "t1", "column": "text"}, 400, "does not hold image file paths"),
+        ("/api/examples", {"id": ["t1"] * 10_001}, 400, "10001 ids in one request is over this server's cap of 10000"),
     ],
 )
 def test_bad_input_is_a_4xx_with_one_line(served, path, params, code, message):

@@ -46,6 +46,22 @@ def test_a_foreign_host_is_refused_on_every_route(server):
         assert httpx.get(server.url + "/api/examples?id=t1", headers={"Host": host}).status_code == 200, host
 
 
+def test_another_sites_page_may_not_send_requests(server):
+    """The headers a browser adds to what a page of evil.example makes it send here: an Origin naming it (a
+    fetch, a form POST), or Sec-Fetch-Site cross-site for an <img>/<script> pointing here (work started
+    blind). A link followed here (a navigation) and this origin's own requests are answered."""
+    stability = server.url + "/api/stability?query_set=test&query=q1&bootstrap=2"
+    for headers, message in (({"Origin": "http://evil.example"}, "a page of 'http://evil.example' may not send requests"),
+                             ({"Origin": "null"}, "a page of 'null' may not"),
+                             ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}, "another site")):
+        r = httpx.get(stability, headers=headers)
+        assert r.status_code == 403 and message in r.json()["error"], headers
+        assert httpx.post(server.url + "/api/topk", headers=headers).status_code == 403
+    assert httpx.get(server.url + "/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}).status_code == 200
+    own = {"Origin": server.url, "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    assert httpx.get(stability, headers=own, timeout=60).status_code == 200
+
+
 def test_allowed_hosts_are_added_to_loopback(served):
     with Server(served_app(served, access=Access(allowed_hosts=("myhost.lan",)))) as s:
         assert httpx.get(s.url + "/api/info", headers={"Host": f"myhost.lan:{s.port}"}).status_code == 200
