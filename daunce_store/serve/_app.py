@@ -178,7 +178,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         ids = [str(q) for q in store.query_ids(query_set).tolist() if contains in str(q)]
         return {"query_set": query_set, "total": len(ids), "ids": ids[:limit]}
 
-    def whole_topk(query_set: str, query: list[str], k: int, measure: str, side: str) -> dict[str, Any]:
+    def plain_topk(query_set: str, query: list[str], k: int, measure: str, side: str) -> dict[str, Any]:
         return ranking(store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()))  # type: ignore[arg-type]
 
     def checked_names(query_set: str, query: list[str], k: int) -> int:
@@ -192,11 +192,13 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         """`daunce topk --format json`: top-k proponents and opponents per query. Concurrent requests naming
         up to 256 queries are scored together in one scan (see ``TopkBatcher``), beside the expensive lane;
         a whole set or more queries take the lane."""
-        if query and batcher is not None and len(query) <= MAX_BATCH_QUERIES:
+        if query and len(query) <= MAX_BATCH_QUERIES:
             await run_in_threadpool(checked_names, query_set, query, k)
+            if batcher is None:  # --no-batch: one scan per request, in the server's threads
+                return await run_in_threadpool(plain_topk, query_set, query, k, measure, side)
             return _finite(await asyncio.wrap_future(batcher.submit(query_set, query, k=k, measure=measure, side=side)))
         budget.check(k=k, queries=await run_in_threadpool(n_queries, query_set, query))
-        return await lane.run(whole_topk, query_set, query, k, measure, side)
+        return await lane.run(plain_topk, query_set, query, k, measure, side)
 
     @app.get("/api/influence")
     @lane.expensive

@@ -338,3 +338,24 @@ def test_extreme_values_are_strict_json_or_a_4xx(served, tmp_path):
     assert all(isinstance(r["score"], float) for r in body["records"])
     body = strict(client.get("/api/stability", params={"query_set": "test", "k": 3, "measure": "corr", "bootstrap": 0}))
     assert all(r["stderr"] is None for r in body["records"]) and all(isinstance(r["score"], float) for r in body["records"])
+
+
+def test_unbatched_topk_scores_each_request_alone(served):
+    """`--no-batch`: a named-query top-k is one `store.topk` of its own (the served store's, from memory),
+    answered in the server's threads, not the expensive lane (its one slot is held here)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    store = ServedStore.open_served(served["url"])
+    app = create_app(store, batch=False, expensive_queue=0)
+    release = threading.Event()
+    held = app.state.lane.submit(release.wait)
+    try:
+        with TestClient(app, base_url=LOCAL) as client:
+            body = client.get("/api/topk", params={"query_set": "test", "query": ["q1", "q3"], "k": 4}).raise_for_status().json()
+            assert client.get("/api/topk", params={"query_set": "test", "k": 4}).status_code == 503  # a whole set: the lane
+    finally:
+        release.set()
+    held.result(timeout=10)
+    assert body["records"] == json.loads(json.dumps(store.topk("test", ["q1", "q3"], k=4, snapshot=store.current()).records()))
