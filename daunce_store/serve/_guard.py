@@ -8,7 +8,8 @@ the bound address, and the ``--allowed-host`` names. Off loopback every request 
 cookie, or ``Authorization: token <token>`` for scripts. And a page of another site may not make the browser
 send requests here (the Host check cannot see those: the Host is ours): a request whose ``Origin`` names another
 host is refused, and so is a cross-site subresource (``Sec-Fetch-Site: cross-site``: an ``<img>`` or ``<script>``
-pointing here, which could start expensive work); following a link here (a navigation) stays allowed.
+pointing here, which could start expensive work); following a link here (a navigation) stays allowed. A
+request body (a POST route's text) must state its length, at most ``MAX_BODY_BYTES``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["Access", "AccessGuard", "is_loopback", "new_token"]
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")  # bind-all addresses: no client names them in Host
+MAX_BODY_BYTES = 1 << 20  # a request body (e.g. a prompt and completion to attribute): 1 MiB
 
 
 def is_loopback(host: str) -> bool:
@@ -112,6 +114,14 @@ class AccessGuard:
         if headers.get("sec-fetch-site") == "cross-site" and headers.get("sec-fetch-mode") != "navigate":
             await _refuse(send, 403, "a page of another site may not load this server's resources; open the page itself")
             return
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length", "")
+            if not length.isdigit():
+                await _refuse(send, 411, "send the request body with a Content-Length (chunked bodies are not taken)")
+                return
+            if int(length) > MAX_BODY_BYTES:
+                await _refuse(send, 413, f"a request body of {int(length)} bytes is over this server's cap of {MAX_BODY_BYTES}")
+                return
         token = self.access.token
         if token is None:
             await self.app(scope, receive, send)

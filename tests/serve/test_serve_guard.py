@@ -62,6 +62,18 @@ def test_another_sites_page_may_not_send_requests(server):
     assert httpx.get(stability, headers=own, timeout=60).status_code == 200
 
 
+def test_request_bodies_are_bounded(server):
+    """Before any route reads it (a POST route added later included): a body must state its length and stay
+    within 1 MiB."""
+    from daunce_store.serve._guard import MAX_BODY_BYTES
+
+    big = httpx.post(server.url + "/api/topk", content=b"x" * (MAX_BODY_BYTES + 1))
+    assert big.status_code == 413 and f"over this server's cap of {MAX_BODY_BYTES}" in big.json()["error"]
+    chunked = httpx.post(server.url + "/api/topk", content=iter([b"{}"]))  # a generator: sent chunked
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
+    assert httpx.post(server.url + "/api/topk", content=b"{}").status_code == 405  # within the cap: the route's own answer
+
+
 def test_allowed_hosts_are_added_to_loopback(served):
     with Server(served_app(served, access=Access(allowed_hosts=("myhost.lan",)))) as s:
         assert httpx.get(s.url + "/api/info", headers={"Host": f"myhost.lan:{s.port}"}).status_code == 200
