@@ -21,6 +21,7 @@ from rich.text import Text
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
+from daunce_store.serve._work import DEFAULT_MAX_WORK
 from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_data_file, read_ids, read_losses
 
 app = typer.Typer(
@@ -704,6 +705,13 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     cache_gb: Annotated[float, typer.Option("--cache-gb", help="Keep train rows in memory up to this size (GiB); a bigger store is read per request.")] = 4.0,
     batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Score concurrent top-k requests together in one scan (--no-batch: one scan per request).")] = True,
+    allowed_host: Annotated[list[str], typer.Option("--allowed-host", help="Also answer requests whose Host is NAME (default: loopback names and the bound address; others are refused against DNS rebinding); repeatable.")] = [],
+    token: Annotated[Optional[str], typer.Option("--token", help="Token every request must carry (default: none on loopback, a new one off loopback, printed once in the URL).")] = None,
+    no_token: Annotated[bool, typer.Option("--no-token", help="Off loopback, serve without a token (anyone who reaches the port reads the data).")] = False,
+    files_root: Annotated[list[str], typer.Option("--files-root", help="Also serve image files under FOLDER (default: only under each data file's folder, symlinks followed); repeatable.")] = [],
+    max_work: Annotated[int, typer.Option("--max-work", help="Loss cells one request may score (passes x n x K, bootstrap resamples and queries included); more is refused naming the cap.")] = DEFAULT_MAX_WORK,
+    expensive_slots: Annotated[int, typer.Option("--expensive-slots", help="Expensive requests (stability, influence, self-influence, whole-set top-k) run this many at a time, beside named-query top-k.")] = 1,
+    expensive_queue: Annotated[int, typer.Option("--expensive-queue", help="Expensive requests that may wait; more are refused with 503 (retry).")] = 16,
     storage_options: StorageOpt = None,
 ) -> None:
     """Serve attribution over HTTP: a JSON API (top-k, influence, self-influence, stability, status) and a
@@ -713,6 +721,8 @@ def serve(
     if cache_gb < 0:
         raise InvalidInputError(f"--cache-gb must be >= 0, not {cache_gb}")
     run_server(store, data=data, host=host, port=port, cache_bytes=int(cache_gb * 2**30), batch=batch,
+               allowed_hosts=allowed_host, token=token, no_token=no_token, files_roots=files_root, max_work=max_work,
+               expensive_slots=expensive_slots, expensive_queue=expensive_queue,
                storage_options=_storage_options(storage_options), log=lambda line: err_console.print(_text(line)))
 
 

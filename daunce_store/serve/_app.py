@@ -6,12 +6,19 @@ a :class:`ServedStore` (train rows in memory, snapshot taken per request: column
 server runs count from the next request on). Bad input is a 4xx with ``{"error": "<one line>"}``.
 
 The page is static HTML + a small script calling the API (no build step, nothing from the network); it
-writes every text with ``textContent``, so a training text holding markup shows as text.
+writes every text with ``textContent``, so a training text holding markup shows as text. Pages are sent with
+a Content-Security-Policy allowing this origin only; ``/docs`` is Swagger UI from the ``swagger-ui-bundle-v2``
+package, served here (no CDN).
+
+Every route is behind :class:`~daunce_store.serve._guard.AccessGuard` (Host check, token off loopback);
+routes whose work grows with their parameters check a :class:`~daunce_store.serve._work.WorkBudget` and run
+in the :class:`~daunce_store.serve._work.ExpensiveLane` (see that module for how a new route opts in).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
 # and string annotations of the aliases local to create_app (QuerySet, K, ...) would not resolve.
 
+import asyncio
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,9 +34,11 @@ from daunce_store.errors import (
     UnknownQuerySetError,
 )
 from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES
-from daunce_store.serve._batch import TopkBatcher
-from daunce_store.serve._data import ExampleData
+from daunce_store.serve._batch import MAX_BATCH_QUERIES, TopkBatcher
+from daunce_store.serve._data import ExampleData, RefusedFileError
+from daunce_store.serve._guard import Access, AccessGuard
 from daunce_store.serve._rows import ServedStore
+from daunce_store.serve._work import DEFAULT_MAX_WORK, BusyError, ExpensiveLane, WorkBudget
 from daunce_store.store import json_ready
 
 __all__ = ["create_app"]
@@ -37,9 +46,18 @@ __all__ = ["create_app"]
 STATIC = Path(__file__).parent / "static"
 TRAIN = "train"  # the data set name of the train rows (not a query-set name: the store refuses it)
 MAX_LISTED_QUERIES = 1000  # ids per /api/queries answer; narrow with contains=
+MAX_EXAMPLES = 10_000  # ids per /api/examples request
+# The pages: this origin only (the page draws pixels on canvases and data:image columns as <img>).
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+# Swagger UI's page starts it with an inline script.
+DOCS_POLICY = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
 
 
 def _status_code(error: DaunceStoreError) -> int:
+    if isinstance(error, BusyError):
+        return 503
+    if isinstance(error, RefusedFileError):
+        return 403
     if isinstance(error, (UnknownQuerySetError, UnknownIdError)):
         return 404
     if isinstance(error, (CorruptChunkError, CorruptRecordError)):
@@ -59,24 +77,37 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None, *, batch: bool = True) -> Any:
+def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None, *, batch: bool = True,
+               access: Access | None = None, max_work: int = DEFAULT_MAX_WORK, expensive_slots: int = 1,
+               expensive_queue: int = 16) -> Any:
     """The FastAPI app serving ``store``; ``data`` maps ``train`` and query-set names to their examples;
     ``batch``: score concurrent top-k requests for named queries in one scan (False: one scan per request,
-    each answer bit for bit a lone ``store.topk``)."""
+    each answer bit for bit a lone ``store.topk``); ``access``: Host names and token (default: loopback, no
+    token); ``max_work``: loss cells one request may score; ``expensive_slots`` / ``expensive_queue``: the
+    expensive lane's size. ``app.state`` holds ``budget`` and ``lane`` for routes added later."""
     import_optional("fastapi", "serve", "`daunce serve`")
     from fastapi import FastAPI, Query, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
     data = dict(data or {})
     batcher = TopkBatcher(store) if batch else None
-    app = FastAPI(title="daunce serve", summary=f"Daunce attribution over {store.url}")
+    budget = WorkBudget(store.n_train, lambda: store.rows_info["columns"], max_work)
+    lane = ExpensiveLane(expensive_slots, expensive_queue)
+    app = FastAPI(title="daunce serve", summary=f"Daunce attribution over {store.url}", docs_url=None, redoc_url=None)
+    app.state.budget, app.state.lane, app.state.access = budget, lane, access or Access()
+    app.add_middleware(AccessGuard, access=app.state.access)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    docs_assets = _swagger_ui_assets()
+    if docs_assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
 
     @app.exception_handler(DaunceStoreError)
     def store_error(request: Request, error: DaunceStoreError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=_status_code(error))
+        headers = {"Retry-After": "1"} if isinstance(error, BusyError) else None
+        return JSONResponse({"error": str(error)}, status_code=_status_code(error), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     def bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -94,13 +125,33 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         # Scores are finite (the kernels refuse inf and NaN); were one not, a 400 says so, never a null score.
         return {"measure": result.measure, "num_columns": result.num_columns, "records": json_ready(result.records(), what="the ranking")}
 
+    def n_queries(query_set: str, query: list[str]) -> int:
+        """How many queries a request scores: those named, else the whole set (an unknown set: its 404)."""
+        if query:
+            return len(query)
+        store.query_ids(query_set)
+        return store.query_sets()[query_set]
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/self-influence", include_in_schema=False)
     def self_influence_page() -> FileResponse:
-        return FileResponse(STATIC / "self.html")
+        return FileResponse(STATIC / "self.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if docs_assets is None:  # no Swagger UI package: a page naming the schema and how to get the UI
+            return HTMLResponse(_PLAIN_DOCS, headers={"Content-Security-Policy": PAGE_POLICY})
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="daunce serve · API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from validator.swagger.io
+        page.headers["Content-Security-Policy"] = DOCS_POLICY
+        return page
 
     @app.get("/api/status")
     def status() -> dict[str, Any]:
@@ -116,7 +167,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
             "url": store.url, "n_train": store.n_train, "columns": len(snap),
             "query_sets": {name: {"m": m, "columns": len(snap.query_slots.get(name, ()))} for name, m in store.query_sets().items()},
             "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE,
-            "data": {name: d.info() for name, d in data.items()}, "rows": store.rows_info,
+            "data": {name: d.info() for name, d in data.items()}, "rows": store.rows_info, "limits": budget.limits(),
         }
 
     @app.get("/api/queries")
@@ -127,34 +178,53 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         ids = [str(q) for q in store.query_ids(query_set).tolist() if contains in str(q)]
         return {"query_set": query_set, "total": len(ids), "ids": ids[:limit]}
 
-    @app.get("/api/topk")
-    def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
-             side: SideQ = "both") -> dict[str, Any]:
-        """`daunce topk --format json`: top-k proponents and opponents per query. Concurrent requests naming
-        queries are scored together in one scan (see ``TopkBatcher``)."""
-        if not query or batcher is None:
-            return ranking(store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()))  # type: ignore[arg-type]
+    def plain_topk(query_set: str, query: list[str], k: int, measure: str, side: str) -> dict[str, Any]:
+        return ranking(store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()))  # type: ignore[arg-type]
+
+    def checked_names(query_set: str, query: list[str], k: int) -> int:
         store.query_index(query_set, query)  # an unknown set or id fails this request alone, not its batch
-        return _finite(batcher.topk(query_set, query, k=k, measure=measure, side=side))
+        budget.check(k=k, queries=len(query))
+        return len(query)
+
+    @app.get("/api/topk")
+    async def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
+                   side: SideQ = "both") -> dict[str, Any]:
+        """`daunce topk --format json`: top-k proponents and opponents per query. Concurrent requests naming
+        up to 256 queries are scored together in one scan (see ``TopkBatcher``), beside the expensive lane;
+        a whole set or more queries take the lane."""
+        if query and len(query) <= MAX_BATCH_QUERIES:
+            await run_in_threadpool(checked_names, query_set, query, k)
+            if batcher is None:  # --no-batch: one scan per request, in the server's threads
+                return await run_in_threadpool(plain_topk, query_set, query, k, measure, side)
+            return _finite(await asyncio.wrap_future(batcher.submit(query_set, query, k=k, measure=measure, side=side)))
+        budget.check(k=k, queries=await run_in_threadpool(n_queries, query_set, query))
+        return await lane.run(plain_topk, query_set, query, k, measure, side)
 
     @app.get("/api/influence")
+    @lane.expensive
     def influence(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
                   side: SideQ = "both") -> dict[str, Any]:
         """`daunce influence --format json`: top-k by the mean score over the query set (or the given queries)."""
+        budget.check(k=1, queries=n_queries(query_set, query))  # one ranking, k records per side
+        budget.check(k=k, queries=1)
         snap = store.current()
         return ranking(store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
 
     @app.get("/api/self-influence")
+    @lane.expensive
     def self_influence(k: K = 10, measure: MeasureQ = DEFAULT_MEASURE, side: SideQ = "pos") -> dict[str, Any]:
         """`daunce self-influence --format json`: highest (pos) or lowest (neg) self-scores."""
+        budget.check(k=k, queries=1)
         snap = store.current()
         return ranking(store.self_influence(k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
 
     @app.get("/api/stability")
+    @lane.expensive
     def stability(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
                   side: SideQ = "both", fraction: Annotated[list[float], Query()] = [0.25, 0.5, 1.0],
                   bootstrap: int = 20, seed: int = 0) -> dict[str, Any]:
         """`daunce stability --format json`: top-k overlap over nested column subsets and bootstrap SEs."""
+        budget.check(k=k, queries=n_queries(query_set, query), passes=len(fraction) + bootstrap, bootstrap=bootstrap)
         snap = store.current()
         result = store.stability(query_set, query or None, k=k, measure=measure, side=side, fractions=tuple(fraction),  # type: ignore[arg-type]
                                  bootstrap=bootstrap, seed=seed, snapshot=snap)
@@ -173,14 +243,30 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
                  set: str = TRAIN) -> dict[str, Any]:
         """The content of examples from the data files: ``set`` is ``train`` or a query-set name."""
         d = data_of(set)
+        budget.cap("ids", len(id), MAX_EXAMPLES, "ask for fewer ids at once")
         return {"set": set, "label_column": d.label_column, "examples": _finite(d.content(id))}
 
     @app.get("/api/image")
     def image(id: str, column: str, set: str = TRAIN) -> FileResponse:
         """The image file an ``image-file`` column names for one example."""
-        path = data_of(set).image_file(id, column)
-        if not path.is_file():
-            raise UnknownIdError(f"the image of {id!r} in column {column!r} is no longer on disk")
-        return FileResponse(path)
+        path = data_of(set).image_file(id, column)  # refused (403, naming the rule) unless under a files root
+        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"})
 
     return app
+
+
+def _swagger_ui_assets() -> Path | None:
+    """The folder of Swagger UI's files from the ``swagger-ui-bundle-v2`` package (the ``serve`` extra), or None."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+_PLAIN_DOCS = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>daunce serve · API</title></head><body>
+<h1>daunce serve · API</h1><p>The OpenAPI schema: <a href="/openapi.json">/openapi.json</a>. For the interactive page
+install the <code>serve</code> extra (<code>pip install 'daunce-store[serve]'</code>: Swagger UI, served from here).</p>
+<p>Routes: /api/topk, /api/influence, /api/self-influence, /api/stability, /api/status, /api/info, /api/queries,
+/api/examples, /api/image.</p></body></html>"""

@@ -46,9 +46,14 @@ class TopkBatcher:
         self._worker.start()
 
     def topk(self, query_set: str, queries: Sequence[str], *, k: int, measure: str, side: str) -> dict[str, Any]:
+        return self.submit(query_set, queries, k=k, measure=measure, side=side).result()
+
+    def submit(self, query_set: str, queries: Sequence[str], *, k: int, measure: str, side: str) -> Future:
+        """Queue the request; its answer (or error) arrives in the returned future (an async route awaits it
+        without holding a thread)."""
         request = _Request((query_set, k, measure, side), tuple(queries), Future())
         self._queue.put(request)
-        return request.future.result()
+        return request.future
 
     def _run(self) -> None:
         while True:

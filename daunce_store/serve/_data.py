@@ -7,6 +7,10 @@ once: ``pixels`` (a list or array of numbers whose size is a square, or a 2-d / 
 ``image`` (a ``data:image/png|jpeg|gif|webp;base64,...`` string), ``image-file`` (a path to a .png, .jpg,
 .jpeg, .gif or .webp file, relative to the data file), ``value`` (a number or bool) or ``text``
 (anything else). The page renders text as text (never as markup) and images as images.
+
+Image files are served only where the file, symlinks followed, lies under the data file's folder or a
+``--files-root`` folder, and only when its real name is an image's: a row naming ``evil.png`` that links to
+``/etc/passwd`` is refused, and the refusal says which rule refused it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from daunce_store.errors import InvalidInputError, UnknownIdError
 from daunce_store.store import DATA_FILE_FORMATS, read_data_file
 from daunce_store.store._inputs import ID_FIELD
 
-__all__ = ["DATA_SUFFIXES", "ExampleData", "read_examples"]
+__all__ = ["DATA_SUFFIXES", "ExampleData", "RefusedFileError", "read_examples"]
 
 DATA_SUFFIXES = tuple(DATA_FILE_FORMATS)
 LABEL_COLUMNS = ("label", "labels", "target", "class", "y")  # shown beside each example's score
 IMAGE_DATA = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]+$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
+class RefusedFileError(InvalidInputError):
+    """A file a row names exists but may not be served (a 403 saying which rule refused it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,34 +53,65 @@ class ExampleData:
     label_column: str | None
     matched: int  # how many of the store's ids of this set have a row here
     expected: int  # how many ids the store's set has
+    roots: tuple[Path, ...] = ()  # resolved folders image files may be served from (the data file's, --files-root)
 
     def info(self) -> dict[str, Any]:
         return {"path": str(self.path), "rows": len(self.rows), "columns": self.kinds, "label_column": self.label_column,
+                "files_roots": [str(r) for r in self.roots],
                 "ids_with_data": self.matched, "ids_in_store": self.expected}
 
     def content(self, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
-        """Per id, ``{"label": ..., "fields": [{"name", "kind", "value"}, ...]}`` (None: no row for it)."""
+        """Per id, ``{"label": ..., "fields": [{"name", "kind", "value"}, ...]}`` (None: no row for it); the
+        label column is the label, not a field too. An ``image-file`` field's value is the file name when it
+        may be served (else None: the page asks only for images that are there)."""
         out: dict[str, dict[str, Any] | None] = {}
         for example in ids:
             row = self.rows.get(example)
             if row is None:
                 out[example] = None
                 continue
-            fields = [{"name": c, "kind": kind, "value": self._value(c, kind, self.columns[c][row])} for c, kind in self.kinds.items()]
+            fields = [{"name": c, "kind": kind, "value": self._value(c, kind, self.columns[c][row], example)}
+                      for c, kind in self.kinds.items() if c != self.label_column]
             label = self.columns[self.label_column][row] if self.label_column else None
             out[example] = {"label": _plain(label), "fields": fields}
         return out
 
     def image_file(self, example: str, column: str) -> Path:
-        """The image file a row names in an ``image-file`` column (resolved against the data file's folder)."""
+        """The image file a row names in an ``image-file`` column (relative to the data file's folder), resolved;
+        :class:`RefusedFileError` naming the rule when it may not be served, UnknownIdError when it is gone."""
         if self.kinds.get(column) != "image-file":
             raise InvalidInputError(f"column {column!r} of {self.path} does not hold image file paths")
         row = self.rows.get(example)
         if row is None:
             raise UnknownIdError(f"id {example!r} has no row in {self.path}")
-        return _image_path(self.path, self.columns[column][row]) or Path("/nonexistent")
+        value = self.columns[column][row]
+        if not isinstance(value, str) or not value:
+            raise UnknownIdError(f"id {example!r} names no file in column {column!r}")
+        named = Path(value) if Path(value).is_absolute() else self.path.parent / value
+        if not named.name.lower().endswith(IMAGE_SUFFIXES):
+            raise RefusedFileError(f"{value!r} (id {example!r}) is not an image file name ({', '.join(IMAGE_SUFFIXES)}): only images are served")
+        try:
+            real = named.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, a dangling link, a link loop
+            raise UnknownIdError(f"the image of {example!r} in column {column!r} ({value!r}) is not on disk") from None
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise RefusedFileError(f"{value!r} (id {example!r}) lies, symlinks followed, outside the folders files are served from "
+                                   f"({', '.join(map(str, self.roots))}): move it under one, or start the server with --files-root FOLDER")
+        if not real.name.lower().endswith(IMAGE_SUFFIXES):
+            raise RefusedFileError(f"{value!r} (id {example!r}) links to a file whose name is not an image's "
+                                   f"({', '.join(IMAGE_SUFFIXES)}): only images are served")
+        if not real.is_file():
+            raise RefusedFileError(f"{value!r} (id {example!r}) is not a regular file: only image files are served")
+        return real
 
-    def _value(self, column: str, kind: str, value: Any) -> Any:
+    def servable(self, example: str, column: str) -> bool:
+        try:
+            self.image_file(example, column)
+        except (InvalidInputError, UnknownIdError):
+            return False
+        return True
+
+    def _value(self, column: str, kind: str, value: Any, example: str = "") -> Any:
         if kind == "pixels":
             arr = _pixel_array(value)
             if arr is None:
@@ -83,7 +122,7 @@ class ExampleData:
         if kind == "image":
             return value if isinstance(value, str) and IMAGE_DATA.match(value) else None
         if kind == "image-file":
-            return None  # the page fetches /api/image for it
+            return value if self.servable(example, column) else None  # the page fetches /api/image only for these
         if kind == "text" and not isinstance(value, str):
             return None if _missing(value) else json.dumps(_plain(value), default=str)
         return _plain(value)
@@ -140,8 +179,9 @@ def _kind(data_path: Path, values: list[Any]) -> str:
     return "pixels" if _pixel_array(first) is not None else "text"
 
 
-def read_examples(path: str | Path, store_ids: np.ndarray, what: str) -> ExampleData:
-    """Read a data file for the ids ``store_ids`` of one set (``what``: "train" or "query set 'test'").
+def read_examples(path: str | Path, store_ids: np.ndarray, what: str, files_roots: Sequence[str | Path] = ()) -> ExampleData:
+    """Read a data file for the ids ``store_ids`` of one set (``what``: "train" or "query set 'test'");
+    image files it names are served from its folder and ``files_roots`` only.
 
     Every check happens here, before the server starts: the file's own (:func:`daunce_store.store.read_data_file`:
     format, content, ids), and a file none of whose ids is an id of that set (the wrong file, or one
@@ -168,4 +208,9 @@ def read_examples(path: str | Path, store_ids: np.ndarray, what: str) -> Example
             arrays = [a for a in (_pixel_array(v) for v in columns[c]) if a is not None]
             pixel_range[c] = (float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays)))
     label = next((c for c in LABEL_COLUMNS if c in kinds and kinds[c] in ("value", "text")), None)
-    return ExampleData(path, rows, columns, kinds, pixel_range, label, matched, len(wanted))
+    roots = []
+    for root in (path.parent, *files_roots):
+        if not Path(root).is_dir():
+            raise InvalidInputError(f"--files-root {root}: not a folder")
+        roots.append(Path(root).resolve())
+    return ExampleData(path, rows, columns, kinds, pixel_range, label, matched, len(wanted), tuple(dict.fromkeys(roots)))

@@ -15,6 +15,8 @@ import numpy as np
 import daunce_store
 
 N, M, K = 120, 5, 10
+# A real 1 × 1 PNG (a red pixel).
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc000000301010018dd8db00000000049454e44ae426082")
 XSS = '<script>window.__xss = 1</script><img src="nope.png" onerror="window.__xss = 2">'
 
 

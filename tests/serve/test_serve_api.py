@@ -21,7 +21,9 @@ from daunce_store.cli import app as cli
 from daunce_store.errors import CorruptChunkError, InvalidInputError, UnknownQuerySetError
 from daunce_store.serve import ServedStore, create_app, load_data
 
-from _serve_support import K, N, append_next, free_port, losses, make_store, write_data
+from _serve_support import PNG, K, N, append_next, free_port, losses, make_store, write_data
+
+LOCAL = "http://127.0.0.1"  # TestClient's default Host (testserver) is refused by the Host check
 
 
 def same_records(api: list[dict[str, Any]], cli: list[dict[str, Any]]) -> None:
@@ -86,13 +88,14 @@ def test_stability_and_status_are_the_cli_json(server, served):
         ("/api/queries", {"query_set": "nope"}, 404, "unknown query set 'nope'"),
         ("/api/examples", {"set": "test", "id": ["q1"]}, 404, "no data file for 'test'"),
         ("/api/image", {"id": "t1", "column": "text"}, 400, "does not hold image file paths"),
+        ("/api/examples", {"id": ["t1"] * 10_001}, 400, "10001 ids in one request is over this server's cap of 10000"),
     ],
 )
 def test_bad_input_is_a_4xx_with_one_line(served, path, params, code, message):
     from fastapi.testclient import TestClient
 
     store = ServedStore.open_served(served["url"])
-    client = TestClient(create_app(store, load_data(store, [str(served["data"])])))
+    client = TestClient(create_app(store, load_data(store, [str(served["data"])])), base_url=LOCAL)
     response = client.get(path, params=params)
     assert response.status_code == code, response.text
     error = response.json()["error"]
@@ -185,6 +188,7 @@ def test_example_content(served):
     assert {k: fields["pixels"]["value"][k] for k in ("height", "width", "channels", "min", "max")} == \
         {"height": 4, "width": 4, "channels": 1, "min": 0.0, "max": 15.0}
     assert out["t3"]["label"] == 0 and data.label_column == "label"
+    assert set(fields) == {"text", "pixels"}  # the label is the label, not a field too (the page showed it twice)
 
 
 def test_cli_serve_binds_loopback_and_answers(served):
@@ -280,8 +284,6 @@ def test_concurrent_requests_over_http(server, served):
             assert [r["score"] for r in records] == pytest.approx([r["score"] for r in expected[q]], rel=1e-5)
 
 
-# A real 1 × 1 PNG (a red pixel), as a file and as a data URI.
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc000000301010018dd8db00000000049454e44ae426082")
 
 
 def test_images_by_path_and_data_uri(served, tmp_path):
@@ -301,9 +303,9 @@ def test_images_by_path_and_data_uri(served, tmp_path):
     store = ServedStore.open_served(served["url"])
     examples = load_data(store, [str(data)])
     assert examples["train"].kinds == {"picture": "image-file", "inline": "image"}
-    client = TestClient(create_app(store, examples))
+    client = TestClient(create_app(store, examples), base_url=LOCAL)
     got = client.get("/api/examples", params={"id": ["t1", "t2"]}).json()["examples"]
-    assert {f["name"]: f["value"] for f in got["t1"]["fields"]} == {"picture": None, "inline": uri}
+    assert {f["name"]: f["value"] for f in got["t1"]["fields"]} == {"picture": "img/a.png", "inline": uri}  # servable: named
     assert {f["name"]: f["value"] for f in got["t2"]["fields"]}["inline"] is None  # not a data:image URI: dropped
     image = client.get("/api/image", params={"id": "t1", "column": "picture"})
     assert image.status_code == 200 and image.content == PNG and image.headers["content-type"] == "image/png"
@@ -323,7 +325,7 @@ def test_extreme_values_are_strict_json_or_a_4xx(served, tmp_path):
     for name, size in (("train/losses", N), ("queries/test/losses", 5)):
         group[name][:, slot] = np.where(np.arange(size) % 2 == 0, 1e20, -1e20).astype(np.float32)
     store = ServedStore.open_served(served["url"])
-    client = TestClient(create_app(store, load_data(store, [str(served["data"])])))
+    client = TestClient(create_app(store, load_data(store, [str(served["data"])])), base_url=LOCAL)
 
     def strict(response):
         return json.loads(response.text, parse_constant=lambda token: pytest.fail(f"{token} in {response.text[:200]}"))
@@ -336,3 +338,24 @@ def test_extreme_values_are_strict_json_or_a_4xx(served, tmp_path):
     assert all(isinstance(r["score"], float) for r in body["records"])
     body = strict(client.get("/api/stability", params={"query_set": "test", "k": 3, "measure": "corr", "bootstrap": 0}))
     assert all(r["stderr"] is None for r in body["records"]) and all(isinstance(r["score"], float) for r in body["records"])
+
+
+def test_unbatched_topk_scores_each_request_alone(served):
+    """`--no-batch`: a named-query top-k is one `store.topk` of its own (the served store's, from memory),
+    answered in the server's threads, not the expensive lane (its one slot is held here)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    store = ServedStore.open_served(served["url"])
+    app = create_app(store, batch=False, expensive_queue=0)
+    release = threading.Event()
+    held = app.state.lane.submit(release.wait)
+    try:
+        with TestClient(app, base_url=LOCAL) as client:
+            body = client.get("/api/topk", params={"query_set": "test", "query": ["q1", "q3"], "k": 4}).raise_for_status().json()
+            assert client.get("/api/topk", params={"query_set": "test", "k": 4}).status_code == 503  # a whole set: the lane
+    finally:
+        release.set()
+    held.result(timeout=10)
+    assert body["records"] == json.loads(json.dumps(store.topk("test", ["q1", "q3"], k=4, snapshot=store.current()).records()))

@@ -25,6 +25,27 @@ async function api(path, params = {}) {
   return body;
 }
 
+// A text's runs without whitespace longer than LONG_RUN get a break opportunity (<wbr>) every LONG_RUN
+// characters: the browser wraps them there instead of searching every character for a break (a 100 KB
+// token under `overflow-wrap: anywhere` froze the tab for a minute), and ordinary words never split.
+const LONG_RUN = 32;
+const LONG_RUN_RE = new RegExp(`\\S{${LONG_RUN + 1},}`, "g");
+
+function textBlock(cls, text) {
+  const box = el("div", cls);
+  let last = 0;
+  for (const m of text.matchAll(LONG_RUN_RE)) {
+    box.append(text.slice(last, m.index));
+    for (let i = 0; i < m[0].length; i += LONG_RUN) {
+      if (i) box.append(el("wbr"));
+      box.append(m[0].slice(i, i + LONG_RUN));
+    }
+    last = m.index + m[0].length;
+  }
+  box.append(text.slice(last));
+  return box;
+}
+
 function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
 
 function pixels(value) {
@@ -48,16 +69,18 @@ function pixels(value) {
 function content(set, id, example) {
   const box = el("div", "content");
   if (!example) { box.append(el("span", "field", "(no row in the data file)")); return box; }
+  // The label column is not among the fields (it is the card's label); a null value is nothing to show,
+  // and for an image file it means the server will not serve one: no request for it.
   for (const f of example.fields) {
-    if (f.value === null && f.kind !== "image-file") continue;
+    if (f.value === null) continue;
     if (f.kind === "pixels") box.append(pixels(f.value));
     else if (f.kind === "image" && f.value.startsWith("data:image/")) {
       const img = el("img", "picture"); img.alt = f.name; img.src = f.value; box.append(img);
     } else if (f.kind === "image-file") {
       const img = el("img", "picture"); img.alt = f.name;
       img.src = `/api/image?${new URLSearchParams({set, id, column: f.name})}`; box.append(img);
-    } else if (f.kind === "text") box.append(el("div", "text", f.value));
-    else if (info && info.data[set] && f.name !== info.data[set].label_column) box.append(el("div", "field", `${f.name}: ${f.value}`));
+    } else if (f.kind === "text") box.append(textBlock("text", f.value));
+    else box.append(textBlock("field", `${f.name}: ${f.value}`));
   }
   return box;
 }
@@ -128,12 +151,43 @@ function stabilityTable(st) {
 // older answer arriving late never replaces a newer one.
 let drawing = 0;
 
+// The URL holds the view (reload it, share it): the controls are read from it at start and written to it
+// on every change.
+function fromUrl(names) {
+  const url = new URLSearchParams(location.search);
+  for (const name of names) {
+    const value = url.get(name);
+    if (value === null) continue;
+    const control = $(name.replace("_", "-"));
+    if (control.tagName === "SELECT" && ![...control.options].some((o) => o.value === value)) control.append(new Option(value, value));
+    control.value = value;
+  }
+}
+
+function toUrl(params) {
+  const url = `${location.pathname}?${new URLSearchParams(params)}`;
+  if (url !== location.pathname + location.search) history.replaceState(null, "", url);
+}
+
+async function showStability(params, mine) {
+  // Apart from the lists: a stability refused (over the server's caps, or the expensive lane busy) leaves them shown.
+  const bootstrap = Math.min(10, info.limits.max_bootstrap_one_query);
+  try {
+    const st = await api("/api/stability", {...params, bootstrap});
+    if (mine === drawing) stabilityTable(st);
+  } catch (err) {
+    if (mine === drawing) $("stability").replaceChildren(el("p", "hint", `stability: ${err.message || err}`));
+  }
+}
+
 async function showTopk() {
   const set = $("query-set").value, query = $("query").value;
   if (!set || !query) return;
   const mine = ++drawing;
   const params = {query_set: set, query, k: $("k").value, measure: $("measure").value};
-  const [top, st] = await Promise.all([api("/api/topk", params), api("/api/stability", {...params, bootstrap: 10})]);
+  toUrl(params);
+  const st = showStability(params, mine);
+  const top = await api("/api/topk", params);
   const ids = [...new Set(top.records.map((r) => r.train_id))];
   const [train, queries] = await Promise.all([examples("train", ids), examples(set, [query])]);
   if (mine !== drawing) return;
@@ -144,14 +198,16 @@ async function showTopk() {
     $(side).replaceChildren(...top.records.filter((r) => r.side === side).map((r) =>
       card("train", r.train_id, train[r.train_id], [el("span", "rank", `#${r.rank}`), scoreText(r.score, side)])));
   }
-  stabilityTable(st);
+  await st;
 }
 
 async function startTopk() {
   await loadInfo();
   const sets = Object.keys(info.query_sets);
   $("query-set").replaceChildren(...sets.map((s) => new Option(s, s)));
+  fromUrl(["query_set", "k", "measure"]);
   await loadQueries();
+  fromUrl(["query"]);
   const rerun = () => showTopk().then(() => showError(null), showError);
   $("query-set").onchange = () => loadQueries().then(rerun, showError);
   $("filter").oninput = () => loadQueries().catch(showError);
@@ -164,7 +220,9 @@ async function startTopk() {
 async function showSelf() {
   const side = $("side").value;
   const mine = ++drawing;
-  const r = await api("/api/self-influence", {k: $("k").value, measure: $("measure").value, side});
+  const params = {k: $("k").value, measure: $("measure").value, side};
+  toUrl(params);
+  const r = await api("/api/self-influence", params);
   const ids = r.records.map((x) => x.train_id);
   const train = await examples("train", ids);
   if (mine !== drawing) return;
@@ -175,11 +233,14 @@ async function showSelf() {
 
 async function startSelf() {
   await loadInfo();
+  fromUrl(["k", "side", "measure"]);
   const rerun = () => showSelf().then(() => showError(null), showError);
   for (const id of ["k", "side", "measure"]) $(id).onchange = rerun;
   rerun();
   return rerun;
 }
+
+$("controls").addEventListener("submit", (e) => e.preventDefault());  // Enter in a field: no page reload
 
 // --- refresh: new perturbation columns land while the page is open ------------------------------
 (async () => {
