@@ -19,8 +19,9 @@ from rich.text import Text
 
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
-from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_ids, read_losses
+from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, TOPK_MEASURE, Attribution
+from daunce_store.store import (DEFAULT_GRACE_SECONDS, TABLE_FORMATS, DataFile, append_query_matrix, dumps_json, iso, read_data_file,
+                                read_ids, read_losses)
 
 app = typer.Typer(
     name="daunce",
@@ -149,13 +150,70 @@ def _open(store: str, mode: str, storage_options: Optional[str]) -> daunce_store
     return daunce_store.open(store, mode=mode, storage_options=_storage_options(storage_options))  # type: ignore[arg-type]
 
 
+DataOpt = Annotated[
+    list[str],
+    typer.Option("--data", help="Show the examples' content beside their ids (and add its columns to json/csv/parquet): FILE "
+                 "(the train data) or NAME=FILE (query set NAME, for topk); .jsonl/.ndjson, .json, .csv, .tsv, .parquet, rows "
+                 "matched by an `id` column, else by row number; repeatable. A recipe store remembers its files."),
+]
+TEXT_WIDTH = 60  # characters of a data value in the table (json, csv and parquet hold it whole)
+
+
+def _example_files(s: daunce_store.Store, specs: list[str], query_set: Optional[str]) -> tuple[Optional[DataFile], Optional[DataFile]]:
+    """The train data file and ``query_set``'s (None: not wanted): from --data, else the files a recipe store
+    was built from; a remembered file that is gone is a warning, and the ids show alone."""
+    given: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "train", spec
+        if not name or not path:
+            raise InvalidInputError(f"--data {spec!r}: give FILE (the train data) or NAME=FILE (query set NAME)")
+        if name in given:
+            raise InvalidInputError(f"--data: two files for {name!r}; give one per set")
+        if name != "train" and name != query_set:
+            wanted = f"only {query_set}=FILE names a query set here" if query_set else "this command lists train examples only"
+            raise InvalidInputError(f"--data {spec!r}: {wanted}; give the train data as --data FILE")
+        given[name] = path
+    remembered = s.data_files() if len(given) < (2 if query_set else 1) else {}
+    out: list[Optional[DataFile]] = []
+    for name in ("train", query_set):
+        path = given.get(name) if name else None
+        if name and path is None and name in remembered:
+            path = remembered[name]
+            if not Path(path).exists():
+                what = "train data" if name == "train" else f"query set {name!r}'s data"
+                warnings.warn(f"the {what} this store was made from, {path}, no longer exists; showing ids only "
+                              f"(give its new place: --data {'' if name == 'train' else name + '='}FILE)", stacklevel=2)
+                path = None
+        out.append(read_data_file(path, dataset_dir=True) if path else None)
+    return out[0], out[1]
+
+
+def _short(value: Any) -> str:
+    """A data value for a table cell: one line, at most TEXT_WIDTH characters."""
+    text = value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
+
+
 def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
     if fmt.value == "table" and output is None:
+        data = result.data_columns()
+        query_cols = [c for c in data if c.startswith("query_")]
+        train_cols = [c for c in data if c not in query_cols]
+        columns = ["query", *query_cols, "side", "rank", "train_id", *train_cols, "train_index", "score"]
         table = Table(title=_text(f"{title} ({result.measure}, K={result.num_columns})"))
-        for col in ("query", "side", "rank", "train_id", "train_index", "score"):
+        for col in columns:
             table.add_column(col, justify="right" if col in ("rank", "train_index", "score") else "left")
+        shown_query = None
         for r in result.records():
-            table.add_row(*map(_text, (r["query"], r["side"], r["rank"], r["train_id"], r["train_index"], f"{r['score']:.4g}")))
+            cells = {**r, "score": f"{r['score']:.4g}"}
+            for col in data:
+                # a query's own content once, on its first row
+                cells[col] = "" if col in query_cols and r["query"] == shown_query else _short(r[col])
+            shown_query = r["query"]
+            table.add_row(*(_text(cells[col]) for col in columns))
         console.print(table)
     elif output is not None:
         result.write(output, None if fmt.value == "table" else fmt.value)
@@ -435,7 +493,7 @@ def export(
     err_console.print(_text(f"wrote {rows} rows ({form.value} form) to {output}"))
 
 
-def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
+def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str) -> None:
     """`topk` and `influence`: the same options, per query or for the mean over the queries."""
 
     def command(
@@ -443,11 +501,12 @@ def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
         query_set: QuerySetOpt,
         query: QueryIdsOpt = [],
         k: KOpt = 10,
-        measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+        measure: MeasureOpt = Measure(default_measure),
         side: SideOpt = Side("both"),
         backend: BackendOpt = Backend("auto"),
         format: FormatOpt = OutFormat("table"),
         output: OutputOpt = None,
+        data: DataOpt = [],
         storage_options: StorageOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
@@ -455,15 +514,18 @@ def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
         rank = s.influence if aggregate else s.topk
         result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value,
                       client=scheduler)
-        _emit(result, format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
+        train, queries = _example_files(s, data, None if aggregate else query_set)
+        _emit(result.with_data(train, queries), format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
 
     command.__doc__ = doc
     command.__name__ = name
     _command(app, name)(command)
 
 
-_ranking_command("topk", False, "Top-k proponents and opponents per query.")
-_ranking_command("influence", True, "Aggregate influence of each train example on a whole query set (mean score), top-k.")
+_ranking_command("topk", False, TOPK_MEASURE, "Top-k proponents and opponents per query, to read (default measure auto-corr: "
+                 "the same high-leverage rows do not head unrelated queries' lists; see bench/RESULTS.md).")
+_ranking_command("influence", True, DEFAULT_MEASURE, "Aggregate influence of each train example on a whole query set (mean "
+                 "score), top-k, for curation (default measure auto: the best LDS).")
 
 
 @_command(app, "scores")
@@ -609,13 +671,15 @@ def self_influence(
     backend: BackendOpt = Backend("auto"),
     format: FormatOpt = OutFormat("table"),
     output: OutputOpt = None,
+    data: DataOpt = [],
     storage_options: StorageOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""
-    result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value,
-                                                               client=scheduler)
-    _emit(result, format, output, "self-influence")
+    s = _open(store, "r", storage_options)
+    result = s.self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value, client=scheduler)
+    train, _ = _example_files(s, data, None)
+    _emit(result.with_data(train), format, output, "self-influence")
 
 
 @_command(app)

@@ -50,7 +50,9 @@ __all__ = [
     "REMOVAL_METHODS",
     "RemovalCheck",
     "SubsetRemoval",
+    "chatterbot_lines",
     "check_removal",
+    "hashed_features",
     "load_chatterbot_topics",
     "load_testbed",
     "subset_removal",
@@ -196,22 +198,18 @@ class _progress:
 
 
 # --- the testbeds ---------------------------------------------------------------------------------------------
-def load_chatterbot_topics(
-    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
-    test_fraction: float = 0.2, seed: int = 0,
-) -> ClassificationData:
-    """Topic classification of real text: every line (utterance or reply) of chatterbot-corpus's English
-    conversations in ``categories``, labelled by its file's category (at most ``per_class`` lines each,
-    duplicates dropped), as hashed word uni- and bigram features (``HashingVectorizer``, l2-normalized).
+def chatterbot_lines(categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250,
+                     rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
+    """(texts, labels): every distinct line (utterance or reply) of chatterbot-corpus's English conversations
+    in ``categories``, labelled by its file's category, at most ``per_class`` lines each (drawn by ``rng``).
     Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
     import yaml
-    from sklearn.feature_extraction.text import HashingVectorizer
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or spec.origin is None:
         raise MissingDependencyError("the text testbed needs chatterbot-corpus: pip install --no-deps chatterbot-corpus")
     folder = Path(spec.origin).parent / "data" / "english"
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(0)
     texts: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(categories):
@@ -225,9 +223,26 @@ def load_chatterbot_topics(
             chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), per_class, replace=False))]
         texts += chosen
         labels += [label] * len(chosen)
-    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(texts)
-    x = np.asarray(x.todense(), dtype=np.float32)
-    y = np.asarray(labels, dtype=np.int64)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def hashed_features(texts: Sequence[str], n_features: int = 256) -> np.ndarray:
+    """Hashed word uni- and bigram features of ``texts`` (``HashingVectorizer``, l2-normalized), float32."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(list(texts))
+    return np.asarray(x.todense(), dtype=np.float32)
+
+
+def load_chatterbot_topics(
+    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
+    test_fraction: float = 0.2, seed: int = 0,
+) -> ClassificationData:
+    """Topic classification of real text: :func:`chatterbot_lines` as :func:`hashed_features`, split at
+    random into train and test. Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
+    rng = np.random.default_rng(seed)
+    texts, y = chatterbot_lines(categories, per_class=per_class, rng=rng)
+    x = hashed_features(texts, n_features)
     order = rng.permutation(len(y))
     n_test = int(round(test_fraction * len(y)))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])

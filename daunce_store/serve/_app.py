@@ -26,7 +26,7 @@ from daunce_store.errors import (
     UnknownIdError,
     UnknownQuerySetError,
 )
-from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES
+from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE
 from daunce_store.serve._batch import TopkBatcher
 from daunce_store.serve._data import ExampleData
 from daunce_store.serve._rows import ServedStore
@@ -90,10 +90,6 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
     MeasureQ = Annotated[str, Query(description=f"Score measure. {MEASURE_HELP}.")]
     SideQ = Annotated[str, Query(description="pos (proponents), neg (opponents) or both.")]
 
-    def ranking(result: Any) -> dict[str, Any]:
-        # Scores are finite (the kernels refuse inf and NaN); were one not, a 400 says so, never a null score.
-        return {"measure": result.measure, "num_columns": result.num_columns, "records": json_ready(result.records(), what="the ranking")}
-
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -115,7 +111,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return {
             "url": store.url, "n_train": store.n_train, "columns": len(snap),
             "query_sets": {name: {"m": m, "columns": len(snap.query_slots.get(name, ()))} for name, m in store.query_sets().items()},
-            "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE,
+            "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE, "topk_measure": TOPK_MEASURE,
             "data": {name: d.info() for name, d in data.items()}, "rows": store.rows_info,
         }
 
@@ -128,27 +124,27 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return {"query_set": query_set, "total": len(ids), "ids": ids[:limit]}
 
     @app.get("/api/topk")
-    def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
+    def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = TOPK_MEASURE,
              side: SideQ = "both") -> dict[str, Any]:
         """`daunce topk --format json`: top-k proponents and opponents per query. Concurrent requests naming
         queries are scored together in one scan (see ``TopkBatcher``)."""
         if not query or batcher is None:
-            return ranking(store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()))  # type: ignore[arg-type]
+            return store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()).envelope()  # type: ignore[arg-type]
         store.query_index(query_set, query)  # an unknown set or id fails this request alone, not its batch
-        return _finite(batcher.topk(query_set, query, k=k, measure=measure, side=side))
+        return batcher.topk(query_set, query, k=k, measure=measure, side=side)
 
     @app.get("/api/influence")
     def influence(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
                   side: SideQ = "both") -> dict[str, Any]:
         """`daunce influence --format json`: top-k by the mean score over the query set (or the given queries)."""
         snap = store.current()
-        return ranking(store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
+        return store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
 
     @app.get("/api/self-influence")
     def self_influence(k: K = 10, measure: MeasureQ = DEFAULT_MEASURE, side: SideQ = "pos") -> dict[str, Any]:
         """`daunce self-influence --format json`: highest (pos) or lowest (neg) self-scores."""
         snap = store.current()
-        return ranking(store.self_influence(k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
+        return store.self_influence(k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
 
     @app.get("/api/stability")
     def stability(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,

@@ -11,7 +11,7 @@ from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, i
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
-from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_records
+from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_json, write_records
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -35,6 +35,7 @@ __all__ = [
     "storage_errors",
     "TABLE_FORMATS",
     "write_frames",
+    "write_json",
     "write_records",
     "json_ready",
     "dumps_json",

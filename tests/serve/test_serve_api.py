@@ -49,11 +49,13 @@ def cli_json(*args: str) -> Any:
     ],
 )
 def test_rankings_are_the_cli_records(server, served, path, params, command):
-    """Each ranking endpoint answers with exactly the records `daunce ... --format json` prints."""
+    """Each ranking endpoint answers with the envelope `daunce ... --format json` prints (same measure, K and records)."""
     body = httpx.get(server.url + path, params=params).raise_for_status().json()
     expected = cli_json(*command, served["url"], "--format", "json")
-    same_records(body["records"], expected)
-    assert len(expected) > 0 and body["num_columns"] == K
+    assert set(body) == set(expected) == {"measure", "num_columns", "records"}
+    assert body["measure"] == expected["measure"] and body["num_columns"] == expected["num_columns"] == K
+    same_records(body["records"], expected["records"])
+    assert len(expected["records"]) > 0
 
 
 def test_stability_and_status_are_the_cli_json(server, served):
