@@ -594,11 +594,11 @@ def select_command(
 @_command(app, "check-removal")
 def check_removal_command(
     store: StoreArg,
-    config: Annotated[Path, typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used.")],
     query_set: QuerySetOpt,
+    config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used. A store made by `daunce perturb --recipe` needs none: the recipe is read from its commits.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many train examples to remove.")] = 20,
     remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = Remove("helpful"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal.")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal; the verdict weighs their spread.")] = 3,
     measure: MeasureOpt = Measure(DEFAULT_MEASURE),
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
@@ -607,11 +607,12 @@ def check_removal_command(
     """Do the scores hold on your data? Remove the top-k helpful (or harmful) examples, fine-tune θ0 on the
     rest, and compare the query set's loss change with removing k random examples (needs the train extra)."""
     perturb = _training_extra("daunce check-removal")
-    from daunce_store.evaluation.removal import check_removal
+    from daunce_store.evaluation.removal import check_removal, recipe_config
 
-    cfg = perturb.PerturbConfig.from_yaml(config)
-    r = check_removal(_open(store, "r", storage_options), cfg, query_set, k=k, remove=remove.value, seeds=seeds,
-                      measure=measure.value, base_dir=config.parent, device=device, progress=progress)
+    s = _open(store, "r", storage_options)
+    cfg = perturb.PerturbConfig.from_yaml(config) if config is not None else recipe_config(s)
+    r = check_removal(s, cfg, query_set, k=k, remove=remove.value, seeds=seeds, measure=measure.value,
+                      base_dir=config.parent if config is not None else None, device=device, progress=progress)
     _rows_table(f"check-removal on {query_set}: top-{k} {remove.value} vs {k} random ({r.measure}, K={r.num_columns}); "
                 "Δ = change of the mean query loss against fine-tuning on everything", r.rows())
     console.print(_text(r.summary()))
