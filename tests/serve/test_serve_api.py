@@ -58,6 +58,16 @@ def test_rankings_are_the_cli_records(server, served, path, params, command):
     assert len(expected["records"]) > 0
 
 
+def test_default_measures_per_task(server, served):
+    """The page's top-k lists default to the measure for reading (auto-corr), curation endpoints to auto."""
+    info = httpx.get(server.url + "/api/info").raise_for_status().json()
+    assert info["topk_measure"] == "auto-corr" and info["default_measure"] == "auto"
+    top = httpx.get(server.url + "/api/topk", params={"query_set": "test", "k": 2}).raise_for_status().json()
+    agg = httpx.get(server.url + "/api/influence", params={"query_set": "test", "k": 2}).raise_for_status().json()
+    assert top["measure"] in ("nystrom-corr", "whitened-corr") and agg["measure"] in ("nystrom", "whitened")
+    assert top["measure"] == agg["measure"] + "-corr"  # the same choice (draws or not), normalised
+
+
 def test_stability_and_status_are_the_cli_json(server, served):
     body = httpx.get(server.url + "/api/stability", params={"query_set": "test", "query": ["q2"], "k": 4, "bootstrap": 6},
                      timeout=30).raise_for_status().json()
