@@ -511,10 +511,10 @@ def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str)
         scheduler: SchedulerOpt = None,
     ) -> None:
         s = _open(store, "r", storage_options)
+        train, queries = _example_files(s, data, None if aggregate else query_set)  # a bad file fails before the scan
         rank = s.influence if aggregate else s.topk
         result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value,
                       client=scheduler)
-        train, queries = _example_files(s, data, None if aggregate else query_set)
         _emit(result.with_data(train, queries), format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
 
     command.__doc__ = doc
@@ -598,7 +598,7 @@ def check_removal_command(
     config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used. A store made by `daunce perturb --recipe` needs none: the recipe is read from its commits.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many train examples to remove.")] = 20,
     remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = Remove("helpful"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal; the verdict weighs their spread.")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal (the report gives the mean ± spread over them).")] = 3,
     measure: MeasureOpt = Measure(DEFAULT_MEASURE),
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
@@ -678,8 +678,8 @@ def self_influence(
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""
     s = _open(store, "r", storage_options)
+    train, _ = _example_files(s, data, None)  # a bad file fails before the scan
     result = s.self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value, client=scheduler)
-    train, _ = _example_files(s, data, None)
     _emit(result.with_data(train), format, output, "self-influence")
 
 
