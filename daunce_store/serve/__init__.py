@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from daunce_store._optional import import_optional
@@ -15,7 +16,7 @@ from daunce_store.serve._app import TRAIN, create_app
 from daunce_store.serve._data import DATA_SUFFIXES, ExampleData, read_examples
 from daunce_store.serve._rows import DEFAULT_CACHE_BYTES, ServedStore
 
-__all__ = ["DATA_SUFFIXES", "DEFAULT_CACHE_BYTES", "ExampleData", "ServedStore", "create_app", "load_data", "serve"]
+__all__ = ["DATA_SUFFIXES", "DEFAULT_CACHE_BYTES", "ExampleData", "ServedStore", "create_app", "load_data", "remembered_data", "serve"]
 
 
 def load_data(store: ServedStore, specs: Sequence[str]) -> dict[str, ExampleData]:
@@ -35,6 +36,19 @@ def load_data(store: ServedStore, specs: Sequence[str]) -> dict[str, ExampleData
     return out
 
 
+def remembered_data(store: ServedStore, log: Callable[[str], None] = print) -> list[str]:
+    """The ``--data`` specs of the files a recipe store was made from (:meth:`Store.data_files`), those that
+    still exist; each one that has moved is logged."""
+    specs = []
+    for name, path in store.data_files().items():
+        if not Path(path).exists():
+            log(f"the {'train data' if name == TRAIN else f'data of query set {name!r}'} this store was made from, {path}, "
+                f"no longer exists; give its new place with --data {'' if name == TRAIN else name + '='}FILE")
+        else:
+            specs.append(path if name == TRAIN else f"{name}={path}")
+    return specs
+
+
 def serve(url: str, *, data: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000,
           cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict[str, Any] | None = None, batch: bool = True,
           log: Callable[[str], None] = print) -> None:
@@ -46,7 +60,7 @@ def serve(url: str, *, data: Sequence[str] = (), host: str = "127.0.0.1", port: 
     if not 0 <= port <= 65535:
         raise InvalidInputError(f"--port must be in 0..65535, not {port}")
     store = ServedStore.open_served(url, storage_options=storage_options, cache_bytes=cache_bytes)
-    examples = load_data(store, data)
+    examples = load_data(store, data or remembered_data(store, log))  # a recipe store remembers its files
     rows = store.rows_info
     held = f"train rows in memory ({rows['bytes'] / 2**20:.0f} MiB, read in {rows['load_seconds']:.1f} s)" if rows["cached"] \
         else "train rows read from the store per request (larger than the cache)"

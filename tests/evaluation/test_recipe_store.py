@@ -91,6 +91,20 @@ def test_a_recipe_store_shows_its_examples_text_without_data(recipe) -> None:
     assert all(r["train_prompt"] == rows[r["train_id"]]["prompt"] for r in si["records"])
 
 
+def test_serve_shows_a_recipe_stores_remembered_files(recipe) -> None:
+    pytest.importorskip("fastapi")
+    from daunce_store.serve import ServedStore, load_data, remembered_data
+
+    store, _, train, queries = recipe
+    served = ServedStore.open_served(str(store))
+    specs = remembered_data(served)
+    assert specs == [str(train.resolve()), f"test={queries.resolve()}"]
+    data = load_data(served, specs)
+    first = json.loads(train.read_text().splitlines()[0])
+    fields = {f["name"]: f["value"] for f in data["train"].content([first["id"]])[first["id"]]["fields"]}
+    assert fields["prompt"] == first["prompt"] and fields["completion"] == first["completion"]
+
+
 def test_a_moved_data_file_is_said_and_the_ids_still_show(tmp_path, recipe) -> None:
     store, _, train, _ = recipe
     copy = tmp_path / "lm.zarr"
@@ -105,6 +119,11 @@ def test_a_moved_data_file_is_said_and_the_ids_still_show(tmp_path, recipe) -> N
         assert "train_prompt" not in json.loads(result.stdout)["records"][0]
         given = json.loads(_ok("influence", copy, "--query-set", "test", "-k", 2, "--data", moved, "--format", "json"))
         assert "train_prompt" in given["records"][0]
+        from daunce_store.serve import ServedStore, remembered_data
+
+        said: list[str] = []
+        assert remembered_data(ServedStore.open_served(str(copy)), said.append) == [f"test={recipe[3].resolve()}"]
+        assert len(said) == 1 and "no longer exists" in said[0] and str(train.resolve()) in said[0]
     finally:
         moved.rename(train)
 
