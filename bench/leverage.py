@@ -177,6 +177,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reading(rows: list[dict]) -> str:
+    """What the table says about the two defaults, from its own numbers."""
+    def spread(measure: str, key: str) -> str:
+        values = [r[key] for r in rows if r["measure"] == measure and key in r]
+        return f"{min(values):.3f}–{max(values):.3f}"
+
+    return (f"Reading: under `auto` (nystrom here) the 1 % highest self-influence rows hold {spread('auto', 'leverage_share')} of all "
+            f"top-5 slots across the testbeds, and one row sits in the top-5 of {spread('auto', 'most_listed_row_share')} of "
+            f"the queries; under `auto-corr` (nystrom-corr) they hold {spread('auto-corr', 'leverage_share')} and the most listed "
+            f"row reaches {spread('auto-corr', 'most_listed_row_share')} of the queries. Triggered P@5: "
+            f"{spread('auto-corr', 'triggered_p_at_5')} under `auto-corr` against {spread('auto', 'triggered_p_at_5')} under "
+            "`auto`. So `topk` (lists read by people) and the serve page default to `auto-corr` (`TOPK_MEASURE`), and "
+            "curation (`influence`, `select`, `scores`) keeps `auto` (`DEFAULT_MEASURE`, the best LDS in \"Accuracy\"); "
+            "both in `daunce_store/scoring/_measures.py`.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-K", type=int, default=64, help="perturbations per testbed")
@@ -210,9 +226,10 @@ def main() -> None:
                 f"objective, r = 1.0{f'; the SmolLM2 testbed: K = {args.llm}, as `daunce demo --llm`' if args.llm else ''}); for each measure the top-5 proponents of every query of the clean set. "
                 "Leverage rows: the 1 % of train rows with the highest self-influence under nystrom (random lists: "
                 "a share of 0.010). Most-listed row: the fraction of queries whose top-5 holds the single most "
-                "listed train row. Poisoned testbeds: 3 % of train rows carry a trigger and label 0; their share of "
-                "the clean queries' top-5 (random: 0.030) and precision@5 of poisoned rows for triggered queries.\n\n"
-                f"{table(rows)}\n")
+                "listed train row. Poisoned testbeds: 3 % of train rows carry a trigger and label 0 (SmolLM2: 5 % of the "
+                "dialogues carry a trigger phrase and a fixed reply); their share of the clean queries' top-5 (random: the "
+                "poison rate) and precision@5 of poisoned rows for triggered queries.\n\n"
+                f"{table(rows)}\n\n{reading(rows)}\n")
         write_section(SECTION, text, Path(__file__).resolve().parent / "RESULTS.md")
 
 

@@ -87,9 +87,9 @@ AUTO_CORR = "auto-corr"  # the same choice, normalised: nystrom-corr, else white
 #   nystrom has the best worst-case LDS on every testbed and K (bench/RESULTS.md, "Accuracy").
 # * TOPK_MEASURE, for lists read by people (topk, the serve page): unnormalised measures open unrelated
 #   queries' lists with the same high-leverage rows: the 1 % highest self-influence rows held 21 % (digits),
-#   5 % (chatterbot) and 7.5 % (poisoned chatterbot) of all top-5 slots under nystrom, 0.4-0.5 % under
-#   nystrom-corr (random: 1 %), which also retrieves backdoors best (P@5 0.98 on poisoned digits against
-#   0.45) (bench/RESULTS.md, "Default rankings").
+#   5 % (chatterbot), 7.5 % (poisoned chatterbot) and 12.5 % (SmolLM2 dialogues) of all top-5 slots under
+#   nystrom, 0.4-2.5 % under nystrom-corr (random: 1 %), which also retrieves backdoors best (P@5 0.98 and
+#   1.00 against 0.45 and 0.72) (bench/RESULTS.md, "Default rankings").
 DEFAULT_MEASURE = AUTO
 TOPK_MEASURE = AUTO_CORR
 AUTOS = {AUTO: ("nystrom", "whitened"), AUTO_CORR: ("nystrom-corr", "whitened-corr")}  # (with draws, without)
