@@ -20,7 +20,7 @@ from rich.text import Text
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, TOPK_MEASURE, Attribution
-from daunce_store.store import (DEFAULT_GRACE_SECONDS, TABLE_FORMATS, DataFile, append_query_matrix, dumps_json, iso, read_data_file,
+from daunce_store.store import (DEFAULT_GRACE_SECONDS, TABLE_FORMATS, DataFile, append_query_matrix, data_file_specs, dumps_json, iso, read_data_file,
                                 read_ids, read_losses)
 
 app = typer.Typer(
@@ -162,19 +162,11 @@ TEXT_WIDTH = 60  # characters of a data value in the table (json, csv and parque
 def _example_files(s: daunce_store.Store, specs: list[str], query_set: Optional[str]) -> tuple[Optional[DataFile], Optional[DataFile]]:
     """The train data file and ``query_set``'s (None: not wanted): from --data, else the files a recipe store
     was built from; a remembered file that is gone is a warning, and the ids show alone."""
-    given: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = "train", spec
-        if not name or not path:
-            raise InvalidInputError(f"--data {spec!r}: give FILE (the train data) or NAME=FILE (query set NAME)")
-        if name in given:
-            raise InvalidInputError(f"--data: two files for {name!r}; give one per set")
-        if name != "train" and name != query_set:
+    given = data_file_specs(specs)
+    for name, path in given.items():
+        if name not in ("train", query_set):
             wanted = f"only {query_set}=FILE names a query set here" if query_set else "this command lists train examples only"
-            raise InvalidInputError(f"--data {spec!r}: {wanted}; give the train data as --data FILE")
-        given[name] = path
+            raise InvalidInputError(f"--data {name}={path}: {wanted}; give the train data as --data FILE")
     remembered = s.data_files() if len(given) < (2 if query_set else 1) else {}
     out: list[Optional[DataFile]] = []
     for name in ("train", query_set):

@@ -15,6 +15,7 @@ from daunce_store.errors import InvalidInputError
 from daunce_store.serve._app import TRAIN, create_app
 from daunce_store.serve._data import DATA_SUFFIXES, ExampleData, read_examples
 from daunce_store.serve._rows import DEFAULT_CACHE_BYTES, ServedStore
+from daunce_store.store import data_file_specs
 
 __all__ = ["DATA_SUFFIXES", "DEFAULT_CACHE_BYTES", "ExampleData", "ServedStore", "create_app", "load_data", "remembered_data", "serve"]
 
@@ -23,14 +24,7 @@ def load_data(store: ServedStore, specs: Sequence[str]) -> dict[str, ExampleData
     """The data files of ``specs``: ``FILE`` (the train examples) or ``NAME=FILE`` (query set NAME), each
     read and matched to the store's ids now, so a wrong file fails before the server starts."""
     out: dict[str, ExampleData] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = TRAIN, spec
-        if not name or not path:
-            raise InvalidInputError(f"--data {spec!r}: give FILE (train examples) or NAME=FILE (query set NAME)")
-        if name in out:
-            raise InvalidInputError(f"--data: two files for {name!r}; give one per set")
+    for name, path in data_file_specs(specs, TRAIN).items():
         ids = store.train_ids if name == TRAIN else store.query_ids(name)
         out[name] = read_examples(path, ids, "train ids" if name == TRAIN else f"query set {name!r}")
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
-from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, read_data_file,
+from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, data_file_specs, read_data_file,
                                         read_ids, read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
@@ -46,6 +46,7 @@ __all__ = [
     "DATA_FILE_FORMATS",
     "DataFile",
     "data_file_format",
+    "data_file_specs",
     "read_data_file",
     "read_ids",
     "read_losses",
