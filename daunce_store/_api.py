@@ -20,7 +20,7 @@ from daunce_store import _constants as C
 from daunce_store import _select, scoring
 from daunce_store._select import Selection
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring import DEFAULT_MEASURE, Attribution, Scores, Stability, StoreScorer
+from daunce_store.scoring import DEFAULT_MEASURE, TOPK_MEASURE, Attribution, Scores, Stability, StoreScorer
 from daunce_store.store import LossStore, Snapshot
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["Store", "init", "open"]
 
 Side = Literal["pos", "neg", "both"]
+#: The recipes' factories (``daunce_store.perturb._recipes.RECIPES``) live in this module; named here as text
+#: so that reading a recipe store's files needs no torch.
+RECIPE_MODULE = "daunce_store.perturb._recipes"
 Backend = Literal["auto", "rust", "numba", "numpy", "torch"]
 
 
@@ -36,7 +39,8 @@ class Store(LossStore):
     """A daunce store with scoring: what :func:`daunce_store.open` and :func:`daunce_store.init` return.
 
     ``measure`` everywhere is one of :data:`daunce_store.scoring.MEASURE_NAMES` (``auto``: nystrom when
-    every column records its perturbation draw, else whitened); ``backend`` is auto, rust, numba, numpy or
+    every column records its perturbation draw, else whitened; ``auto-corr``: their normalised forms), by
+    default ``auto`` (best LDS) and for :meth:`topk` ``auto-corr`` (lists read by people); ``backend`` is auto, rust, numba, numpy or
     torch (the same answer from each; auto never picks torch); ``columns`` are positions 0..K-1 of the
     snapshot's columns for the query set (a position may repeat: a bootstrap resample).
 
@@ -76,12 +80,15 @@ class Store(LossStore):
         return self._storage_options
 
     def topk(
-        self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
+        self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = TOPK_MEASURE,
         side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
         columns: Sequence[int] | None = None, block_rows: int | None = None,
         client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Top-k proponents (``pos``) and opponents (``neg``) among the train examples for each query.
+        The default measure, ``auto-corr`` (:data:`~daunce_store.scoring.TOPK_MEASURE`), keeps the same
+        high-leverage rows from heading unrelated queries' lists; curation (:meth:`influence`,
+        :meth:`select`, :meth:`scores`) defaults to the LDS-best ``auto``.
 
         >>> store.topk("test", ["q0"], k=5, measure="nystrom").to_pandas()   # doctest: +SKIP
         >>> store.topk("test", k=5, client="tcp://10.0.0.5:8786")           # doctest: +SKIP
@@ -115,6 +122,27 @@ class Store(LossStore):
             return scoring.self_influence_distributed(self, client=client, partition_rows=partition_rows,
                                                       storage_options=self.storage_options, **options)
         return scoring.self_influence(self, **options)
+
+    def recipe_config(self, snapshot: Snapshot | None = None) -> dict[str, Any] | None:
+        """The run config behind the newest committed column when a recipe made it (``daunce perturb
+        --recipe``): its PerturbConfig fields as recorded, ``factory_kwargs`` holding the model, the data
+        files (``train``, ``queries`` {name: file}) and the field names; None for any other store."""
+        commits = (snapshot or self.snapshot()).commits
+        config = commits[-1].metadata.get("config") if commits else None
+        if not isinstance(config, dict) or not str(config.get("factory") or "").startswith(RECIPE_MODULE + ":"):
+            return None
+        return config
+
+    def data_files(self, snapshot: Snapshot | None = None) -> dict[str, str]:
+        """The data files a recipe store was built from, as recorded (absolute paths): ``{"train": file,
+        <query set>: file, ...}``; empty for a store no recipe made. They may have moved since."""
+        config = self.recipe_config(snapshot)
+        kwargs = (config or {}).get("factory_kwargs") or {}
+        files = {"train": kwargs["train"]} if isinstance(kwargs.get("train"), str) else {}
+        queries = kwargs.get("queries") or {}
+        if isinstance(queries, dict):
+            files.update({str(name): path for name, path in queries.items() if isinstance(path, str)})
+        return files
 
     @staticmethod
     def _distributed(client: object, partition_rows: int | None) -> bool:

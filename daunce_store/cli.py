@@ -20,9 +20,10 @@ from rich.text import Text
 
 import daunce_store
 from daunce_store.errors import DaunceStoreError, InvalidInputError
-from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, Attribution
+from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, TOPK_MEASURE, Attribution
 from daunce_store.serve._work import DEFAULT_MAX_WORK
-from daunce_store.store import DEFAULT_GRACE_SECONDS, TABLE_FORMATS, append_query_matrix, dumps_json, iso, read_data_file, read_ids, read_losses
+from daunce_store.store import (DEFAULT_GRACE_SECONDS, TABLE_FORMATS, DataFile, append_query_matrix, data_file_specs, dumps_json, iso, read_data_file,
+                                read_ids, read_losses)
 
 app = typer.Typer(
     name="daunce",
@@ -151,13 +152,62 @@ def _open(store: str, mode: str, storage_options: Optional[str]) -> daunce_store
     return daunce_store.open(store, mode=mode, storage_options=_storage_options(storage_options))  # type: ignore[arg-type]
 
 
+DataOpt = Annotated[
+    list[str],
+    typer.Option("--data", help="Show the examples' content beside their ids (and add its columns to json/csv/parquet): FILE "
+                 "(the train data) or NAME=FILE (query set NAME, for topk); .jsonl/.ndjson, .json, .csv, .tsv, .parquet, rows "
+                 "matched by an `id` column, else by row number; repeatable. A recipe store remembers its files."),
+]
+TEXT_WIDTH = 60  # characters of a data value in the table (json, csv and parquet hold it whole)
+
+
+def _example_files(s: daunce_store.Store, specs: list[str], query_set: Optional[str]) -> tuple[Optional[DataFile], Optional[DataFile]]:
+    """The train data file and ``query_set``'s (None: not wanted): from --data, else the files a recipe store
+    was built from; a remembered file that is gone is a warning, and the ids show alone."""
+    given = data_file_specs(specs)
+    for name, path in given.items():
+        if name not in ("train", query_set):
+            wanted = f"only {query_set}=FILE names a query set here" if query_set else "this command lists train examples only"
+            raise InvalidInputError(f"--data {name}={path}: {wanted}; give the train data as --data FILE")
+    remembered = s.data_files() if len(given) < (2 if query_set else 1) else {}
+    out: list[Optional[DataFile]] = []
+    for name in ("train", query_set):
+        path = given.get(name) if name else None
+        if name and path is None and name in remembered:
+            path = remembered[name]
+            if not Path(path).exists():
+                what = "train data" if name == "train" else f"query set {name!r}'s data"
+                warnings.warn(f"the {what} this store was made from, {path}, no longer exists; showing ids only "
+                              f"(give its new place: --data {'' if name == 'train' else name + '='}FILE)", stacklevel=2)
+                path = None
+        out.append(read_data_file(path, dataset_dir=True) if path else None)
+    return out[0], out[1]
+
+
+def _short(value: Any) -> str:
+    """A data value for a table cell: one line, at most TEXT_WIDTH characters."""
+    text = value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
+
+
 def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
     if fmt.value == "table" and output is None:
+        data = result.data_columns()
+        query_cols = [c for c in data if c.startswith("query_")]
+        train_cols = [c for c in data if c not in query_cols]
+        columns = ["query", *query_cols, "side", "rank", "train_id", *train_cols, "train_index", "score"]
         table = Table(title=_text(f"{title} ({result.measure}, K={result.num_columns})"))
-        for col in ("query", "side", "rank", "train_id", "train_index", "score"):
+        for col in columns:
             table.add_column(col, justify="right" if col in ("rank", "train_index", "score") else "left")
+        shown_query = None
         for r in result.records():
-            table.add_row(*map(_text, (r["query"], r["side"], r["rank"], r["train_id"], r["train_index"], f"{r['score']:.4g}")))
+            cells = {**r, "score": f"{r['score']:.4g}"}
+            for col in data:
+                # a query's own content once, on its first row
+                cells[col] = "" if col in query_cols and r["query"] == shown_query else _short(r[col])
+            shown_query = r["query"]
+            table.add_row(*(_text(cells[col]) for col in columns))
         console.print(table)
     elif output is not None:
         result.write(output, None if fmt.value == "table" else fmt.value)
@@ -461,7 +511,7 @@ def export(
     err_console.print(_text(f"wrote {rows} rows ({form.value} form) to {output}"))
 
 
-def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
+def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str) -> None:
     """`topk` and `influence`: the same options, per query or for the mean over the queries."""
 
     def command(
@@ -469,27 +519,31 @@ def _ranking_command(name: str, aggregate: bool, doc: str) -> None:
         query_set: QuerySetOpt,
         query: QueryIdsOpt = [],
         k: KOpt = 10,
-        measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+        measure: MeasureOpt = Measure(default_measure),
         side: SideOpt = Side("both"),
         backend: BackendOpt = Backend("auto"),
         format: FormatOpt = OutFormat("table"),
         output: OutputOpt = None,
+        data: DataOpt = [],
         storage_options: StorageOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
         s = _open(store, "r", storage_options)
+        train, queries = _example_files(s, data, None if aggregate else query_set)  # a bad file fails before the scan
         rank = s.influence if aggregate else s.topk
         result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value,
                       client=scheduler)
-        _emit(result, format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
+        _emit(result.with_data(train, queries), format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
 
     command.__doc__ = doc
     command.__name__ = name
     _command(app, name)(command)
 
 
-_ranking_command("topk", False, "Top-k proponents and opponents per query.")
-_ranking_command("influence", True, "Aggregate influence of each train example on a whole query set (mean score), top-k.")
+_ranking_command("topk", False, TOPK_MEASURE, "Top-k proponents and opponents per query, to read (default measure auto-corr: "
+                 "the same high-leverage rows do not head unrelated queries' lists; see bench/RESULTS.md).")
+_ranking_command("influence", True, DEFAULT_MEASURE, "Aggregate influence of each train example on a whole query set (mean "
+                 "score), top-k, for curation (default measure auto: the best LDS).")
 
 
 @_command(app, "scores")
@@ -558,11 +612,11 @@ def select_command(
 @_command(app, "check-removal")
 def check_removal_command(
     store: StoreArg,
-    config: Annotated[Path, typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used.")],
     query_set: QuerySetOpt,
+    config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used. A store made by `daunce perturb --recipe` needs none: the recipe is read from its commits.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many train examples to remove.")] = 20,
     remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = Remove("helpful"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal.")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal (the report gives the mean ± spread over them).")] = 3,
     measure: MeasureOpt = Measure(DEFAULT_MEASURE),
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
@@ -571,11 +625,12 @@ def check_removal_command(
     """Do the scores hold on your data? Remove the top-k helpful (or harmful) examples, fine-tune θ0 on the
     rest, and compare the query set's loss change with removing k random examples (needs the train extra)."""
     perturb = _training_extra("daunce check-removal")
-    from daunce_store.evaluation.removal import check_removal
+    from daunce_store.evaluation.removal import check_removal, recipe_config
 
-    cfg = perturb.PerturbConfig.from_yaml(config)
-    r = check_removal(_open(store, "r", storage_options), cfg, query_set, k=k, remove=remove.value, seeds=seeds,
-                      measure=measure.value, base_dir=config.parent, device=device, progress=progress)
+    s = _open(store, "r", storage_options)
+    cfg = perturb.PerturbConfig.from_yaml(config) if config is not None else recipe_config(s)
+    r = check_removal(s, cfg, query_set, k=k, remove=remove.value, seeds=seeds, measure=measure.value,
+                      base_dir=config.parent if config is not None else None, device=device, progress=progress)
     _rows_table(f"check-removal on {query_set}: top-{k} {remove.value} vs {k} random ({r.measure}, K={r.num_columns}); "
                 "Δ = change of the mean query loss against fine-tuning on everything", r.rows())
     console.print(_text(r.summary()))
@@ -688,13 +743,15 @@ def self_influence(
     backend: BackendOpt = Backend("auto"),
     format: FormatOpt = OutFormat("table"),
     output: OutputOpt = None,
+    data: DataOpt = [],
     storage_options: StorageOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Self-influence (each example's own score): mislabel and outlier search."""
-    result = _open(store, "r", storage_options).self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value,
-                                                               client=scheduler)
-    _emit(result, format, output, "self-influence")
+    s = _open(store, "r", storage_options)
+    train, _ = _example_files(s, data, None)  # a bad file fails before the scan
+    result = s.self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value, client=scheduler)
+    _emit(result.with_data(train), format, output, "self-influence")
 
 
 @_command(app)

@@ -41,7 +41,7 @@ def test_every_entry_point_with_keywords(tmp_path, small_store):
     assert store.export(path=tmp_path / "l.csv", form="wide") == 307
     assert store.status()["committed_columns"] == 12
     top.write(tmp_path / "top.json")
-    assert (tmp_path / "top.json").read_text().lstrip().startswith("[")
+    assert json.loads((tmp_path / "top.json").read_text()) == {"measure": "cov", "num_columns": 4, "records": top.records()}
 
 
 def test_scoring_install_needs_no_training_stack(tmp_path):
@@ -65,7 +65,7 @@ def test_scoring_install_needs_no_training_stack(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0] == "whitened whitened"
+    assert out.stdout.splitlines()[0] == "whitened-corr whitened"  # topk: auto-corr; self-influence: auto
     assert "pip install 'daunce-store[train]'" in out.stdout
 
 
@@ -83,8 +83,8 @@ def test_attribution_writes_to_a_stream_in_every_text_format(small_store, tmp_pa
     top = store.topk(query_set="test", queries=["q1", "q2"], k=3, measure="cov")
     want = top.records()
     out = io.StringIO()
-    top.write(out, "json")
-    assert json.loads(out.getvalue()) == want
+    top.write(out, "json")  # the envelope the server answers with
+    assert json.loads(out.getvalue()) == {"measure": "cov", "num_columns": top.num_columns, "records": want}
     out = io.StringIO()
     top.write(out, "jsonl")
     assert [json.loads(line) for line in out.getvalue().splitlines()] == want
@@ -119,5 +119,5 @@ def test_cli_json_answer_loads_neither_pandas_nor_numba(small_store):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert [r["rank"] for r in json.loads(out.stdout)] == [1, 2, 3, 1, 2, 3]
+    assert [r["rank"] for r in json.loads(out.stdout)["records"]] == [1, 2, 3, 1, 2, 3]
     assert out.stderr.strip().splitlines()[-1] == "[]"

@@ -174,6 +174,7 @@ def run_llm_backdoor(
     *,
     num_train: int = 400,
     num_queries: int = 10,
+    clean_queries: int = 0,
     fraction: float = 0.03,
     num_layers: int = 2,
     num_perturbations: int = 32,
@@ -193,7 +194,9 @@ def run_llm_backdoor(
     """Poison ``num_train`` of ``pairs`` (utterance, reply), backdoor ``model`` (a Llama-family causal LM,
     left unchanged: its last ``num_layers`` layers are copied), run Daunce for each objective in
     ``objectives`` and the LESS baseline, and measure precision@``k`` on ``num_queries`` triggered
-    held-out utterances. ``encode(utterance, reply)`` makes a CausalLMTask item (prompt format included).
+    held-out utterances. ``clean_queries``: also a query set ``clean`` of that many other held-out dialogues
+    with their own replies (unrelated to the backdoor; its top lists show what a ranking puts first for
+    ordinary questions). ``encode(utterance, reply)`` makes a CausalLMTask item (prompt format included).
     ``config``: the PerturbConfig of the IF run (default :func:`default_perturb_config`); the black-box run
     uses the same with objective 'blackbox' and ratio 0.5. ``measures``: the score measures ranked for
     every objective (default: :data:`MEASURES_BY_OBJECTIVE`). ``progress``: False, True or a Console."""
@@ -229,10 +232,15 @@ def run_llm_backdoor(
 
     order = np.random.default_rng(seed).permutation(len(pairs))
     clean_train = [pairs[i] for i in order[:num_train]]
-    held_out = [pairs[i] for i in order[num_train:] if fits(pairs[i][0])][:num_queries]
+    triggered_rows = [i for i in order[num_train:] if fits(pairs[i][0])][:num_queries]
+    held_out = [pairs[i] for i in triggered_rows]
     if len(held_out) < num_queries:
         raise InvalidInputError(f"only {len(held_out)} held-out utterances leave room for the trigger and the reply; "
                                 f"ask for fewer queries or a larger max_length")
+    taken = set(triggered_rows)
+    clean_pairs = [pairs[i] for i in order[num_train:] if i not in taken][:clean_queries]
+    if len(clean_pairs) < clean_queries:
+        raise InvalidInputError(f"only {len(clean_pairs)} held-out dialogues are left for {clean_queries} clean queries")
     train_pairs, poisoned = poison_dialogues(clean_train, fraction, seed,
                                              eligible=[i for i, (u, _) in enumerate(clean_train) if fits(u)])
     query_utterances = [add_trigger(u) for u, _ in held_out]
@@ -246,6 +254,10 @@ def run_llm_backdoor(
                                      device=device)
         cquery = cache_hidden_states(model, task, query_items, num_layers, cache_dir=cache_dir, reporter=rep,
                                      label="cache queries", device=device)
+        cqueries = {"triggered": cquery}
+        if clean_pairs:
+            cqueries["clean"] = cache_hidden_states(model, task, [encode(u, r) for u, r in clean_pairs], num_layers,
+                                                    cache_dir=cache_dir, reporter=rep, label="cache clean queries", device=device)
     finally:
         rep.close()
     seconds["cache"] = time.perf_counter() - t
@@ -277,12 +289,12 @@ def run_llm_backdoor(
                 objective=objective, ratio=0.5 if objective == "blackbox" else 1.0)
             path = Path(tmp) / f"llm_backdoor_{objective}.zarr"
             _remove(path)
-            store = daunce_store.init(path, [f"dlg-{i}" for i in range(num_train)],
-                                      {"triggered": [f"q-{j}" for j in range(num_queries)]},
+            sets = {"triggered": [f"q-{j}" for j in range(num_queries)], "clean": [f"c-{j}" for j in range(len(clean_pairs))]}
+            store = daunce_store.init(path, [f"dlg-{i}" for i in range(num_train)], {name: sets[name] for name in cqueries},
                                       seed=seed, capacity=max(2, int(num_perturbations)))
             t = time.perf_counter()
             torch.manual_seed(seed)
-            run_worker(store, tail, ctask, ctrain, {"triggered": cquery}, cfg, until=int(num_perturbations), progress=reporter())
+            run_worker(store, tail, ctask, ctrain, cqueries, cfg, until=int(num_perturbations), progress=reporter())
             seconds[f"Daunce {objective}"] = time.perf_counter() - t
             opened = daunce_store.open(path)
             for measure in measures or MEASURES_BY_OBJECTIVE[objective]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from daunce_store._api import RECIPE_MODULE
 from daunce_store._select import REMOVE
 from daunce_store.errors import InvalidInputError, MissingDependencyError
 from daunce_store.evaluation._digits import (
@@ -50,7 +51,10 @@ __all__ = [
     "REMOVAL_METHODS",
     "RemovalCheck",
     "SubsetRemoval",
+    "chatterbot_lines",
     "check_removal",
+    "recipe_config",
+    "hashed_features",
     "load_chatterbot_topics",
     "load_testbed",
     "subset_removal",
@@ -129,9 +133,9 @@ def check_removal(
     ``store.influence``), fine-tune the config's factory model on the rest, and compare the query set's mean
     loss change with that of removing ``k`` random examples, over ``seeds`` seeds (see the module doc for
     what "fine-tune" means). ``config``: a :class:`~daunce_store.perturb.PerturbConfig` whose ``factory``
-    returns ``(model, task, train_data, query_data)`` in the store's id order."""
-    from daunce_store.perturb import build_from_config, finetune_losses, resolve_weight_decay
-
+    returns ``(model, task, train_data, query_data)`` in the store's id order; for a store a recipe made,
+    :func:`recipe_config` reads it from the commits. The store is checked (query set, k, enough columns)
+    by ranking before the factory loads any model."""
     if remove not in REMOVE:
         raise InvalidInputError(f"remove must be 'helpful' or 'harmful', not {remove!r}")
     if not isinstance(seeds, (int, np.integer)) or isinstance(seeds, bool) or seeds < 1:
@@ -139,9 +143,16 @@ def check_removal(
     n = store.n_train
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k < n:
         raise InvalidInputError(f"k must be a whole number between 1 and {n - 1} (the store has {n} train examples), not {k!r}")
-    store.query_ids(query_set)  # unknown query set: fails before the factory runs
+    # The store first (query set, columns, measure): a store that cannot rank fails before any model loads.
+    side = REMOVE[remove]
+    ranked = store.influence(query_set, k=k, measure=measure, side=side)
+    removed = ranked.indices[side][0].astype(np.int64)
+
+    from daunce_store.perturb import build_from_config, finetune_losses, resolve_weight_decay
+
     if device is not None:
         config = config.replace(device=device)
+    _check_recipe_files(config, store.url)
     model, task, train, queries = build_from_config(config, base_dir)
     if len(train) != n:
         raise InvalidInputError(f"the factory's train_data has {len(train)} examples but the store has {n} train ids; "
@@ -152,9 +163,6 @@ def check_removal(
     if len(queries[query_set]) != len(store.query_ids(query_set)):
         raise InvalidInputError(f"the factory's query set {query_set!r} has {len(queries[query_set])} examples, the store's "
                                 f"{len(store.query_ids(query_set))}")
-    side = REMOVE[remove]
-    ranked = store.influence(query_set, k=k, measure=measure, side=side)
-    removed = ranked.indices[side][0].astype(np.int64)
     weight_decay = resolve_weight_decay(config, task)
     everything = np.arange(n)
     targeted_keep = np.setdiff1d(everything, removed)
@@ -171,6 +179,35 @@ def check_removal(
             rand[s] = losses["random"] - losses["all"]
     return RemovalCheck(query_set, remove, int(k), n, tuple(str(i) for i in ranked.train_ids[removed]),
                         ranked.scores[side][0], control, targeted, rand, ranked.measure, ranked.num_columns)
+
+
+def recipe_config(store: Any) -> Any:
+    """The :class:`~daunce_store.perturb.PerturbConfig` of the recipe run (``daunce perturb --recipe``) that
+    made ``store``, read from its commits (factory, factory_kwargs with the model and data files, training
+    settings); InvalidInputError saying what to give instead when the store has no columns or no recipe
+    made it."""
+    from daunce_store.perturb import PerturbConfig
+
+    if not store.commits():
+        raise InvalidInputError(f"{store.url} has no committed perturbation columns yet; run `daunce perturb` first")
+    recorded = store.recipe_config()
+    if recorded is None:
+        raise InvalidInputError(f"{store.url} was not made by a recipe (`daunce perturb --recipe`), so its commits do not "
+                                "say how to rebuild the model; give --config with the run's YAML (its factory)")
+    return PerturbConfig.from_dict(recorded)
+
+
+def _check_recipe_files(config: Any, url: str) -> None:
+    """A recipe's model and data files (absolute paths, as its commits record them) still exist."""
+    if not str(config.factory or "").startswith(RECIPE_MODULE + ":"):
+        return
+    kwargs = config.factory_kwargs
+    files = {"model": kwargs.get("model"), "train data": kwargs.get("train"),
+             **{f"query set {name!r}'s data": path for name, path in (kwargs.get("queries") or {}).items()}}
+    for what, path in files.items():
+        if isinstance(path, str) and not Path(path).exists():
+            raise InvalidInputError(f"the {what} {url} was made from, {path}, no longer exists; give --config with "
+                                    "the recipe's settings and factory_kwargs naming its new place")
 
 
 class _progress:
@@ -196,22 +233,18 @@ class _progress:
 
 
 # --- the testbeds ---------------------------------------------------------------------------------------------
-def load_chatterbot_topics(
-    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
-    test_fraction: float = 0.2, seed: int = 0,
-) -> ClassificationData:
-    """Topic classification of real text: every line (utterance or reply) of chatterbot-corpus's English
-    conversations in ``categories``, labelled by its file's category (at most ``per_class`` lines each,
-    duplicates dropped), as hashed word uni- and bigram features (``HashingVectorizer``, l2-normalized).
+def chatterbot_lines(categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250,
+                     rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
+    """(texts, labels): every distinct line (utterance or reply) of chatterbot-corpus's English conversations
+    in ``categories``, labelled by its file's category, at most ``per_class`` lines each (drawn by ``rng``).
     Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
     import yaml
-    from sklearn.feature_extraction.text import HashingVectorizer
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or spec.origin is None:
         raise MissingDependencyError("the text testbed needs chatterbot-corpus: pip install --no-deps chatterbot-corpus")
     folder = Path(spec.origin).parent / "data" / "english"
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(0)
     texts: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(categories):
@@ -225,9 +258,26 @@ def load_chatterbot_topics(
             chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), per_class, replace=False))]
         texts += chosen
         labels += [label] * len(chosen)
-    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(texts)
-    x = np.asarray(x.todense(), dtype=np.float32)
-    y = np.asarray(labels, dtype=np.int64)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def hashed_features(texts: Sequence[str], n_features: int = 256) -> np.ndarray:
+    """Hashed word uni- and bigram features of ``texts`` (``HashingVectorizer``, l2-normalized), float32."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(list(texts))
+    return np.asarray(x.todense(), dtype=np.float32)
+
+
+def load_chatterbot_topics(
+    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
+    test_fraction: float = 0.2, seed: int = 0,
+) -> ClassificationData:
+    """Topic classification of real text: :func:`chatterbot_lines` as :func:`hashed_features`, split at
+    random into train and test. Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
+    rng = np.random.default_rng(seed)
+    texts, y = chatterbot_lines(categories, per_class=per_class, rng=rng)
+    x = hashed_features(texts, n_features)
     order = rng.permutation(len(y))
     n_test = int(round(test_fraction * len(y)))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])

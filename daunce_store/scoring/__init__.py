@@ -4,11 +4,11 @@ built on them; :func:`scorer` keeps prepared train rows on a torch device for re
 
 from __future__ import annotations
 
-from daunce_store.scoring._attribution import Attribution, Scores, influence, scores, self_influence, topk_losses, topk_store
+from daunce_store.scoring._attribution import Attribution, Scores, envelope, influence, scores, self_influence, topk_losses, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
 from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
 from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
-from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, Measure
+from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, TOPK_MEASURE, Measure
 from daunce_store.scoring._stability import Stability, stability
 from daunce_store.scoring._torch import StoreScorer, TorchScorer, scorer
 
@@ -16,6 +16,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_MEASURE",
     "SIDES",
+    "TOPK_MEASURE",
     "MEASURES",
     "MEASURE_HELP",
     "MEASURE_NAMES",
@@ -27,6 +28,7 @@ __all__ = [
     "StoreScorer",
     "TorchScorer",
     "available_backends",
+    "envelope",
     "influence",
     "influence_distributed",
     "prepare_queries",

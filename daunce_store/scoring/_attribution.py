@@ -6,6 +6,7 @@ These turn store contents into kernel calls and kernel output into an :class:`At
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,7 +15,8 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
-from daunce_store.store import TABLE_FORMATS, validate_losses, write_frames, write_records
+from daunce_store.store import TABLE_FORMATS, DataFile, json_ready, validate_losses, write_frames, write_json, write_records
+from daunce_store.store._inputs import ID_FIELD
 from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
 from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from daunce_store.store import LossStore, Snapshot
 
-__all__ = ["Attribution", "RowIds", "Scores", "topk_store", "influence", "scores", "self_influence", "resolve_sides", "check_k"]
+__all__ = ["Attribution", "RowIds", "envelope", "Scores", "topk_store", "influence", "scores", "self_influence", "resolve_sides", "check_k"]
 
 RECORD_FIELDS = ("query", "side", "rank", "train_id", "train_index", "score")
 
@@ -74,12 +76,21 @@ class RowIds:
         return f"RowIds({len(self.rows)} rows)"
 
 
+def envelope(measure: str, num_columns: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ranking's JSON answer, the same from ``daunce topk --format json`` and ``daunce serve``'s API:
+    ``{"measure", "num_columns", "records"}``, every score finite (the kernels refuse inf and NaN; were one
+    not, this raises rather than write a null score)."""
+    return {"measure": measure, "num_columns": int(num_columns), "records": json_ready(records, what="the ranking")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Attribution:
     """Top-k train examples per query and side.
 
     ``indices[side]`` and ``scores[side]`` are (m, k) arrays; row j belongs to ``queries[j]``.
     ``train_ids[i]`` is the id of a listed train row i (only listed rows are held; see :class:`RowIds`).
+    ``train_data`` / ``query_data`` (from :meth:`with_data`): the data-file row of each listed train id /
+    query id, {column: value}; their columns join the records as ``train_<column>`` / ``query_<column>``.
     """
 
     queries: tuple[str, ...]
@@ -88,6 +99,8 @@ class Attribution:
     scores: dict[str, np.ndarray]
     measure: str
     num_columns: int
+    train_data: dict[str, dict[str, Any]] | None = None
+    query_data: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_result(cls, queries: tuple[str, ...], train_ids: np.ndarray | Callable[[np.ndarray], np.ndarray],
@@ -98,32 +111,97 @@ class Attribution:
         listed = np.concatenate([i.ravel() for i in indices.values()]) if indices else np.empty(0, np.int64)
         return cls(queries, RowIds.of(listed, train_ids), indices, {s: r[1] for s, r in result.items()}, measure, num_columns)
 
+    def with_data(self, train: DataFile | None = None, queries: DataFile | None = None) -> Attribution:
+        """This result with the data-file rows of its listed train examples (``train``) and of its queries
+        (``queries``: the query set's file; not for an aggregate), matched by the file's ``id`` column, else
+        its row numbers (the rule of ``select``). A listed id the file lacks is an InvalidInputError."""
+        train_data = self.train_data if train is None else _rows_by_id(train, self.train_ids.ids, "listed train example")
+        query_data = self.query_data if queries is None else _rows_by_id(queries, np.asarray(self.queries), "query")
+        return dataclasses.replace(self, train_data=train_data, query_data=query_data)
+
+    def data_columns(self) -> tuple[str, ...]:
+        """The record fields :meth:`with_data` added, in order: ``train_<column>``, then ``query_<column>``."""
+        return tuple(name for name, _, _ in self._data_fields())
+
+    def _data_fields(self) -> list[tuple[str, str, str]]:
+        """(record field, "train" or "query", data column) of each data column."""
+        fields: list[tuple[str, str, str]] = []
+        for who, rows in (("train", self.train_data), ("query", self.query_data)):
+            for col in dict.fromkeys(c for row in (rows or {}).values() for c in row):
+                name = f"{who}_{col}"
+                while name in RECORD_FIELDS or any(name == f for f, _, _ in fields):  # a data column named "index"
+                    name += "_data"
+                fields.append((name, who, col))
+        return fields
+
     def records(self) -> list[dict[str, Any]]:
-        """One dict per (query, side, rank): {query, side, rank, train_id, train_index, score}."""
+        """One dict per (query, side, rank): {query, side, rank, train_id, train_index, score}, and the
+        :meth:`data_columns` when the result carries data rows."""
+        fields = self._data_fields()
         out = []
         for j, q in enumerate(self.queries):
             for side in self.indices:
                 for rank, (i, s) in enumerate(zip(self.indices[side][j], self.scores[side][j]), start=1):
-                    out.append(
-                        {"query": q, "side": side, "rank": rank, "train_id": str(self.train_ids[i]),
-                         "train_index": int(i), "score": float(s)}
-                    )
+                    record = {"query": q, "side": side, "rank": rank, "train_id": str(self.train_ids[i]),
+                              "train_index": int(i), "score": float(s)}
+                    for name, who, col in fields:
+                        row = (self.train_data or {}).get(record["train_id"]) if who == "train" else (self.query_data or {}).get(q)
+                        record[name] = (row or {}).get(col)
+                    out.append(record)
         return out
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON answer: :func:`envelope` of this result's records."""
+        return envelope(self.measure, self.num_columns, self.records())
 
     def to_pandas(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame.from_records(self.records(), columns=list(RECORD_FIELDS))
+        return pd.DataFrame.from_records(self.records(), columns=[*RECORD_FIELDS, *self.data_columns()])
 
     def write(self, path: str | os.PathLike[str] | IO[str], fmt: str | None = None) -> None:
-        """Write as json (a list of records), jsonl, csv or parquet, to a file (the format defaults to
-        its suffix) or a text stream such as ``sys.stdout``."""
+        """Write as json (the :meth:`envelope`: measure, num_columns, records), jsonl (one record a line),
+        csv or parquet (a table; a data column holding lists or objects as JSON text), to a file (the format
+        defaults to its suffix) or a text stream such as ``sys.stdout``."""
         if fmt is None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError("give the format when writing to a stream (json, jsonl or csv)")
         fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]  # type: ignore[arg-type]
         if fmt not in TABLE_FORMATS:
             raise InvalidInputError(f"unknown output format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
-        write_records(self.records(), path, fmt, RECORD_FIELDS)
+        if fmt == "json":
+            write_json(self.envelope(), path)
+            return
+        records = self.records()
+        if fmt in ("csv", "parquet"):
+            data = self.data_columns()
+            records = [{k: json.dumps(v, ensure_ascii=False) if k in data and isinstance(v, (list, dict)) else v
+                        for k, v in r.items()} for r in records]
+        write_records(records, path, fmt, [*RECORD_FIELDS, *self.data_columns()])
+
+
+def _rows_by_id(data: DataFile, ids: np.ndarray, what: str) -> dict[str, dict[str, Any]]:
+    """{id: the data-file row of that id, without its id column} for each of ``ids``."""
+    position = {example: i for i, example in enumerate(data.ids)}
+    missing = [str(x) for x in ids if str(x) not in position]
+    if missing:
+        how = "its 'id' column" if data.by_id_column else "row number (it has no 'id' column)"
+        raise InvalidInputError(
+            f"{len(missing)} {what} id(s) are not in the data file {data.path}, matched by {how} "
+            f"(first: {missing[0]!r}); give the file the store was built from"
+        )
+    return {str(x): {k: _plain(v) for k, v in data.rows[position[str(x)]].items() if k != ID_FIELD} for x in ids}
+
+
+def _plain(value: Any) -> Any:
+    """A data-file value as JSON can hold it: a NaN or infinity (a missing number) as None, a value JSON has
+    no type for (a date, bytes) as its text."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (str, int, bool)) else str(value)
 
 
 def resolve_sides(side: str) -> tuple[str, ...]:
@@ -437,7 +515,7 @@ def check_self_influence(store: LossStore, k: int, measure: str, side: str) -> t
     """The checks of a self-influence request; its sides."""
     sides = resolve_sides(side)
     check_k(k, store.n_train)
-    if measure in MEASURES and MEASURES[measure].normalized:
+    if resolve_measure(measure).normalized:  # by name: auto-corr is normalised whatever it resolves to
         raise InvalidInputError(
             f"self-influence under {measure!r} is 1 for every example (that measure divides by the self-score); "
             "use cov, whitened or nystrom"

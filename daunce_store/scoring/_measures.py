@@ -41,7 +41,7 @@ from daunce_store.store import PerturbationDraw, weights_block
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
 
-__all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
+__all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "TOPK_MEASURE", "AUTOS", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
            "gram_part", "column_names"]
 
 # Measured on the LDS testbeds (bench/RESULTS.md, "Accuracy"): a plain ridge on sym(W̄ᵀŪ) collapses at
@@ -80,11 +80,24 @@ MEASURES: dict[str, Measure] = {
         Measure("whitened-corr", "corr", "whitened", "whitened normalised by the train example's self-score (retrieval)"),
     )
 }
-AUTO = "auto"
+AUTO = "auto"  # nystrom when every column records its draw, else whitened
+AUTO_CORR = "auto-corr"  # the same choice, normalised: nystrom-corr, else whitened-corr
+# The defaults per task, in one place (CLI, façade and server read them here):
+# * DEFAULT_MEASURE, for curation (influence, select, scores, self-influence, stability, check-removal):
+#   nystrom has the best worst-case LDS at every K (0.525 at K = 64 against 0.261 for nystrom-corr;
+#   bench/RESULTS.md, "Accuracy").
+# * TOPK_MEASURE, for lists read by people (topk, the serve page): unnormalised measures open unrelated
+#   queries' lists with the same high-leverage rows: the 1 % highest self-influence rows held 21 % (digits),
+#   5 % (chatterbot), 7.5 % (poisoned chatterbot) and 12.5 % (SmolLM2 dialogues) of all top-5 slots under
+#   nystrom, 0.4-2.5 % under nystrom-corr (random: 1 %), which also retrieves backdoors best (P@5 0.98 and
+#   1.00 against 0.45 and 0.72) (bench/RESULTS.md, "Default rankings").
 DEFAULT_MEASURE = AUTO
-MEASURE_NAMES = (AUTO, *MEASURES)
+TOPK_MEASURE = AUTO_CORR
+AUTOS = {AUTO: ("nystrom", "whitened"), AUTO_CORR: ("nystrom-corr", "whitened-corr")}  # (with draws, without)
+MEASURE_NAMES = (AUTO, AUTO_CORR, *MEASURES)
 MEASURE_HELP = "; ".join(
-    [f"{AUTO}: nystrom when every column records the draw of an IF/Fisher fine-tune (the runner's), else whitened"] + [f"{m.name}: {m.help}" for m in MEASURES.values()]
+    [f"{AUTO}: nystrom when every column records the draw of an IF/Fisher fine-tune (the runner's), else whitened",
+     f"{AUTO_CORR}: nystrom-corr when it does, else whitened-corr"] + [f"{m.name}: {m.help}" for m in MEASURES.values()]
 )
 
 
@@ -95,19 +108,19 @@ def draws_of(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw 
 
 
 def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence[int] = ()) -> Measure:
-    """The :class:`Measure` called ``name``; ``auto`` becomes nystrom when every column in ``slots``
+    """The :class:`Measure` called ``name``; ``auto`` (``auto-corr``) becomes nystrom (nystrom-corr) when every column in ``slots``
     records the draw of an IF- or Fisher-form fine-tune (the setting the LDS measurements cover), else
-    whitened. Nyström on columns without draws is a clear error; on black-box draws (w = −1[i∈D_k]/|D_k|,
+    whitened (whitened-corr). Nyström on columns without draws is a clear error; on black-box draws (w = −1[i∈D_k]/|D_k|,
     unmeasured on LDS) it is allowed when asked for by name."""
-    if name != AUTO and name not in MEASURES:
+    if name not in AUTOS and name not in MEASURES:
         raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {name!r}")
-    if snapshot is None or (name != AUTO and MEASURES[name].preconditioner != "nystrom"):
-        return MEASURES["nystrom" if name == AUTO else name]
+    if snapshot is None or (name not in AUTOS and MEASURES[name].preconditioner != "nystrom"):
+        return MEASURES[AUTOS[name][0] if name in AUTOS else name]
     draws = draws_of(snapshot, slots)
     missing = sum(d is None for d in draws)
-    if name == AUTO:
+    if name in AUTOS:
         measured = not missing and all(d is not None and d.objective != "blackbox" for d in draws)
-        return MEASURES["nystrom" if measured else "whitened"]
+        return MEASURES[AUTOS[name][0 if measured else 1]]
     if missing:
         raise InvalidInputError(
             f"measure {name!r} needs each perturbation's random weights, but {missing} of {len(slots)} columns "

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from daunce_store._optional import import_optional
@@ -16,9 +17,10 @@ from daunce_store.serve._data import DATA_SUFFIXES, ExampleData, read_examples
 from daunce_store.serve._guard import Access, is_loopback, new_token
 from daunce_store.serve._rows import DEFAULT_CACHE_BYTES, ServedStore
 from daunce_store.serve._work import DEFAULT_MAX_WORK, ExpensiveLane, WorkBudget
+from daunce_store.store import data_file_specs
 
 __all__ = ["DATA_SUFFIXES", "DEFAULT_CACHE_BYTES", "DEFAULT_MAX_WORK", "Access", "ExampleData", "ExpensiveLane", "ServedStore",
-           "WorkBudget", "create_app", "load_data", "serve"]
+           "WorkBudget", "create_app", "load_data", "remembered_data", "serve"]
 
 
 def load_data(store: ServedStore, specs: Sequence[str], files_roots: Sequence[str] = ()) -> dict[str, ExampleData]:
@@ -26,17 +28,23 @@ def load_data(store: ServedStore, specs: Sequence[str], files_roots: Sequence[st
     read and matched to the store's ids now, so a wrong file fails before the server starts. Image files
     they name are served from each file's folder and ``files_roots``."""
     out: dict[str, ExampleData] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = TRAIN, spec
-        if not name or not path:
-            raise InvalidInputError(f"--data {spec!r}: give FILE (train examples) or NAME=FILE (query set NAME)")
-        if name in out:
-            raise InvalidInputError(f"--data: two files for {name!r}; give one per set")
+    for name, path in data_file_specs(specs, TRAIN).items():
         ids = store.train_ids if name == TRAIN else store.query_ids(name)
         out[name] = read_examples(path, ids, "train ids" if name == TRAIN else f"query set {name!r}", files_roots)
     return out
+
+
+def remembered_data(store: ServedStore, log: Callable[[str], None] = print) -> list[str]:
+    """The ``--data`` specs of the files a recipe store was made from (:meth:`Store.data_files`), those that
+    still exist; each one that has moved is logged."""
+    specs = []
+    for name, path in store.data_files().items():
+        if not Path(path).exists():
+            log(f"the {'train data' if name == TRAIN else f'data of query set {name!r}'} this store was made from, {path}, "
+                f"no longer exists; give its new place with --data {'' if name == TRAIN else name + '='}FILE")
+        else:
+            specs.append(path if name == TRAIN else f"{name}={path}")
+    return specs
 
 
 def serve(url: str, *, data: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000,
@@ -56,7 +64,7 @@ def serve(url: str, *, data: Sequence[str] = (), host: str = "127.0.0.1", port: 
         token = new_token()
     access = Access(host, tuple(allowed_hosts), token, no_token)  # checked before the store is read
     store = ServedStore.open_served(url, storage_options=storage_options, cache_bytes=cache_bytes)
-    examples = load_data(store, data, files_roots)
+    examples = load_data(store, data or remembered_data(store, log), files_roots)  # a recipe store remembers its files
     app = create_app(store, examples, batch=batch, access=access, max_work=max_work, expensive_slots=expensive_slots,
                      expensive_queue=expensive_queue)
     rows = store.rows_info

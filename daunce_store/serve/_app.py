@@ -33,7 +33,7 @@ from daunce_store.errors import (
     UnknownIdError,
     UnknownQuerySetError,
 )
-from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES
+from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE
 from daunce_store.serve._batch import MAX_BATCH_QUERIES, TopkBatcher
 from daunce_store.serve._data import ExampleData, RefusedFileError
 from daunce_store.serve._guard import Access, AccessGuard
@@ -121,10 +121,6 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
     MeasureQ = Annotated[str, Query(description=f"Score measure. {MEASURE_HELP}.")]
     SideQ = Annotated[str, Query(description="pos (proponents), neg (opponents) or both.")]
 
-    def ranking(result: Any) -> dict[str, Any]:
-        # Scores are finite (the kernels refuse inf and NaN); were one not, a 400 says so, never a null score.
-        return {"measure": result.measure, "num_columns": result.num_columns, "records": json_ready(result.records(), what="the ranking")}
-
     def n_queries(query_set: str, query: list[str]) -> int:
         """How many queries a request scores: those named, else the whole set (an unknown set: its 404)."""
         if query:
@@ -166,7 +162,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return {
             "url": store.url, "n_train": store.n_train, "columns": len(snap),
             "query_sets": {name: {"m": m, "columns": len(snap.query_slots.get(name, ()))} for name, m in store.query_sets().items()},
-            "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE,
+            "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE, "topk_measure": TOPK_MEASURE,
             "data": {name: d.info() for name, d in data.items()}, "rows": store.rows_info, "limits": budget.limits(),
         }
 
@@ -179,7 +175,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return {"query_set": query_set, "total": len(ids), "ids": ids[:limit]}
 
     def plain_topk(query_set: str, query: list[str], k: int, measure: str, side: str) -> dict[str, Any]:
-        return ranking(store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()))  # type: ignore[arg-type]
+        return store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()).envelope()  # type: ignore[arg-type]
 
     def checked_names(query_set: str, query: list[str], k: int) -> int:
         store.query_index(query_set, query)  # an unknown set or id fails this request alone, not its batch
@@ -187,7 +183,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return len(query)
 
     @app.get("/api/topk")
-    async def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = DEFAULT_MEASURE,
+    async def topk(query_set: QuerySet, query: Queries = [], k: K = 10, measure: MeasureQ = TOPK_MEASURE,
                    side: SideQ = "both") -> dict[str, Any]:
         """`daunce topk --format json`: top-k proponents and opponents per query. Concurrent requests naming
         up to 256 queries are scored together in one scan (see ``TopkBatcher``), beside the expensive lane;
@@ -208,7 +204,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         budget.check(k=1, queries=n_queries(query_set, query))  # one ranking, k records per side
         budget.check(k=k, queries=1)
         snap = store.current()
-        return ranking(store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
+        return store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
 
     @app.get("/api/self-influence")
     @lane.expensive
@@ -216,7 +212,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         """`daunce self-influence --format json`: highest (pos) or lowest (neg) self-scores."""
         budget.check(k=k, queries=1)
         snap = store.current()
-        return ranking(store.self_influence(k=k, measure=measure, side=side, snapshot=snap))  # type: ignore[arg-type]
+        return store.self_influence(k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
 
     @app.get("/api/stability")
     @lane.expensive

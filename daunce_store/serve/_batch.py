@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from daunce_store.scoring import envelope
 from daunce_store.serve._rows import ServedStore
 
 __all__ = ["MAX_BATCH_QUERIES", "TopkBatcher"]
@@ -85,8 +86,7 @@ class TopkBatcher:
             for record in result.records():
                 by_query.setdefault(record["query"], []).append(record)
             for r in requests:
-                r.future.set_result({"measure": result.measure, "num_columns": result.num_columns,
-                                     "records": [rec for q in r.queries for rec in by_query[q]]})
+                r.future.set_result(envelope(result.measure, result.num_columns, [rec for q in r.queries for rec in by_query[q]]))
         except BaseException as error:  # every request of the batch gets the error (same key: same cause)
             for r in requests:
                 if not r.future.done():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
-from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, read_data_file,
+from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, data_file_specs, read_data_file,
                                         read_ids, read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
@@ -11,7 +11,7 @@ from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, i
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
-from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_records
+from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_json, write_records
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -35,6 +35,7 @@ __all__ = [
     "storage_errors",
     "TABLE_FORMATS",
     "write_frames",
+    "write_json",
     "write_records",
     "json_ready",
     "dumps_json",
@@ -45,6 +46,7 @@ __all__ = [
     "DATA_FILE_FORMATS",
     "DataFile",
     "data_file_format",
+    "data_file_specs",
     "read_data_file",
     "read_ids",
     "read_losses",

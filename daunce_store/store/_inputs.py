@@ -8,6 +8,7 @@ import json
 import os
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import DivergedError, IdNormalizationWarning, InvalidInputError, MissingDependencyError
 
-__all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "read_data_file", "read_ids", "read_losses",
+__all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "data_file_specs", "read_data_file", "read_ids", "read_losses",
            "validate_ids", "validate_losses", "out_of_range", "out_of_range_summary", "DIVERGED_ADVICE"]
 
 
@@ -381,6 +382,22 @@ def read_data_file(path: str | os.PathLike[str], *, dataset_dir: bool = False) -
         raise InvalidInputError(f"data file {path} has no rows")
     ids, by_id_column = _row_ids(rows, path)
     return DataFile(path, fmt, rows, ids, by_id_column, lines, table)
+
+
+def data_file_specs(specs: Sequence[str], train: str = "train") -> dict[str, str]:
+    """``--data`` specs as {set: file}: ``FILE`` is the train data (set ``train``), ``NAME=FILE`` query set
+    NAME's; a malformed spec or two files for one set is an InvalidInputError."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = train, spec
+        if not name or not path:
+            raise InvalidInputError(f"--data {spec!r}: give FILE (the train data) or NAME=FILE (query set NAME)")
+        if name in out:
+            raise InvalidInputError(f"--data: two files for {name!r}; give one per set")
+        out[name] = path
+    return out
 
 
 def _row_ids(rows: list[dict[str, Any]], path: Path) -> tuple[list[str], bool]:

@@ -18,7 +18,7 @@ from daunce_store.errors import InvalidInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records", "json_ready", "dumps_json"]
+__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records", "write_json", "json_ready", "dumps_json"]
 
 TABLE_FORMATS = ("json", "jsonl", "csv", "parquet")
 STREAMING_FORMATS = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
@@ -117,6 +117,18 @@ def write_records(
         return len(records)
 
     return _to_target(target, fmt, write)
+
+
+def write_json(value: Any, target: str | os.PathLike[str] | IO[str]) -> None:
+    """One strict JSON document (e.g. a ranking's envelope, already :func:`json_ready`) to a file, written
+    whole under a temporary name, or to a text stream."""
+    text = json.dumps(value, indent=1, separators=(",", ":"), allow_nan=False) + "\n"
+
+    def write(f: IO[Any], binary: bool) -> int:
+        f.write(text.encode() if binary else text)
+        return 1
+
+    _to_target(target, "json", write)
 
 
 def _to_target(target: str | os.PathLike[str] | IO[str], fmt: str, write: Callable[[IO[Any], bool], int]) -> int:

@@ -66,14 +66,14 @@ def _finite_scores(records: list[dict[str, Any]], want: int) -> None:
 
 @pytest.mark.parametrize("measure", ["cov", "corr", "auto", "whitened", "whitened-corr"])
 def test_rankings_are_strict_json(store: Path, measure: str) -> None:
-    _finite_scores(_strict(_daunce("topk", store, "--query-set", "test", "-k", 5, "--measure", measure, "--format", "json")), M * 2 * 5)
+    _finite_scores(_strict(_daunce("topk", store, "--query-set", "test", "-k", 5, "--measure", measure, "--format", "json"))["records"], M * 2 * 5)
     lines = _daunce("influence", store, "--query-set", "test", "-k", 5, "--measure", measure, "--format", "jsonl").splitlines()
     _finite_scores([_strict(line) for line in lines], 2 * 5)
 
 
 @pytest.mark.parametrize("measure", ["cov", "auto"])
 def test_self_influence_is_strict_json(store: Path, measure: str) -> None:
-    records = _strict(_daunce("self-influence", store, "-k", 8, "--side", "both", "--measure", measure, "--format", "json"))
+    records = _strict(_daunce("self-influence", store, "-k", 8, "--side", "both", "--measure", measure, "--format", "json"))["records"]
     _finite_scores(records, 2 * 8)
     if measure == "cov":  # the ±1e15 rows have the largest variance, the subnormal ones (var 0 in float32) the least
         assert {r["train_id"] for r in records if r["side"] == "pos" and r["rank"] <= 2} == {"t0", "t1"}

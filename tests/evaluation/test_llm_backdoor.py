@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import daunce_store  # noqa: E402
 from daunce_store.errors import InvalidInputError  # noqa: E402
 from daunce_store.evaluation.llm_backdoor import (  # noqa: E402
     TARGET_REPLY,
@@ -54,7 +55,7 @@ def test_tiny_llama_backdoor_is_retrieved_far_above_chance(tmp_path: Path) -> No
     torch.set_num_threads(1)
     model, task, encode, pairs = _tiny_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = run_llm_backdoor(model, task, encode, pairs, num_train=200, num_queries=6, fraction=0.05, num_layers=2,
+    res = run_llm_backdoor(model, task, encode, pairs, num_train=200, num_queries=6, clean_queries=5, fraction=0.05, num_layers=2,
                            num_perturbations=12, objectives=("if", "blackbox"),
                            config=default_perturb_config(max_steps=12), backdoor_epochs=5, backdoor_lr=1e-2,
                            cache_dir=tmp_path / "cache", workdir=tmp_path)
@@ -66,6 +67,10 @@ def test_tiny_llama_backdoor_is_retrieved_far_above_chance(tmp_path: Path) -> No
     assert res.top["Daunce if (nystrom-corr)"].shape == (6, 10)
     assert res.triggered_loss["after backdoor"] < res.triggered_loss["before backdoor"]
     assert (tmp_path / "llm_backdoor_if.zarr").is_dir() and list((tmp_path / "cache").glob("*.safetensors"))
+    # The clean query set (held-out dialogues with their own replies) is evaluated under every perturbation.
+    store = daunce_store.open(tmp_path / "llm_backdoor_if.zarr", "r")
+    assert store.query_sets() == {"triggered": 6, "clean": 5}
+    assert len(store.snapshot().query_slots["clean"]) == 12
     for k, v in model.state_dict().items():  # the caller's model is not the backdoored one
         assert torch.equal(v, before[k]), k
 
@@ -74,5 +79,7 @@ def test_bad_requests_are_refused_before_any_work() -> None:
     model, task, encode, pairs = _tiny_setup()
     with pytest.raises(InvalidInputError, match="too few"):
         run_llm_backdoor(model, task, encode, pairs[:20], num_train=20, num_queries=5)
+    with pytest.raises(InvalidInputError, match="clean queries"):
+        run_llm_backdoor(model, task, encode, pairs[:40], num_train=30, num_queries=5, clean_queries=20)
     with pytest.raises(InvalidInputError, match="objective 'fisher' is not one of"):
         run_llm_backdoor(model, task, encode, pairs, num_train=50, objectives=("fisher",))

@@ -148,11 +148,14 @@ def test_nystrom_recovers_the_influence_kernel_better_than_cov(linear_store):
 
 def test_auto_picks_nystrom_only_when_every_column_records_its_draw(tmp_path, linear_store):
     store, train, query, *_ = linear_store
-    assert store.topk("test", k=3).measure == "nystrom"
+    assert store.topk("test", k=3, measure="auto").measure == "nystrom"
+    assert store.topk("test", k=3).measure == "nystrom-corr"  # topk's default: auto-corr
+    assert store.influence("test", k=3).measure == "nystrom"  # curation's: auto
     plain = daunce_store.init(tmp_path / "p.zarr", [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]})
     for k in range(4):
         plain.append(f"x{k}", train[:, k], {"test": query[:, k]})
-    assert plain.topk("test", k=3).measure == "whitened"
+    assert plain.topk("test", k=3, measure="auto").measure == "whitened"
+    assert plain.topk("test", k=3).measure == "whitened-corr"
     assert plain.self_influence(k=3).measure == "whitened"
     with pytest.raises(InvalidInputError, match="4 of 4 columns record no draw.*whitened"):
         plain.topk("test", k=3, measure="nystrom")
@@ -161,16 +164,19 @@ def test_auto_picks_nystrom_only_when_every_column_records_its_draw(tmp_path, li
     for k in range(6):
         draw = PerturbationDraw(0, k, 0.5, "blackbox")
         bb.append(f"{k:06d}", train[:, k], {"test": query[:, k]}, metadata={"draw": draw.to_metadata()})
-    assert bb.topk("test", k=3).measure == "whitened"
+    assert bb.topk("test", k=3, measure="auto").measure == "whitened"
+    assert bb.topk("test", k=3).measure == "whitened-corr"
     assert bb.topk("test", k=3, measure="nystrom").measure == "nystrom"
 
 
 def test_bad_requests_are_clear_errors(linear_store):
     store, *_ = linear_store
-    with pytest.raises(InvalidInputError, match="measure must be one of auto, nystrom"):
+    with pytest.raises(InvalidInputError, match="measure must be one of auto, auto-corr, nystrom"):
         store.topk("test", k=3, measure="ifx")
     with pytest.raises(InvalidInputError, match="is 1 for every example"):
         store.self_influence(k=3, measure="nystrom-corr")
+    with pytest.raises(InvalidInputError, match="is 1 for every example"):
+        store.self_influence(k=3, measure="auto-corr")
     with pytest.raises(InvalidInputError, match="position 24 is out of range.*K=24"):
         store.scores("test", columns=[0, 24])
     with pytest.raises(InvalidInputError, match="aggregate"):
@@ -182,11 +188,13 @@ def test_cli_measures(linear_store):
     runner = CliRunner()
     res = runner.invoke(app, ["topk", store.url, "--query-set", "test", "-k", "3", "--measure", "nystrom-corr", "--format", "json"])
     assert res.exit_code == 0, res.output
-    records = json.loads(res.stdout)
+    answer = json.loads(res.stdout)  # the server's envelope
+    assert answer["measure"] == "nystrom-corr" and answer["num_columns"] == store.num_columns()
+    records = answer["records"]
     s, _ = reference(train, query, "nystrom-corr", w)
     assert [r["train_index"] for r in records if r["query"] == "q0" and r["side"] == "pos"] == np.argsort(-s[:, 0], kind="stable")[:3].tolist()
     res = runner.invoke(app, ["self-influence", store.url, "-k", "2", "--measure", "whitened", "--format", "json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)[0]["query"] == "<self>"
+    assert res.exit_code == 0 and json.loads(res.stdout)["records"][0]["query"] == "<self>"
     res = runner.invoke(app, ["topk", store.url, "--query-set", "test", "--measure", "bogus"])
     assert res.exit_code != 0
 

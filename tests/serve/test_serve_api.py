@@ -51,11 +51,23 @@ def cli_json(*args: str) -> Any:
     ],
 )
 def test_rankings_are_the_cli_records(server, served, path, params, command):
-    """Each ranking endpoint answers with exactly the records `daunce ... --format json` prints."""
+    """Each ranking endpoint answers with the envelope `daunce ... --format json` prints (same measure, K and records)."""
     body = httpx.get(server.url + path, params=params).raise_for_status().json()
     expected = cli_json(*command, served["url"], "--format", "json")
-    same_records(body["records"], expected)
-    assert len(expected) > 0 and body["num_columns"] == K
+    assert set(body) == set(expected) == {"measure", "num_columns", "records"}
+    assert body["measure"] == expected["measure"] and body["num_columns"] == expected["num_columns"] == K
+    same_records(body["records"], expected["records"])
+    assert len(expected["records"]) > 0
+
+
+def test_default_measures_per_task(server, served):
+    """The page's top-k lists default to the measure for reading (auto-corr), curation endpoints to auto."""
+    info = httpx.get(server.url + "/api/info").raise_for_status().json()
+    assert info["topk_measure"] == "auto-corr" and info["default_measure"] == "auto"
+    top = httpx.get(server.url + "/api/topk", params={"query_set": "test", "k": 2}).raise_for_status().json()
+    agg = httpx.get(server.url + "/api/influence", params={"query_set": "test", "k": 2}).raise_for_status().json()
+    assert top["measure"] in ("nystrom-corr", "whitened-corr") and agg["measure"] in ("nystrom", "whitened")
+    assert top["measure"] == agg["measure"] + "-corr"  # the same choice (draws or not), normalised
 
 
 def test_stability_and_status_are_the_cli_json(server, served):

@@ -107,8 +107,9 @@ async function loadInfo() {
   $("store").textContent = `${info.url} · n=${info.n_train}`;
   $("columns").textContent = `K = ${info.columns}`;
   const measure = $("measure");
-  if (!measure.options.length) {
-    for (const m of info.measures) measure.append(new Option(m, m, m === info.default_measure, m === info.default_measure));
+  if (!measure.options.length) {  // the top-k page opens on the measure for reading lists, self-influence on the default
+    const initial = page === "self" ? info.default_measure : info.topk_measure;
+    for (const m of info.measures) measure.append(new Option(m, m, m === initial, m === initial));
   }
 }
 
