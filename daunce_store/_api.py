@@ -187,7 +187,7 @@ class Store(LossStore):
 
     def attribute(
         self, rows: Sequence[Mapping[str, Any]] | None = None, *, prompt: str | None = None, completion: str | None = None,
-        k: int = 10, measure: str = DEFAULT_MEASURE, side: Side = "both", backend: Backend = "auto", device: str = "cpu",
+        k: int = 10, measure: str = TOPK_MEASURE, side: Side = "both", backend: Backend = "auto", device: str = "cpu",
     ) -> Attribution:
         """Top-k train examples for NEW examples, not in any query set: each is evaluated under the K perturbed
         models the store kept (a recipe run's LoRA adapters: K forward passes, no gradients) and its losses are

@@ -688,11 +688,12 @@ def attribute(
     completion: Annotated[Optional[str], typer.Option("--completion", help="The output to explain (its loss is what is attributed).")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", help="Many new examples: a data file (.jsonl, .csv, .parquet, ...) with the run's fields and an optional id.")] = None,
     k: KOpt = 10,
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    measure: MeasureOpt = Measure(TOPK_MEASURE),
     side: SideOpt = Side("both"),
     device: Annotated[str, typer.Option("--device", help="Torch device for the forward passes.")] = "cpu",
     format: FormatOpt = OutFormat("table"),
     output: OutputOpt = None,
+    data: DataOpt = [],
     storage_options: StorageOpt = None,
 ) -> None:
     """Attribute a NEW output: evaluate it under the K kept adapters of a recipe store (K forward passes, no
@@ -702,36 +703,12 @@ def attribute(
         raise InvalidInputError("give --prompt and --completion, or --input FILE, not both")
     rows = read_data_file(input).rows if input is not None else None
     s = _open(store, "r", storage_options)
+    train, _ = _example_files(s, data, None)  # a bad file fails before the model loads
     result = s.attribute(rows, prompt=prompt, completion=completion, k=k, measure=measure.value, side=side.value, device=device)
-    texts = _train_texts(s)
-    if format.value == "table" and output is None and texts is not None:
-        table = Table(title=_text(f"train examples behind the new output ({result.measure}, K={result.num_columns})"))
-        for col in ("query", "side", "rank", "train_id", "score", "text"):
-            table.add_column(col, justify="right" if col in ("rank", "score") else "left", overflow="fold")
-        for r in result.records():
-            table.add_row(*map(_text, (r["query"], r["side"], r["rank"], r["train_id"], f"{r['score']:.4g}", texts.get(r["train_id"], ""))))
-        console.print(table)
-    else:
-        _emit(result, format, output, "new output")
-
-
-def _train_texts(s: daunce_store.Store) -> dict[str, str] | None:
-    """id -> one line of text of a recipe store's train rows (its remembered data file), or None."""
-    commits = s.commits()
-    options = ((commits[0].metadata.get("config") or {}).get("factory_kwargs") or {}) if commits else {}
-    path = options.get("train")
-    if not isinstance(path, str) or not os.path.exists(path):
-        return None
-    data = read_data_file(path)
-    fields = [options.get(f, d) for f, d in (("prompt_field", "prompt"), ("completion_field", "completion"), ("text_field", "text"))]
-    out = {}
-    for id_, row in zip(data.ids, data.rows):
-        parts = [str(row[f]) for f in fields if row.get(f) is not None]
-        if not parts and row.get(options.get("messages_field", "messages")):
-            parts = [str(m.get("content", "")) for m in row[options.get("messages_field", "messages")] if isinstance(m, dict)]
-        text = " → ".join(" ".join(p.split()) for p in parts)
-        out[str(id_)] = text if len(text) <= 120 else text[:119] + "…"
-    return out
+    new = rows if rows is not None else [{"prompt": prompt, "completion": completion}]
+    asked = DataFile(input or Path("--prompt"), "jsonl", [{c: v for c, v in r.items() if c != "id"} for r in new],
+                     list(result.queries), True)
+    _emit(result.with_data(train, asked), format, output, "train examples behind the new output")
 
 
 @_command(app, "self-influence")

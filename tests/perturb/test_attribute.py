@@ -75,12 +75,17 @@ def test_attribute_matches_the_stored_query(recipe_store):
     for side in ("pos", "neg"):
         np.testing.assert_array_equal(new.indices[side], stored.indices[side])
         np.testing.assert_allclose(new.scores[side], stored.scores[side], rtol=1e-3, atol=1e-5)
-    # The CLI: the same answer, with each train example's text.
-    code, out = _invoke(["attribute", store, "--prompt", row["prompt"], "--completion", row["completion"], "-k", "4",
-                         "--measure", "corr"])
-    assert code == 0, out
-    top = stored.records()[0]
-    assert top["train_id"] in out and "→" in out
+    # The CLI: the same answer, in the server's envelope, with each train example's text (the remembered train file).
+    result = runner.invoke(app, ["attribute", str(store), "--prompt", row["prompt"], "--completion", row["completion"],
+                                 "-k", "4", "--measure", "corr", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["measure"] == "corr" and answer["num_columns"] == 3
+    train_rows = {json.loads(x)["id"]: json.loads(x) for x in recipe_store[1].read_text().splitlines()}
+    for rec, want in zip(answer["records"], stored.records()):
+        assert rec["train_id"] == want["train_id"] and rec["side"] == want["side"]
+        assert rec["train_prompt"] == train_rows[rec["train_id"]]["prompt"]
+        assert rec["query_completion"] == row["completion"]
 
 
 def test_attribute_many_rows_from_a_file(recipe_store, tmp_path):
