@@ -34,7 +34,8 @@ def test_reads_and_scores_the_same(old_store, backend):
         np.testing.assert_array_equal(res.indices["pos"], want[f"{measure}_idx"])
     np.testing.assert_allclose(store.topk("test", k=5, measure="cov", backend=backend).scores["pos"], want["cov_scores"], rtol=1e-5)
     # Its columns record no draws: the default measure falls back to whitened, and says so.
-    assert store.topk("test", k=3, backend=backend).measure == "whitened"
+    assert store.topk("test", k=3, measure="auto", backend=backend).measure == "whitened"
+    assert store.topk("test", k=3, backend=backend).measure == "whitened-corr"  # topk's default: auto-corr
 
 
 def test_takes_new_columns(old_store):
