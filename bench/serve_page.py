@@ -16,36 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-from _serve_support import free_port, losses, make_store  # noqa: E402  (the tests' small store)
+from _serve_support import losses, make_store  # noqa: E402  (the tests' small store)
 from topk import DATA  # noqa: E402
+from serve_mixed import _start as start_server  # noqa: E402  (one way to start `daunce serve` and wait for it)
 
 RESULTS = DATA / "serve_page.jsonl"
-
-
-def _start(store: Path, data: Path, src: str | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": src} if src else dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "daunce_store.cli", "serve", str(store), "--data", str(data), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=src or None)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            httpx.get(url + "/api/info", timeout=5).raise_for_status()
-            return proc, url
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.communicate()[1]) from None
-            time.sleep(0.2)
 
 
 def _draws(url: str, repeat: int) -> list[tuple[float, int]]:
@@ -93,7 +76,7 @@ def main() -> None:
         for i in range(120):
             f.write(json.dumps({"id": f"t{i}", "text": token if i % 4 == 0 else f"an ordinary sentence, example {i}", "label": i % 3}) + "\n")
     for name, src in (("this page", None), *((("old page", args.old_src),) if args.old_src else ())):
-        proc, url = _start(store, data, src)
+        proc, url = start_server(store, ["--data", str(data)], src)
         try:
             draws = _draws(url, args.repeat)
         finally:
