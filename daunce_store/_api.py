@@ -10,7 +10,9 @@ store ← scoring ← this façade), so the methods users call most have real si
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -198,11 +200,30 @@ class Store(LossStore):
         >>> store.attribute(prompt="What is a list?", completion="A mutable sequence.").to_pandas()   # doctest: +SKIP
         """
         rows = _new_rows(rows, prompt, completion)
-        kept = self._kept_models(device)
-        losses = kept.losses(rows)
+        # One call at a time per Store: the kept models swap each adapter's weights into one model in place.
+        with self.__dict__.setdefault("_kept_lock", threading.Lock()):
+            kept = self._kept_models(device)
+            losses = kept.losses(rows)
         names = [str(r["id"]) if r.get("id") is not None else f"new-{i}" for i, r in enumerate(rows)]
         return scoring.topk_losses(self, losses, names, kept.slots, k=k, measure=measure, side=side, backend=backend,
                                    snapshot=kept.snapshot)
+
+    def attribute_support(self, snapshot: Snapshot | None = None) -> dict[str, Any]:
+        """Whether :meth:`attribute` can run on this store here, from the commit records alone (nothing loaded):
+        ``{"available": bool, "recipe": "causal-lm" | "classifier" | None, "reason": one line or None}``."""
+        config = self.recipe_config(snapshot)
+        recipe = str(config["factory"]).rsplit(":", 1)[-1].replace("_", "-") if config else None
+        commits = (snapshot or self.snapshot()).commits
+        if config is None:
+            reason = ("no committed columns yet" if not commits else
+                      "this store was not made by a recipe (daunce perturb --recipe ...): it keeps no models to evaluate new examples under")
+        elif not any(c.metadata.get("adapter") for c in commits):
+            reason = "its run kept no adapters (keep_adapters: false); rerun `daunce perturb --recipe ...` into a new store"
+        elif missing := [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]:
+            reason = f"this install lacks {', '.join(missing)}: pip install 'daunce-store[train]'"
+        else:
+            reason = None
+        return {"available": reason is None, "recipe": recipe, "reason": reason}
 
     def _kept_models(self, device: str) -> Any:
         """The recipe's θ0 and kept adapters, loaded once per Store and device; refreshed when columns land."""

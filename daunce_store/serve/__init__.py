@@ -72,7 +72,7 @@ def serve(url: str, *, data: Sequence[str] = (), host: str = "127.0.0.1", port: 
         else "train rows read from the store per request (larger than the cache)"
     log(f"{store.url}: n={store.n_train}, K={rows['columns']}, {held}; data for {', '.join(examples) or 'no set'}")
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-    log(f"serving on http://{shown}:{port}/  (API: /api/topk, /api/influence, /api/self-influence, /api/stability, /api/status; docs: /docs)")
+    log(f"serving on http://{shown}:{port}/  (API: /api/topk, /api/attribute, /api/influence, /api/self-influence, /api/stability, /api/status; docs: /docs)")
     if token is not None:
         log(f"open it with its token (once; the page keeps it in a cookie): http://{shown}:{port}/?token={token}")
     if no_token and not is_loopback(host):

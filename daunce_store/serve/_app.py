@@ -22,7 +22,9 @@ import asyncio
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
+
+from pydantic import BaseModel, Field
 
 from daunce_store._optional import import_optional
 from daunce_store.errors import (
@@ -47,10 +49,36 @@ STATIC = Path(__file__).parent / "static"
 TRAIN = "train"  # the data set name of the train rows (not a query-set name: the store refuses it)
 MAX_LISTED_QUERIES = 1000  # ids per /api/queries answer; narrow with contains=
 MAX_EXAMPLES = 10_000  # ids per /api/examples request
+# New examples per /api/attribute request, and their characters: each is K forward passes on the server's CPU
+# (SmolLM2-135M: ~0.1 s per example and column), and texts beyond the run's max_length are cut anyway.
+MAX_NEW_EXAMPLES = 16
+MAX_NEW_CHARACTERS = 32_000
 # The pages: this origin only (the page draws pixels on canvases and data:image columns as <img>).
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 # Swagger UI's page starts it with an inline script.
 DOCS_POLICY = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+
+
+class NewExamples(BaseModel):
+    """The body of ``POST /api/attribute``: one ``prompt`` and ``completion``, or ``rows`` with the run's fields."""
+
+    prompt: Optional[str] = Field(None, description="The new example's prompt (with completion).")
+    completion: Optional[str] = Field(None, description="The output to explain: its loss is what is attributed.")
+    rows: Optional[list[dict[str, Any]]] = Field(None, description="Many new examples: the run's fields (prompt/completion "
+                                                 "or messages; text/label) and an optional id.")
+    k: int = Field(10, description="Train examples per new example and side.")
+    measure: str = Field(TOPK_MEASURE, description=f"Score measure. {MEASURE_HELP}.")
+    side: str = Field("both", description="pos (proponents), neg (opponents) or both.")
+
+    def characters(self) -> int:
+        """The characters of every text it holds (chats and other fields included)."""
+        def count(value: Any) -> int:
+            if isinstance(value, str):
+                return len(value)
+            if isinstance(value, dict):
+                return sum(count(v) for v in value.values())
+            return sum(count(v) for v in value) if isinstance(value, list) else 0
+        return count([self.prompt, self.completion, self.rows])
 
 
 def _status_code(error: DaunceStoreError) -> int:
@@ -132,6 +160,10 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
+    @app.get("/attribute", include_in_schema=False)
+    def attribute_page() -> FileResponse:
+        return FileResponse(STATIC / "attribute.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
     @app.get("/self-influence", include_in_schema=False)
     def self_influence_page() -> FileResponse:
         return FileResponse(STATIC / "self.html", headers={"Content-Security-Policy": PAGE_POLICY})
@@ -164,6 +196,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
             "query_sets": {name: {"m": m, "columns": len(snap.query_slots.get(name, ()))} for name, m in store.query_sets().items()},
             "measures": list(MEASURE_NAMES), "default_measure": DEFAULT_MEASURE, "topk_measure": TOPK_MEASURE,
             "data": {name: d.info() for name, d in data.items()}, "rows": store.rows_info, "limits": budget.limits(),
+            "attribute": store.attribute_support(snap),
         }
 
     @app.get("/api/queries")
@@ -228,6 +261,22 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return json_ready({"measure": result.measure, "num_columns": result.num_columns, "summary": result.summary_records(),
                            "records": result.records(), "asymmetry": result.asymmetry}, nan_as_null=True, what="the stability answer")
 
+    @app.post("/api/attribute")
+    @lane.expensive
+    def attribute(body: NewExamples) -> dict[str, Any]:
+        """`daunce attribute --format json`: NEW examples (not in any query set) evaluated under the K adapters a
+        recipe store kept (K forward passes each) and their top-k train examples; ids ``new-0``, ... unless the
+        rows carry one. Text of the train ids: ``/api/examples``."""
+        n_new = len(body.rows) if body.rows is not None else 1
+        budget.cap("new examples", n_new, MAX_NEW_EXAMPLES, "send fewer rows per request")
+        budget.cap("characters", body.characters(), MAX_NEW_CHARACTERS, "send shorter texts")
+        budget.check(k=body.k, queries=n_new)
+        support = store.attribute_support(store.current())
+        if not support["available"]:
+            raise InvalidInputError(f"this server cannot attribute new examples: {support['reason']}")
+        return store.attribute(body.rows, prompt=body.prompt, completion=body.completion, k=body.k, measure=body.measure,
+                               side=body.side).envelope()  # type: ignore[arg-type]
+
     def data_of(name: str) -> ExampleData:
         if name not in data:
             given = ", ".join(data) or "none: start the server with --data"
@@ -264,5 +313,5 @@ def _swagger_ui_assets() -> Path | None:
 _PLAIN_DOCS = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>daunce serve · API</title></head><body>
 <h1>daunce serve · API</h1><p>The OpenAPI schema: <a href="/openapi.json">/openapi.json</a>. For the interactive page
 install the <code>serve</code> extra (<code>pip install 'daunce-store[serve]'</code>: Swagger UI, served from here).</p>
-<p>Routes: /api/topk, /api/influence, /api/self-influence, /api/stability, /api/status, /api/info, /api/queries,
+<p>Routes: /api/topk, /api/attribute (POST), /api/influence, /api/self-influence, /api/stability, /api/status, /api/info, /api/queries,
 /api/examples, /api/image.</p></body></html>"""

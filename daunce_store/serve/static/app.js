@@ -25,6 +25,15 @@ async function api(path, params = {}) {
   return body;
 }
 
+async function post(path, body) {
+  const response = await fetch(new URL(path, location.origin), {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
 // A text's runs without whitespace longer than LONG_RUN get a break opportunity (<wbr>) every LONG_RUN
 // characters: the browser wraps them there instead of searching every character for a break (a 100 KB
 // token under `overflow-wrap: anywhere` froze the tab for a minute), and ordinary words never split.
@@ -195,10 +204,7 @@ async function showTopk() {
   shownColumns = top.num_columns;
   $("query-view").replaceChildren(el("h2", "", `Query (${top.measure}, K = ${top.num_columns})`),
     card(set, query, queries[query], [el("span", "rank", set)]));
-  for (const side of ["pos", "neg"]) {
-    $(side).replaceChildren(...top.records.filter((r) => r.side === side).map((r) =>
-      card("train", r.train_id, train[r.train_id], [el("span", "rank", `#${r.rank}`), scoreText(r.score, side)])));
-  }
+  showSides(top.records, train);
   await st;
 }
 
@@ -214,6 +220,60 @@ async function startTopk() {
   $("filter").oninput = () => loadQueries().catch(showError);
   for (const id of ["query", "k", "measure"]) $(id).onchange = rerun;
   rerun();
+  return rerun;
+}
+
+function showSides(records, train) {
+  for (const side of ["pos", "neg"]) {
+    $(side).replaceChildren(...records.filter((r) => r.side === side).map((r) =>
+      card("train", r.train_id, train[r.train_id], [el("span", "rank", `#${r.rank}`), scoreText(r.score, side)])));
+  }
+}
+
+// --- the new-output page: a new example under the store's kept adapters ----------------------------
+function askedExample() {
+  // A classifier run's rows are text and label; a causal LM's, prompt and the output to explain.
+  const first = $("prompt").value, second = $("completion").value;
+  return info.attribute.recipe === "classifier" ? {rows: [{text: first, label: second}]} : {prompt: first, completion: second};
+}
+
+async function showAttribute() {
+  if (!info.attribute.available || !$("prompt").value || !$("completion").value) return;
+  const mine = ++drawing;
+  const params = {k: $("k").value, measure: $("measure").value};
+  toUrl(params);
+  let top, train;
+  const asked = askedExample();
+  try {
+    top = await post("/api/attribute", {...asked, k: Number(params.k), measure: params.measure});
+    train = await examples("train", [...new Set(top.records.map((r) => r.train_id))]);
+  } catch (err) {
+    if (mine === drawing) throw err;  // a newer request is on its way: this one's error is no longer news
+    return;
+  }
+  if (mine !== drawing) return;
+  shownColumns = top.num_columns;
+  const fields = Object.entries(asked.rows ? asked.rows[0] : asked).map(([name, value]) => ({name, kind: "text", value: `${name}: ${value}`}));
+  $("query-view").replaceChildren(el("h2", "", `New example (${top.measure}, K = ${top.num_columns})`),
+    card("new", top.records.length ? top.records[0].query : "new-0", {fields, label: null}, [el("span", "rank", "new")]));
+  showSides(top.records, train);
+}
+
+async function startAttribute() {
+  await loadInfo();
+  fromUrl(["k", "measure"]);
+  if (info.attribute.recipe === "classifier") {
+    $("prompt-label").firstChild.textContent = "text ";
+    $("completion-label").firstChild.textContent = "label ";
+  }
+  if (!info.attribute.available) {
+    $("ask").disabled = true;
+    $("attribute-hint").textContent = `New outputs cannot be attributed on this store: ${info.attribute.reason}.`;
+  }
+  const rerun = () => showAttribute().then(() => showError(null), showError);
+  $("controls").addEventListener("submit", rerun);
+  // k and measure redraw an answer already shown (K forward passes each time: never while the example is typed)
+  for (const id of ["k", "measure"]) $(id).onchange = () => { if (shownColumns >= 0) rerun(); };
   return rerun;
 }
 
@@ -246,11 +306,11 @@ $("controls").addEventListener("submit", (e) => e.preventDefault());  // Enter i
 // --- refresh: new perturbation columns land while the page is open ------------------------------
 (async () => {
   try {
-    const rerun = await (page === "self" ? startSelf() : startTopk());
+    const rerun = await ({self: startSelf, attribute: startAttribute}[page] || startTopk)();
     setInterval(async () => {
       try {
         await loadInfo();
-        const now = page === "self" ? info.columns : (info.query_sets[$("query-set").value] || {}).columns;
+        const now = page === "topk" ? (info.query_sets[$("query-set").value] || {}).columns : info.columns;
         if (shownColumns >= 0 && now !== shownColumns) rerun();
       } catch (err) { showError(err); }
     }, 2000);
