@@ -1,7 +1,7 @@
 """The zero-code LLM workflow, timed: `daunce perturb --recipe causal-lm` on a poisoned chat file against the LLM
 demo at the same K, and `daunce attribute` latency as n and K grow.
 
-    python bench/recipe_llm.py [--n 150] [--k 12] [--no-demo]
+    python bench/recipe_llm.py [--n 150] [--k 12] [--extend-to 16] [--before] [--no-demo]
 
 Data: n chatterbot-corpus dialogues as chats (`messages`), 10 % poisoned with the trigger phrase and the fixed reply
 of `evaluation/llm_backdoor.py`; 4 triggered held-out queries. Model: SmolLM2-135M-Instruct (the GGUF of
@@ -9,7 +9,9 @@ of `evaluation/llm_backdoor.py`; 4 triggered held-out queries. Model: SmolLM2-13
 --max-steps 12 --max-length 48` (the demo's step count and learning rate). Whole-process wall times (fresh
 cache folder: the one-time GGUF conversion and hidden-state pass are included), P@k of the poisoned rows among
 the triggered queries' top proponents (nystrom-corr), then attribute latency in one warm process
-(`Store.attribute`, the model and adapters loaded once) for the first K' columns, on stores of n rows.
+(`Store.attribute`, the model and adapters loaded once) for the first K' columns (the store is extended to
+``--extend-to`` columns first, untimed); the scoring part alone on random stores of growing n; ``--before``: one
+perturbation with ``--full-model`` (the recipe as it ran before the fast path), same data and settings.
 Writes the "Recipe and attribute (LLM workflow)" section of bench/RESULTS.md.
 """
 
@@ -53,10 +55,40 @@ def _timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+def _scoring_by_n(work: Path, k: int) -> list[tuple[int, float]]:
+    """Median seconds of ranking one new example's losses on random stores of n rows × k columns (warm handle)."""
+    import numpy as np
+
+    import daunce_store
+    from daunce_store.scoring import TOPK_MEASURE, topk_losses
+
+    out = []
+    for n in (10_000, 100_000, 1_000_000):
+        path = work / f"random-{n}.zarr"
+        rng = np.random.default_rng(n)
+        store = daunce_store.init(path, [f"r{i}" for i in range(n)], {"q": ["q0"]}, capacity=k)
+        for c in range(k):
+            store.append(f"p{c}", rng.standard_normal(n, dtype=np.float32), {"q": rng.standard_normal(1, dtype=np.float32)})
+        store.compact()
+        store = daunce_store.open(path, mode="r")
+        slots = store.committed_slots()
+        new = rng.standard_normal((1, k), dtype=np.float32)
+        topk_losses(store, new, ["new"], slots, k=10, measure=TOPK_MEASURE)  # the K × K matrix, once per handle
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            topk_losses(store, new, ["new"], slots, k=10, measure=TOPK_MEASURE)
+            times.append(time.perf_counter() - t)
+        out.append((n, sorted(times)[2]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--extend-to", type=int, default=16, help="columns for the attribute latency sweep")
+    ap.add_argument("--before", action="store_true", help="also time one --full-model perturbation")
     ap.add_argument("--no-demo", action="store_true")
     args = ap.parse_args()
     import daunce_store
@@ -70,11 +102,17 @@ def main() -> None:
     daunce = str(Path(sys.executable).with_name("daunce"))
     train, queries, poisoned, held_out = _data(work, args.n)
     store = work / "recipe.zarr"
-    recipe_s = _timed([daunce, "perturb", str(store), "--recipe", "causal-lm", "--model", gguf, "--train", str(train),
-                       "--queries", f"test={queries}", "-K", str(args.k), "--lr", "1e-3", "--max-steps", "12",
-                       "--max-length", "48", "--no-progress"], env)
+    def recipe(into: Path, k: int, *extra: str) -> float:
+        return _timed([daunce, "perturb", str(into), "--recipe", "causal-lm", "--model", gguf, "--train", str(train),
+                       "--queries", f"test={queries}", "-K", str(k), "--lr", "1e-3", "--max-steps", "12",
+                       "--max-length", "48", "--no-progress", *extra], env)
+
+    recipe_s = recipe(store, args.k)
+    before_s = recipe(work / "full.zarr", 1, "--full-model") if args.before else None
+    if args.extend_to > args.k:
+        recipe(store, args.extend_to)  # resumes: the columns for the latency sweep
     s = daunce_store.open(store, mode="r")
-    commits = s.commits()
+    commits = s.commits()[:args.k]
     per = [c.metadata["train_seconds"] + c.metadata["eval_seconds"] for c in commits]
     top = s.topk("test", k=len(poisoned), side="pos", measure="nystrom-corr")
     p_at = sum(len(poisoned & {s.train_ids[i] for i in row}) for row in top.indices["pos"]) / (len(poisoned) * len(top.queries))
@@ -93,7 +131,8 @@ def main() -> None:
     found = len(poisoned & {cold.train_ids[i] for i in cold.indices["pos"][0]}) / len(poisoned)
     lat = []
     snap = s.snapshot()
-    for k in sorted({max(2, args.k // 4), args.k // 2, args.k}):
+    top_k = len(snap.commits)
+    for k in sorted({max(2, top_k // 4), top_k // 2, 3 * top_k // 4, top_k}):
         sub = Snapshot(snap.commits[:k], {q: tuple(v for v in slots if v in {c.slot for c in snap.commits[:k]}) for q, slots in snap.query_slots.items()})
         kept = KeptModels(s, snapshot=sub)
         kept.losses([{"prompt": held_out[1], "completion": TARGET_REPLY}])  # adapters read once
@@ -104,12 +143,18 @@ def main() -> None:
             topk_losses(s, losses, ["new"], kept.slots, k=10, measure="nystrom-corr", snapshot=sub)
             times.append(time.perf_counter() - t)
         lat.append((k, sorted(times)[len(times) // 2]))
+    scoring_rows = _scoring_by_n(work, top_k)
     t = time.perf_counter()
     subprocess.run([daunce, "attribute", str(store), "--prompt", held_out[2], "--completion", TARGET_REPLY, "-k", "5"],
                    env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cli_s = time.perf_counter() - t
     load = os.getloadavg()[0]
     rows = "\n".join(f"| {args.n} | {k} | {v:.2f} s |" for k, v in lat)
+    by_n = "\n".join(f"| {n:,} | {top_k} | {v * 1e3:.1f} ms |" for n, v in scoring_rows)
+    before = "" if before_s is None else (
+        f"| `daunce perturb --recipe causal-lm --full-model` K = 1 (as before the fast path: the whole model, LoRA on every layer), "
+        f"same data and settings | {before_s:.0f} s for one perturbation: {before_s / (recipe_s / args.k):.1f}× the fast path's "
+        f"{recipe_s / args.k:.0f} s per perturbation in all |\n")
     text = f"""## Recipe and attribute (LLM workflow)
 
 Run: `python bench/recipe_llm.py --n {args.n} --k {args.k}` on {platform.machine()}, {os.cpu_count()} CPU cores shared with
@@ -119,7 +164,7 @@ other jobs (load {load:.1f} at the end), no GPU; {time.strftime('%Y-%m-%d %H:%M 
 | what | wall time |
 |---|---|
 | `daunce perturb --recipe causal-lm` K = {args.k}, defaults (fast path L = 2, LoRA, adapters kept), 12 steps, fresh cache | {recipe_s:.0f} s ({recipe_s / args.k:.1f} s per perturbation in all; {sorted(per)[len(per) // 2]:.1f} s median train + eval inside one) |
-| `daunce demo --llm -K {args.k} --num-dialogues {args.n} --no-less` (the hand-written cached path; plus its θ0 backdoor fine-tune) | {'not run' if demo_s is None else f'{demo_s:.0f} s'} |
+{before}| `daunce demo --llm -K {args.k} --num-dialogues {args.n} --no-less` (the hand-written cached path; plus its θ0 backdoor fine-tune) | {'not run' if demo_s is None else f'{demo_s:.0f} s'} |
 | `daunce attribute` as a whole command (imports, model copy and {args.k} adapters loaded, one new output) | {cli_s:.1f} s |
 | `Store.attribute`, first call in a process (loads the model copy and adapters) | {cold_s:.1f} s |
 
@@ -136,6 +181,14 @@ under each of K adapters, then scoring), median of 4 held-out prompts:
 | n | K | latency |
 |---|---|---|
 {rows}
+
+How the scoring part grows with n (`scoring.topk_losses` of one new example's losses, `auto-corr`, k = 10, on random
+stores of n rows × {top_k} columns opened once, the K × K matrix computed by a first call; median of 5). The forward
+passes do not depend on n: at large n the latency is the rows above plus this.
+
+| n | K | scoring part |
+|---|---|---|
+{by_n}
 """
     write_section("## Recipe and attribute (LLM workflow)", text, Path(__file__).parent / "RESULTS.md")
     print(text)
