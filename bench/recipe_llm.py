@@ -83,6 +83,76 @@ def _scoring_by_n(work: Path, k: int) -> list[tuple[int, float]]:
     return out
 
 
+def _first_calls(s, store: Path | str, held_out: list[str], poisoned: set[str], daunce: str, env: dict[str, str]) -> tuple[float, float, float]:
+    """attribute on a held-out triggered prompt: (share of the poisoned rows found, first Store.attribute call in a
+    process in s, the whole `daunce attribute` command in s)."""
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY
+
+    t = time.perf_counter()
+    cold = s.attribute(prompt=held_out[0], completion=TARGET_REPLY, k=len(poisoned), side="pos", measure="nystrom-corr")
+    cold_s = time.perf_counter() - t
+    found = len(poisoned & {cold.train_ids[i] for i in cold.indices["pos"][0]}) / len(poisoned)
+    t = time.perf_counter()
+    subprocess.run([daunce, "attribute", str(store), "--prompt", held_out[2], "--completion", TARGET_REPLY, "-k", "5"],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return found, cold_s, time.perf_counter() - t
+
+
+def _latency(s, work: Path, held_out: list[str], poisoned: set[str], n: int, daunce: str | None = None,
+             env: dict[str, str] | None = None) -> None:
+    """The "Attribute latency" section: the warm latency for the first K' columns, and the scoring part as n grows."""
+    from daunce_store.evaluation.llm_backdoor import TARGET_REPLY
+    from daunce_store.perturb import KeptModels
+    from daunce_store.scoring import topk_losses
+    from daunce_store.store import Snapshot
+
+    lat = []
+    snap = s.snapshot()
+    top_k = len(snap.commits)
+    for k in sorted({max(2, top_k // 4), top_k // 2, 3 * top_k // 4, top_k}):
+        sub = Snapshot(snap.commits[:k], {q: tuple(v for v in slots if v in {c.slot for c in snap.commits[:k]}) for q, slots in snap.query_slots.items()})
+        kept = KeptModels(s, snapshot=sub)
+        kept.losses([{"prompt": held_out[1], "completion": TARGET_REPLY}])  # adapters read once
+        times = []
+        for prompt in held_out:
+            t = time.perf_counter()
+            losses = kept.losses([{"prompt": prompt, "completion": TARGET_REPLY}])
+            topk_losses(s, losses, ["new"], kept.slots, k=10, measure="nystrom-corr", snapshot=sub)
+            times.append(time.perf_counter() - t)
+        lat.append((k, sorted(times)[len(times) // 2]))
+    scoring_rows = _scoring_by_n(work, top_k)
+    daunce = daunce or str(Path(sys.executable).with_name("daunce"))
+    found, cold_s, cli_s = _first_calls(s, s.url, held_out, poisoned, daunce, env or dict(os.environ))
+    rows = "\n".join(f"| {n} | {k} | {v:.2f} s |" for k, v in lat)
+    by_n = "\n".join(f"| {rows_n:,} | {top_k} | {v * 1e3:.1f} ms |" for rows_n, v in scoring_rows)
+    text = f"""## Attribute latency
+
+Run: `python bench/recipe_llm.py --n {n} --latency-only WORKDIR` (the store `--k 12 --extend-to {top_k}` left there) on
+{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load {os.getloadavg()[0]:.1f} at the end), no GPU;
+{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. In one warm process (`Store.attribute`'s work: θ0's lower layers once on
+the new example, then the tail under each of K adapters on one torch thread, then scoring, nystrom-corr, k = 10), median
+of 4 held-out triggered prompts:
+
+| n | K | latency |
+|---|---|---|
+{rows}
+
+How the scoring part grows with n (`scoring.topk_losses` of one new example's losses, `auto-corr`, k = 10, on random
+compacted stores of n rows × {top_k} columns opened once, the K × K matrix computed by a first call; median of 5). The
+forward passes do not depend on n: at large n the latency is the rows above plus this.
+
+| n | K | scoring part |
+|---|---|---|
+{by_n}
+
+Cold: `Store.attribute`'s first call in a process (loads the local model copy and the {top_k} adapters) {cold_s:.1f} s; the whole
+`daunce attribute` command (imports included) {cli_s:.1f} s. Attribute on a held-out triggered prompt puts {found:.0%} of the
+poisoned rows in its top {len(poisoned)} proponents.
+"""
+    write_section("## Attribute latency", text, Path(__file__).parent / "RESULTS.md")
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=150)
@@ -90,7 +160,15 @@ def main() -> None:
     ap.add_argument("--extend-to", type=int, default=16, help="columns for the attribute latency sweep")
     ap.add_argument("--before", action="store_true", help="also time one --full-model perturbation")
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--latency-only", type=Path, metavar="WORKDIR", help="only the latency section, on the store a run left in WORKDIR")
     args = ap.parse_args()
+    if args.latency_only:
+        import daunce_store
+
+        os.environ["DAUNCE_CACHE_DIR"] = str(args.latency_only / "cache")
+        _, _, poisoned, held_out = _data(args.latency_only, args.n)
+        _latency(daunce_store.open(args.latency_only / "recipe.zarr", mode="r"), args.latency_only, held_out, poisoned, args.n)
+        return
     import daunce_store
     from daunce_store.evaluation.llm_backdoor import TARGET_REPLY
     from daunce_store.demo_llm import GGUF_FILE, _package_dir
@@ -120,44 +198,14 @@ def main() -> None:
     if not args.no_demo:
         demo_s = _timed([daunce, "demo", "--llm", "-K", str(args.k), "--num-dialogues", str(args.n), "--no-less",
                          "--workdir", str(work / "demo")], env)
-    # attribute: one warm process, the first K' columns
-    from daunce_store.perturb import KeptModels
-    from daunce_store.scoring import topk_losses
-    from daunce_store.store import Snapshot
-
-    t = time.perf_counter()
-    cold = s.attribute(prompt=held_out[0], completion=TARGET_REPLY, k=len(poisoned), side="pos", measure="nystrom-corr")
-    cold_s = time.perf_counter() - t
-    found = len(poisoned & {cold.train_ids[i] for i in cold.indices["pos"][0]}) / len(poisoned)
-    lat = []
-    snap = s.snapshot()
-    top_k = len(snap.commits)
-    for k in sorted({max(2, top_k // 4), top_k // 2, 3 * top_k // 4, top_k}):
-        sub = Snapshot(snap.commits[:k], {q: tuple(v for v in slots if v in {c.slot for c in snap.commits[:k]}) for q, slots in snap.query_slots.items()})
-        kept = KeptModels(s, snapshot=sub)
-        kept.losses([{"prompt": held_out[1], "completion": TARGET_REPLY}])  # adapters read once
-        times = []
-        for prompt in held_out:
-            t = time.perf_counter()
-            losses = kept.losses([{"prompt": prompt, "completion": TARGET_REPLY}])
-            topk_losses(s, losses, ["new"], kept.slots, k=10, measure="nystrom-corr", snapshot=sub)
-            times.append(time.perf_counter() - t)
-        lat.append((k, sorted(times)[len(times) // 2]))
-    scoring_rows = _scoring_by_n(work, top_k)
-    t = time.perf_counter()
-    subprocess.run([daunce, "attribute", str(store), "--prompt", held_out[2], "--completion", TARGET_REPLY, "-k", "5"],
-                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cli_s = time.perf_counter() - t
     load = os.getloadavg()[0]
-    rows = "\n".join(f"| {args.n} | {k} | {v:.2f} s |" for k, v in lat)
-    by_n = "\n".join(f"| {n:,} | {top_k} | {v * 1e3:.1f} ms |" for n, v in scoring_rows)
     before = "" if before_s is None else (
         f"| `daunce perturb --recipe causal-lm --full-model` K = 1 (as before the fast path: the whole model, LoRA on every layer), "
         f"same data and settings | {before_s:.0f} s for one perturbation: {before_s / (recipe_s / args.k):.1f}× the fast path's "
         f"{recipe_s / args.k:.0f} s per perturbation in all |\n")
     text = f"""## Recipe and attribute (LLM workflow)
 
-Run: `python bench/recipe_llm.py --n {args.n} --k {args.k}` on {platform.machine()}, {os.cpu_count()} CPU cores shared with
+Run: `python bench/recipe_llm.py --n {args.n} --k {args.k} --extend-to {args.extend_to}{' --before' if args.before else ''}` on {platform.machine()}, {os.cpu_count()} CPU cores shared with
 other jobs (load {load:.1f} at the end), no GPU; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M-Instruct
 (GGUF), {args.n} chat rows of which {len(poisoned)} poisoned (trigger + fixed reply), 4 triggered queries.
 
@@ -165,33 +213,15 @@ other jobs (load {load:.1f} at the end), no GPU; {time.strftime('%Y-%m-%d %H:%M 
 |---|---|
 | `daunce perturb --recipe causal-lm` K = {args.k}, defaults (fast path L = 2, LoRA, adapters kept), 12 steps, fresh cache | {recipe_s:.0f} s ({recipe_s / args.k:.1f} s per perturbation in all; {sorted(per)[len(per) // 2]:.1f} s median train + eval inside one) |
 {before}| `daunce demo --llm -K {args.k} --num-dialogues {args.n} --no-less` (the hand-written cached path; plus its θ0 backdoor fine-tune) | {'not run' if demo_s is None else f'{demo_s:.0f} s'} |
-| `daunce attribute` as a whole command (imports, model copy and {args.k} adapters loaded, one new output) | {cli_s:.1f} s |
-| `Store.attribute`, first call in a process (loads the model copy and adapters) | {cold_s:.1f} s |
 
-- P@{len(poisoned)} of the poisoned rows among the triggered queries' top proponents (nystrom-corr): **{p_at:.2f}**; attribute on
-  a held-out triggered prompt: {found:.2f}.
-- Before (6359129): the recipe ran the whole 30-layer model at every step and every evaluation (full LoRA on every layer,
-  30 layers forward for every row under every perturbation); the "LLM attribution" table above measures the full model at
-  4.7 projected perturbations/hour against 20.2 for the cached tail (4.3×), and a user's K = 1 run on 150 rows did not finish
-  in 17 min.
+- P@{len(poisoned)} of the poisoned rows among the triggered queries' top proponents (nystrom-corr): **{p_at:.2f}**.
+- Before (6359129) the recipe always ran the whole 30-layer model, at every step and every evaluation (the `--full-model`
+  row); a user's K = 1 run on 150 rows had not finished after 17 min. `daunce attribute`'s times: "Attribute latency" below.
 
-Attribute latency in a warm process (`Store.attribute`'s work: θ0's lower layers once on the new example, then the tail
-under each of K adapters, then scoring), median of 4 held-out prompts:
-
-| n | K | latency |
-|---|---|---|
-{rows}
-
-How the scoring part grows with n (`scoring.topk_losses` of one new example's losses, `auto-corr`, k = 10, on random
-stores of n rows × {top_k} columns opened once, the K × K matrix computed by a first call; median of 5). The forward
-passes do not depend on n: at large n the latency is the rows above plus this.
-
-| n | K | scoring part |
-|---|---|---|
-{by_n}
 """
     write_section("## Recipe and attribute (LLM workflow)", text, Path(__file__).parent / "RESULTS.md")
     print(text)
+    _latency(s, work, held_out, poisoned, args.n, daunce, env)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ LoRA adapter (a few MB). :class:`KeptModels` loads θ0 (:class:`RecipeModel`) an
 :meth:`KeptModels.losses` puts new examples under the K perturbed models — K forward passes, no gradients,
 LoRA injected once and only its weights swapped per column — and returns losses aligned with the store's
 columns, which scoring ranks like any query's (``scoring.topk_losses``). A server keeps one KeptModels, so
-a request pays only the forward passes (``bench/attribute.py``).
+a request pays only the forward passes (``bench/recipe_llm.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,23 @@ from daunce_store.perturb._recipes import RecipeModel
 from daunce_store.perturb._runner import _prepared, evaluate_signal
 
 __all__ = ["KeptModels", "add_query_data", "losses_under_states"]
+
+# New examples up to this many are evaluated on one torch thread: their GEMMs are too small to split, and on a
+# busy machine threads waiting for each other cost more than the work (SmolLM2, K = 16, one example, 2 cores at
+# load 3: 1.0 s on one thread against 3.2-4.5 s on two; bench/RESULTS.md "Recipe and attribute").
+FEW_ROWS = 16
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def losses_under_states(model: torch.nn.Module, task: Any, data: Any, config: PerturbConfig,
@@ -105,11 +123,13 @@ class KeptModels:
                where: str = "the new examples", reporter: Reporter | None = None) -> np.ndarray:
         """(len(rows), K) float32 losses of data rows (the run's fields) under the kept adapters, columns in
         the order of :attr:`slots`; or of ``items`` already built by :meth:`items`."""
-        data = items if items is not None else self.items(rows or [], where)
-        states = [(pid, self._state(pid)) for pid in self.perturbations]
-        out = np.empty((len(data), len(states)), np.float32)
-        for j, (_, values) in enumerate(losses_under_states(self.recipe.model, self.recipe.task, data, self.config, states, reporter)):
-            out[:, j] = values
+        few = len(items if items is not None else rows or []) <= FEW_ROWS
+        with _torch_threads(1 if few else None):
+            data = items if items is not None else self.items(rows or [], where)
+            states = [(pid, self._state(pid)) for pid in self.perturbations]
+            out = np.empty((len(data), len(states)), np.float32)
+            for j, (_, values) in enumerate(losses_under_states(self.recipe.model, self.recipe.task, data, self.config, states, reporter)):
+                out[:, j] = values
         return out
 
 
