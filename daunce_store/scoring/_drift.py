@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from daunce_store.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
 
@@ -74,11 +76,16 @@ class DriftAccumulator:
         return float(min(1.0, max(0.0, 1.0 - self.centred_sum_sq / self.change_sum_sq)))
 
 
-def drift_share(store: LossStore, *, snapshot: Snapshot | None = None) -> float | None:
-    """The drift share of the committed columns of ``snapshot`` (taken now when None), or None when a column
-    records no loss change (see the module docstring). Reads the train losses once."""
+def drift_share(store: LossStore, *, snapshot: Snapshot | None = None, columns: Sequence[int] | None = None) -> float | None:
+    """The drift share of the committed columns of ``snapshot`` (taken now when None; ``columns``: their
+    positions 0..K-1, default all), or None when one of them records no loss change (see the module
+    docstring). Reads their train losses once."""
     snap = snapshot if snapshot is not None else store.snapshot()
     slots = list(snap.slots)
+    if columns is not None:
+        if any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < len(slots) for p in columns):
+            raise InvalidInputError(f"columns must be positions 0..{len(slots) - 1} of the committed columns, not {list(columns)!r}")
+        slots = [slots[int(p)] for p in columns]
     acc = DriftAccumulator.of(snap, slots, store.n_train)
     if acc is None:
         return None
