@@ -97,6 +97,9 @@ def test_option_round_trips_through_yaml_and_is_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"l2_center 'origin' is not one of zero, theta0"):
         PerturbConfig.from_yaml(path)
     assert "l2_center" in PerturbConfig.help()
+    with pytest.raises(InvalidInputError, match="l2_center 'theta0' is for the 'if' and 'fisher' objectives"):
+        PerturbConfig(objective="blackbox", l2_center="theta0")
+    assert PerturbConfig(objective="fisher", l2_center="theta0").l2_center == "theta0"
 
 
 def test_cli_option_reaches_the_commits_and_stability_shows_drift(tmp_path: Path) -> None:
