@@ -135,7 +135,10 @@ def render(result: dict[str, Any]) -> str:
     for center in CENTERS:
         worst[center] = [min(b["centers"][center]["K"][str(k)]["nystrom"] for b in beds.values()) for k in ks]
         lines.append(f"| `{center}` | " + " | ".join(f"{v:.3f}" for v in worst[center]) + " |")
-    lines.append("")
+    better = [k for k, a, b in zip(ks, worst["zero"], worst["theta0"]) if b > a]
+    lines += ["", f"The centred objective's worst case is higher at K = {', '.join(map(str, better)) or 'none'} of "
+              f"{', '.join(map(str, ks))}. " + ("**It becomes the default.**" if len(better) == len(ks) else
+              "**The default stays `zero`**: the rule is to switch only when the worst case over the testbeds improves."), ""]
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
                   f"{b['n_train']} train / {b['n_queries']} test examples, λ = {b['weight_decay']}, target test accuracy "

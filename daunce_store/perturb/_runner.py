@@ -375,6 +375,7 @@ def _warn_if_unconverged(store: Any, commit: Any, config: PerturbConfig) -> None
     ratios, before = [], []
     for c in store.commits():
         rec, cfg = c.metadata.get("convergence") or {}, c.metadata.get("config") or {}
+        cfg = {"l2_center": "zero", **cfg}  # columns made before l2_center existed: all were zero-centred
         if rec.get("ratio") is None or any(cfg.get(key) != value for key, value in mine.items()):
             continue
         ratios.append(rec["ratio"])
