@@ -64,7 +64,7 @@ def signals(store: Any, columns: list[int]) -> dict[str, float]:
             "negative_share": float(np.mean(vals < 0))}
 
 
-def run_testbed(name: str, kmax: int, ks: list[int], max_groups: int) -> dict[str, Any]:
+def run_testbed(name: str, kmax: int, ks: list[int], max_groups: int, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     spec = TESTBEDS[name]["kwargs"]
@@ -83,7 +83,7 @@ def run_testbed(name: str, kmax: int, ks: list[int], max_groups: int) -> dict[st
                            "if_lds": if_lds, "bench_seconds": round(time.perf_counter() - t, 1), "centers": {}}
     print(f"{name}: LDS benchmark and IF {out['bench_seconds']} s; IF LDS {if_lds:.3f}", flush=True)
     for center in CENTERS:
-        config = PerturbConfig(l2_center=center, eval_batch_size=2048)  # the runner's defaults otherwise
+        config = PerturbConfig(l2_center=center, eval_batch_size=2048, **(changes or {}))  # the runner's defaults otherwise
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             torch.set_num_threads(1)
@@ -139,6 +139,19 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", f"The centred objective's worst case is higher at K = {', '.join(map(str, better)) or 'none'} of "
               f"{', '.join(map(str, ks))}. " + ("**It becomes the default.**" if len(better) == len(ks) else
               "**The default stays `zero`**: the rule is to switch only when the worst case over the testbeds improves."), ""]
+    if result.get("variants"):
+        lines += ["### Beside the defaults: other fine-tune settings", "",
+                  "The same protocol with some `PerturbConfig` fields changed (the rest the runner's defaults); nystrom LDS, "
+                  "and the drift share over all columns.", "",
+                  "| testbed | changes | K | `zero` | `theta0` | drift `zero` | drift `theta0` | convergence `zero` / `theta0` | command, date |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for v in result["variants"]:
+            z, c = v["centers"]["zero"], v["centers"]["theta0"]
+            for k in v["ks"]:
+                lines.append(f"| {v['title']} | `{json.dumps(v['changes'])}` | {k} | {z['K'][str(k)]['nystrom']:.3f} | "
+                             f"{c['K'][str(k)]['nystrom']:.3f} | {z['drift_share']:.3f} | {c['drift_share']:.3f} | "
+                             f"{z['convergence_median']:.2f} / {c['convergence_median']:.2f} | `{v['command']}`, {v['date']} |")
+        lines.append("")
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
                   f"{b['n_train']} train / {b['n_queries']} test examples, λ = {b['weight_decay']}, target test accuracy "
@@ -163,9 +176,23 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(TESTBEDS), help="testbeds, comma-separated (lr, mlp, bc)")
     ap.add_argument("--max-groups", type=int, default=4)
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--variant", default=None, help="JSON of PerturbConfig changes, e.g. '{\"epochs\": 60}': measured beside "
+                    "the defaults (into variants in bench/centred.json), not as them")
     args = ap.parse_args()
     if args.render:
         result = json.loads(JSON.read_text())
+    elif args.variant:
+        changes = json.loads(args.variant)
+        result = json.loads(JSON.read_text())
+        ks = [k for k in (32, 64, 128, 256) if k <= args.kmax]
+        for name in args.only.split(","):
+            t = time.perf_counter()
+            rec = run_testbed(name, args.kmax, ks, args.max_groups, changes)
+            rec.update({"testbed": name, "changes": changes, "kmax": args.kmax, "ks": ks, "seconds": round(time.perf_counter() - t),
+                        "command": "python bench/centred.py " + " ".join(sys.argv[1:]),
+                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "code": code_version()})
+            result.setdefault("variants", []).append(rec)
+            JSON.write_text(json.dumps(result, indent=1))
     else:
         ks = [k for k in (32, 64, 128, 256) if k <= args.kmax]
         t = time.perf_counter()
