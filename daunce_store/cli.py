@@ -346,7 +346,7 @@ def perturb(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (overrides the config).", rich_help_panel="Training")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps per perturbation (overrides the config).", rich_help_panel="Training")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size (overrides the config).", rich_help_panel="Training")] = None,
-    l2_center: Annotated[Optional[L2Center], typer.Option("--l2-center", help="Centre of the objective's L2 term: zero (λ/2‖θ‖², the target's regulariser; the default) or theta0 (λ/2‖θ−θ0‖², whose unperturbed optimum is θ0: no shared drift). Overrides the config.", rich_help_panel="Training")] = None,
+    l2_center: Annotated[Optional[L2Center], typer.Option("--l2-center", help="Centre of the L2 term of the IF and Fisher objectives: zero (λ/2‖θ‖², the target's regulariser; the default) or theta0 (λ/2‖θ−θ0‖², whose unperturbed optimum is θ0: no shared drift). Overrides the config.", rich_help_panel="Training")] = None,
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
     recipe_options = {"model": model, "train": train, "prompt_field": prompt_field, "completion_field": completion_field,
