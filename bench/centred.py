@@ -150,7 +150,7 @@ def render(result: dict[str, Any]) -> str:
             for k in v["ks"]:
                 lines.append(f"| {v['title']} | `{json.dumps(v['changes'])}` | {k} | {z['K'][str(k)]['nystrom']:.3f} | "
                              f"{c['K'][str(k)]['nystrom']:.3f} | {z['drift_share']:.3f} | {c['drift_share']:.3f} | "
-                             f"{z['convergence_median']:.2f} / {c['convergence_median']:.2f} | `{v['command']}`, {v['date']} |")
+                             f"{z['convergence_median']:.2f} / {c['convergence_median']:.2f} | `{v['command']}`, {v['date']}, code {v['code']} |")
         lines.append("")
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
