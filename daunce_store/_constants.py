@@ -54,3 +54,7 @@ MAX_ABS_LOSS = 1e15
 
 # Environment variable that forces the pure-Python / numba paths even when the extension is built.
 NO_EXT_ENV = "DAUNCE_STORE_NO_EXT"
+
+# Commit metadata of the runner's columns read back by scoring (FORMAT.md, "Commit metadata").
+# Where the L2 term of the perturbed objective is centred (PerturbConfig.l2_center, metadata["l2_center"]).
+L2_CENTERS = ("zero", "theta0")

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 import daunce_store
+from daunce_store._constants import L2_CENTERS
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, TOPK_MEASURE, Attribution
 from daunce_store.serve._work import DEFAULT_MAX_WORK
@@ -51,6 +52,7 @@ def _choices(name: str, values: tuple[str, ...]) -> Any:
 
 # Every choice comes from the library's own vocabulary (measures, sides, backends, formats).
 Measure = _choices("Measure", MEASURE_NAMES)
+L2Center = _choices("L2Center", L2_CENTERS)
 MEASURE_OPTION_HELP = f"Score measure. {MEASURE_HELP}."
 
 
@@ -344,6 +346,7 @@ def perturb(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (overrides the config).", rich_help_panel="Training")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps per perturbation (overrides the config).", rich_help_panel="Training")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size (overrides the config).", rich_help_panel="Training")] = None,
+    l2_center: Annotated[Optional[L2Center], typer.Option("--l2-center", help="Centre of the L2 term of the IF and Fisher objectives: zero (λ/2‖θ‖², the target's regulariser; the default) or theta0 (λ/2‖θ−θ0‖², whose unperturbed optimum is θ0: no shared drift). Overrides the config.", rich_help_panel="Training")] = None,
 ) -> None:
     """Fine-tune perturbed copies of the model and append their loss columns (needs the train extra)."""
     recipe_options = {"model": model, "train": train, "prompt_field": prompt_field, "completion_field": completion_field,
@@ -353,7 +356,8 @@ def perturb(
     if recipe is None and given:
         raise InvalidInputError(f"{', '.join(given)} need --recipe causal-lm|classifier")
     perturb = _training_extra("daunce perturb")
-    cfg = perturb.load_config(config, recipe, overrides={"lr": lr, "max_steps": max_steps, "batch_size": batch_size}, lora=lora)
+    cfg = perturb.load_config(config, recipe, overrides={"lr": lr, "max_steps": max_steps, "batch_size": batch_size,
+                                                                "l2_center": l2_center.value if l2_center else None}, lora=lora)
     if recipe is not None:
         options = {k: v for k, v in recipe_options.items() if v is not None}
         if queries:
@@ -662,14 +666,18 @@ def stability(
     if format == StabilityFormat.json:
         # Strict JSON: NaN ("not computed": no bootstrap resamples) as null, never a bare NaN token.
         sys.stdout.write(dumps_json({"summary": result.summary_records(), "records": result.records(),
-                                     "asymmetry": result.asymmetry}, nan_as_null=True, indent=1) + "\n")
+                                     "asymmetry": result.asymmetry, "drift_share": result.drift_share,
+                                     "l2_center": result.l2_center}, nan_as_null=True, indent=1) + "\n")
         return
     table = Table(
         title=_text(f"top-{k} stability for {query_set} ({result.measure}, K={result.num_columns}, {result.bootstrap} resamples)"),
         caption="K=c: overlap of the top-k of the first c columns with the full list; boot: mean overlap over "
         "resamples; SE/|score|: median bootstrap standard error relative to the score"
         + ("" if result.asymmetry is None else
-           f"; asymmetry of W^T U {result.asymmetry:.3f} (0 = the fine-tunes respond linearly; lower is healthier)"),
+           f"; asymmetry of W^T U {result.asymmetry:.3f} (0 = the fine-tunes respond linearly; lower is healthier)")
+        + "; drift share " + ("unknown (a column records no loss change from θ0)" if result.drift_share is None else
+                              f"{result.drift_share:.3f} (of the loss change, the part common to all columns; lower is healthier)")
+        + f"; L2 centre {result.l2_center or 'unknown'}",
     )
     rows = result.summary_records()
     short = {"bootstrap_overlap": "boot", "median_rel_stderr": "SE/|score|"}

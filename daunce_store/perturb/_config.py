@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+from daunce_store._constants import L2_CENTERS
 from daunce_store.errors import InvalidInputError
 
 __all__ = ["PerturbConfig", "DEFAULT_LORA", "CONVERGENCE_THRESHOLD", "PROBE_FRACTION"]
@@ -95,6 +96,12 @@ class PerturbConfig:
                                         "||p||^2 over the trainable parameters; the optimizer itself decays nothing. "
                                         "null takes it from the task (Task.weight_decay, e.g. ClassificationTask("
                                         "weight_decay=...)), 0 if the task does not say; a number overrides the task's.")
+    l2_center: str = _field("zero", "Where the L2 term of the perturbed objective is centred: 'zero', lambda/2 ||theta||^2 "
+                            "(the target's own regulariser), or 'theta0', lambda/2 ||theta - theta0||^2 (theta0: the "
+                            "trainable parameters' values when the fine-tune starts; for LoRA, the adapters' "
+                            "initialisation), whose unperturbed optimum is theta0 itself, so the fine-tunes do not "
+                            "all drift toward one shrunk point (docs/objectives.md). Same curvature, H + "
+                            "lambda; recorded in each commit's metadata['l2_center'].")
     optimizer: str = _field("adam", "'adam', 'adamw' (the same here: the optimizer decays nothing, see "
                             "weight_decay) or 'sgd' (momentum 0.9).")
     scheduler: str = _field("cosine", "Learning-rate schedule after warm-up: 'cosine', 'linear' or 'constant'.")
@@ -154,6 +161,13 @@ class PerturbConfig:
             bad(f"lr {self.lr} must be > 0")
         if self.weight_decay is not None and not float(self.weight_decay) >= 0.0:
             bad(f"weight_decay {self.weight_decay} must be >= 0 (or null to take it from the task)")
+        if self.l2_center not in L2_CENTERS:
+            bad(f"l2_center {self.l2_center!r} is not one of {', '.join(L2_CENTERS)}")
+        if self.l2_center == "theta0" and self.objective == "blackbox":
+            # Plain fine-tuning's optimum is theta0 with lambda/2 ||theta||^2 already (theta0 minimised it); centred
+            # on theta0, its gradient there would be mean g = -lambda theta0: a drift (docs/objectives.md).
+            bad("l2_center 'theta0' is for the 'if' and 'fisher' objectives; the 'blackbox' fine-tune keeps the target's "
+                "own lambda/2 ||theta||^2 (l2_center: zero), whose optimum is theta0 already")
         if int(self.convergence_probe) < 0:
             bad(f"convergence_probe {self.convergence_probe} must be >= 0 (0 disables the convergence check)")
         if self.optimizer not in _OPTIMIZERS:

@@ -11,12 +11,15 @@ The inner product's gradient is J_i(theta)^T dl_i/df|theta0, which at theta = th
 parameter gradient: so the objective's gradient at theta0 is mean_i (gamma - c_ik) grad l_i (IF) and
 -mean_i c_ik grad l_i (Fisher), a randomly reweighted loss, without any per-example parameter gradient.
 
-The runner adds the target's own regulariser, lambda/2 ||theta||^2 over the trainable parameters
-(:func:`l2_penalty`), to every form: theta0 minimised mean loss + lambda/2 ||theta||^2, and without the term
-the perturbed fine-tune would drift away from theta0 along the regulariser's gradient (DESIGN §1.1). Its
-gradient at theta0, lambda theta0, is the same for every perturbation k, so to first order it shifts all
-columns alike and leaves the centered columns the estimators use unchanged; what it changes is the
-curvature, H + lambda I, which is the curvature the target was trained with.
+The runner adds an L2 term over the trainable parameters to every form (:func:`l2_penalty`), centred where
+``PerturbConfig.l2_center`` says:
+
+* ``zero``: lambda/2 ||theta||^2, the target's own regulariser (theta0 minimised mean loss + lambda/2
+  ||theta||^2). Its gradient at theta0, lambda theta0, is not cancelled by the perturbed data term (whose
+  unperturbed gradient at theta0 is 0), so every fine-tune also drifts toward one shared shrunk point: the
+  same shift in every column, which the centred estimators subtract only to first order.
+* ``theta0``: lambda/2 ||theta - theta0||^2, the Bregman form of the regularised objective: its gradient at
+  theta0 is 0, so the unperturbed optimum is theta0 itself, with the same curvature H + lambda I.
 
 The weights c_ik come from :class:`daunce_store.store.PerturbationDraw` (``perturbation_weights`` is
 re-exported here for the public name ``daunce_store.perturb.perturbation_weights``).
@@ -24,7 +27,7 @@ re-exported here for the public name ``daunce_store.perturb.perturbation_weights
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,14 +35,24 @@ import torch
 from daunce_store.errors import InvalidInputError
 from daunce_store.store import perturbation_weights
 
-__all__ = ["perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective", "l2_penalty"]
+__all__ = ["perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective", "l2_penalty", "l2_center"]
 
 
-def l2_penalty(params: Iterable[torch.Tensor], weight_decay: float) -> torch.Tensor | float:
-    """lambda/2 * sum_p ||p||^2 (accumulated in float32 or wider): the target's regulariser. 0.0 when lambda = 0."""
+def l2_penalty(params: Iterable[torch.Tensor], weight_decay: float,
+               center: Sequence[torch.Tensor] | None = None) -> torch.Tensor | float:
+    """lambda/2 * sum_p ||p - p0||^2 (accumulated in float32 or wider), p0 = ``center`` (the parameters'
+    values at theta0) or 0 when None (the target's own regulariser). 0.0 when lambda = 0."""
     if not weight_decay:
         return 0.0
-    return 0.5 * float(weight_decay) * sum(_upcast(p).pow(2).sum() for p in params)
+    if center is None:
+        return 0.5 * float(weight_decay) * sum(_upcast(p).pow(2).sum() for p in params)
+    return 0.5 * float(weight_decay) * sum((_upcast(p) - _upcast(c)).pow(2).sum() for p, c in zip(params, center, strict=True))
+
+
+def l2_center(params: Iterable[torch.Tensor], where: str) -> list[torch.Tensor] | None:
+    """The centre of the L2 term for ``PerturbConfig.l2_center``: None ('zero'), or detached copies of the
+    parameters as they are now ('theta0', called before the fine-tune's first step)."""
+    return [p.detach().clone() for p in params] if where == "theta0" else None
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, DivergedError, InvalidInputError, LeaseError
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig, lora_layer_count
-from daunce_store.perturb._objective import batch_objective, l2_penalty
+from daunce_store.perturb._objective import batch_objective, l2_center, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter, duration
 from daunce_store.perturb._task import Task
 from daunce_store.perturb._theta0 import Theta0Check
@@ -313,10 +313,10 @@ def _convergence_probe(subset: np.ndarray, config: PerturbConfig, steps: int) ->
 
 def _objective_grad_norm(prep: _Prepared, task: Task, train_data: Any, probe: np.ndarray, c_all: torch.Tensor,
                          params: list[torch.nn.Parameter], weight_decay: float, config: PerturbConfig,
-                         device: torch.device) -> float:
+                         device: torch.device, center: list[torch.Tensor] | None = None) -> float:
     """||grad|| of the perturbed objective at the current weights: the mean over the ``probe`` examples (in
-    eval mode, so dropout does not add noise) plus the L2 term, accumulated over chunks of the training
-    batch size (a backward of that size is known to fit in memory). Leaves ``.grad`` untouched."""
+    eval mode, so dropout does not add noise) plus the L2 term (centred on ``center``, as the fine-tune's),
+    accumulated over chunks of the training batch size (a backward of that size is known to fit in memory). Leaves ``.grad`` untouched."""
     model = prep.model
     was = model.training
     model.eval()
@@ -332,8 +332,8 @@ def _objective_grad_norm(prep: _Prepared, task: Task, train_data: Any, probe: np
             for t, g in zip(total, grads):
                 if g is not None:
                     t += g.float()
-        for t, p in zip(total, params):  # d/dp of lambda/2 ||p||^2
-            t += float(weight_decay) * p.detach().float()
+        for i, (t, p) in enumerate(zip(total, params)):  # d/dp of lambda/2 ||p - p0||^2
+            t += float(weight_decay) * (p.detach().float() - (0.0 if center is None else center[i].float()))
     finally:
         model.train(was)
     return float(torch.sqrt(sum((t * t).sum() for t in total)).cpu())
@@ -348,7 +348,7 @@ def _convergence_record(start: float, end: float, probe_size: int, seconds: floa
 # The settings that make columns one run for the convergence verdict (not the device, batch sizes of
 # evaluation, leases or K).
 _RUN_KEYS = ("objective", "ratio", "rho", "gamma", "epochs", "max_steps", "batch_size", "lr", "weight_decay",
-             "optimizer", "scheduler", "warmup_ratio", "lora", "convergence_probe")
+             "l2_center", "optimizer", "scheduler", "warmup_ratio", "lora", "convergence_probe")
 
 
 def _warn_if_unconverged(store: Any, commit: Any, config: PerturbConfig) -> None:
@@ -375,6 +375,7 @@ def _warn_if_unconverged(store: Any, commit: Any, config: PerturbConfig) -> None
     ratios, before = [], []
     for c in store.commits():
         rec, cfg = c.metadata.get("convergence") or {}, c.metadata.get("config") or {}
+        cfg = {"l2_center": "zero", **cfg}  # columns made before l2_center existed: all were zero-centred
         if rec.get("ratio") is None or any(cfg.get(key) != value for key, value in mine.items()):
             continue
         ratios.append(rec["ratio"])
@@ -521,6 +522,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
     n_eval = len(train_data) + sum(len(d) for d in query_data.values())
     theta0 = Theta0Check(task, fingerprint)
     with beat:
+        signal0 = theta0_signal(model, task, train_data, config, reporter)  # the loss-change record's reference
         torch.manual_seed(torch_seed)
         t0 = time.perf_counter()
         with _prepared(model, task, config, torch_seed) as prep:
@@ -529,11 +531,12 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
             params = list(task.trainable_parameters(prep.model))
             if not params:
                 raise InvalidInputError("the task's trainable_parameters(model) is empty; nothing to fine-tune")
+            center = l2_center(params, config.l2_center)  # theta0's values, before the first step ('theta0')
             opt = _optimizer(params, config)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, len(order)))
             t_probe = time.perf_counter()
             if len(probe):
-                norm_start = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device)
+                norm_start = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device, center)
             t_probe = time.perf_counter() - t_probe
             reporter.begin(pid, "train steps", len(order))
             losses_seen = []
@@ -548,7 +551,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                         with torch.no_grad():
                             prep.reference(batch)
                     obj = batch_objective(task, prep.model, batch, c, config.objective, config.gamma, prep.reference)
-                obj = obj + l2_penalty(params, weight_decay)  # the target's own regularizer
+                obj = obj + l2_penalty(params, weight_decay, center)  # the target's regularizer (or its Bregman form)
                 if not torch.isfinite(obj):
                     raise DivergedError(
                         f"perturbation {pid}: the objective became {obj.item()} at step {step} of {len(order)}: the "
@@ -568,7 +571,7 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
             theta0.decide()  # fewer than its sample in the whole fine-tune: decide on what it saw
             if len(probe):
                 t_end = time.perf_counter()
-                norm_end = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device)
+                norm_end = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device, center)
                 convergence = _convergence_record(norm_start, norm_end, len(probe), t_probe + time.perf_counter() - t_end)
             t_train = time.perf_counter() - t0 - (convergence["seconds"] if convergence else 0.0)
             t1 = time.perf_counter()
@@ -598,6 +601,8 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
         "draw": draw.to_metadata(),
         "objective": config.objective,
         "weight_decay": weight_decay,
+        "l2_center": config.l2_center,
+        "train_change": train_change(train_signal, signal0),
         "config": {key: v for key, v in config.to_dict().items()},
         "task": task.describe(),
         "subset_size": int(len(subset)),
@@ -616,6 +621,33 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
         "adapter": adapter,
     }
     return store.append(pid, train_signal, query_signal, metadata=metadata, lease=beat.lease)
+
+
+# theta0's train signal, for the loss-change record of each commit: one evaluation pass per worker, not one
+# per perturbation (the last (model, task, data) evaluated; strong references keep their ids from being reused).
+_THETA0_SIGNAL: list[Any] = []
+
+
+def theta0_signal(model: torch.nn.Module, task: Task, train_data: Any, config: PerturbConfig,
+                  reporter: Reporter | None = None) -> np.ndarray:
+    """``task.signal`` of every train example under theta0 (``model`` as given, no adapters), remembered for the
+    next perturbation of the same model, task, data, device and precision."""
+    key = (model_fingerprint(model), str(torch.device(config.device)), config.precision)
+    if _THETA0_SIGNAL and _THETA0_SIGNAL[0] is model and _THETA0_SIGNAL[1] is task and _THETA0_SIGNAL[2] is train_data \
+            and _THETA0_SIGNAL[3] == key:
+        return _THETA0_SIGNAL[4]
+    values = evaluate_signal(model, task, train_data, config, reporter, "θ0 train")
+    _THETA0_SIGNAL[:] = [model, task, train_data, key, values]
+    return values
+
+
+def train_change(signal: np.ndarray, signal0: np.ndarray) -> dict[str, Any]:
+    """A commit's ``metadata["train_change"]``: its train column's change from theta0's, d_k = L_k - L0, as
+    ``sum_sq`` = ||d_k||^2 and ``mean`` = mean_i d_ik over ``rows`` rows (float64). With every column's
+    ``sum_sq`` the share of the loss change common to all columns (the drift) follows from the stored columns
+    alone (:func:`daunce_store.scoring.drift_share`)."""
+    d = np.asarray(signal, np.float64) - np.asarray(signal0, np.float64)
+    return {"sum_sq": float(np.dot(d, d)), "mean": float(d.mean()) if len(d) else 0.0, "rows": int(len(d))}
 
 
 _TIMED_STEPS = 3  # the first estimate of a perturbation's time: from this many training steps, after the first

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from daunce_store.scoring._attribution import Attribution, Scores, envelope, influence, scores, self_influence, topk_losses, topk_store
 from daunce_store.scoring._backend import BACKENDS, SIDES, available_backends, topk
+from daunce_store.scoring._drift import drift_share
 from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
 from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, TOPK_MEASURE, Measure
@@ -28,6 +29,7 @@ __all__ = [
     "StoreScorer",
     "TorchScorer",
     "available_backends",
+    "drift_share",
     "envelope",
     "influence",
     "influence_distributed",

@@ -26,6 +26,7 @@ import numpy as np
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._attribution import RowIds, scoring_request
 from daunce_store.scoring._backend import make_accumulator, push_checked
+from daunce_store.scoring._drift import DriftAccumulator, l2_center_of
 from daunce_store.scoring._measures import DEFAULT_MEASURE
 from daunce_store.scoring._numpy import check_underflow
 
@@ -62,6 +63,11 @@ class Stability:
     # Nyström health: asymmetry of the centered W̄ᵀŪ (0 = the losses respond linearly to the weights;
     # lower went with better scores on the LDS testbeds). None for measures without weights.
     asymmetry: float | None = None
+    # The share of the train loss change common to all columns (scoring/_drift.py; None: unknown, a column
+    # records no loss change), and where the columns' objective centred its L2 term ("zero", "theta0",
+    # "mixed"; None: unknown).
+    drift_share: float | None = None
+    l2_center: str | None = None
 
     def summary_records(self) -> list[dict[str, Any]]:
         """One dict per (query, side): overlaps per column count, bootstrap overlap, median relative SE."""
@@ -172,7 +178,10 @@ def stability(
         q, prepared = prep.kernel_queries
         accs.append(make_accumulator(q, k, prep.kernel, sides, backend, queries_prepared=prepared))
     whole = [np.array_equal(v, np.arange(num)) for v in variants]  # no column copy for these
+    drift = DriftAccumulator.of(req.snapshot, req.slots, store.n_train)  # on the same pass
     for offset, block in req.blocks(store, block_rows):
+        if drift is not None:
+            drift.push(block)
         for v, full_width, prep, acc in zip(variants, whole, preps, accs):
             push_checked(acc, offset, prep.block(block if full_width else np.ascontiguousarray(block[:, v])))
     results = [acc.finish() for acc in accs]
@@ -201,4 +210,5 @@ def stability(
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
         asymmetry=req.gram.asymmetry() if req.gram is not None and req.gram.kind == "nystrom" else None,
+        drift_share=None if drift is None else drift.share, l2_center=l2_center_of(req.snapshot, req.slots),
     )
