@@ -347,6 +347,23 @@ def stored_gram(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind
     return cache[key]
 
 
+def persist_grams(store: LossStore, measure: str = AUTO) -> list[tuple[str, int]]:
+    """Make sure the store holds ``measure``'s K × K matrix (default: the default measures' kind) for every
+    column set scoring asks for: all committed columns (self-influence, select) and each query set's. A
+    pass for each one missing, persisted by this (writable) handle; returns (kind, K) of each set covered.
+    For ``daunce compact``: scoring commands open stores read-only and never write one themselves."""
+    snap = store.snapshot()
+    sets = {tuple(store.committed_slots(snapshot=snap))}
+    sets |= {tuple(store.committed_slots(snapshot=snap, query_set=q)) for q in store.query_sets()}
+    done = []
+    for slots in sorted(s for s in sets if len(s) >= 2):
+        resolved = resolve_measure(measure, snap, slots)
+        if resolved.preconditioner is not None:
+            gram_for(store, snap, list(slots), resolved.preconditioner)
+            done.append((resolved.preconditioner, len(slots)))
+    return done
+
+
 def column_names(snapshot: Snapshot, slots: Sequence[int]) -> list[str]:
     """The perturbation id of the column in each slot (for messages)."""
     by_slot = {c.slot: c.perturbation for c in snapshot.commits}

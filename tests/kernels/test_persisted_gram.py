@@ -338,3 +338,29 @@ def test_a_new_preconditioner_is_one_class(store_path):
         assert gram.diagnostics() == {}
     finally:
         PRECONDITIONERS.pop("ridge-test", None)
+
+
+def test_daunce_compact_persists_the_default_measures_matrices(tmp_path, monkeypatch):
+    """Scoring commands open the store read-only; `daunce compact` leaves them the matrices they need."""
+    from typer.testing import CliRunner
+
+    from daunce_store.cli import app
+
+    path = tmp_path / "s.zarr"
+    train, query = _random()
+    store = _build(path, train, query)
+    store.add_query_set("half", ["t1", "t2"])  # a query set with fewer columns: a column set of its own
+    for c in range(6):
+        store.append_query_losses(f"{c:06d}", "half", train[1:3, c])
+    result = CliRunner().invoke(app, ["compact", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "persisted for 2 column set(s)" in result.output
+    assert len(_records(path)) == 2
+    passes = Passes(monkeypatch)
+    ro = daunce_store.open(path, "r")
+    ro.topk("test", k=3)  # auto-corr: nystrom-corr here (every column records its draw)
+    ro.topk("half", k=3, measure="auto")
+    ro.self_influence(k=3)
+    assert passes.count == 0
+    again = CliRunner().invoke(app, ["compact", str(path)])
+    assert again.exit_code == 0 and passes.count == 0 and len(_records(path)) == 2
