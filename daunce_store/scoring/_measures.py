@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
 
 __all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "TOPK_MEASURE", "AUTOS", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
-           "gram_part", "column_names"]
+           "gram_part", "gram_for", "stored_gram", "persist_grams", "column_names"]
 
 # A Gram block term whose entries are all below this is made of float32 products at or under float32's normal
 # range (1.2e-38): losses that vary only by ~1e-19 or less (e.g. subnormal losses ~1e-40). Such a Gram has lost
