@@ -103,7 +103,7 @@ class Nystrom(Preconditioner):
     def diagnostics(self, b: np.ndarray) -> dict[str, float]:
         # ‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ: 0 for a perfectly linear response (lower went with
         # better Nyström scores).
-        return {"asymmetry": float(np.linalg.norm(b - b.T) / max(np.linalg.norm(b + b.T), 1e-300))}
+        return {"asymmetry": float(np.linalg.norm(b - b.T)) / max(float(np.linalg.norm(b + b.T)), 1e-300)}
 
 
 class Whitened(Preconditioner):
