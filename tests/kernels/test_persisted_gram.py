@@ -364,3 +364,22 @@ def test_daunce_compact_persists_the_default_measures_matrices(tmp_path, monkeyp
     assert passes.count == 0
     again = CliRunner().invoke(app, ["compact", str(path)])
     assert again.exit_code == 0 and passes.count == 0 and len(_records(path)) == 2
+
+
+def test_an_object_store_persists_and_reuses_the_matrix(s3_endpoint, monkeypatch):
+    """On S3 (moto) too: the create-if-absent record is written by a writable handle and read by a fresh one."""
+    import uuid
+
+    url = f"s3://daunce-test/{uuid.uuid4().hex}"
+    train, query = _random()
+    store = daunce_store.init(url, [f"t{i}" for i in range(N)], {"test": [f"q{j}" for j in range(M)]}, seed=SEED,
+                              chunk_rows=64, storage_options=s3_endpoint)
+    for c in range(K):
+        store.append(f"{c:06d}", train[:, c], {"test": query[:, c]})
+    passes = Passes(monkeypatch)
+    want = daunce_store.open(url, "r", storage_options=s3_endpoint).topk("test", k=6, measure="auto")
+    assert store._storage.list(C.MATRICES_PREFIX) == [] and passes.count == 1
+    _same(daunce_store.open(url, storage_options=s3_endpoint).topk("test", k=6, measure="auto"), want)
+    assert len(store._storage.list(C.MATRICES_PREFIX)) == 1 and passes.count == 2
+    _same(daunce_store.open(url, "r", storage_options=s3_endpoint).topk("test", k=6, measure="auto"), want)
+    assert passes.count == 2
