@@ -225,12 +225,16 @@ def print_measures_table(rows: list[dict]) -> None:
           "/ sgemm: against the sgemm floor of the same n, K, m):\n")
     print("| n | K | m | how | cov | auto | auto / cov | auto-corr (default) | auto-corr / cov | cov / sgemm | auto / sgemm | auto-corr / sgemm | load1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    tops = {(r["n"], r["K"], r["m"]): r for r in rows if r["what"] == "topk"}
-    lines = [(r, "store.topk") for r in rows if r["what"] == "topk" and "fresh_seconds" in r]
-    lines += [(r, "process") for r in rows if r["what"] == "measures"]
-    for r, how in sorted(lines, key=lambda x: (x[0]["n"], x[0]["K"], x[0]["m"], x[1])):
+    lines, tops = [], {}
+    for r in rows:  # in file order: a process row goes with the sgemm floor measured just before it, in its run
+        if r["what"] == "topk":
+            tops[(r["n"], r["K"], r["m"])] = r
+            if "fresh_seconds" in r:
+                lines.append((r, "store.topk", r))
+        elif r["what"] == "measures":
+            lines.append((r, "process", tops.get((r["n"], r["K"], r["m"]))))
+    for r, how, top in sorted(lines, key=lambda x: (x[0]["n"], x[0]["K"], x[0]["m"], x[1], x[0]["date"])):
         t = r["fresh_seconds"] if how == "store.topk" else r["seconds"]
-        top = tops.get((r["n"], r["K"], r["m"]))
         floor = lambda x: f"{x / top['sgemm_floor']:.2f}×" if top else "—"  # noqa: E731
         print(f"| {r['n']:,} | {r['K']} | {r['m']} | {how} | {t['cov']:.3g} s | {t['auto']:.3g} s | {t['auto'] / t['cov']:.2f}× | "
               f"{t['auto-corr']:.3g} s | {t['auto-corr'] / t['cov']:.2f}× | {floor(t['cov'])} | {floor(t['auto'])} | {floor(t['auto-corr'])} | {r['load1']} |")
