@@ -22,7 +22,11 @@ into (65536, 64) chunks; page cache warm, so these are decode-path numbers):
   ahead), ``naming`` (``train_ids_at`` of the listed rows);
 * latency (m = 1 and 100, k = 10, cov): the whole ``daunce topk --format json`` process (and python +
   imports alone), and ``store.topk`` on a store opened just before (first call) and again (second call),
-  best of ``--repeat``; each against the same case's max(sgemm floor, read floor).
+  best of ``--repeat``; each against the same case's max(sgemm floor, read floor);
+* default measures (issue 23): ``store.topk`` under ``auto`` and ``auto-corr`` (no recorded draws here:
+  whitened and whitened-corr) against cov in the same run, on an open read-only handle whose K × K matrix
+  comes from the store's persisted record (written once by ``persist_matrices``, timed as ``persist``);
+  and the whole ``daunce topk`` process under each measure (the default is ``auto-corr``).
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
     import daunce_store
 
     path = build_store(n, kc, packed=True)
+    writer = daunce_store.open(path)  # the first writable reader persists the default measures' matrices
+    t = time.perf_counter()
+    writer.persist_matrices()
+    append_row(RESULTS, {"what": "persist", "n": n, "K": kc, "seconds": time.perf_counter() - t})
     store = daunce_store.open(path, mode="r")
     assert store._pack_map() and set(store._pack_map()) == set(store.committed_slots()), "not fully compacted"
     gb = n * kc * 4 / 1e9
@@ -107,6 +115,10 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         t_gemm = best(lambda: [x[r0 : r0 + BLOCK] @ q.T for r0 in range(0, n, BLOCK)], repeat)
         queries = [f"q{j}" for j in range(m)]
         t_topk = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
+        # The default measures, in the same run: a fresh read-only handle per call (its K x K matrix read
+        # from the store's record, as a new process would), interleaved with cov to share the load.
+        t_measures = {measure: best(lambda: daunce_store.open(path, mode="r").topk("bench", queries, k=K_TOP, measure=measure), repeat)
+                      for measure in ("cov", "auto", "auto-corr")}
         os.environ["DAUNCE_STORE_FUSED"] = "0"  # the same call on the block path (read blocks, then score them)
         try:
             t_blocks = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
@@ -135,22 +147,26 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         append_row(RESULTS, {"what": "topk", "n": n, "K": kc, "m": m, "k": K_TOP, "seconds": t_topk, "sgemm_floor": t_gemm,
                  "gflops": 2 * n * kc * m / t_gemm / 1e9, "read_floor": read_floor, "vs_floor": t_topk / floor, "blocks_seconds": t_blocks,
                  "block_rows": rows, "request_seconds": t_req, "kernel_seconds": t_kernel, "pipeline_seconds": t_pipe,
-                 "naming_seconds": t_names, "named_rows": int(len(listed)), "runs": repeat})
+                 "naming_seconds": t_names, "named_rows": int(len(listed)), "runs": repeat,
+                 "fresh_seconds": t_measures})
     del x
     if latency:
         for m in LATENCY_MS:
             queries = [f"q{j}" for j in range(m)]
-            cmd = [sys.executable, "-m", "daunce_store.cli", "topk", str(path), "--query-set", "bench",
-                   *[a for q in queries for a in ("--query", q)], "-k", str(K_TOP), "--measure", "cov", "--format", "json"]
-            if shutil.which("daunce"):
-                cmd = ["daunce", *cmd[3:]]
-            times = []
-            for _ in range(repeat):
-                t = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                times.append(time.perf_counter() - t)
-                assert proc.returncode == 0, proc.stderr[-2000:]
-            append_row(RESULTS, {"what": "latency", "how": "daunce topk process", "n": n, "K": kc, "m": m, "seconds": min(times), "runs": repeat})
+            times: dict[str, list[float]] = {"cov": [], "auto": [], "auto-corr": []}
+            for _ in range(repeat):  # the measures interleaved, so the machine's load falls on each alike
+                for measure in times:
+                    cmd = [sys.executable, "-m", "daunce_store.cli", "topk", str(path), "--query-set", "bench",
+                           *[a for q in queries for a in ("--query", q)], "-k", str(K_TOP), "--measure", measure, "--format", "json"]
+                    if shutil.which("daunce"):
+                        cmd = ["daunce", *cmd[3:]]
+                    t = time.perf_counter()
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    times[measure].append(time.perf_counter() - t)
+                    assert proc.returncode == 0, proc.stderr[-2000:]
+            append_row(RESULTS, {"what": "latency", "how": "daunce topk process", "n": n, "K": kc, "m": m, "seconds": min(times["cov"]), "runs": repeat})
+            append_row(RESULTS, {"what": "measures", "how": "daunce topk process", "n": n, "K": kc, "m": m,
+                                 "seconds": {k: min(v) for k, v in times.items()}, "runs": repeat})
             firsts, seconds = [], []
             for _ in range(repeat):  # a fresh handle each time: its first call reads the records, the second reuses them
                 opened = daunce_store.open(path, mode="r")
@@ -201,6 +217,32 @@ def print_table() -> None:
             print(f"| {r['n']:,} | {r['K']} | {r.get('m', '—')} | {r['how']} | {r['seconds']:.3g} | {floor} | {r['load1']} |")
 
 
+def print_measures_table(rows: list[dict]) -> None:
+    """Issue 23's table: the default measures against cov, as ratios within one run."""
+    print(f"\n**Default measures against cov** (k = {K_TOP}, both sides, compacted store; `auto` = whitened and `auto-corr` = "
+          "whitened-corr here (no recorded draws), their K × K matrix read from the store's persisted record; "
+          "`store.topk`: a fresh read-only handle per call; process: the whole `daunce topk --format json`; "
+          "/ sgemm: against the sgemm floor of the same n, K, m):\n")
+    print("| n | K | m | how | cov | auto | auto / cov | auto-corr (default) | auto-corr / cov | cov / sgemm | auto / sgemm | auto-corr / sgemm | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines, tops = [], {}
+    for r in rows:  # in file order: a process row goes with the sgemm floor measured just before it, in its run
+        if r["what"] == "topk":
+            tops[(r["n"], r["K"], r["m"])] = r
+            if "fresh_seconds" in r:
+                lines.append((r, "store.topk", r))
+        elif r["what"] == "measures":
+            lines.append((r, "process", tops.get((r["n"], r["K"], r["m"]))))
+    for r, how, top in sorted(lines, key=lambda x: (x[0]["n"], x[0]["K"], x[0]["m"], x[1], x[0]["date"])):
+        t = r["fresh_seconds"] if how == "store.topk" else r["seconds"]
+        floor = lambda x: f"{x / top['sgemm_floor']:.2f}×" if top else "—"  # noqa: E731
+        print(f"| {r['n']:,} | {r['K']} | {r['m']} | {how} | {t['cov']:.3g} s | {t['auto']:.3g} s | {t['auto'] / t['cov']:.2f}× | "
+              f"{t['auto-corr']:.3g} s | {t['auto-corr'] / t['cov']:.2f}× | {floor(t['cov'])} | {floor(t['auto'])} | {floor(t['auto-corr'])} | {r['load1']} |")
+    for r in rows:
+        if r["what"] == "persist":
+            print(f"\n(persisting the matrix, once per column set: {r['seconds']:.3g} s at {r['n']:,} × {r['K']}, load1 {r['load1']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="1M:64:1/100/1000,1M:256:1/100/1000,10M:64:1/100", help="n:K:m/m/... triples")
@@ -210,6 +252,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         print_table()
+        print_measures_table([json.loads(line) for line in open(RESULTS)])
         return
     DATA.mkdir(exist_ok=True)
     t0 = time.perf_counter()
@@ -220,6 +263,7 @@ def main() -> None:
         run_size(n, kc, [int(m) for m in m_s.split("/")], repeat, latency=f"{n_s}:{k_s}" == args.latency_at)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print_table()
+    print_measures_table([json.loads(line) for line in open(RESULTS)])
 
 
 if __name__ == "__main__":

@@ -152,6 +152,15 @@ class Store(LossStore):
             raise InvalidInputError("partition_rows splits a distributed scan; give client= (a Dask client or scheduler address) too")
         return client is not None
 
+    def persist_matrices(self, measure: str = DEFAULT_MEASURE) -> list[tuple[str, int]]:
+        """Persist ``measure``'s K × K matrix for every column set scoring asks for (all committed columns,
+        each query set's), one pass each where the store holds none yet, so that read-only scoring (the
+        CLI, a server, Dask) starts without that pass; returns (kind, K) per set. ``daunce compact`` runs it."""
+        from daunce_store.scoring._measures import persist_grams
+
+        self._require_writable()
+        return persist_grams(self, measure)
+
     def stability(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
         side: Side = "both", fractions: Sequence[float] = (0.25, 0.5, 1.0), bootstrap: int = 20, seed: int = 0,

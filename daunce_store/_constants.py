@@ -29,6 +29,7 @@ FATES_PREFIX = f"{LOG_PREFIX}/fates"  # fates/slot-<slot>.json, fates/group-<g>.
 CLOCK_PREFIX = f"{LOG_PREFIX}/clock"  # clock/<uuid>.json : gc's storage-clock probe, written and removed at once
 RECLAIMED_PREFIX = f"{LOG_PREFIX}/reclaimed"  # reclaimed/<slot>.json : a packed slot's per-column chunks are gone (gc)
 ADAPTERS_PREFIX = f"{LOG_PREFIX}/adapters"  # adapters/<perturbation>.safetensors : a perturbation's trained weights
+MATRICES_PREFIX = f"{LOG_PREFIX}/matrices"  # matrices/<kind>/<key sha256>.json : a K x K matrix derived from committed columns
 
 # Compaction: committed per-column chunks are copied, PACK_WIDTH columns at a time, into the wide array
 # train/packed with chunks (min(chunk_rows, PACK_ROWS), PACK_WIDTH); wide chunks read several times

@@ -63,6 +63,10 @@ class TopKAccumulator:
 
     @property
     def rows_seen(self) -> int: ...
+    def set_transform(self, transform: npt.NDArray[np.float32]) -> None:
+        """Score every row pushed from now on as ``center(x) @ transform`` ((K, K) float32), then prepared
+        as usual (the normalised preconditioned measures: transform = M^½)."""
+
     def push_block(self, offset: int, block: npt.NDArray[np.float32]) -> None:
         """Fold rows ``offset .. offset + R`` of a C-contiguous float32 (R, K) block (any order)."""
 

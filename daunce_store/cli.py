@@ -399,7 +399,8 @@ def status(
 
 @_command(app)
 def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
-    """Pack committed columns into wide row-block chunks (faster scans); safe while workers append."""
+    """Pack committed columns into wide row-block chunks (faster scans), and persist the default measure's
+    K x K matrices (one pass each where missing); safe while workers append."""
     s = _open(store, "a", storage_options)
     groups = s.compact()
     info = s.status()
@@ -407,6 +408,14 @@ def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
         f"packed {len(groups)} new group(s) of {s.pack_width} columns; "
         f"{info['packed_columns']} of {info['committed_columns']} committed columns are packed"
     )
+    # The default measures' K x K matrices, persisted here because scoring commands open the store read-only.
+    try:
+        sets = s.persist_matrices()
+    except DaunceStoreError as e:  # losses the default measure cannot score: said when scoring, not a compaction error
+        err_console.print(_text(f"the default measure's K x K matrices were not persisted: {e}"))
+    else:
+        if sets:
+            console.print(f"the default measure's K x K matrices are persisted for {len(sets)} column set(s)")
 
 
 LeasesFormat = _choices("LeasesFormat", ("table", "json"))

@@ -496,13 +496,16 @@ def push_train_rows(
 ) -> None:
     """Feed the train rows of ``slots`` (rows ``row_range``, default all) to ``acc``. The Rust kernel reads a
     local store's chunks itself and scores them while they are in cache (``LossStore.scan_fused``) where it
-    sees the stored rows as they are (no transform, all columns); else the ``blocks()`` are pushed through
-    the measure's transform."""
-    fused = prep.transform is None and positions is None and hasattr(acc, "push_chunks")
+    sees the stored rows with all columns (a normalised preconditioned measure's transform applied by the
+    kernel itself, ``set_transform``); else the ``blocks()`` are pushed through the measure's transform."""
+    in_kernel = prep.transform is not None and hasattr(acc, "set_transform")
+    if in_kernel:
+        acc.set_transform(prep.transform)
+    fused = (prep.transform is None or in_kernel) and positions is None and hasattr(acc, "push_chunks")
     if fused and store.scan_fused(acc.push_chunks, snapshot=snapshot, slots=slots, row_range=row_range):
         return
     for offset, block in blocks():
-        push_checked(acc, offset, prep.block(block))
+        push_checked(acc, offset, block if in_kernel else prep.block(block))
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:

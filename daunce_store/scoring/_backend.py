@@ -107,6 +107,12 @@ class _RustTopK:
         except ValueError as e:
             raise InvalidInputError(str(e)) from None
 
+    def set_transform(self, transform: np.ndarray) -> None:
+        """Score every row pushed from now on as ``center(x) @ transform`` (K, K), then prepared as usual: the
+        normalised preconditioned measures' rows (``Prepared.block``), computed in the kernel, so that they
+        take the fused read-and-score pass too."""
+        self._acc.set_transform(np.ascontiguousarray(transform, np.float32))
+
     def push_chunks(self, root: str, sources: list[Any], r0: int, r1: int) -> None:
         """Rows r0:r1 read by the kernel itself from a local store's chunk files (``LossStore.scan_fused``);
         a damaged chunk raises the extension's ChunkReadError, which the store names."""

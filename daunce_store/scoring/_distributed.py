@@ -20,7 +20,8 @@ Why the answer is the single-process one, exactly (DESIGN §8):
 * the Gram matrix of the ``nystrom`` and ``whitened`` measures (one pass over the rows) is summed as a
   distributed pass too, but the tasks return one (K, K) part per block and the driver adds them in row
   order, as :meth:`Gram.accumulate` does, so the preconditioner has the same bits as well. It goes into the
-  store handle's cache, where the driver's :func:`scoring_request` finds it.
+  store handle's cache, where the driver's :func:`scoring_request` finds it, and is persisted in the store
+  (``stored_gram``); a matrix another process persisted for the same columns is used without a pass.
 
 Dask is an optional dependency (the ``dask`` extra), imported only here and only when a cluster is used.
 """
@@ -62,8 +63,10 @@ from daunce_store.scoring._measures import (
     draws_of,
     gram_part,
     metric_self_scores,
+    stored_gram,
 )
 from daunce_store.scoring._numpy import check_underflow
+from daunce_store.scoring._preconditioners import preconditioner_named
 from daunce_store.store import LossStore, Snapshot
 
 if TYPE_CHECKING:
@@ -209,7 +212,7 @@ class _TopKTask:
 class _GramTask:
     source: _Source
     block_rows: int
-    kind: str  # "nystrom" or "whitened"
+    kind: str  # a registered Preconditioner's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +253,7 @@ def _scan_gram(task: _GramTask, r0: int, r1: int) -> list[tuple[np.ndarray, np.n
     counts, spread), unsummed, so the driver can add them in row order (float sums are not associative).
     K·K·8 bytes per block."""
     snapshot, slots = task.source.snapshot, task.source.slots
-    draws = draws_of(snapshot, slots) if task.kind == "nystrom" else []
+    draws = draws_of(snapshot, slots) if preconditioner_named(task.kind).needs_draws else []
     names = column_names(snapshot, slots)
     with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate: the same GEMM path, the same bits
         return [gram_part(task.kind, block, offset, draws, names)
@@ -350,12 +353,10 @@ def _run(client: Any, store: LossStore, snapshot: Snapshot, slots: Sequence[int]
 
 
 def _ensure_gram(run: _Run, store: LossStore, kind: str | None, slots: Sequence[int]) -> None:
-    """Put the Gram of these slots into the store handle's cache (where ``gram_for`` looks) unless there."""
-    if kind is None:
-        return
-    key = ("gram", kind, tuple(int(s) for s in slots))  # gram_for's key
-    if key not in store.derived_cache:
-        store.derived_cache[key] = run.gram(kind)
+    """Put the Gram of these slots into the store handle's cache (where ``gram_for`` looks): the handle's,
+    the store's persisted one, or one pass on the cluster (then persisted, as ``gram_for`` does)."""
+    if kind is not None:
+        stored_gram(store, run.source.snapshot, slots, kind, lambda: run.gram(kind))
 
 
 def topk_distributed(

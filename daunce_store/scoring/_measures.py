@@ -17,38 +17,36 @@ query row (DESIGN §4). The measures differ only in a K × K matrix M applied to
   transformed by M^½ and normalises them.
 
 The K × K matrices come from one extra pass over the train losses (``Gram``), accumulated once per
-column set and cached on the store handle; any column subset or bootstrap resample of those columns gets
-its M from the same pass without reading again (centering is a projection: P Eᵀ A E P).
+column set, persisted in the store (``_daunce/matrices/``, FORMAT.md) and cached on the store handle, so
+later processes read a few KB instead of every row; any column subset or bootstrap resample of those
+columns gets its M from the same matrix without reading again (centering is a projection: P Eᵀ A E P).
+What each matrix is, and how it becomes M, is its :class:`~daunce_store.scoring._preconditioners.Preconditioner`.
 
-Adding a measure: one entry in ``MEASURES`` and, if it needs a new matrix, a branch in
-:meth:`Gram.preconditioner`; the kernels only ever see "cov" or "corr".
+Adding a preconditioned measure: one :class:`~daunce_store.scoring._preconditioners.Preconditioner`
+subclass (it registers itself and its two measures); the kernels only ever see "cov" or "corr".
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from daunce_store._constants import MAX_ABS_LOSS
-from daunce_store.errors import DivergedError, InvalidInputError, NotEnoughColumnsError
+from daunce_store.errors import DivergedError, InvalidInputError
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
-from daunce_store.store import PerturbationDraw, weights_block
+from daunce_store.scoring._preconditioners import PRECONDITIONERS, Preconditioner, preconditioner_named
+from daunce_store.store import PerturbationDraw, read_derived_matrix, write_derived_matrix
 
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
 
 __all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "TOPK_MEASURE", "AUTOS", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
-           "gram_part", "column_names"]
+           "gram_part", "gram_for", "stored_gram", "persist_grams", "column_names"]
 
-# Measured on the LDS testbeds (bench/RESULTS.md, "Accuracy"): a plain ridge on sym(W̄ᵀŪ) collapses at
-# K = 256 (near-zero and negative eigenvalues); raising them to 2-3 % of the largest is stable.
-NYSTROM_FLOOR = 0.03
-# Whitening ridge λ = 0.3 · tr(ŪᵀŪ)/K: LDS is flat around it (0.1-1.0 measured within 0.01-0.02).
-WHITEN_RIDGE = 0.3
 # A Gram block term whose entries are all below this is made of float32 products at or under float32's normal
 # range (1.2e-38): losses that vary only by ~1e-19 or less (e.g. subnormal losses ~1e-40). Such a Gram has lost
 # its digits, and its inverse scales queries beyond float32; a real Gram is many orders above it.
@@ -61,8 +59,12 @@ class Measure:
 
     name: str
     kernel: str  # "cov" or "corr": how the kernel prepares rows
-    preconditioner: str | None  # None, "whitened" or "nystrom"
+    preconditioner: str | None  # None, or the name of a registered Preconditioner
     help: str
+
+    @property
+    def needs_draws(self) -> bool:
+        return self.preconditioner is not None and preconditioner_named(self.preconditioner).needs_draws
 
     @property
     def normalized(self) -> bool:
@@ -72,12 +74,10 @@ class Measure:
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
-        Measure("nystrom", "cov", "nystrom", "targets the influence function (best LDS; needs the runner's recorded draws)"),
-        Measure("whitened", "cov", "whitened", "whitened covariance (no weights needed: black-box or imported columns)"),
+        *(Measure(p.name, "cov", p.name, p.help) for p in PRECONDITIONERS.values()),
         Measure("cov", "cov", None, "plain covariance of the losses across perturbations (the paper's estimator)"),
         Measure("corr", "corr", None, "Pearson correlation across perturbations"),
-        Measure("nystrom-corr", "corr", "nystrom", "nystrom normalised by the train example's self-score (retrieval)"),
-        Measure("whitened-corr", "corr", "whitened", "whitened normalised by the train example's self-score (retrieval)"),
+        *(Measure(f"{p.name}-corr", "corr", p.name, p.corr_help) for p in PRECONDITIONERS.values()),
     )
 }
 AUTO = "auto"  # nystrom when every column records its draw, else whitened
@@ -114,7 +114,7 @@ def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence
     unmeasured on LDS) it is allowed when asked for by name."""
     if name not in AUTOS and name not in MEASURES:
         raise InvalidInputError(f"measure must be one of {', '.join(MEASURE_NAMES)}, not {name!r}")
-    if snapshot is None or (name not in AUTOS and MEASURES[name].preconditioner != "nystrom"):
+    if snapshot is None or (name not in AUTOS and not MEASURES[name].needs_draws):
         return MEASURES[AUTOS[name][0] if name in AUTOS else name]
     draws = draws_of(snapshot, slots)
     missing = sum(d is None for d in draws)
@@ -138,30 +138,24 @@ def _center(x: np.ndarray) -> np.ndarray:
 # How a Gram's losses vary across the columns (Gram.spread): as float32 can square them, not at all, or only
 # below float32's range (GRAM_TINY).
 SPREAD_OK, SPREAD_CONSTANT, SPREAD_TINY = "ok", "constant", "tiny"
+SPREADS = (SPREAD_OK, SPREAD_CONSTANT, SPREAD_TINY)
 
 
 def gram_part(kind: str, block: np.ndarray, offset: int, draws: Sequence[PerturbationDraw] = (),
               names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, str]:
-    """One row block's term of :class:`Gram`: ``(part (K, K) float64, subset members (K,), spread)``, with
-    ``spread`` one of ``SPREAD_*`` for this block alone. ``names``: the columns' perturbation ids, for the
+    """One row block's term of :class:`Gram`: ``(part (K, K) float64, per-column counts (K,) or empty,
+    spread)``, with ``spread`` one of ``SPREAD_*`` for this block alone; the part is the ``kind``
+    preconditioner's :meth:`~Preconditioner.block_part`. ``names``: the columns' perturbation ids, for the
     error a block raises when it holds losses beyond ±``MAX_ABS_LOSS`` (stored before appends refused them,
     or written by other means): a :class:`DivergedError` naming those columns. Without it such a column
     overflows the float32 Gram (read as "every loss is constant") or, below overflow, dominates every score."""
+    pre = preconditioner_named(kind)
     # Two passes without a temporary, cheap beside the (K, R) x (R, K) GEMM below; NaN fails the test too.
     if not (block.max(initial=-np.inf) <= MAX_ABS_LOSS and block.min(initial=np.inf) >= -MAX_ABS_LOSS):
         raise _beyond_range(kind, block, offset, names)
     # float32 GEMMs summed in float64 across blocks: a preconditioner needs ~4 digits, not 16.
     u = prepare_rows(block, "cov")  # centered over K
-    if kind == "nystrom":
-        w, members = weights_block(draws, offset, offset + len(block))  # (R, K) row-major: see below
-        # w.T @ u with w row-major: measured 100x faster in OpenBLAS than a (K, R) C-order left side.
-        with np.errstate(over="ignore", invalid="ignore"):
-            part = (w.T @ u).astype(np.float64)
-        members = np.asarray(members, dtype=np.float64)
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            part = (u.T @ u).astype(np.float64)
-        members = np.zeros(0)
+    part, members = pre.block_part(u, offset, draws)
     if not np.isfinite(part).all():  # not for |loss| <= MAX_ABS_LOSS (its note bounds R); kept as the last word
         raise _beyond_range(kind, block, offset, names)
     if np.abs(part).max(initial=0.0) > GRAM_TINY:
@@ -189,10 +183,9 @@ def _beyond_range(kind: str, block: np.ndarray, offset: int, names: Sequence[str
 
 @dataclasses.dataclass(frozen=True)
 class Gram:
-    """Σ_i x_i ū_iᵀ over every train row, (K, K) float64, for the columns it was accumulated on.
-
-    ū_i: row i's losses centered over the K columns; x_i = ū_i (``whitened``), or the perturbations'
-    linearized weights w_ik = a_ik·1[i∈D_k]/|D_k| (``nystrom``). ``spread``: whether the losses vary
+    """The ``kind`` preconditioner's K × K matrix over every train row, float64, for the columns it was
+    accumulated on: Σ_i x_i ū_iᵀ, ū_i row i's losses centered over the K columns (see
+    :mod:`~daunce_store.scoring._preconditioners` for each kind's x_i). ``spread``: whether the losses vary
     across the columns at all (``SPREAD_CONSTANT`` if not), and whether float32 could square them
     (``SPREAD_TINY``: they vary only below ~1e-19, e.g. subnormal losses), so that an empty Gram is
     explained truthfully.
@@ -201,6 +194,10 @@ class Gram:
     kind: str
     matrix: np.ndarray
     spread: str = SPREAD_OK
+
+    @property
+    def kind_class(self) -> Preconditioner:
+        return preconditioner_named(self.kind)
 
     @classmethod
     def accumulate(cls, kind: str, blocks: Iterator[tuple[int, np.ndarray]], draws: Sequence[PerturbationDraw] = (),
@@ -214,20 +211,19 @@ class Gram:
     @classmethod
     def from_parts(cls, kind: str, parts: Iterable[tuple[np.ndarray, np.ndarray, str]], num_draws: int = 0) -> Gram:
         """The sum of :func:`gram_part` terms, in their order (float sums are not associative)."""
+        pre = preconditioner_named(kind)
         matrix: np.ndarray | None = None
-        sizes = np.zeros(num_draws)
+        counts = np.zeros(num_draws)
         spreads = set()
         for part, members, spread in parts:
-            if kind == "nystrom":
-                sizes += members
+            if len(members):
+                counts += members
             spreads.add(spread)
             matrix = part if matrix is None else matrix + part
         if matrix is None:
             raise InvalidInputError("the store has no train rows to score")
-        if kind == "nystrom":
-            matrix = matrix / np.maximum(sizes, 1.0)[:, None]  # row k of WᵀŪ carries 1/|D_k|
         spread = next((s for s in (SPREAD_OK, SPREAD_TINY) if s in spreads), SPREAD_CONSTANT)
-        return cls(kind, matrix, spread)
+        return cls(kind, pre.finish(matrix, counts), spread)
 
     def selected(self, positions: np.ndarray | None) -> np.ndarray:
         """P Eᵀ A E P: the centered Gram of a column selection (positions may repeat: a bootstrap)."""
@@ -235,11 +231,9 @@ class Gram:
         p = np.eye(len(a)) - 1.0 / len(a)
         return p @ a @ p
 
-    def asymmetry(self, positions: np.ndarray | None = None) -> float:
-        """‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ: 0 for a perfectly linear response (a health check:
-        lower went with better Nyström scores)."""
-        b = self.selected(positions)
-        return float(np.linalg.norm(b - b.T) / max(np.linalg.norm(b + b.T), 1e-300))
+    def diagnostics(self, positions: np.ndarray | None = None) -> dict[str, float]:
+        """The preconditioner's health numbers on a column selection (e.g. nystrom's ``asymmetry``)."""
+        return self.kind_class.diagnostics(self.selected(positions))
 
     def preconditioner(self, positions: np.ndarray | None = None) -> np.ndarray:
         """M, projected onto the centered subspace (P M P), (K', K') float64."""
@@ -251,26 +245,8 @@ class Gram:
                 "(multiply them by a constant) before appending"
             )
         b = self.selected(positions)
-        kk = len(b)
-        p = np.eye(kk) - 1.0 / kk
-        if self.kind == "whitened":
-            ridge = WHITEN_RIDGE * np.trace(b) / kk
-            if not ridge > 0:
-                raise NotEnoughColumnsError("every train loss is constant across the perturbations; nothing to score")
-            m = np.linalg.inv(b + ridge * np.eye(kk))
-        else:
-            vals, vecs = np.linalg.eigh(0.5 * (b + b.T))
-            top = vals.max()
-            if not top > 0 and self.spread == SPREAD_CONSTANT:
-                raise NotEnoughColumnsError("every train loss is constant across the perturbations; nothing to score")
-            if not top > 0:
-                raise InvalidInputError(
-                    "the train losses do not respond to the recorded perturbation weights (W̄ᵀŪ has no positive "
-                    "eigenvalue): the draws recorded with the columns do not match them; use --measure whitened"
-                )
-            vals = np.maximum(vals, NYSTROM_FLOOR * top)
-            m = (vecs / vals) @ vecs.T
-        return p @ m @ p
+        p = np.eye(len(b)) - 1.0 / len(b)
+        return p @ self.kind_class.matrix(b, self.spread == SPREAD_CONSTANT) @ p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,15 +318,50 @@ def _float32(x: np.ndarray, measure: Measure) -> np.ndarray:
 
 
 def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, block_rows: int | None = None) -> Gram:
-    """The Gram of ``kind`` over the columns in ``slots`` (one streaming pass), cached on the store handle:
-    committed columns never change, so a Gram stays valid for the same slots."""
+    """The Gram of ``kind`` over the columns in ``slots``: the store handle's, the store's persisted one, or
+    one streaming pass (then persisted; see :func:`stored_gram`)."""
+
+    def one_pass() -> Gram:
+        draws = draws_of(snapshot, slots) if preconditioner_named(kind).needs_draws else []
+        blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
+        return Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
+
+    return stored_gram(store, snapshot, slots, kind, one_pass)
+
+
+def stored_gram(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, compute: Callable[[], Gram]) -> Gram:
+    """The Gram of ``kind`` over ``slots`` from, in order: the handle's cache; the matrix persisted in the
+    store for exactly these columns (``store.read_derived_matrix``: any process wrote it, this one or
+    another, a Dask driver included); else ``compute()``, which is then persisted (create-if-absent, by a
+    writable handle only) and cached. Committed columns never change, so none of these goes stale."""
     key = ("gram", kind, tuple(int(s) for s in slots))
     cache = store.derived_cache
     if key not in cache:
-        draws = draws_of(snapshot, slots) if kind == "nystrom" else []
-        blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
-        cache[key] = Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
+        found = read_derived_matrix(store, kind, snapshot, slots)
+        if found is not None and found[1].get("spread") in SPREADS:
+            cache[key] = Gram(kind, found[0], found[1]["spread"])
+        else:
+            gram = compute()
+            write_derived_matrix(store, kind, snapshot, slots, gram.matrix, {"spread": gram.spread})
+            cache[key] = gram
     return cache[key]
+
+
+def persist_grams(store: LossStore, measure: str = AUTO) -> list[tuple[str, int]]:
+    """Make sure the store holds ``measure``'s K × K matrix (default: the default measures' kind) for every
+    column set scoring asks for: all committed columns (self-influence, select) and each query set's. A
+    pass for each one missing, persisted by this (writable) handle; returns (kind, K) of each set covered.
+    For ``daunce compact``: scoring commands open stores read-only and never write one themselves."""
+    snap = store.snapshot()
+    sets = {tuple(store.committed_slots(snapshot=snap))}
+    sets |= {tuple(store.committed_slots(snapshot=snap, query_set=q)) for q in store.query_sets()}
+    done = []
+    for slots in sorted(s for s in sets if len(s) >= 2):
+        resolved = resolve_measure(measure, snap, slots)
+        if resolved.preconditioner is not None:
+            gram_for(store, snap, list(slots), resolved.preconditioner)
+            done.append((resolved.preconditioner, len(slots)))
+    return done
 
 
 def column_names(snapshot: Snapshot, slots: Sequence[int]) -> list[str]:

@@ -209,6 +209,6 @@ def stability(
         queries=req.names, train_ids=RowIds.of(np.concatenate([full[s][0].ravel() for s in sides]), store.train_ids_at), measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
-        asymmetry=req.gram.asymmetry() if req.gram is not None and req.gram.kind == "nystrom" else None,
+        asymmetry=None if req.gram is None else req.gram.diagnostics().get("asymmetry"),
         drift_share=None if drift is None else drift.share, l2_center=l2_center_of(req.snapshot, req.slots),
     )

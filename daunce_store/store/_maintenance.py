@@ -52,6 +52,7 @@ from rich.progress import Progress
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
+from daunce_store.store._derived import derived_matrix_problem
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
 from daunce_store.store._storage import Storage
@@ -159,7 +160,7 @@ class MaintenanceMixin:
             if folder in known and record_number(key) is None:
                 out.append(key)
             elif folder not in known and not key.startswith((C.COMMITS_PREFIX + "/", C.QUERY_COMMITS_PREFIX + "/", C.LEASES_PREFIX + "/",
-                                                                C.ADAPTERS_PREFIX + "/", C.CLOCK_PREFIX + "/")):
+                                                                C.ADAPTERS_PREFIX + "/", C.CLOCK_PREFIX + "/", C.MATRICES_PREFIX + "/")):
                 out.append(key)
         return out
 
@@ -446,6 +447,7 @@ class MaintenanceMixin:
             found = {}
             findings.append(Finding("damage", "record", "", str(e)))
         findings += _leftover_findings(found, grace_seconds)
+        findings += self._check_matrices(checked)
         for key in self.stray_records():
             findings.append(Finding("note", "stray-record", key, f"{key!r} is not a record daunce-store writes; it is ignored (delete it if nothing of yours needs it)"))
         try:
@@ -486,6 +488,20 @@ class MaintenanceMixin:
             stray = [s for s in slots_of if s not in by_slot]
             if stray:
                 yield Finding("damage", "record", f"{C.PACKS_PREFIX}/{group:08d}.json", f"pack group {group} lists slots {stray[:5]} that are not committed")
+
+    def _check_matrices(self, checked: dict[str, int]) -> Iterator[Finding]:
+        """The persisted K x K matrices (``_derived``): each whole and named by its key. A damaged one is
+        never used (readers recompute), but it is damage all the same."""
+        for key in self._storage.list(C.MATRICES_PREFIX):
+            checked["records"] += 1
+            try:
+                record = self._storage.get(key)
+                problem = None if record is None else derived_matrix_problem(key, record)
+            except CorruptRecordError as e:
+                problem = str(e)
+            if problem:
+                yield Finding("damage", "matrix", key, f"the derived matrix {key!r} is damaged: {problem}. Scoring ignores it and "
+                                                       "recomputes the matrix; delete it (the next writable scoring call writes it again)")
 
     def _check_ids(self, checked: dict[str, int]) -> Iterator[Finding]:
         from daunce_store.store._loss_store import ids_checksummed, ids_digest, read_ids_array

@@ -185,6 +185,17 @@ impl PyTopKAccumulator {
         Ok(PyTopKAccumulator { inner: Some(inner), ncols, k })
     }
 
+    /// Score every row pushed from now on as `center(x) @ transform` ((K, K) float32), then prepared as
+    /// usual (the normalised preconditioned measures: transform = M^½).
+    fn set_transform(&mut self, transform: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
+        let ncols = self.ncols;
+        if transform.shape() != [ncols, ncols] {
+            return Err(PyValueError::new_err(format!("the transform must be ({ncols}, {ncols}), not {:?}", transform.shape())));
+        }
+        let t = contiguous(&transform, "transform")?.to_vec();
+        self.acc()?.set_transform(&t).map_err(to_py_err)
+    }
+
     /// Fold rows `offset .. offset + R` of a C-contiguous float32 (R, K) block.
     fn push_block(&mut self, py: Python<'_>, offset: u64, block: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
         let ncols = self.ncols;

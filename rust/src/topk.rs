@@ -317,6 +317,9 @@ pub struct Lane {
     prepared: Vec<f32>,
     scratch: Vec<f32>,
     scores: Vec<f32>,
+    /// Rows centered and multiplied by the accumulator's transform (see [`TopKAccumulator::set_transform`]).
+    centered: Vec<f32>,
+    transformed: Vec<f32>,
     /// The lowest row holding NaN or inf this lane has seen.
     non_finite: Option<u64>,
 }
@@ -344,6 +347,36 @@ fn gemm_tile(q: &[f32], a: &[f32], k: usize, mt: usize, rc: usize, a_row: usize,
             a.as_ptr(),
             a_row as isize,
             a_col as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out` (R × K) = `x` (R × K) · `t` (K × K), all row-major, single-threaded.
+#[inline]
+fn transform_rows(x: &[f32], t: &[f32], r: usize, k: usize, out: &mut [f32]) {
+    debug_assert!(x.len() >= r * k && t.len() == k * k && out.len() >= r * k);
+    // SAFETY: the slices hold the (R × K), (K × K) and (R × K) row-major matrices the strides describe.
+    unsafe {
+        gemm::gemm(
+            r,
+            k,
+            k,
+            out.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            t.as_ptr(),
+            1,
+            k as isize,
             0.0f32,
             1.0f32,
             false,
@@ -413,6 +446,7 @@ struct Pass<'a> {
     pos: bool,
     neg: bool,
     queries: &'a [f32],
+    transform: Option<&'a [f32]>,
 }
 
 /// Prepare rows `r0 .. r1` chunk by chunk, score each chunk against every tile of queries, select.
@@ -431,11 +465,26 @@ fn lane_pass<const AVX: bool>(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usiz
     while c0 < r1 {
         let c1 = (c0 + rc).min(r1);
         let nr = c1 - c0;
+        let mut rows = &p.block[c0 * kc..c1 * kc];
+        let mut bad_raw = None;
+        if let Some(t) = p.transform {
+            // The rows a preconditioned, normalised measure ranks: centered, then times M^½ (what
+            // `Prepared.block` computes in numpy), prepared below as any rows.
+            lane.centered.resize(nr * kc, 0.0);
+            lane.transformed.resize(nr * kc, 0.0);
+            bad_raw = prepare_rows(rows, kc, Measure::Cov, &mut lane.centered);
+            transform_rows(&lane.centered, t, nr, kc, &mut lane.transformed);
+            rows = &lane.transformed[..];
+        }
         let prep = &mut lane.prepared[..];
         let bad = if feature_major {
-            prepare_rows_t::<AVX>(&p.block[c0 * kc..c1 * kc], kc, p.measure, prep, ld, &mut lane.scratch)
+            prepare_rows_t::<AVX>(rows, kc, p.measure, prep, ld, &mut lane.scratch)
         } else {
-            prepare_rows(&p.block[c0 * kc..c1 * kc], kc, p.measure, &mut prep[..nr * kc])
+            prepare_rows(rows, kc, p.measure, &mut prep[..nr * kc])
+        };
+        let bad = match (bad_raw, bad) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let base = p.offset + c0 as u64;
         if let Some(i) = bad {
@@ -558,6 +607,8 @@ pub struct TopKAccumulator {
     /// Rows per chunk (prepared chunk + score tile stay in L2) and queries per tile.
     chunk_rows: usize,
     query_tile: usize,
+    /// A (K × K) row-major matrix T: every pushed row x is scored as prepare(center(x) · T).
+    transform: Option<Vec<f32>>,
 }
 
 impl TopKAccumulator {
@@ -594,6 +645,8 @@ impl TopKAccumulator {
                 prepared: Vec::new(),
                 scratch: Vec::new(),
                 scores: Vec::new(),
+                centered: Vec::new(),
+                transformed: Vec::new(),
                 non_finite: None,
             })
             .collect();
@@ -611,7 +664,19 @@ impl TopKAccumulator {
             rows_seen: 0,
             chunk_rows,
             query_tile: 128,
+            transform: None,
         })
+    }
+
+    /// Score every row pushed from now on as `center(x) · t` (`t`: K × K, row-major), prepared by the
+    /// measure as usual: the normalised preconditioned measures (`t` = M^½), so that their rows go
+    /// through the fused read-and-score pass too.
+    pub fn set_transform(&mut self, t: &[f32]) -> Result<(), TopKError> {
+        if t.len() != self.ncols * self.ncols {
+            return Err(TopKError::Shape(format!("the transform holds {} values, not K × K = {}", t.len(), self.ncols * self.ncols)));
+        }
+        self.transform = Some(t.to_vec());
+        Ok(())
     }
 
     pub fn num_queries(&self) -> usize {
@@ -652,6 +717,7 @@ impl TopKAccumulator {
             pos: self.pos,
             neg: self.neg,
             queries: &self.queries,
+            transform: self.transform.as_deref(),
         };
         for_each_lane(&mut self.lanes, |li, lane| {
             let r0 = (li * per).min(r);
@@ -685,8 +751,9 @@ impl TopKAccumulator {
         let (k, cap, m, measure, rc, mt, pos, neg) =
             (self.k, self.cap, self.m, self.measure, self.chunk_rows, self.query_tile, self.pos, self.neg);
         let queries = &self.queries;
+        let transform = self.transform.as_deref();
         let fold = |lane: &mut Lane, offset: usize, block: &[f32]| {
-            let pass = Pass { block, offset: offset as u64, kc, k, cap, m, measure, rc, mt, pos, neg, queries };
+            let pass = Pass { block, offset: offset as u64, kc, k, cap, m, measure, rc, mt, pos, neg, queries, transform };
             lane_pass_dispatch(lane, &pass, 0, block.len() / kc);
         };
         let result = feed(&mut lanes, &fold);
@@ -866,6 +933,43 @@ mod tests {
                 check(&x, &q, kc, k, Measure::Corr, block);
             }
         }
+    }
+
+    #[test]
+    fn a_transform_scores_the_transformed_rows() {
+        // Pushing x with transform T ranks exactly as pushing center(x) · T (computed here in f64, then
+        // f32) without one, for m = 1 (row-major rows) and m >= 2 (feature-major), cov and corr.
+        let mut seed = 5;
+        for (m, kc) in [(1, 12), (3, 12), (2, 20)] {
+            let n = 3000;
+            let x: Vec<f32> = (0..n * kc).map(|_| 5.0 + lcg(&mut seed)).collect();
+            let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+            let t: Vec<f32> = (0..kc * kc).map(|_| lcg(&mut seed)).collect();
+            let mut centered = vec![0f32; x.len()];
+            prepare_rows(&x, kc, Measure::Cov, &mut centered);
+            let y: Vec<f32> = (0..n * kc)
+                .map(|i| {
+                    let (r, c) = (i / kc, i % kc);
+                    (0..kc).map(|j| centered[r * kc + j] as f64 * t[j * kc + c] as f64).sum::<f64>() as f32
+                })
+                .collect();
+            for measure in [Measure::Cov, Measure::Corr] {
+                let mut acc = TopKAccumulator::new(&q, kc, 7, measure, true, true, false).unwrap();
+                acc.set_transform(&t).unwrap();
+                acc.push_block(0, &x[..1000 * kc]).unwrap();
+                acc.push_block(1000, &x[1000 * kc..]).unwrap();
+                let (p, nres) = acc.finish().unwrap();
+                let (wp, wn) = run(&y, &q, kc, 7, measure, 3000);
+                for (got, want) in [(p.unwrap(), wp), (nres.unwrap(), wn)] {
+                    assert_eq!(got.indices, want.indices, "m = {m}, K = {kc}, {measure:?}");
+                    for (a, b) in got.scores.iter().zip(&want.scores) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                }
+            }
+        }
+        let mut acc = TopKAccumulator::new(&[1.0, 2.0], 2, 1, Measure::Cov, true, true, false).unwrap();
+        assert!(acc.set_transform(&[1.0; 3]).is_err());
     }
 
     #[test]
