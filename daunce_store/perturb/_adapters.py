@@ -39,10 +39,10 @@ def losses_under_states(model: torch.nn.Module, task: Any, data: Any, config: Pe
             else:
                 from peft import set_peft_model_state_dict
 
-                result = set_peft_model_state_dict(prep.model, state)
-                if getattr(result, "unexpected_keys", None):
+                unexpected = getattr(set_peft_model_state_dict(prep.model, state), "unexpected_keys", None)
+                if unexpected:
                     raise InvalidInputError(f"the adapter kept for {pid!r} does not fit the run's LoRA settings "
-                                            f"(unexpected weights {result.unexpected_keys[:3]})")
+                                            f"(unexpected weights {unexpected[:3]})")
             yield pid, evaluate_signal(prep.model, task, data, config, reporter, pid)
 
 
@@ -57,6 +57,9 @@ class KeptModels:
     >>> kept = KeptModels(store)                                            # doctest: +SKIP
     >>> losses = kept.losses([{"prompt": "Hi", "completion": "Hello"}])      # (1, K), columns kept.slots
     """
+
+    recipe: RecipeModel
+    device: str
 
     def __init__(self, store: Any, *, snapshot: Any = None, device: str = "cpu", eval_batch_size: int | None = None,
                  reuse: KeptModels | None = None):

@@ -336,7 +336,7 @@ def _objective_grad_norm(prep: _Prepared, task: Task, train_data: Any, probe: np
             t += float(weight_decay) * p.detach().float()
     finally:
         model.train(was)
-    return float(torch.sqrt(sum((t * t).sum() for t in total)).cpu())
+    return float(torch.sqrt(sum(((t * t).sum() for t in total), torch.zeros(()))).cpu())  # a tensor start: 0 + x is x
 
 
 def _convergence_record(start: float, end: float, probe_size: int, seconds: float) -> dict[str, Any]:

@@ -59,9 +59,9 @@ from daunce_store.scoring._measures import (
     Gram,
     Prepared,
     column_names,
-    draws_of,
     gram_part,
     metric_self_scores,
+    recorded_draws,
 )
 from daunce_store.scoring._numpy import check_underflow
 from daunce_store.store import LossStore, Snapshot
@@ -250,7 +250,7 @@ def _scan_gram(task: _GramTask, r0: int, r1: int) -> list[tuple[np.ndarray, np.n
     counts, spread), unsummed, so the driver can add them in row order (float sums are not associative).
     K·K·8 bytes per block."""
     snapshot, slots = task.source.snapshot, task.source.slots
-    draws = draws_of(snapshot, slots) if task.kind == "nystrom" else []
+    draws = recorded_draws(snapshot, slots) if task.kind == "nystrom" else []
     names = column_names(snapshot, slots)
     with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate: the same GEMM path, the same bits
         return [gram_part(task.kind, block, offset, draws, names)

@@ -107,6 +107,16 @@ def draws_of(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw 
     return [PerturbationDraw.from_metadata(by_slot[s].metadata) if s in by_slot else None for s in slots]
 
 
+def recorded_draws(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw]:
+    """The draws of a nystrom Gram's columns: :func:`resolve_measure` picks nystrom only where every column
+    records one, so a missing draw here is a bug, not bad input."""
+    draws = draws_of(snapshot, slots)
+    present = [d for d in draws if d is not None]
+    if len(present) != len(draws):
+        raise AssertionError(f"{len(draws) - len(present)} of {len(draws)} columns record no draw; resolve_measure should have refused nystrom")
+    return present
+
+
 def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence[int] = ()) -> Measure:
     """The :class:`Measure` called ``name``; ``auto`` (``auto-corr``) becomes nystrom (nystrom-corr) when every column in ``slots``
     records the draw of an IF- or Fisher-form fine-tune (the setting the LDS measurements cover), else
@@ -239,7 +249,7 @@ class Gram:
         """‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ: 0 for a perfectly linear response (a health check:
         lower went with better Nyström scores)."""
         b = self.selected(positions)
-        return float(np.linalg.norm(b - b.T) / max(np.linalg.norm(b + b.T), 1e-300))
+        return float(np.linalg.norm(b - b.T) / max(float(np.linalg.norm(b + b.T)), 1e-300))
 
     def preconditioner(self, positions: np.ndarray | None = None) -> np.ndarray:
         """M, projected onto the centered subspace (P M P), (K', K') float64."""
@@ -347,7 +357,7 @@ def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: s
     key = ("gram", kind, tuple(int(s) for s in slots))
     cache = store.derived_cache
     if key not in cache:
-        draws = draws_of(snapshot, slots) if kind == "nystrom" else []
+        draws = recorded_draws(snapshot, slots) if kind == "nystrom" else []
         blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
         cache[key] = Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
     return cache[key]

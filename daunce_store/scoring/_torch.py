@@ -42,6 +42,7 @@ from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._measures import DEFAULT_MEASURE
 from daunce_store.scoring._numpy import _TINY, check_scores, check_underflow, prepare_queries, score_overflow_error
+from daunce_store.scoring._vocabulary import SIDES
 
 if TYPE_CHECKING:
     from daunce_store.scoring._attribution import Attribution
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["TORCH_EXTRA", "TorchTopK", "TorchScorer", "StoreScorer", "scorer", "available", "default_device"]
 
 TORCH_EXTRA = "torch"  # pip install 'daunce-store[torch]'
-_SIDES = ("pos", "neg")
 _NO_ROW = int(np.iinfo(np.int64).max)  # the row of an unfilled slot: sorts after every real row
 # Scores per tile (m queries × rows): bounds the temporaries (scores, masks) whatever m is. On a GPU a
 # 2^28-value tile is 1 GiB of fp32 scores, enough for one store block (65536 rows) × 1000 queries in one
@@ -287,7 +287,7 @@ class TorchTopK:
     from the other backends), off by default.
     """
 
-    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = _SIDES,
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False, *, device: Any = None, allow_tf32: bool = False):
         torch = _torch()
         self.t, self.device = torch, _device(torch, device)
@@ -434,18 +434,18 @@ class TorchScorer:
     def num_columns(self) -> int:
         return int(self.rows.shape[1])
 
-    def topk(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
+    def topk(self, queries: np.ndarray, k: int, sides: Sequence[str] = SIDES,
              queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{side: (indices (m, k) int64, scores (m, k) float32)}`` of queries (m, K) against the rows (a
         query whose cov scores all underflowed is a ScoreUnderflowError, as in :func:`~daunce_store.scoring.topk`)."""
         return check_underflow(self.select(queries, k, sides, queries_prepared), queries, queries_prepared, self.measure)
 
-    def select(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
+    def select(self, queries: np.ndarray, k: int, sides: Sequence[str] = SIDES,
                queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """:meth:`topk` without the underflow check (for callers that make it with the queries' names)."""
         sides = tuple(sides)
-        if not sides or set(sides) - set(_SIDES):
-            raise InvalidInputError(f"sides must be a non-empty subset of {_SIDES}, not {sides!r}")
+        if not sides or set(sides) - set(SIDES):
+            raise InvalidInputError(f"sides must be a non-empty subset of {SIDES}, not {sides!r}")
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k must be a whole number >= 1, not {k!r}")
         if k > self.n_rows:

@@ -64,10 +64,12 @@ from daunce_store.store._records import (
     record_number,
 )
 from daunce_store.store._storage import Storage
+from daunce_store.store._tables import ExportForm
 
-__all__ = ["LossStore", "Commit", "Lease", "Snapshot", "init_store", "open_store"]
+__all__ = ["LossStore", "OpenMode", "Commit", "Lease", "Snapshot", "init_store", "open_store"]
 
 S = TypeVar("S", bound="LossStore")
+OpenMode = Literal["r", "a"]  # read only, or append
 
 
 class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
@@ -84,7 +86,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
     3
     """
 
-    def __init__(self, storage: Storage, mode: Literal["r", "a"] = "a"):
+    def __init__(self, storage: Storage, mode: OpenMode = "a"):
         self._storage = storage
         self.mode = mode
 
@@ -208,7 +210,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         return cls(storage, mode="a")
 
     @classmethod
-    def open(cls: type[S], url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", storage_options: dict[str, Any] | None = None) -> S:
+    def open(cls: type[S], url: str | os.PathLike[str], mode: OpenMode = "a", storage_options: dict[str, Any] | None = None) -> S:
         """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode must be 'r' or 'a', not {mode!r}")
@@ -550,7 +552,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             raise InvalidInputError(f"{self.url} was opened read-only; open it with mode='a' to write")
 
     # --- export ---------------------------------------------------------------------------------
-    def to_pandas(self, *, form: Literal["wide", "long"] = "wide", snapshot: Snapshot | None = None) -> Any:
+    def to_pandas(self, *, form: ExportForm = "wide", snapshot: Snapshot | None = None) -> Any:
         """Train and query loss matrices with their ids in one DataFrame.
 
         ``wide``: columns ``set``, ``id`` and one float32 column per perturbation (NaN where a query set
@@ -562,7 +564,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
 
         return losses_to_pandas(self, form=form, snapshot=snapshot)
 
-    def export(self, path: str | os.PathLike[str], *, form: Literal["wide", "long"] = "wide", fmt: str | None = None, snapshot: Snapshot | None = None) -> int:
+    def export(self, path: str | os.PathLike[str], *, form: ExportForm = "wide", fmt: str | None = None, snapshot: Snapshot | None = None) -> int:
         """Write :meth:`to_pandas`'s table to a .parquet, .csv or .jsonl file, one row block at a time;
         returns the number of rows written."""
         from daunce_store.store._export import export_losses

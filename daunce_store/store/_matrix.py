@@ -254,8 +254,8 @@ def _partial_failure(error: DaunceStoreError, done: list[str], rest: list[str], 
         out = type(error)(message)
     except TypeError:
         out = DaunceStoreError(message)
-    out.committed = list(done)  # type: ignore[attr-defined]
-    out.not_committed = list(rest)  # type: ignore[attr-defined]
+    out.committed = list(done)
+    out.not_committed = list(rest)
     return out
 
 
