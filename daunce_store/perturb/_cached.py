@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from daunce_store.errors import InvalidInputError
+from daunce_store.perturb._fingerprint import model_fingerprint
 from daunce_store.perturb._progress import Reporter, current_reporter
 from daunce_store.perturb._task import CausalLMTask, Task, _checked_weight_decay, _weight_decay_entry
 
@@ -149,8 +150,6 @@ class CachedCausalLMTask(Task):
 # --- the cache -------------------------------------------------------------------------------------------
 def _trunk_fingerprint(model: torch.nn.Module, first: int) -> str:
     """sha256 of what the hidden states at layer ``first`` depend on: embeddings, layers < first, rotary buffers."""
-    from daunce_store.perturb._runner import model_fingerprint
-
     inner: Any = model.model  # as in LlamaTail
     parts = torch.nn.ModuleList([inner.embed_tokens, inner.rotary_emb, *list(inner.layers)[:first]])
     return model_fingerprint(parts)

@@ -17,7 +17,6 @@ import platform
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, 
 from daunce_store.perturb._objective import batch_objective, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter, duration
 from daunce_store.perturb._task import Task
+from daunce_store.perturb._fingerprint import model_fingerprint
 from daunce_store.perturb._theta0 import Theta0Check
 from daunce_store.store import PerturbationDraw, perturbation_id, validate_losses
 
@@ -287,18 +287,6 @@ def _training_order(subset: np.ndarray, config: PerturbConfig, rng: np.random.Ge
             return batches
 
 
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (names, shapes, dtypes, values); cached per model."""
-    if model not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for name, t in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        _FINGERPRINTS[model] = h.hexdigest()
-    return _FINGERPRINTS[model]
 
 
 # --- the convergence check -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from daunce_store.scoring._distributed import influence_distributed, self_influe
 from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, TOPK_MEASURE, Measure
 from daunce_store.scoring._stability import Stability, stability
-from daunce_store.scoring._torch import StoreScorer, TorchScorer, scorer
+from daunce_store.scoring._scorer import StoreScorer, scorer
+from daunce_store.scoring._torch import TorchScorer
 from daunce_store.scoring._vocabulary import (BACKEND_CHOICES, BACKENDS, SIDE_CHOICES, SIDES, Backend, BackendChoice, Side, SideChoice,
                                                side_choice)
 

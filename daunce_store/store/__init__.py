@@ -7,7 +7,8 @@ from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, Data
                                         read_ids, read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
-from daunce_store.store._loss_store import Commit, Lease, LossStore, OpenMode, Snapshot, ids_checksummed, ids_digest, init_store, open_store
+from daunce_store.store._ids import ids_checksummed, ids_digest
+from daunce_store.store._loss_store import Commit, Lease, LossStore, OpenMode, Snapshot, init_store, open_store
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage

@@ -18,9 +18,8 @@ from daunce_store import _constants as C
 from daunce_store.errors import CapacityError, CorruptRecordError, ReclaimedError
 from daunce_store.store._maintenance import GcReport
 from daunce_store.store._oserrors import storage_errors
-from daunce_store.store._records import Commit, ImmutableRecords, claim_numbered, default_worker_name, now_iso
+from daunce_store.store._records import claim_numbered, default_worker_name, now_iso
 from daunce_store.store._shape import StoreShape
-from daunce_store.store._storage import Storage
 
 __all__ = ["CompactionMixin"]
 

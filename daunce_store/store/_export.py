@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
+from daunce_store.store._records import Snapshot
+from daunce_store.store._shape import StoreShape
 from daunce_store.store._tables import EXPORT_FORMS, STREAMING_FORMATS, ExportForm, write_frames
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from daunce_store.store._loss_store import LossStore, Snapshot
 
 __all__ = ["EXPORT_FORMATS", "export_losses", "losses_to_pandas"]
 
@@ -33,7 +33,7 @@ EXPORT_FORMATS = STREAMING_FORMATS
 KEY_COLUMNS = ("set", "id")
 
 
-def _frames(store: LossStore, form: ExportForm, snapshot: Snapshot | None, block_rows: int | None) -> Iterator[pd.DataFrame]:
+def _frames(store: StoreShape, form: ExportForm, snapshot: Snapshot | None, block_rows: int | None) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
     if form not in EXPORT_FORMS:
@@ -77,7 +77,7 @@ def _frames(store: LossStore, form: ExportForm, snapshot: Snapshot | None, block
             yield frame(qset, ids, np.ascontiguousarray(losses), [names[position[s]] for s in slots])
 
 
-def losses_to_pandas(store: LossStore, *, form: ExportForm = "wide", snapshot: Snapshot | None = None) -> pd.DataFrame:
+def losses_to_pandas(store: StoreShape, *, form: ExportForm = "wide", snapshot: Snapshot | None = None) -> pd.DataFrame:
     """The train and query loss matrices of ``store`` in one frame (see the module docstring)."""
     import pandas as pd
 
@@ -85,7 +85,7 @@ def losses_to_pandas(store: LossStore, *, form: ExportForm = "wide", snapshot: S
 
 
 def export_losses(
-    store: LossStore,
+    store: StoreShape,
     path: str | os.PathLike[str],
     *,
     form: ExportForm = "wide",

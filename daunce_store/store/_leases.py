@@ -31,7 +31,6 @@ from daunce_store.store._records import (
     process_start_time,
 )
 from daunce_store.store._shape import StoreShape
-from daunce_store.store._storage import Storage
 
 __all__ = ["LeasesMixin"]
 

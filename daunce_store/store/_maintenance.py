@@ -52,6 +52,7 @@ from rich.progress import Progress
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
+from daunce_store.store._ids import ids_checksummed, ids_digest, read_ids_array
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
 from daunce_store.store._shape import StoreShape
@@ -469,8 +470,6 @@ class MaintenanceMixin(StoreShape):
                 yield Finding("damage", "record", f"{C.PACKS_PREFIX}/{group:08d}.json", f"pack group {group} lists slots {stray[:5]} that are not committed")
 
     def _check_ids(self, checked: dict[str, int]) -> Iterator[Finding]:
-        from daunce_store.store._loss_store import ids_checksummed, ids_digest, read_ids_array
-
         arrays = [self._train_ids_arr] + [self._root[f"{C.QUERIES_GROUP}/{name}/{C.IDS_ARRAY}"] for name in self.query_sets()]
         for arr in arrays:
             checked["ids_arrays"] += 1

@@ -1,14 +1,15 @@
-"""What :class:`~daunce_store.store.LossStore` gives its mixins (the read path, leases, compaction,
-maintenance), declared once for the type checker. At run time the class is empty: a stub here would
+"""What :class:`~daunce_store.store.LossStore` gives its parts (the mixins: read path, leases, compaction,
+maintenance; and the export and loss-matrix functions), declared once for the type checker. At run time the class is empty: a stub here would
 shadow the real method later in the MRO."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daunce_store.store._records import Commit, ImmutableRecords, Snapshot
+from daunce_store.store._records import Commit, ImmutableRecords, Lease, Snapshot
 from daunce_store.store._storage import Storage
 
 __all__ = ["StoreShape"]
@@ -33,6 +34,19 @@ class StoreShape:
         def chunk_rows(self) -> int: ...
         @property
         def pack_width(self) -> int: ...
+        @property
+        def train_ids(self) -> np.ndarray: ...
+        def query_ids(self, name: str) -> np.ndarray: ...
+        def iter_row_blocks(
+            self, *, snapshot: Snapshot | None = None, query_set: str | None = None, slots: Sequence[int] | None = None,
+            block_rows: int | None = None, prefetch: int = 2, row_range: tuple[int, int] | None = None,
+        ) -> Iterator[tuple[int, np.ndarray]]: ...
+        def query_losses(self, name: str, *, snapshot: Snapshot | None = None, slots: Sequence[int] | None = None) -> np.ndarray: ...
+        def append(
+            self, perturbation: str | int, train_losses: np.ndarray, query_losses: Mapping[str, np.ndarray] | None = None, *,
+            metadata: Mapping[str, Any] | None = None, worker: str | None = None, lease: Lease | None = None,
+        ) -> Commit: ...
+        def append_query_losses(self, perturbation: str | int, name: str, losses: np.ndarray) -> None: ...
         def _require_writable(self) -> None: ...
         def commits(self) -> list[Commit]: ...
         def _committed_ids(self) -> set[str]: ...
