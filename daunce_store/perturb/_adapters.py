@@ -21,6 +21,7 @@ from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._recipes import RecipeModel
 from daunce_store.perturb._runner import _prepared, evaluate_signal
+from daunce_store.store import Snapshot, StoreLike
 
 __all__ = ["KeptModels", "add_query_data", "losses_under_states"]
 
@@ -61,7 +62,7 @@ class KeptModels:
     recipe: RecipeModel
     device: str
 
-    def __init__(self, store: Any, *, snapshot: Any = None, device: str = "cpu", eval_batch_size: int | None = None,
+    def __init__(self, store: StoreLike, *, snapshot: Snapshot | None = None, device: str = "cpu", eval_batch_size: int | None = None,
                  reuse: KeptModels | None = None):
         snap = snapshot or store.snapshot()
         commits = list(snap.commits)
@@ -116,7 +117,7 @@ class KeptModels:
         return out
 
 
-def add_query_data(store: Any, sets: Mapping[str, Any], *, device: str = "cpu",
+def add_query_data(store: StoreLike, sets: Mapping[str, Any], *, device: str = "cpu",
                    reporter: Reporter | None = None) -> dict[str, tuple[int, int]]:
     """Add query sets from data files (``{name: file}``, the run's fields) to a recipe store and fill their losses
     under every kept adapter. Everything is read, checked and evaluated before the first write, so a refusal
