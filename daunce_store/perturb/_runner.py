@@ -401,17 +401,17 @@ def _advice(config: PerturbConfig) -> str:
 class _Heartbeat:
     """Renews a lease from a background thread while the perturbation trains and evaluates."""
 
-    def __init__(self, store: StoreLike, lease: Any, ttl: float):
+    def __init__(self, store: StoreLike, lease: Lease | None, ttl: float):
         self.lease = lease
         self.lost: Exception | None = None
         self._store, self._ttl = store, ttl
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.perturbation}", daemon=True) if lease else None
+        self._thread = threading.Thread(target=self._run, args=(lease,), name=f"lease-{lease.perturbation}", daemon=True) if lease else None
 
-    def _run(self) -> None:
+    def _run(self, lease: Lease) -> None:
         while not self._stop.wait(self._ttl / 3.0):
             try:
-                self.lease = self._store.renew(self.lease, ttl=self._ttl)
+                lease = self.lease = self._store.renew(lease, ttl=self._ttl)
             except LeaseError as e:
                 self.lost = e
                 return
@@ -496,7 +496,7 @@ def run_perturbation(
         ))
     except BaseException as e:
         # Give the id back at once (another worker may take it) unless the lease is already someone else's.
-        if lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
+        if beat.lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
             with contextlib.suppress(Exception):
                 store.release(beat.lease)
         raise

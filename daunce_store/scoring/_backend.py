@@ -24,11 +24,9 @@ from daunce_store._ext import _built, extension
 from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import NumpyTopK, check_underflow
-from daunce_store.scoring._vocabulary import BACKEND_CHOICES, BACKENDS, SIDES
+from daunce_store.scoring._vocabulary import BACKEND_CHOICES, BACKENDS, KERNEL_MEASURES, SIDES
 
 __all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES", "SIDES", "BACKENDS"]
-
-KERNEL_MEASURES = ("cov", "corr")  # row preparations the kernels know; score measures: _measures.py
 
 
 class Accumulator(Protocol):

@@ -13,6 +13,7 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
+from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["NumbaTopK", "available"]
 
@@ -137,7 +138,7 @@ class _SideState:
 class NumbaTopK:
     """Streaming accumulator with the same interface as the Rust ``TopKAccumulator``."""
 
-    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = ("pos", "neg"),
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False):
         if not HAVE_NUMBA:
             raise InvalidInputError("the numba backend needs numba: pip install 'daunce-store[numba]'")

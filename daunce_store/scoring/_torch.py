@@ -41,7 +41,7 @@ import numpy as np
 from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import _TINY, check_scores, check_underflow, prepare_queries, score_overflow_error
-from daunce_store.scoring._vocabulary import SIDES
+from daunce_store.scoring._vocabulary import KERNEL_MEASURES, SIDES
 
 __all__ = ["TORCH_EXTRA", "TorchTopK", "TorchScorer", "available", "default_device"]
 
@@ -381,8 +381,8 @@ class TorchScorer:
 
         With ``n_rows`` the matrix is allocated once; without it the prepared blocks are concatenated at
         the end (twice the memory for a moment)."""
-        if measure not in ("cov", "corr"):
-            raise InvalidInputError(f"kernel measure must be one of ('cov', 'corr'), not {measure!r}")
+        if measure not in KERNEL_MEASURES:
+            raise InvalidInputError(f"kernel measure must be one of {KERNEL_MEASURES}, not {measure!r}")
         torch = _torch()
         dev = _device(torch, device)
         stage = _PinnedStager(torch, dev) if dev.type == "cuda" else None

@@ -1,4 +1,4 @@
-"""The scoring vocabularies (sides, backends), each written once as a Literal type; the tuple of its values
+"""The scoring vocabularies (kernel measures, sides, backends), each written once as a Literal type; the tuple of its values
 is derived from it, so a signature, a check and a CLI choice cannot drift apart."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from typing import Literal, get_args
 
 from daunce_store.errors import InvalidInputError
 
-__all__ = ["Side", "SIDES", "SideChoice", "SIDE_CHOICES", "side_choice", "Backend", "BACKENDS", "BackendChoice", "BACKEND_CHOICES"]
+__all__ = ["KernelMeasure", "KERNEL_MEASURES", "Side", "SIDES", "SideChoice", "SIDE_CHOICES", "side_choice", "Backend", "BACKENDS", "BackendChoice", "BACKEND_CHOICES"]
 
+KernelMeasure = Literal["cov", "corr"]  # row preparations the kernels know; score measures: _measures.py
+KERNEL_MEASURES: tuple[KernelMeasure, ...] = get_args(KernelMeasure)
 Side = Literal["pos", "neg"]  # one ranked list: proponents, opponents
 SIDES: tuple[Side, ...] = get_args(Side)
 SideChoice = Literal[Side, "both"]  # what a caller asks for: one list or both
