@@ -19,10 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 import daunce_store
+from daunce_store._select import Remove, Write
 from daunce_store.errors import DaunceStoreError, InvalidInputError
 from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE, Attribution, BackendChoice, SideChoice
 from daunce_store.serve._work import DEFAULT_MAX_WORK
-from daunce_store._select import Remove, Write
 from daunce_store.store import (DEFAULT_GRACE_SECONDS, DataFile, ExportForm, OpenMode, TableFormat, append_query_matrix, data_file_specs, dumps_json, iso, read_data_file,
                                 read_ids, read_losses)
 
@@ -188,7 +188,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
 
 
-def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
+def _emit(result: Attribution, fmt: OutFormat, output: Optional[Path], title: str) -> None:
     if fmt == "table" and output is None:
         data = result.data_columns()
         query_cols = [c for c in data if c.startswith("query_")]
