@@ -14,27 +14,27 @@ import importlib.util
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
 from daunce_store import _constants as C
 from daunce_store import _select, scoring
-from daunce_store._select import Selection
+from daunce_store._select import Remove, Selection, Write
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring import DEFAULT_MEASURE, TOPK_MEASURE, Attribution, Scores, Stability, StoreScorer
-from daunce_store.store import LossStore, Snapshot
+from daunce_store.scoring import DEFAULT_MEASURE, TOPK_MEASURE, Attribution, BackendChoice, Scores, SideChoice, Stability, StoreScorer
+from daunce_store.store import LossStore, OpenMode, Snapshot
 
 if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = ["Store", "init", "open"]
 
-Side = Literal["pos", "neg", "both"]
+StoreT = TypeVar("StoreT", bound="Store")  # create/open return the subclass they are called on (serve's ServedStore)
+
 #: The recipes' factories (``daunce_store.perturb._recipes.RECIPES``) live in this module; named here as text
 #: so that reading a recipe store's files needs no torch.
 RECIPE_MODULE = "daunce_store.perturb._recipes"
-Backend = Literal["auto", "rust", "numba", "numpy", "torch"]
 
 
 class Store(LossStore):
@@ -56,23 +56,24 @@ class Store(LossStore):
 
     @classmethod
     def create(
-        cls, url: str | os.PathLike[str], train_ids: Sequence[str] | np.ndarray,
+        cls: type[StoreT], url: str | os.PathLike[str], train_ids: Sequence[str] | np.ndarray,
         query_sets: Mapping[str, Sequence[str] | np.ndarray] | None = None, *, seed: int = 0,
         capacity: int = C.DEFAULT_CAPACITY, chunk_rows: int = C.DEFAULT_CHUNK_ROWS, pack_width: int | None = None,
         storage_options: dict[str, Any] | None = None, attributes: Mapping[str, Any] | None = None,
-    ) -> Store:
+    ) -> StoreT:
         store = super().create(url, train_ids, query_sets, seed=seed, capacity=capacity, chunk_rows=chunk_rows,
                                pack_width=pack_width, storage_options=storage_options, attributes=attributes)
         store._storage_options = storage_options  # what distributed scans open the URL with
         return store
 
     @classmethod
-    def open(cls, url: str | os.PathLike[str], mode: Literal["r", "a"] = "a",
-             storage_options: dict[str, Any] | None = None) -> Store:
+    def open(cls: type[StoreT], url: str | os.PathLike[str], mode: OpenMode = "a",
+             storage_options: dict[str, Any] | None = None) -> StoreT:
         store = super().open(url, mode, storage_options)
         store._storage_options = storage_options
         return store
 
+    # The checker sees the functions, not the classmethod objects around them (which have __func__).
     create.__func__.__doc__ = LossStore.create.__doc__  # type: ignore[attr-defined]
     open.__func__.__doc__ = LossStore.open.__doc__  # type: ignore[attr-defined]
 
@@ -83,7 +84,7 @@ class Store(LossStore):
 
     def topk(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = TOPK_MEASURE,
-        side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
+        side: SideChoice = "both", backend: BackendChoice = "auto", snapshot: Snapshot | None = None,
         columns: Sequence[int] | None = None, block_rows: int | None = None,
         client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
@@ -95,15 +96,16 @@ class Store(LossStore):
         >>> store.topk("test", ["q0"], k=5, measure="nystrom").to_pandas()   # doctest: +SKIP
         >>> store.topk("test", k=5, client="tcp://10.0.0.5:8786")           # doctest: +SKIP
         """
-        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, columns=columns, block_rows=block_rows)
         if self._distributed(client, partition_rows):
             return scoring.topk_distributed(self, query_set, queries, client=client, partition_rows=partition_rows,
-                                            storage_options=self.storage_options, **options)
-        return scoring.topk_store(self, query_set, queries, **options)
+                                            storage_options=self.storage_options, k=k, measure=measure, side=side,
+                                            backend=backend, snapshot=snapshot, columns=columns, block_rows=block_rows)
+        return scoring.topk_store(self, query_set, queries, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
+                                  columns=columns, block_rows=block_rows)
 
     def influence(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
-        side: Side = "both", backend: Backend = "auto", snapshot: Snapshot | None = None,
+        side: SideChoice = "both", backend: BackendChoice = "auto", snapshot: Snapshot | None = None,
         columns: Sequence[int] | None = None, client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Aggregate influence on a whole query set (the mean score over its queries), top-k per side."""
@@ -114,16 +116,16 @@ class Store(LossStore):
         return scoring.influence(self, query_set, queries, **options)
 
     def self_influence(
-        self, *, k: int = 10, measure: str = DEFAULT_MEASURE, side: Side = "pos", backend: Backend = "auto",
+        self, *, k: int = 10, measure: str = DEFAULT_MEASURE, side: SideChoice = "pos", backend: BackendChoice = "auto",
         snapshot: Snapshot | None = None, block_rows: int | None = None,
         client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Self-influence ū_iᵀ M ū_i (``cov``: the loss variance): top-k, for mislabel and outlier search."""
-        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, block_rows=block_rows)
         if self._distributed(client, partition_rows):
             return scoring.self_influence_distributed(self, client=client, partition_rows=partition_rows,
-                                                      storage_options=self.storage_options, **options)
-        return scoring.self_influence(self, **options)
+                                                      storage_options=self.storage_options, k=k, measure=measure, side=side,
+                                                      backend=backend, snapshot=snapshot, block_rows=block_rows)
+        return scoring.self_influence(self, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, block_rows=block_rows)
 
     def recipe_config(self, snapshot: Snapshot | None = None) -> dict[str, Any] | None:
         """The run config behind the newest committed column when a recipe made it (``daunce perturb
@@ -163,8 +165,8 @@ class Store(LossStore):
 
     def stability(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
-        side: Side = "both", fractions: Sequence[float] = (0.25, 0.5, 1.0), bootstrap: int = 20, seed: int = 0,
-        backend: Backend = "auto", snapshot: Snapshot | None = None, block_rows: int | None = None,
+        side: SideChoice = "both", fractions: Sequence[float] = (0.25, 0.5, 1.0), bootstrap: int = 20, seed: int = 0,
+        backend: BackendChoice = "auto", snapshot: Snapshot | None = None, block_rows: int | None = None,
     ) -> Stability:
         """Has K converged? Top-k overlap over nested column subsets and bootstrap standard errors."""
         return scoring.stability(self, query_set, queries, k=k, measure=measure, side=side, fractions=fractions,
@@ -180,10 +182,10 @@ class Store(LossStore):
                               columns=columns, block_rows=block_rows)
 
     def select(
-        self, query_set: str, queries: Sequence[str] | None = None, *, remove: Literal["harmful", "helpful"] = "harmful",
-        top: int, measure: str = DEFAULT_MEASURE, write: Literal["kept", "removed"] = "kept",
+        self, query_set: str, queries: Sequence[str] | None = None, *, remove: Remove = "harmful",
+        top: int, measure: str = DEFAULT_MEASURE, write: Write = "kept",
         data: str | os.PathLike[str] | None = None, output: str | os.PathLike[str] | None = None,
-        ids_output: str | os.PathLike[str] | None = None, backend: Backend = "auto",
+        ids_output: str | os.PathLike[str] | None = None, backend: BackendChoice = "auto",
     ) -> Selection:
         """Drop the ``top`` train examples most ``harmful`` to the query set (opponents: removing them should
         lower its loss) or most ``helpful`` (proponents), ranked as :meth:`influence` ranks them, and return
@@ -198,7 +200,7 @@ class Store(LossStore):
 
     def attribute(
         self, rows: Sequence[Mapping[str, Any]] | None = None, *, prompt: str | None = None, completion: str | None = None,
-        k: int = 10, measure: str = TOPK_MEASURE, side: Side = "both", backend: Backend = "auto", device: str = "cpu",
+        k: int = 10, measure: str = TOPK_MEASURE, side: SideChoice = "both", backend: BackendChoice = "auto", device: str = "cpu",
     ) -> Attribution:
         """Top-k train examples for NEW examples, not in any query set: each is evaluated under the K perturbed
         models the store kept (a recipe run's LoRA adapters: K forward passes, no gradients) and its losses are

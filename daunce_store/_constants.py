@@ -7,6 +7,8 @@ record exists, and a record is created with an atomic create-if-absent put.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 FORMAT_VERSION = 1
 FORMAT_NAME = "daunce-store"
 ROOT_ATTR = "daunce_store"  # root group attribute holding {format, format_version, seed, ...}
@@ -58,4 +60,5 @@ NO_EXT_ENV = "DAUNCE_STORE_NO_EXT"
 
 # Commit metadata of the runner's columns read back by scoring (FORMAT.md, "Commit metadata").
 # Where the L2 term of the perturbed objective is centred (PerturbConfig.l2_center, metadata["l2_center"]).
-L2_CENTERS = ("zero", "theta0")
+L2Center = Literal["zero", "theta0"]
+L2_CENTERS: tuple[L2Center, ...] = get_args(L2Center)

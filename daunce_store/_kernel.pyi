@@ -1,7 +1,17 @@
 """Type stubs for the Rust extension ``daunce_store._kernel`` (rust/src/python.rs)."""
 
+import os
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
+
+__all__ = ["row_variance", "splitmix64_uniforms", "draw_linear_weights", "draw_weights_block", "read_block", "vlen_utf8_take",
+           "ChunkReadError", "TopKAccumulator"]
+
+#: (stub only) One source of ``read_block``: (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
+_ChunkSource = tuple[str, int, int, int, list[tuple[int, int]]]
 
 def row_variance(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block, summed in float64."""
@@ -29,35 +39,36 @@ class ChunkReadError(ValueError):
     column it copies; ``args`` = (kind: "missing" | "corrupt" | "nan", chunk key, message)."""
 
 def read_block(
-    root: str,
-    sources: list[tuple[str, int, int, int, list[tuple[int, int]]]],
+    root: str | os.PathLike[str],
+    sources: list[_ChunkSource],
     r0: int,
     r1: int,
-    ncols: int,
+    out: npt.NDArray[np.float32],
     threads: int | None = None,
-) -> npt.NDArray[np.float32]:
-    """Rows ``r0 .. r1`` of a C-contiguous float32 (R, ncols) block read from the Zarr v3 chunk files under
-    the local store ``root`` (rust/src/read.rs): each source is (array path, chunk rows, chunk columns,
-    column chunk, [(column in chunk, block column)]), chunks plain float32 little endian + crc32c, keys
-    ``<array>/c/<row chunk>/<column chunk>``. Every checksum is verified; every block column must be named
-    once. Runs on ``threads`` threads (default: the kernel's) with the GIL released. ValueError for an
-    inconsistent request, ChunkReadError for damage."""
+) -> None:
+    """Fill ``out``, a C-contiguous float32 (r1 - r0, ncols) array, with rows ``r0 .. r1`` read from the Zarr
+    v3 chunk files under the local store ``root`` (rust/src/read.rs): each source is (array path, chunk
+    rows, chunk columns, column chunk, [(column in chunk, block column)]), chunks plain float32 little
+    endian + crc32c, keys ``<array>/c/<row chunk>/<column chunk>``. Every checksum is verified; every block
+    column must be named once. Runs on ``threads`` threads (default: the kernel's) with the GIL released.
+    ValueError for an inconsistent request, ChunkReadError for damage."""
 
+@final
 class TopKAccumulator:
     """Streaming top-k over row blocks (DESIGN §4); the GIL is released during every call.
 
     Memory is O(threads · (chunk · K + m · k)), independent of how many rows are pushed.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         queries: npt.NDArray[np.float32],
         k: int,
         measure: str = "cov",
         pos: bool = True,
         neg: bool = True,
         queries_prepared: bool = False,
-    ) -> None:
+    ) -> Self:
         """``queries``: C-contiguous float32 (m, K). ``measure``: "cov" or "corr". With
         ``queries_prepared`` the rows are used as given (centered, scaled; see ``prepare_queries``)."""
 
@@ -69,6 +80,11 @@ class TopKAccumulator:
 
     def push_block(self, offset: int, block: npt.NDArray[np.float32]) -> None:
         """Fold rows ``offset .. offset + R`` of a C-contiguous float32 (R, K) block (any order)."""
+
+    def push_chunks(self, root: str | os.PathLike[str], sources: list[_ChunkSource], r0: int, r1: int) -> None:
+        """Fold rows ``r0 .. r1`` read straight from the Zarr chunk files under ``root`` (``sources`` as for
+        :func:`read_block`), each segment scored while it is in cache, the GIL released. On a
+        ``ChunkReadError`` the accumulator is void: make a new one."""
 
     def push_scores(self, offset: int, scores: npt.NDArray[np.float32]) -> None:
         """Fold precomputed scores (R,) of rows ``offset .. offset + R``; single-query accumulators."""

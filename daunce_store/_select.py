@@ -27,27 +27,39 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring import DEFAULT_MEASURE
+from daunce_store.scoring import DEFAULT_MEASURE, Attribution, BackendChoice, Side
 from daunce_store.store import DATA_FILE_FORMATS, DataFile, data_file_format, read_data_file
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from daunce_store._api import Store
 
-__all__ = ["REMOVE", "WRITE", "DATA_FORMATS", "Selection", "select", "read_data_file", "check_output"]
+__all__ = ["Remove", "REMOVE", "Write", "WRITE", "DATA_FORMATS", "Selection", "select", "read_data_file", "check_output"]
 
+Remove = Literal["harmful", "helpful"]
 #: What to remove, and the influence side it is ranked on.
-REMOVE = {"helpful": "pos", "harmful": "neg"}
+REMOVE: dict[Remove, Side] = {"helpful": "pos", "harmful": "neg"}
+Write = Literal["kept", "removed"]
 #: Which rows to write.
-WRITE = ("kept", "removed")
+WRITE: tuple[Write, ...] = get_args(Write)
 #: Data file formats (the suffixes of each: :data:`daunce_store.store.DATA_FILE_FORMATS`).
 DATA_FORMATS = tuple(dict.fromkeys(DATA_FILE_FORMATS.values()))
+
+
+class Ranker(Protocol):
+    """What :func:`select` needs of the store (the façade's ``Store``, which imports this module)."""
+
+    @property
+    def n_train(self) -> int: ...
+    @property
+    def train_ids(self) -> np.ndarray: ...
+    def query_ids(self, name: str) -> np.ndarray: ...
+    def influence(self, query_set: str, queries: Any = None, *, k: int, measure: str, side: Side, backend: BackendChoice) -> Attribution: ...
 
 
 def _frame(data: DataFile, positions: np.ndarray) -> pd.DataFrame:
@@ -66,6 +78,7 @@ def _write(data: DataFile, positions: np.ndarray, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     try:
         if data.fmt == "jsonl":
+            assert data.lines is not None  # read_data_file keeps a jsonl file's lines
             with open(tmp, "wb") as f:
                 f.writelines(line if line.endswith(b"\n") else line + b"\n" for line in (data.lines[i] for i in positions))
         elif data.fmt == "json":
@@ -158,9 +171,9 @@ def _check(remove: str, top: int, write: str, n: int) -> None:
 
 
 def select(
-    store: Store, query_set: str, queries: Any = None, *, remove: Literal["harmful", "helpful"] = "harmful", top: int,
-    measure: str = DEFAULT_MEASURE, write: Literal["kept", "removed"] = "kept", data: str | os.PathLike[str] | None = None,
-    output: str | os.PathLike[str] | None = None, ids_output: str | os.PathLike[str] | None = None, backend: str = "auto",
+    store: Ranker, query_set: str, queries: Any = None, *, remove: Remove = "harmful", top: int,
+    measure: str = DEFAULT_MEASURE, write: Write = "kept", data: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None, ids_output: str | os.PathLike[str] | None = None, backend: BackendChoice = "auto",
 ) -> Selection:
     """Rank the train examples by aggregate influence on ``query_set``, remove the top ``top`` harmful or
     helpful ones, and return (and with ``output``, write) the kept or removed rows. See the module doc."""
@@ -168,7 +181,7 @@ def select(
     store.query_ids(query_set)  # an unknown query set fails here, before any file is read
     if output is not None and data is None:
         raise InvalidInputError("output writes rows of a data file: give data= (--data FILE) too, or only ids_output")
-    out = check_output(output, data) if output is not None else None
+    out = check_output(output, data) if output is not None and data is not None else None
     ids_out = Path(ids_output) if ids_output is not None else (out.with_name(out.name + ".ids.txt") if out is not None else None)
     if ids_out is not None and ids_out.parent and not ids_out.parent.is_dir():
         raise InvalidInputError(f"cannot write {ids_out}: the folder {ids_out.parent} does not exist")
@@ -178,7 +191,7 @@ def select(
     train_ids = store.train_ids
     position = _match(data_file, train_ids) if data_file is not None else None
     # Everything is checked; now the one scan.
-    result = store.influence(query_set, queries, k=top, measure=measure, side=REMOVE[remove], backend=backend)  # type: ignore[arg-type]
+    result = store.influence(query_set, queries, k=top, measure=measure, side=REMOVE[remove], backend=backend)
     side = REMOVE[remove]
     removed = result.indices[side][0].astype(np.int64)
     scores = result.scores[side][0]
@@ -191,7 +204,7 @@ def select(
         if position is not None:  # the data file's own order
             rows = rows[np.argsort(position[rows], kind="stable")]
     written_ids = train_ids[rows]
-    if data_file is not None:
+    if data_file is not None and position is not None:
         frame = _frame(data_file, position[rows])
         if out is not None:
             _write(data_file, position[rows], out)

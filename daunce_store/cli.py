@@ -9,9 +9,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+
 
 import typer
 from rich.console import Console
@@ -19,11 +19,12 @@ from rich.table import Table
 from rich.text import Text
 
 import daunce_store
-from daunce_store._constants import L2_CENTERS
+from daunce_store._constants import L2Center
+from daunce_store._select import Remove, Write
 from daunce_store.errors import DaunceStoreError, InvalidInputError
-from daunce_store.scoring import BACKENDS, DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, SIDES, TOPK_MEASURE, Attribution
+from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE, Attribution, BackendChoice, SideChoice
 from daunce_store.serve._work import DEFAULT_MAX_WORK
-from daunce_store.store import (DEFAULT_GRACE_SECONDS, TABLE_FORMATS, DataFile, append_query_matrix, data_file_specs, dumps_json, iso, read_data_file,
+from daunce_store.store import (DEFAULT_GRACE_SECONDS, DataFile, ExportForm, OpenMode, TableFormat, append_query_matrix, data_file_specs, dumps_json, iso, read_data_file,
                                 read_ids, read_losses)
 
 app = typer.Typer(
@@ -45,29 +46,24 @@ def _text(*parts: Any) -> Text:
 StoreArg = Annotated[str, typer.Argument(help="Store path or URL (s3://bucket/prefix, ...).")]
 
 
-def _choices(name: str, values: tuple[str, ...]) -> Any:
-    """A str Enum of ``values`` for typer (member names: the values with '-' as '_')."""
-    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
-
-
-# Every choice comes from the library's own vocabulary (measures, sides, backends, formats).
-Measure = _choices("Measure", MEASURE_NAMES)
-L2Center = _choices("L2Center", L2_CENTERS)
+# Every choice comes from the library's own vocabulary (measures, sides, backends, formats): typer reads a
+# Literal's values as the choices, and the value passed on is the plain string.
+if TYPE_CHECKING:
+    MeasureName = str
+else:  # the measures are a registry read at import, not a Literal written in the code: typer sees their names
+    MeasureName = Literal[MEASURE_NAMES]
 MEASURE_OPTION_HELP = f"Score measure. {MEASURE_HELP}."
-
-
-Side = _choices("Side", (*SIDES, "both"))
-OutFormat = _choices("OutFormat", ("table", *TABLE_FORMATS))
-Backend = _choices("Backend", ("auto", *BACKENDS))
+OutFormat = Literal["table", TableFormat]
+ReportFormat = Literal["table", "json"]  # status, leases, stability
 
 
 # Options shared by the scoring commands: one definition each.
 QuerySetOpt = Annotated[str, typer.Option("--query-set", help="Query set name.")]
 QueryIdsOpt = Annotated[list[str], typer.Option("--query", help="Query id; repeatable (default: the whole set).")]
 KOpt = Annotated[int, typer.Option("-k", help="How many train examples per query and side.")]
-MeasureOpt = Annotated[Measure, typer.Option(help=MEASURE_OPTION_HELP)]
-SideOpt = Annotated[Side, typer.Option(help="pos (proponents), neg (opponents) or both.")]
-BackendOpt = Annotated[Backend, typer.Option(help="Scoring backend (every backend gives the same answer).")]
+MeasureOpt = Annotated[MeasureName, typer.Option(help=MEASURE_OPTION_HELP)]
+SideOpt = Annotated[SideChoice, typer.Option(help="pos (proponents), neg (opponents) or both.")]
+BackendOpt = Annotated[BackendChoice, typer.Option(help="Scoring backend (every backend gives the same answer).")]
 FormatOpt = Annotated[OutFormat, typer.Option("--format", help="table, or json, jsonl, csv, parquet (parquet needs --output).")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to a file instead.")]
 SchedulerOpt = Annotated[
@@ -150,8 +146,8 @@ StorageOpt = Annotated[
 ]
 
 
-def _open(store: str, mode: str, storage_options: Optional[str]) -> daunce_store.LossStore:
-    return daunce_store.open(store, mode=mode, storage_options=_storage_options(storage_options))  # type: ignore[arg-type]
+def _open(store: str, mode: OpenMode, storage_options: Optional[str]) -> daunce_store.Store:
+    return daunce_store.open(store, mode=mode, storage_options=_storage_options(storage_options))
 
 
 DataOpt = Annotated[
@@ -167,10 +163,10 @@ def _example_files(s: daunce_store.Store, specs: list[str], query_set: Optional[
     """The train data file and ``query_set``'s (None: not wanted): from --data, else the files a recipe store
     was built from; a remembered file that is gone is a warning, and the ids show alone."""
     given = data_file_specs(specs)
-    for name, path in given.items():
-        if name not in ("train", query_set):
+    for key, file in given.items():
+        if key not in ("train", query_set):
             wanted = f"only {query_set}=FILE names a query set here" if query_set else "this command lists train examples only"
-            raise InvalidInputError(f"--data {name}={path}: {wanted}; give the train data as --data FILE")
+            raise InvalidInputError(f"--data {key}={file}: {wanted}; give the train data as --data FILE")
     remembered = s.data_files() if len(given) < (2 if query_set else 1) else {}
     out: list[Optional[DataFile]] = []
     for name in ("train", query_set):
@@ -193,8 +189,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
 
 
-def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> None:
-    if fmt.value == "table" and output is None:
+def _emit(result: Attribution, fmt: OutFormat, output: Optional[Path], title: str) -> None:
+    if fmt == "table" and output is None:
         data = result.data_columns()
         query_cols = [c for c in data if c.startswith("query_")]
         train_cols = [c for c in data if c not in query_cols]
@@ -212,10 +208,10 @@ def _emit(result: Attribution, fmt: Any, output: Optional[Path], title: str) -> 
             table.add_row(*(_text(cells[col]) for col in columns))
         console.print(table)
     elif output is not None:
-        result.write(output, None if fmt.value == "table" else fmt.value)
+        result.write(output, None if fmt == "table" else fmt)
         err_console.print(_text(f"wrote {len(result.records())} records to {output}"))
     else:
-        result.write(sys.stdout, fmt.value)
+        result.write(sys.stdout, fmt)
 
 
 @_command(app)
@@ -357,9 +353,9 @@ def perturb(
         raise InvalidInputError(f"{', '.join(given)} need --recipe causal-lm|classifier")
     perturb = _training_extra("daunce perturb")
     cfg = perturb.load_config(config, recipe, overrides={"lr": lr, "max_steps": max_steps, "batch_size": batch_size,
-                                                                "l2_center": l2_center.value if l2_center else None}, lora=lora)
+                                                                "l2_center": l2_center}, lora=lora)
     if recipe is not None:
-        options = {k: v for k, v in recipe_options.items() if v is not None}
+        options: dict[str, Any] = {k: v for k, v in recipe_options.items() if v is not None}
         if queries:
             options["queries"] = _parse_pairs(queries, "--queries")
         cfg = perturb.prepare_recipe(store, recipe, options, cfg, until=until, storage_options=_storage_options(storage_options),
@@ -377,18 +373,15 @@ def perturb(
                             f"({total / len(kept) / 1e6:.1f} MB each, {total / 1e6:.1f} MB in all) for `daunce attribute` and `daunce add-queries`"))
 
 
-StatusFormat = _choices("StatusFormat", ("table", "json"))
-
-
 @_command(app)
 def status(
     store: StoreArg,
-    format: Annotated[StatusFormat, typer.Option("--format", help="table or json")] = StatusFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", help="table or json")] = "table",
     storage_options: StorageOpt = None,
 ) -> None:
     """Sizes, committed columns, leases in flight, size on disk, format version."""
     info = _open(store, "r", storage_options).status()
-    if format == StatusFormat.json:
+    if format == "json":
         sys.stdout.write(json.dumps(info, indent=1) + "\n")
         return
     table = Table(title=_text(f"daunce store {info['url']}"), show_header=False)
@@ -418,14 +411,11 @@ def compact(store: StoreArg, storage_options: StorageOpt = None) -> None:
             console.print(f"the default measure's K x K matrices are persisted for {len(sets)} column set(s)")
 
 
-LeasesFormat = _choices("LeasesFormat", ("table", "json"))
-
-
 @_command(app)
 def leases(
     store: StoreArg,
     release: Annotated[list[str], typer.Option("--release", help="Release this perturbation's lease by hand (its worker is dead); repeatable.")] = [],
-    format: Annotated[LeasesFormat, typer.Option("--format", help="table or json")] = LeasesFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", help="table or json")] = "table",
     storage_options: StorageOpt = None,
 ) -> None:
     """Leases of uncommitted perturbations: live, expired, holder-gone (its process on this host exited) or
@@ -444,7 +434,7 @@ def leases(
          "seconds_left": None if r.get("released") else round(r["expires_at"] - now, 1), "state": r["state"]}
         for r in s.lease_table()
     ]
-    if format == LeasesFormat.json:
+    if format == "json":
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return
     table = Table(title=_text(f"leases of uncommitted perturbations in {s.url}"), caption=None if rows else "no leases")
@@ -461,7 +451,7 @@ GraceOpt = Annotated[float, typer.Option("--grace", help="Only leftovers older t
 @_command(app)
 def verify(
     store: StoreArg,
-    format: Annotated[StatusFormat, typer.Option("--format", help="table or json")] = StatusFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", help="table or json")] = "table",
     grace: GraceOpt = DEFAULT_GRACE_SECONDS,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
     storage_options: StorageOpt = None,
@@ -469,7 +459,7 @@ def verify(
     """Check the store (fsck): every committed chunk present, checksummed and finite, packed copies equal
     their columns, ids intact, records consistent; list what `daunce gc` can reclaim. Exit 1 on damage."""
     report = _open(store, "r", storage_options).verify(grace_seconds=grace, progress=progress)
-    if format == StatusFormat.json:
+    if format == "json":
         sys.stdout.write(json.dumps({"url": report.url, "ok": report.ok, "checked": report.checked,
                                      "findings": [f.record() for f in report.findings]}, indent=1) + "\n")
     else:
@@ -509,19 +499,16 @@ def gc(
         err_console.print(_text(f"skipped {line}"))
 
 
-ExportForm = _choices("ExportForm", ("wide", "long"))
-
-
 @_command(app)
 def export(
     store: StoreArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, FILE.csv or FILE.jsonl.")],
-    form: Annotated[ExportForm, typer.Option(help="wide: set, id, one column per perturbation; long: set, id, perturbation, loss.")] = ExportForm.wide,
+    form: Annotated[ExportForm, typer.Option(help="wide: set, id, one column per perturbation; long: set, id, perturbation, loss.")] = "wide",
     storage_options: StorageOpt = None,
 ) -> None:
     """Export the train and query loss matrices, with ids, to parquet, csv or jsonl."""
-    rows = _open(store, "r", storage_options).export(output, form=form.value)
-    err_console.print(_text(f"wrote {rows} rows ({form.value} form) to {output}"))
+    rows = _open(store, "r", storage_options).export(output, form=form)
+    err_console.print(_text(f"wrote {rows} rows ({form} form) to {output}"))
 
 
 def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str) -> None:
@@ -532,10 +519,10 @@ def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str)
         query_set: QuerySetOpt,
         query: QueryIdsOpt = [],
         k: KOpt = 10,
-        measure: MeasureOpt = Measure(default_measure),
-        side: SideOpt = Side("both"),
-        backend: BackendOpt = Backend("auto"),
-        format: FormatOpt = OutFormat("table"),
+        measure: MeasureOpt = default_measure,
+        side: SideOpt = "both",
+        backend: BackendOpt = "auto",
+        format: FormatOpt = "table",
         output: OutputOpt = None,
         data: DataOpt = [],
         storage_options: StorageOpt = None,
@@ -544,7 +531,7 @@ def _ranking_command(name: str, aggregate: bool, default_measure: str, doc: str)
         s = _open(store, "r", storage_options)
         train, queries = _example_files(s, data, None if aggregate else query_set)  # a bad file fails before the scan
         rank = s.influence if aggregate else s.topk
-        result = rank(query_set, query or None, k=k, measure=measure.value, side=side.value, backend=backend.value,
+        result = rank(query_set, query or None, k=k, measure=measure, side=side, backend=backend,
                       client=scheduler)
         _emit(result.with_data(train, queries), format, output, f"influence on {query_set}" if aggregate else f"top-{k} for {query_set}")
 
@@ -565,19 +552,15 @@ def scores_command(
     query_set: QuerySetOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, .csv, .jsonl or .json.")],
     query: QueryIdsOpt = [],
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    measure: MeasureOpt = DEFAULT_MEASURE,
     mean: Annotated[bool, typer.Option("--mean", help="One column: the mean score over the queries.")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
     """Dense scores: one row per train example, one column per query (or their mean), streamed to a file."""
     s = _open(store, "r", storage_options)
-    result = s.scores(query_set, query or None, measure=measure.value, aggregate="mean" if mean else None)
+    result = s.scores(query_set, query or None, measure=measure, aggregate="mean" if mean else None)
     rows = result.write(output)
     err_console.print(_text(f"wrote {rows} rows x {len(result.queries)} queries ({result.measure}, K={result.num_columns}) to {output}"))
-
-
-Remove = _choices("Remove", ("harmful", "helpful"))
-WriteRows = _choices("WriteRows", ("kept", "removed"))
 
 
 @_command(app, "select")
@@ -585,14 +568,14 @@ def select_command(
     store: StoreArg,
     query_set: QuerySetOpt,
     top: Annotated[int, typer.Option("--top", "-n", help="How many train examples to remove.")],
-    remove: Annotated[Remove, typer.Option(help="harmful: the top opponents (removing them should lower the query set's loss); helpful: the top proponents (should raise it).")] = Remove("harmful"),
+    remove: Annotated[Remove, typer.Option(help="harmful: the top opponents (removing them should lower the query set's loss); helpful: the top proponents (should raise it).")] = "harmful",
     data: Annotated[Optional[Path], typer.Option("--data", help="The training data (.jsonl/.ndjson, .json, .csv, .tsv, .parquet); rows matched to the store's train ids by an `id` column, else by row number.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the selected rows, in the data file's format (needs --data).")] = None,
-    write: Annotated[WriteRows, typer.Option("--write", help="Write the kept rows (data order) or the removed ones (rank order).")] = WriteRows("kept"),
+    write: Annotated[Write, typer.Option("--write", help="Write the kept rows (data order) or the removed ones (rank order).")] = "kept",
     ids_output: Annotated[Optional[Path], typer.Option("--ids-output", help="The written rows' ids, one per line (default with --output: OUTPUT.ids.txt).")] = None,
     query: QueryIdsOpt = [],
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
-    backend: BackendOpt = Backend("auto"),
+    measure: MeasureOpt = DEFAULT_MEASURE,
+    backend: BackendOpt = "auto",
     storage_options: StorageOpt = None,
 ) -> None:
     """Remove the training examples most harmful (or helpful) to a query set, ranked by aggregate influence,
@@ -600,9 +583,9 @@ def select_command(
     if data is not None and output is None:
         raise InvalidInputError("--data needs --output FILE (same format as the data file) to write the selected rows")
     s = _open(store, "r", storage_options)
-    sel = s.select(query_set, query or None, remove=remove.value, top=top, measure=measure.value, write=write.value,
-                   data=data, output=output, ids_output=ids_output, backend=backend.value)
-    table = Table(title=_text(f"removed: top-{top} {remove.value} for {query_set} ({sel.measure}, K={sel.num_columns})"))
+    sel = s.select(query_set, query or None, remove=remove, top=top, measure=measure, write=write,
+                   data=data, output=output, ids_output=ids_output, backend=backend)
+    table = Table(title=_text(f"removed: top-{top} {remove} for {query_set} ({sel.measure}, K={sel.num_columns})"))
     for col in ("rank", "train_id", "score"):
         table.add_column(col, justify="left" if col == "train_id" else "right")
     shown = min(len(sel.removed_ids), 20)
@@ -611,12 +594,12 @@ def select_command(
     if shown < len(sel.removed_ids):
         table.caption = f"... {len(sel.removed_ids) - shown} more"
     console.print(table)
-    wrong = sum(1 for v in sel.removed_scores if (v > 0 if remove.value == "harmful" else v < 0))
+    wrong = sum(1 for v in sel.removed_scores if (v > 0 if remove == "harmful" else v < 0))
     if wrong:
         err_console.print(_text(f"note: {wrong} of the {top} removed examples have a score of the other sign "
-                                f"(fewer than {top} train examples are {remove.value} to {query_set})"))
+                                f"(fewer than {top} train examples are {remove} to {query_set})"))
     if output is not None:
-        err_console.print(_text(f"wrote {len(sel.written_ids)} {write.value} rows to {output}"))
+        err_console.print(_text(f"wrote {len(sel.written_ids)} {write} rows to {output}"))
     written_ids = ids_output or (output.with_name(output.name + ".ids.txt") if output is not None else None)
     if written_ids is not None:
         err_console.print(_text(f"wrote their {len(sel.written_ids)} ids to {written_ids}"))
@@ -628,9 +611,9 @@ def check_removal_command(
     query_set: QuerySetOpt,
     config: Annotated[Optional[Path], typer.Option("--config", help="The perturb run's YAML: its factory gives the model θ0, the data and the query set; its fine-tune settings are used. A store made by `daunce perturb --recipe` needs none: the recipe is read from its commits.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many train examples to remove.")] = 20,
-    remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = Remove("helpful"),
+    remove: Annotated[Remove, typer.Option(help="helpful: the top proponents (the loss should rise); harmful: the top opponents (it should fall).")] = "helpful",
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tune seeds, each with its own random removal (the report gives the mean ± spread over them).")] = 3,
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
+    measure: MeasureOpt = DEFAULT_MEASURE,
     device: Annotated[Optional[str], typer.Option("--device", help="Torch device (overrides the config).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
     storage_options: StorageOpt = None,
@@ -642,14 +625,11 @@ def check_removal_command(
 
     s = _open(store, "r", storage_options)
     cfg = perturb.PerturbConfig.from_yaml(config) if config is not None else recipe_config(s)
-    r = check_removal(s, cfg, query_set, k=k, remove=remove.value, seeds=seeds, measure=measure.value,
+    r = check_removal(s, cfg, query_set, k=k, remove=remove, seeds=seeds, measure=measure,
                       base_dir=config.parent if config is not None else None, device=device, progress=progress)
-    _rows_table(f"check-removal on {query_set}: top-{k} {remove.value} vs {k} random ({r.measure}, K={r.num_columns}); "
+    _rows_table(f"check-removal on {query_set}: top-{k} {remove} vs {k} random ({r.measure}, K={r.num_columns}); "
                 "Δ = change of the mean query loss against fine-tuning on everything", r.rows())
     console.print(_text(r.summary()))
-
-
-StabilityFormat = _choices("StabilityFormat", ("table", "json"))
 
 
 @_command(app)
@@ -658,21 +638,21 @@ def stability(
     query_set: QuerySetOpt,
     query: QueryIdsOpt = [],
     k: KOpt = 10,
-    measure: MeasureOpt = Measure(DEFAULT_MEASURE),
-    side: SideOpt = Side("both"),
+    measure: MeasureOpt = DEFAULT_MEASURE,
+    side: SideOpt = "both",
     fraction: Annotated[list[float], typer.Option("--fraction", help="Column fraction; repeatable.")] = [0.25, 0.5, 1.0],
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the columns (0: none).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the resamples.")] = 0,
-    backend: BackendOpt = Backend("auto"),
-    format: Annotated[StabilityFormat, typer.Option("--format")] = StabilityFormat.table,
+    backend: BackendOpt = "auto",
+    format: Annotated[ReportFormat, typer.Option("--format")] = "table",
     storage_options: StorageOpt = None,
 ) -> None:
     """Has K converged? Top-k overlap with the full-K list over nested column subsets, and bootstrap
     standard errors of the listed scores."""
     s = _open(store, "r", storage_options)
-    result = s.stability(query_set, query or None, k=k, measure=measure.value, side=side.value,
-                         fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend.value)
-    if format == StabilityFormat.json:
+    result = s.stability(query_set, query or None, k=k, measure=measure, side=side,
+                         fractions=tuple(fraction), bootstrap=bootstrap, seed=seed, backend=backend)
+    if format == "json":
         # Strict JSON: NaN ("not computed": no bootstrap resamples) as null, never a bare NaN token.
         sys.stdout.write(dumps_json({"summary": result.summary_records(), "records": result.records(),
                                      "asymmetry": result.asymmetry, "drift_share": result.drift_share,
@@ -705,10 +685,10 @@ def attribute(
     completion: Annotated[Optional[str], typer.Option("--completion", help="The output to explain (its loss is what is attributed).")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", help="Many new examples: a data file (.jsonl, .csv, .parquet, ...) with the run's fields and an optional id.")] = None,
     k: KOpt = 10,
-    measure: MeasureOpt = Measure(TOPK_MEASURE),
-    side: SideOpt = Side("both"),
+    measure: MeasureOpt = TOPK_MEASURE,
+    side: SideOpt = "both",
     device: Annotated[str, typer.Option("--device", help="Torch device for the forward passes.")] = "cpu",
-    format: FormatOpt = OutFormat("table"),
+    format: FormatOpt = "table",
     output: OutputOpt = None,
     data: DataOpt = [],
     storage_options: StorageOpt = None,
@@ -721,7 +701,7 @@ def attribute(
     rows = read_data_file(input).rows if input is not None else None
     s = _open(store, "r", storage_options)
     train, _ = _example_files(s, data, None)  # a bad file fails before the model loads
-    result = s.attribute(rows, prompt=prompt, completion=completion, k=k, measure=measure.value, side=side.value, device=device)
+    result = s.attribute(rows, prompt=prompt, completion=completion, k=k, measure=measure, side=side, device=device)
     new = rows if rows is not None else [{"prompt": prompt, "completion": completion}]
     asked = DataFile(input or Path("--prompt"), "jsonl", [{c: v for c, v in r.items() if c != "id"} for r in new],
                      list(result.queries), True)
@@ -732,10 +712,10 @@ def attribute(
 def self_influence(
     store: StoreArg,
     k: KOpt = 10,
-    side: Annotated[Side, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = Side("pos"),
-    measure: Annotated[Measure, typer.Option(help="auto, nystrom, whitened or cov (self-score u^T M u; cov: the loss variance).")] = Measure(DEFAULT_MEASURE),
-    backend: BackendOpt = Backend("auto"),
-    format: FormatOpt = OutFormat("table"),
+    side: Annotated[SideChoice, typer.Option(help="pos: highest self-score (mislabels, outliers).")] = "pos",
+    measure: Annotated[MeasureName, typer.Option(help="auto, nystrom, whitened or cov (self-score u^T M u; cov: the loss variance).")] = DEFAULT_MEASURE,
+    backend: BackendOpt = "auto",
+    format: FormatOpt = "table",
     output: OutputOpt = None,
     data: DataOpt = [],
     storage_options: StorageOpt = None,
@@ -744,7 +724,7 @@ def self_influence(
     """Self-influence (each example's own score): mislabel and outlier search."""
     s = _open(store, "r", storage_options)
     train, _ = _example_files(s, data, None)  # a bad file fails before the scan
-    result = s.self_influence(k=k, side=side.value, measure=measure.value, backend=backend.value, client=scheduler)
+    result = s.self_influence(k=k, side=side, measure=measure, backend=backend, client=scheduler)
     _emit(result.with_data(train), format, output, "self-influence")
 
 
@@ -805,7 +785,7 @@ def check_noise(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its store and pictures.")] = Path("daunce-demo"),
     k_perturbations: Annotated[Optional[int], typer.Option("--perturbations", "-K", help="Number of perturbed models (default 64; 16 with --llm).")] = None,
-    measure: Annotated[Measure, typer.Option(help="Score to rank by (nystrom-corr: the top lists read best; see --help of topk).")] = Measure("nystrom-corr"),
+    measure: Annotated[MeasureName, typer.Option(help="Score to rank by (nystrom-corr: the top lists read best; see --help of topk).")] = "nystrom-corr",
     llm: Annotated[bool, typer.Option("--llm", help="Backdoor retrieval on SmolLM2-135M (LoRA perturbations of its last layers on real dialogues) instead of digits.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for --llm (cpu, cuda).")] = "cpu",
     num_dialogues: Annotated[Optional[int], typer.Option(help="Training dialogues for --llm (default 200).")] = None,
@@ -822,12 +802,12 @@ def demo(
         given = {"num_dialogues": num_dialogues, "steps": steps, "batch_size": batch_size, "layers": layers}
         if k_perturbations is not None:
             given["k_perturbations"] = k_perturbations
-        run_llm_demo(workdir, console=console, measure=measure.value, device=device, precision=precision, less=less,
+        run_llm_demo(workdir, console=console, measure=measure, device=device, precision=precision, less=less,
                      **{name: v for name, v in given.items() if v is not None})
     else:
         from daunce_store.demo import run_demo
 
-        run_demo(workdir, 64 if k_perturbations is None else k_perturbations, console, measure=measure.value)
+        run_demo(workdir, 64 if k_perturbations is None else k_perturbations, console, measure=measure)
 
 
 eval_app = typer.Typer(help="Accuracy checks on digits: LDS against baselines, backdoor retrieval, mislabel detection, subset removal.", no_args_is_help=True)

@@ -35,6 +35,11 @@ __all__ = [
 class DaunceStoreError(ValueError):
     """Base class of every error raised by daunce-store."""
 
+    # Set only on an error that stopped a many-column append part-way (``LossStore.append_matrix``): the
+    # perturbations committed before it, and those not committed.
+    committed: list[str]
+    not_committed: list[str]
+
 
 class InvalidInputError(DaunceStoreError):
     """Bad user input: NaN/inf losses, wrong length or dtype, duplicate ids, bad names, bad k."""

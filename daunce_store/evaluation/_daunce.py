@@ -34,7 +34,7 @@ def default_config(**changes: Any) -> Any:
     task)."""
     from daunce_store.perturb import PerturbConfig
 
-    base = dict(objective="if", ratio=0.3, rho=1.0, gamma=1.0, epochs=20, batch_size=64, lr=3e-3,
+    base: dict[str, Any] = dict(objective="if", ratio=0.3, rho=1.0, gamma=1.0, epochs=20, batch_size=64, lr=3e-3,
                 optimizer="adam", scheduler="cosine", warmup_ratio=0.0, eval_batch_size=2048, device="cpu")
     base.update(changes)
     return PerturbConfig(**base)

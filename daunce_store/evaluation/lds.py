@@ -244,12 +244,13 @@ def compare_methods(
             measure: str | None = None, config: str | None = None, lam: float | None = None) -> float:
         per_query = lds(scores, bench)
         values = [float(np.nanmean(per_query))] + [float(v) for v in spread]
-        row = {"method": method, "K": k, "lds": float(np.mean(values)), "std": float(np.std(values)) if len(values) > 1 else None,
+        mean = float(np.mean(values))
+        row = {"method": method, "K": k, "lds": mean, "std": float(np.std(values)) if len(values) > 1 else None,
                "groups": len(values), "seconds": None if seconds is None else round(seconds, 2),
                "measure": measure, "config": config, "lambda": lam}
         rows.append(row)
         log(f"  {method:<36} K={'' if k is None else k!s:<5} LDS {row['lds']:.3f}" + (f" ± {row['std']:.3f} over {len(values)} groups" if row["std"] is not None else ""))
-        return row["lds"]
+        return mean
 
     for name, fn in (
         ("gradient dot", lambda: baselines.grad_dot_scores(target, xtr, ytr, xq, yq)),

@@ -25,12 +25,12 @@ from daunce_store.perturb._progress import (
     reporting,
 )
 from daunce_store.perturb._theta0 import UNTRAINED_CLASSIFIER, UNTRAINED_LM
+from daunce_store.perturb._fingerprint import model_fingerprint
 from daunce_store.perturb._runner import (
     draw_perturbation,
     evaluate_signal,
     fill_query_losses,
     finetune_losses,
-    model_fingerprint,
     perturbation_draw,
     resolve_weight_decay,
     run_perturbation,

@@ -22,6 +22,7 @@ from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter
 from daunce_store.perturb._recipes import RecipeModel
 from daunce_store.perturb._runner import _prepared, evaluate_signal
+from daunce_store.store import Snapshot, StoreLike
 
 __all__ = ["KeptModels", "add_query_data", "losses_under_states"]
 
@@ -57,10 +58,10 @@ def losses_under_states(model: torch.nn.Module, task: Any, data: Any, config: Pe
             else:
                 from peft import set_peft_model_state_dict
 
-                result = set_peft_model_state_dict(prep.model, state)
-                if getattr(result, "unexpected_keys", None):
+                unexpected = getattr(set_peft_model_state_dict(prep.model, state), "unexpected_keys", None)
+                if unexpected:
                     raise InvalidInputError(f"the adapter kept for {pid!r} does not fit the run's LoRA settings "
-                                            f"(unexpected weights {result.unexpected_keys[:3]})")
+                                            f"(unexpected weights {unexpected[:3]})")
             yield pid, evaluate_signal(prep.model, task, data, config, reporter, pid)
 
 
@@ -76,7 +77,10 @@ class KeptModels:
     >>> losses = kept.losses([{"prompt": "Hi", "completion": "Hello"}])      # (1, K), columns kept.slots
     """
 
-    def __init__(self, store: Any, *, snapshot: Any = None, device: str = "cpu", eval_batch_size: int | None = None,
+    recipe: RecipeModel
+    device: str
+
+    def __init__(self, store: StoreLike, *, snapshot: Snapshot | None = None, device: str = "cpu", eval_batch_size: int | None = None,
                  reuse: KeptModels | None = None):
         snap = snapshot or store.snapshot()
         commits = list(snap.commits)
@@ -133,7 +137,7 @@ class KeptModels:
         return out
 
 
-def add_query_data(store: Any, sets: Mapping[str, Any], *, device: str = "cpu",
+def add_query_data(store: StoreLike, sets: Mapping[str, Any], *, device: str = "cpu",
                    reporter: Reporter | None = None) -> dict[str, tuple[int, int]]:
     """Add query sets from data files (``{name: file}``, the run's fields) to a recipe store and fill their losses
     under every kept adapter. Everything is read, checked and evaluated before the first write, so a refusal

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from daunce_store.errors import InvalidInputError
+from daunce_store.perturb._fingerprint import model_fingerprint
 from daunce_store.perturb._progress import Reporter, current_reporter
 from daunce_store.perturb._task import CausalLMTask, Task, _checked_weight_decay, _weight_decay_entry
 
@@ -73,13 +74,13 @@ class LlamaTail(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, num_layers: int):
         super().__init__()
         first = _checked_layers(model, num_layers)
-        inner = model.model
+        inner: Any = model.model  # a transformers model's submodules: torch types them only as Tensor | Module
         self.config = inner.config
         self.first_layer = first
         self.layers = torch.nn.ModuleList(list(inner.layers)[first:])
         self.norm = inner.norm
         self.rotary_emb = inner.rotary_emb
-        self.lm_head = model.lm_head
+        self.lm_head: Any = model.lm_head
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
@@ -149,9 +150,7 @@ class CachedCausalLMTask(Task):
 # --- the cache -------------------------------------------------------------------------------------------
 def _trunk_fingerprint(model: torch.nn.Module, first: int) -> str:
     """sha256 of what the hidden states at layer ``first`` depend on: embeddings, layers < first, rotary buffers."""
-    from daunce_store.perturb._runner import model_fingerprint
-
-    inner = model.model
+    inner: Any = model.model  # as in LlamaTail
     parts = torch.nn.ModuleList([inner.embed_tokens, inner.rotary_emb, *list(inner.layers)[:first]])
     return model_fingerprint(parts)
 
@@ -269,7 +268,7 @@ def cached_lm(
     model: torch.nn.Module,
     task: CausalLMTask,
     train_items: Sequence[Any],
-    query_items: dict[str, Sequence[Any]] | None,
+    query_items: Mapping[str, Sequence[Any]] | None,
     num_layers: int,
     **cache_kwargs: Any,
 ) -> tuple[LlamaTail, CachedCausalLMTask, list[dict[str, torch.Tensor]], dict[str, list[dict[str, torch.Tensor]]]]:

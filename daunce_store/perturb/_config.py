@@ -248,7 +248,7 @@ class PerturbConfig:
         """One line per field: name, default and what it means."""
         lines = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
         return "\n".join(lines)
 

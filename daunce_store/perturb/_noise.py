@@ -21,6 +21,7 @@ from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import Reporter
 from daunce_store.perturb._runner import evaluate_signal
 from daunce_store.perturb._task import Task
+from daunce_store.store import StoreLike
 
 __all__ = ["NoiseReport", "check_noise", "NOISE_RATIO_WARNING"]
 
@@ -63,7 +64,7 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
 
 
 def check_noise(
-    store: Any,
+    store: StoreLike,
     model: torch.nn.Module,
     task: Task,
     train_data: Any,

@@ -20,7 +20,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,7 @@ def _class_index(value: Any, config: Any, i: int, where: str, field: str) -> int
     elif isinstance(value, int) and not isinstance(value, bool):
         index = value
     if index is None or not 0 <= index < n:
-        classes = ", ".join(sorted(names, key=names.get)) or "none"
+        classes = ", ".join(sorted(names, key=lambda name: names[name])) or "none"
         raise InvalidInputError(
             f"{where} row {i}: {field} {value!r} is not one of the model's {n} classes "
             f"(an index 0..{n - 1} or a name from its label2id: {classes})"
@@ -272,11 +272,12 @@ def _assemble(task: Task, train: str, queries: Mapping[str, str] | None, items: 
     sets = _read_sets(train, queries)
     built = {name: (items(rows, where), ids) for name, where, rows, ids in sets}
     train_items, train_ids = built.pop(None)
+    queries_built = {name: v for name, v in built.items() if name is not None}  # every set but the train set
     return _Parts(task, train_items, train_ids,
-                  {name: v[0] for name, v in built.items()}, {name: v[1] for name, v in built.items()})
+                  {name: v[0] for name, v in queries_built.items()}, {name: v[1] for name, v in queries_built.items()})
 
 
-_PARTS = {"causal-lm": _causal_lm_parts, "classifier": _classifier_parts}
+_PARTS: dict[str, Callable[..., _Parts]] = {"causal-lm": _causal_lm_parts, "classifier": _classifier_parts}
 
 
 def _load_model(recipe: str, model: str, parts: _Parts) -> torch.nn.Module:
@@ -292,7 +293,8 @@ def _load_model(recipe: str, model: str, parts: _Parts) -> torch.nn.Module:
     if recipe == "classifier" and getattr(net.config, "pad_token_id", None) is None:
         # GPT-2-style classifiers find each sequence's last token through pad_token_id; without one they
         # refuse batches of more than one sequence.
-        net.config.pad_token_id = parts.task.pad_token_id  # type: ignore[attr-defined]
+        assert isinstance(parts.task, SequenceClassificationTask)
+        net.config.pad_token_id = parts.task.pad_token_id
     return net
 
 
@@ -391,8 +393,9 @@ def prepare_recipe(url: str, recipe: str, options: Mapping[str, Any], config: Pe
     options["queries"] = {check_query_set_name(name): os.path.abspath(path) for name, path in queries.items()}
 
     skeleton = _check_architecture(recipe, options["model"], _load_config(options["model"]))  # the model first
-    if config.lora_settings() is not None:
-        _check_lora_targets(skeleton, config.lora_settings(), options["model"])
+    lora = config.lora_settings()
+    if lora is not None:
+        _check_lora_targets(skeleton, lora, options["model"])
     options["train_layers"], note = _fast_path(recipe, options, skeleton, config, full_model)
     if options["train_layers"] is None:
         del options["train_layers"]
@@ -547,7 +550,7 @@ class RecipeModel:
             raise InvalidInputError(f"{where} holds no rows")
         if self.recipe == "causal-lm":
             rows = [self._as_run_fields(r) for r in rows]
-            names = ("prompt_field", "completion_field", "messages_field", "max_length")
+            names: tuple[str, ...] = ("prompt_field", "completion_field", "messages_field", "max_length")
             items = causal_lm_items(self.tokenizer, rows, where, **{k: v for k, v in self.fields.items() if k in names})
         else:
             names = ("text_field", "label_field", "max_length")

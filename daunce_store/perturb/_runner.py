@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import math
 import platform
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,11 +26,12 @@ import torch
 
 from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, DivergedError, InvalidInputError, LeaseError
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig, lora_layer_count
+from daunce_store.perturb._fingerprint import model_fingerprint
 from daunce_store.perturb._objective import batch_objective, l2_center, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter, duration
 from daunce_store.perturb._task import Task
 from daunce_store.perturb._theta0 import Theta0Check
-from daunce_store.store import PerturbationDraw, perturbation_id, validate_losses
+from daunce_store.store import Commit, Lease, PerturbationDraw, StoreLike, perturbation_id, validate_losses
 
 __all__ = [
     "run_perturbation",
@@ -287,18 +288,6 @@ def _training_order(subset: np.ndarray, config: PerturbConfig, rng: np.random.Ge
             return batches
 
 
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (names, shapes, dtypes, values); cached per model."""
-    if model not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for name, t in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        _FINGERPRINTS[model] = h.hexdigest()
-    return _FINGERPRINTS[model]
 
 
 # --- the convergence check -----------------------------------------------------------------------------------
@@ -336,7 +325,7 @@ def _objective_grad_norm(prep: _Prepared, task: Task, train_data: Any, probe: np
             t += float(weight_decay) * (p.detach().float() - (0.0 if center is None else center[i].float()))
     finally:
         model.train(was)
-    return float(torch.sqrt(sum((t * t).sum() for t in total)).cpu())
+    return float(torch.sqrt(sum(((t * t).sum() for t in total), torch.zeros(()))).cpu())  # a tensor start: 0 + x is x
 
 
 def _convergence_record(start: float, end: float, probe_size: int, seconds: float) -> dict[str, Any]:
@@ -351,7 +340,7 @@ _RUN_KEYS = ("objective", "ratio", "rho", "gamma", "epochs", "max_steps", "batch
              "l2_center", "optimizer", "scheduler", "warmup_ratio", "lora", "convergence_probe")
 
 
-def _warn_if_unconverged(store: Any, commit: Any, config: PerturbConfig) -> None:
+def _warn_if_unconverged(store: StoreLike, commit: Any, config: PerturbConfig) -> None:
     """Warn once per run when its fine-tunes typically stop far from the perturbed optimum.
 
     The verdict is the run's, not one column's: the median ratio over the store's columns made with the same
@@ -413,17 +402,17 @@ def _advice(config: PerturbConfig) -> str:
 class _Heartbeat:
     """Renews a lease from a background thread while the perturbation trains and evaluates."""
 
-    def __init__(self, store: Any, lease: Any, ttl: float):
+    def __init__(self, store: StoreLike, lease: Lease | None, ttl: float):
         self.lease = lease
         self.lost: Exception | None = None
         self._store, self._ttl = store, ttl
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.perturbation}", daemon=True) if lease else None
+        self._thread = threading.Thread(target=self._run, args=(lease,), name=f"lease-{lease.perturbation}", daemon=True) if lease else None
 
-    def _run(self) -> None:
+    def _run(self, lease: Lease) -> None:
         while not self._stop.wait(self._ttl / 3.0):
             try:
-                self.lease = self._store.renew(self.lease, ttl=self._ttl)
+                lease = self.lease = self._store.renew(lease, ttl=self._ttl)
             except LeaseError as e:
                 self.lost = e
                 return
@@ -441,7 +430,7 @@ class _Heartbeat:
             self._thread.join()
 
 
-def _check_sizes(store: Any, train_data: Any, query_data: Mapping[str, Any]) -> None:
+def _check_sizes(store: StoreLike, train_data: Any, query_data: Mapping[str, Any]) -> None:
     if len(train_data) != store.n_train:
         raise InvalidInputError(
             f"train_data has {len(train_data)} examples but the store has {store.n_train} train ids; "
@@ -460,7 +449,7 @@ def _check_sizes(store: Any, train_data: Any, query_data: Mapping[str, Any]) -> 
 
 # --- one perturbation -----------------------------------------------------------------------------------
 def run_perturbation(
-    store: Any,
+    store: StoreLike,
     k: int,
     model: torch.nn.Module,
     task: Task,
@@ -468,9 +457,9 @@ def run_perturbation(
     query_data: Mapping[str, Any] | None,
     config: PerturbConfig,
     *,
-    lease: Any = None,
+    lease: Lease | None = None,
     reporter: Reporter | None = None,
-) -> Any:
+) -> Commit:
     """Run perturbation ``k`` and append its column to ``store``; returns the :class:`~daunce_store.Commit`.
 
     Seeds come from ``(store.seed, k)``: the subset D_k, the weights xi_k, the batch order and the
@@ -501,11 +490,14 @@ def run_perturbation(
 
     beat = _Heartbeat(store, lease, config.lease_seconds)
     try:
-        commit = _train_evaluate_append(store, k, pid, model, task, train_data, query_data, config, beat, reporter,
-                                        draw, subset, c_all, order, torch_seed, weight_decay, fingerprint, device)
+        commit = _train_evaluate_append(_Run(
+            store=store, k=k, pid=pid, model=model, task=task, train_data=train_data, query_data=query_data, config=config,
+            beat=beat, reporter=reporter, draw=draw, subset=subset, c_all=c_all, order=order, torch_seed=torch_seed,
+            weight_decay=weight_decay, fingerprint=fingerprint, device=device,
+        ))
     except BaseException as e:
         # Give the id back at once (another worker may take it) unless the lease is already someone else's.
-        if lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
+        if beat.lease is not None and not isinstance(e, (LeaseError, AlreadyCommittedError)):
             with contextlib.suppress(Exception):
                 store.release(beat.lease)
         raise
@@ -513,48 +505,70 @@ def run_perturbation(
     return commit
 
 
-def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module, task: Task, train_data: Any,
-                           query_data: dict[str, Any], config: PerturbConfig, beat: _Heartbeat, reporter: Reporter,
-                           draw: PerturbationDraw, subset: np.ndarray, c_all: torch.Tensor, order: list[np.ndarray],
-                           torch_seed: int, weight_decay: float, fingerprint: str, device: torch.device) -> Any:
-    probe = _convergence_probe(subset, config, len(order))
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One perturbation's fine-tune, everything decided before it starts (:func:`run_perturbation`)."""
+
+    store: StoreLike
+    k: int
+    pid: str
+    model: torch.nn.Module  # theta0, on ``device``
+    task: Task
+    train_data: Any
+    query_data: dict[str, Any]
+    config: PerturbConfig
+    beat: _Heartbeat  # renews the lease while training
+    reporter: Reporter
+    draw: PerturbationDraw
+    subset: np.ndarray  # D_k
+    c_all: torch.Tensor  # the weights c_i of every train row
+    order: list[np.ndarray]  # the batches, in training order
+    torch_seed: int
+    weight_decay: float
+    fingerprint: str  # theta0's model_fingerprint
+    device: torch.device
+
+
+def _train_evaluate_append(run: _Run) -> Commit:
+    probe = _convergence_probe(run.subset, run.config, len(run.order))
     convergence = None
-    n_eval = len(train_data) + sum(len(d) for d in query_data.values())
-    theta0 = Theta0Check(task, fingerprint)
-    with beat:
-        signal0 = theta0_signal(model, task, train_data, config, reporter)  # the loss-change record's reference
-        torch.manual_seed(torch_seed)
+    n_eval = len(run.train_data) + sum(len(d) for d in run.query_data.values())
+    theta0 = Theta0Check(run.task, run.fingerprint)
+    with run.beat:
+        signal0 = theta0_signal(run.model, run.task, run.train_data, run.config, run.reporter)  # the loss-change record's reference
+        torch.manual_seed(run.torch_seed)
         t0 = time.perf_counter()
-        with _prepared(model, task, config, torch_seed) as prep:
+        with _prepared(run.model, run.task, run.config, run.torch_seed) as prep:
             if theta0.active:  # theta0's losses of the batches the objective sees anyway decide the check
                 prep.reference = theta0.wrap(prep.reference)
-            params = list(task.trainable_parameters(prep.model))
+            params = list(run.task.trainable_parameters(prep.model))
             if not params:
                 raise InvalidInputError("the task's trainable_parameters(model) is empty; nothing to fine-tune")
-            center = l2_center(params, config.l2_center)  # theta0's values, before the first step ('theta0')
-            opt = _optimizer(params, config)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config, len(order)))
+            center = l2_center(params, run.config.l2_center)  # theta0's values, before the first step ('theta0')
+            opt = _optimizer(params, run.config)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(run.config, len(run.order)))
             t_probe = time.perf_counter()
             if len(probe):
-                norm_start = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device, center)
+                norm_start = _objective_grad_norm(prep, run.task, run.train_data, probe, run.c_all, params, run.weight_decay,
+                                                  run.config, run.device, center)
             t_probe = time.perf_counter() - t_probe
-            reporter.begin(pid, "train steps", len(order))
+            run.reporter.begin(run.pid, "train steps", len(run.order))
             losses_seen = []
             t_loop = t_first = time.perf_counter()
-            for step, idx in enumerate(order, 1):
-                if beat.lost is not None:
-                    raise beat.lost
-                batch = _to_device(_fetch(train_data, idx, task), device)
-                c = c_all[torch.as_tensor(idx, dtype=torch.long)].to(device)
-                with _autocast(config, device):
-                    if theta0.active and config.objective == "blackbox":  # its objective needs no reference
+            for step, idx in enumerate(run.order, 1):
+                if run.beat.lost is not None:
+                    raise run.beat.lost
+                batch = _to_device(_fetch(run.train_data, idx, run.task), run.device)
+                c = run.c_all[torch.as_tensor(idx, dtype=torch.long)].to(run.device)
+                with _autocast(run.config, run.device):
+                    if theta0.active and run.config.objective == "blackbox":  # its objective needs no reference
                         with torch.no_grad():
                             prep.reference(batch)
-                    obj = batch_objective(task, prep.model, batch, c, config.objective, config.gamma, prep.reference)
-                obj = obj + l2_penalty(params, weight_decay, center)  # the target's regularizer (or its Bregman form)
+                    obj = batch_objective(run.task, prep.model, batch, c, run.config.objective, run.config.gamma, prep.reference)
+                obj = obj + l2_penalty(params, run.weight_decay, center)  # the target's regularizer (or its Bregman form)
                 if not torch.isfinite(obj):
                     raise DivergedError(
-                        f"perturbation {pid}: the objective became {obj.item()} at step {step} of {len(order)}: the "
+                        f"perturbation {run.pid}: the objective became {obj.item()} at step {step} of {len(run.order)}: the "
                         "fine-tune diverged; lower the learning rate (lr) or rho and run it again"
                     )
                 opt.zero_grad(set_to_none=True)
@@ -562,65 +576,66 @@ def _train_evaluate_append(store: Any, k: int, pid: str, model: torch.nn.Module,
                 opt.step()
                 sched.step()
                 losses_seen.append(float(obj.detach()))
-                reporter.advance()
+                run.reporter.advance()
                 if step == 1:
                     t_first = time.perf_counter()  # the first step pays one-time costs (allocation, kernel choice)
-                if step == min(1 + _TIMED_STEPS, len(order)):
+                if step == min(1 + _TIMED_STEPS, len(run.order)):
                     timed = (step - 1, time.perf_counter() - t_first) if step > 1 else (1, time.perf_counter() - t_loop)
-                    reporter.estimate(*_first_estimate(pid, *timed, t_probe, len(order), n_eval, config), measured=False)
+                    run.reporter.estimate(*_first_estimate(run.pid, *timed, t_probe, len(run.order), n_eval, run.config), measured=False)
             theta0.decide()  # fewer than its sample in the whole fine-tune: decide on what it saw
             if len(probe):
                 t_end = time.perf_counter()
-                norm_end = _objective_grad_norm(prep, task, train_data, probe, c_all, params, weight_decay, config, device, center)
+                norm_end = _objective_grad_norm(prep, run.task, run.train_data, probe, run.c_all, params, run.weight_decay,
+                                                run.config, run.device, center)
                 convergence = _convergence_record(norm_start, norm_end, len(probe), t_probe + time.perf_counter() - t_end)
             t_train = time.perf_counter() - t0 - (convergence["seconds"] if convergence else 0.0)
             t1 = time.perf_counter()
-            train_signal = evaluate_signal(prep.model, task, train_data, config, reporter, f"{pid} train")
+            train_signal = evaluate_signal(prep.model, run.task, run.train_data, run.config, run.reporter, f"{run.pid} train")
             query_signal = {
-                name: evaluate_signal(prep.model, task, data, config, reporter, f"{pid} {name}")
-                for name, data in query_data.items()
+                name: evaluate_signal(prep.model, run.task, data, run.config, run.reporter, f"{run.pid} {name}")
+                for name, data in run.query_data.items()
             }
             t_eval = time.perf_counter() - t1
             # The store's own rule (validate_losses: NaN, inf, |loss| > MAX_ABS_LOSS), before anything of this
             # perturbation is written, its weights included: a fine-tune that diverged is refused here.
-            validate_losses(train_signal, len(train_data), what=f"perturbation {pid}: train losses")
+            validate_losses(train_signal, len(run.train_data), what=f"perturbation {run.pid}: train losses")
             for name, values in query_signal.items():
-                validate_losses(values, len(values), what=f"perturbation {pid}: query set {name!r} losses")
+                validate_losses(values, len(values), what=f"perturbation {run.pid}: query set {name!r} losses")
             adapter = None
-            if config.keep_adapters:
-                adapter = _save_state(store, pid, prep.state())
-        if beat.lost is not None:
-            raise beat.lost
+            if run.config.keep_adapters:
+                adapter = _save_state(run.store, run.pid, prep.state())
+        if run.beat.lost is not None:
+            raise run.beat.lost
     took = time.perf_counter() - t0
-    reporter.estimate(took, f"measured: perturbation {pid} took {duration(took)}", measured=True)
+    run.reporter.estimate(took, f"measured: perturbation {run.pid} took {duration(took)}", measured=True)
     metadata = {
         "source": "daunce_store.perturb",
-        "perturbation_index": int(k),
-        "seed": [store.seed, int(k)],
-        "torch_seed": torch_seed,
-        "draw": draw.to_metadata(),
-        "objective": config.objective,
-        "weight_decay": weight_decay,
-        "l2_center": config.l2_center,
+        "perturbation_index": int(run.k),
+        "seed": [run.store.seed, int(run.k)],
+        "torch_seed": run.torch_seed,
+        "draw": run.draw.to_metadata(),
+        "objective": run.config.objective,
+        "weight_decay": run.weight_decay,
+        "l2_center": run.config.l2_center,
         "train_change": train_change(train_signal, signal0),
-        "config": {key: v for key, v in config.to_dict().items()},
-        "task": task.describe(),
-        "subset_size": int(len(subset)),
-        "steps": len(order),
+        "config": {key: v for key, v in run.config.to_dict().items()},
+        "task": run.task.describe(),
+        "subset_size": int(len(run.subset)),
+        "steps": len(run.order),
         "final_objective": losses_seen[-1] if losses_seen else None,
         "convergence": convergence,
         "theta0_check": theta0.record,
-        "model_sha256": fingerprint,
-        "train_ids_sha256": hashlib.sha256("\n".join(store.train_ids.tolist()).encode()).hexdigest(),
+        "model_sha256": run.fingerprint,
+        "train_ids_sha256": hashlib.sha256("\n".join(run.store.train_ids.tolist()).encode()).hexdigest(),
         "train_seconds": round(t_train, 4),
         "eval_seconds": round(t_eval, 4),
         "eval_examples_per_second": round(n_eval / max(t_eval, 1e-9), 1),
-        "device": str(device),
+        "device": str(run.device),
         "torch_version": torch.__version__,
         "host": platform.node(),
         "adapter": adapter,
     }
-    return store.append(pid, train_signal, query_signal, metadata=metadata, lease=beat.lease)
+    return run.store.append(run.pid, train_signal, query_signal, metadata=metadata, lease=run.beat.lease)
 
 
 # theta0's train signal, for the loss-change record of each commit: one evaluation pass per worker, not one
@@ -668,14 +683,14 @@ def _first_estimate(pid: str, steps: int, seconds: float, t_probe: float, total_
 
 
 # --- keeping the trained weights -----------------------------------------------------------------------------
-def _save_state(store: Any, perturbation: str, state: Mapping[str, torch.Tensor]) -> str:
+def _save_state(store: StoreLike, perturbation: str, state: Mapping[str, torch.Tensor]) -> str:
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return store.save_adapter(perturbation, save(tensors))
 
 
-def _load_state(store: Any, perturbation: str) -> dict[str, torch.Tensor]:
+def _load_state(store: StoreLike, perturbation: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     data = store.load_adapter(perturbation)
@@ -685,7 +700,7 @@ def _load_state(store: Any, perturbation: str) -> dict[str, torch.Tensor]:
 
 
 def fill_query_losses(
-    store: Any,
+    store: StoreLike,
     model: torch.nn.Module,
     task: Task,
     name: str,

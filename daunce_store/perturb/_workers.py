@@ -19,7 +19,7 @@ from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.perturb._config import PerturbConfig
 from daunce_store.perturb._progress import NullReporter, Reporter, RichReporter, reporting
 from daunce_store.perturb._runner import _check_sizes, fill_query_losses, run_perturbation
-from daunce_store.store import default_worker_name, iso, perturbation_id, storage_errors
+from daunce_store.store import StoreLike, default_worker_name, iso, perturbation_id, storage_errors
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def build_from_config(config: PerturbConfig, base_dir: str | os.PathLike[str] | 
 
 # --- a worker --------------------------------------------------------------------------------------------
 def run_worker(
-    store: Any,
+    store: StoreLike,
     model: torch.nn.Module,
     task: Task,
     train_data: Any,
@@ -134,7 +134,7 @@ def run_worker(
         reporter.close()
 
 
-def _work(store: Any, ids: list[str], model: Any, task: Any, train_data: Any, query_data: Any, config: Any, worker: str,
+def _work(store: StoreLike, ids: list[str], model: Any, task: Any, train_data: Any, query_data: Any, config: Any, worker: str,
           name: str, wait: float, reporter: Any, commits: list[Any], diverged: set[str]) -> list[Any]:
     """:func:`run_worker`'s loop: claim the next free id, run it, until every id is committed."""
     waiting_on: frozenset[tuple[str, str]] = frozenset()
@@ -202,7 +202,7 @@ def _why_stale(rec: Mapping[str, Any]) -> str:
     return f"whose lease expired at {iso(rec['expires_at'])}"
 
 
-def _say_what_we_wait_for(store: Any, remaining: Sequence[str], before: frozenset[tuple[str, str]], name: str) -> frozenset[tuple[str, str]]:
+def _say_what_we_wait_for(store: StoreLike, remaining: Sequence[str], before: frozenset[tuple[str, str]], name: str) -> frozenset[tuple[str, str]]:
     """Print the live leases of others that hold up ``remaining`` when they differ from ``before`` (new
     holders, not renewals); returns what was printed about, to compare with next time."""
     wanted = set(remaining)
@@ -223,7 +223,7 @@ def _say_what_we_wait_for(store: Any, remaining: Sequence[str], before: frozense
     return now_held
 
 
-def _known_sets(store: Any, queries: dict[str, Any]) -> dict[str, Any]:
+def _known_sets(store: StoreLike, queries: dict[str, Any]) -> dict[str, Any]:
     """The factory's query sets that the store has (others are for `daunce add-queries --config` later)."""
     return {name: data for name, data in queries.items() if name in store.query_sets()}
 

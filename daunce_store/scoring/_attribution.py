@@ -17,7 +17,8 @@ import numpy as np
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, DataFile, json_ready, validate_losses, write_frames, write_json, write_records
 from daunce_store.store._inputs import ID_FIELD
-from daunce_store.scoring._backend import SIDES, make_accumulator, push_checked, row_variance
+from daunce_store.scoring._backend import make_accumulator, push_checked, row_variance
+from daunce_store.scoring._vocabulary import SIDES, Side, side_choice
 from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
     DEFAULT_MEASURE,
@@ -142,10 +143,11 @@ class Attribution:
         for j, q in enumerate(self.queries):
             for side in self.indices:
                 for rank, (i, s) in enumerate(zip(self.indices[side][j], self.scores[side][j]), start=1):
-                    record = {"query": q, "side": side, "rank": rank, "train_id": str(self.train_ids[i]),
-                              "train_index": int(i), "score": float(s)}
+                    train_id = str(self.train_ids[i])
+                    record: dict[str, Any] = {"query": q, "side": side, "rank": rank, "train_id": train_id,
+                                              "train_index": int(i), "score": float(s)}
                     for name, who, col in fields:
-                        row = (self.train_data or {}).get(record["train_id"]) if who == "train" else (self.query_data or {}).get(q)
+                        row = (self.train_data or {}).get(train_id) if who == "train" else (self.query_data or {}).get(q)
                         record[name] = (row or {}).get(col)
                     out.append(record)
         return out
@@ -163,9 +165,10 @@ class Attribution:
         """Write as json (the :meth:`envelope`: measure, num_columns, records), jsonl (one record a line),
         csv or parquet (a table; a data column holding lists or objects as JSON text), to a file (the format
         defaults to its suffix) or a text stream such as ``sys.stdout``."""
-        if fmt is None and not isinstance(path, (str, os.PathLike)):
-            raise InvalidInputError("give the format when writing to a stream (json, jsonl or csv)")
-        fmt = fmt or os.fspath(path).rsplit(".", 1)[-1]  # type: ignore[arg-type]
+        if not fmt:
+            if not isinstance(path, (str, os.PathLike)):
+                raise InvalidInputError("give the format when writing to a stream (json, jsonl or csv)")
+            fmt = os.fspath(path).rsplit(".", 1)[-1]
         if fmt not in TABLE_FORMATS:
             raise InvalidInputError(f"unknown output format {fmt!r}; use {', '.join(TABLE_FORMATS)}")
         if fmt == "json":
@@ -204,12 +207,9 @@ def _plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, int, bool)) else str(value)
 
 
-def resolve_sides(side: str) -> tuple[str, ...]:
-    if side == "both":
-        return SIDES
-    if side not in SIDES:
-        raise InvalidInputError(f"side must be pos, neg or both, not {side!r}")
-    return (side,)
+def resolve_sides(side: str) -> tuple[Side, ...]:
+    choice = side_choice(side)
+    return SIDES if choice == "both" else (choice,)
 
 
 def check_k(k: int, n: int) -> None:

@@ -24,12 +24,9 @@ from daunce_store._ext import _built, extension
 from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import NumpyTopK, check_underflow
+from daunce_store.scoring._vocabulary import BACKEND_CHOICES, BACKENDS, KERNEL_MEASURES, SIDES
 
 __all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES", "SIDES", "BACKENDS"]
-
-KERNEL_MEASURES = ("cov", "corr")  # row preparations the kernels know; score measures: _measures.py
-SIDES = ("pos", "neg")
-BACKENDS = ("rust", "numba", "numpy", "torch")
 
 
 class Accumulator(Protocol):
@@ -69,8 +66,8 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str) -> str:
-    if backend not in ("auto", *BACKENDS):
-        raise InvalidInputError(f"unknown backend {backend!r}; use {', '.join(('auto', *BACKENDS))}")
+    if backend not in BACKEND_CHOICES:
+        raise InvalidInputError(f"unknown backend {backend!r}; use {', '.join(BACKEND_CHOICES)}")
     if backend == "auto":  # the extension when built (checked first: numba's import alone takes 0.2 s)
         return "rust" if _rust() is not None else _cpu_backends()[0]
     if backend == "torch":

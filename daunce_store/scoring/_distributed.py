@@ -60,9 +60,9 @@ from daunce_store.scoring._measures import (
     Gram,
     Prepared,
     column_names,
-    draws_of,
     gram_part,
     metric_self_scores,
+    recorded_draws,
     stored_gram,
 )
 from daunce_store.scoring._numpy import check_underflow
@@ -253,7 +253,7 @@ def _scan_gram(task: _GramTask, r0: int, r1: int) -> list[tuple[np.ndarray, np.n
     counts, spread), unsummed, so the driver can add them in row order (float sums are not associative).
     K·K·8 bytes per block."""
     snapshot, slots = task.source.snapshot, task.source.slots
-    draws = draws_of(snapshot, slots) if preconditioner_named(task.kind).needs_draws else []
+    draws = recorded_draws(snapshot, slots) if preconditioner_named(task.kind).needs_draws else []
     names = column_names(snapshot, slots)
     with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate: the same GEMM path, the same bits
         return [gram_part(task.kind, block, offset, draws, names)

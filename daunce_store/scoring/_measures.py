@@ -107,6 +107,16 @@ def draws_of(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw 
     return [PerturbationDraw.from_metadata(by_slot[s].metadata) if s in by_slot else None for s in slots]
 
 
+def recorded_draws(snapshot: Snapshot, slots: Sequence[int]) -> list[PerturbationDraw]:
+    """The draws of a nystrom Gram's columns: :func:`resolve_measure` picks nystrom only where every column
+    records one, so a missing draw here is a bug, not bad input."""
+    draws = draws_of(snapshot, slots)
+    present = [d for d in draws if d is not None]
+    if len(present) != len(draws):
+        raise AssertionError(f"{len(draws) - len(present)} of {len(draws)} columns record no draw; resolve_measure should have refused nystrom")
+    return present
+
+
 def resolve_measure(name: str, snapshot: Snapshot | None = None, slots: Sequence[int] = ()) -> Measure:
     """The :class:`Measure` called ``name``; ``auto`` (``auto-corr``) becomes nystrom (nystrom-corr) when every column in ``slots``
     records the draw of an IF- or Fisher-form fine-tune (the setting the LDS measurements cover), else
@@ -322,7 +332,7 @@ def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: s
     one streaming pass (then persisted; see :func:`stored_gram`)."""
 
     def one_pass() -> Gram:
-        draws = draws_of(snapshot, slots) if preconditioner_named(kind).needs_draws else []
+        draws = recorded_draws(snapshot, slots) if preconditioner_named(kind).needs_draws else []
         blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
         return Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
 

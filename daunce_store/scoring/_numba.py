@@ -13,24 +13,26 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
+from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["NumbaTopK", "available"]
 
 try:  # numba is an optional extra
-    import numba
     from numba import njit, prange
+
+    HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
+    HAVE_NUMBA = False
 
 
 def available() -> bool:
-    return numba is not None
+    return HAVE_NUMBA
 
 
 # Scores computed per GEMM tile: bounds the temporary (m × rows) score matrix whatever m is.
 _TILE_VALUES = 1 << 22
 
-if numba is not None:
+if HAVE_NUMBA:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _prepare_rows(x: np.ndarray, corr: bool) -> np.ndarray:  # pragma: no cover - compiled
@@ -136,9 +138,9 @@ class _SideState:
 class NumbaTopK:
     """Streaming accumulator with the same interface as the Rust ``TopKAccumulator``."""
 
-    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = ("pos", "neg"),
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False):
-        if numba is None:
+        if not HAVE_NUMBA:
             raise InvalidInputError("the numba backend needs numba: pip install 'daunce-store[numba]'")
         q = np.ascontiguousarray(queries, np.float32)
         self.qp = q if queries_prepared else prepare_queries(q, measure)

@@ -11,6 +11,7 @@ import numpy as np
 
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import InvalidInputError, ScoreUnderflowError
+from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores",
            "ScoreUnderflowError", "query_spread", "underflowed", "check_underflow"]
@@ -173,7 +174,7 @@ class NumpyTopK:
     ``push_scores(offset, scores)`` folds precomputed scores of a single query (e.g. self-influence).
     """
 
-    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = ("pos", "neg"),
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False):
         self.qp = np.ascontiguousarray(queries, np.float32) if queries_prepared else prepare_queries(queries, measure)
         self.k, self.measure, self.sides = k, measure, tuple(sides)
@@ -222,7 +223,7 @@ def topk_numpy(
     queries: np.ndarray,
     k: int,
     measure: str = "cov",
-    sides: tuple[str, ...] = ("pos", "neg"),
+    sides: tuple[str, ...] = SIDES,
     queries_prepared: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Top-k train rows per query for each side: ``{side: (indices (m, k) int64, scores (m, k) f32)}``.

@@ -49,7 +49,7 @@ class Stability:
     """
 
     queries: tuple[str, ...]
-    train_ids: np.ndarray
+    train_ids: np.ndarray | RowIds  # RowIds: only the listed rows' ids
     measure: str
     k: int
     num_columns: int

@@ -20,7 +20,7 @@ and selected without sorting the tile:
 On CUDA, host blocks are copied into one of two pinned buffers and sent to the device on a side stream;
 :meth:`TorchTopK.push_block` launches the previous block's first matmul *before* it stages the new block,
 so the host copy and the transfer overlap that compute. :class:`TorchScorer` keeps the prepared train
-matrix on the device and answers any number of query batches with the same selection; :func:`scorer`
+matrix on the device and answers any number of query batches with the same selection; :func:`~daunce_store.scoring._scorer.scorer`
 builds one from a store (``Store.scorer``).
 
 torch is optional: this module imports without it, :func:`available` says whether it imports, and using
@@ -34,23 +34,18 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._measures import DEFAULT_MEASURE
 from daunce_store.scoring._numpy import _TINY, check_scores, check_underflow, prepare_queries, score_overflow_error
+from daunce_store.scoring._vocabulary import KERNEL_MEASURES, SIDES
 
-if TYPE_CHECKING:
-    from daunce_store.scoring._attribution import Attribution
-    from daunce_store.store import LossStore, Snapshot
-
-__all__ = ["TORCH_EXTRA", "TorchTopK", "TorchScorer", "StoreScorer", "scorer", "available", "default_device"]
+__all__ = ["TORCH_EXTRA", "TorchTopK", "TorchScorer", "available", "default_device"]
 
 TORCH_EXTRA = "torch"  # pip install 'daunce-store[torch]'
-_SIDES = ("pos", "neg")
 _NO_ROW = int(np.iinfo(np.int64).max)  # the row of an unfilled slot: sorts after every real row
 # Scores per tile (m queries × rows): bounds the temporaries (scores, masks) whatever m is. On a GPU a
 # 2^28-value tile is 1 GiB of fp32 scores, enough for one store block (65536 rows) × 1000 queries in one
@@ -287,7 +282,7 @@ class TorchTopK:
     from the other backends), off by default.
     """
 
-    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = _SIDES,
+    def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False, *, device: Any = None, allow_tf32: bool = False):
         torch = _torch()
         self.t, self.device = torch, _device(torch, device)
@@ -386,8 +381,8 @@ class TorchScorer:
 
         With ``n_rows`` the matrix is allocated once; without it the prepared blocks are concatenated at
         the end (twice the memory for a moment)."""
-        if measure not in ("cov", "corr"):
-            raise InvalidInputError(f"kernel measure must be one of ('cov', 'corr'), not {measure!r}")
+        if measure not in KERNEL_MEASURES:
+            raise InvalidInputError(f"kernel measure must be one of {KERNEL_MEASURES}, not {measure!r}")
         torch = _torch()
         dev = _device(torch, device)
         stage = _PinnedStager(torch, dev) if dev.type == "cuda" else None
@@ -434,18 +429,18 @@ class TorchScorer:
     def num_columns(self) -> int:
         return int(self.rows.shape[1])
 
-    def topk(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
+    def topk(self, queries: np.ndarray, k: int, sides: Sequence[str] = SIDES,
              queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{side: (indices (m, k) int64, scores (m, k) float32)}`` of queries (m, K) against the rows (a
         query whose cov scores all underflowed is a ScoreUnderflowError, as in :func:`~daunce_store.scoring.topk`)."""
         return check_underflow(self.select(queries, k, sides, queries_prepared), queries, queries_prepared, self.measure)
 
-    def select(self, queries: np.ndarray, k: int, sides: Sequence[str] = _SIDES,
+    def select(self, queries: np.ndarray, k: int, sides: Sequence[str] = SIDES,
                queries_prepared: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """:meth:`topk` without the underflow check (for callers that make it with the queries' names)."""
         sides = tuple(sides)
-        if not sides or set(sides) - set(_SIDES):
-            raise InvalidInputError(f"sides must be a non-empty subset of {_SIDES}, not {sides!r}")
+        if not sides or set(sides) - set(SIDES):
+            raise InvalidInputError(f"sides must be a non-empty subset of {SIDES}, not {sides!r}")
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k must be a whole number >= 1, not {k!r}")
         if k > self.n_rows:
@@ -462,102 +457,3 @@ class TorchScorer:
                 engine.complete(tile)
             engine.rows_seen = self.n_rows
             return engine.result()
-
-
-class StoreScorer:
-    """A store's train rows prepared for one measure and kept on a torch device: what :func:`scorer`
-    (``Store.scorer``) returns. Each :meth:`topk` then reads only query losses, never the train rows.
-
-    The answer equals ``store.topk(..., backend="torch")`` on the same snapshot and columns.
-    """
-
-    def __init__(self, store: LossStore, query_set: str | None, *, measure: str, snapshot: Snapshot | None,
-                 columns: Sequence[int] | None, device: Any, allow_tf32: bool, block_rows: int | None):
-        from daunce_store.scoring._attribution import measure_inputs
-        from daunce_store.scoring._measures import prepare, resolve_measure
-
-        resolve_measure(measure)  # a bad name fails before any reading
-        if query_set is not None:
-            store.query_ids(query_set)  # an unknown query set fails here too
-        snap, slots, positions, resolved, gram = measure_inputs(store, measure, snapshot, query_set, columns, block_rows)
-        self.store, self.query_set, self.snapshot, self.columns = store, query_set, snap, columns
-        self.block_rows, self.measure, self.gram, self.positions = block_rows, resolved, gram, positions
-        self.num_columns = len(slots) if positions is None else len(positions)
-        # The kernel's row preparation and the measure's block transform depend on the columns, not the queries.
-        proto = prepare(resolved, np.zeros((1, self.num_columns), np.float32), gram, positions)
-
-        def blocks() -> Iterator[tuple[int, np.ndarray]]:
-            for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=block_rows):
-                yield offset, proto.block(block if positions is None else np.ascontiguousarray(block[:, positions]))
-
-        self.kernel = TorchScorer.from_blocks(blocks(), proto.kernel, n_rows=store.n_train, device=device,
-                                              allow_tf32=allow_tf32)
-
-    @property
-    def device(self) -> Any:
-        return self.kernel.device
-
-    def topk(self, queries: Sequence[str] | None = None, *, k: int = 10, side: str = "both",
-             aggregate: str | None = None) -> Attribution:
-        """Top-k per query of the scorer's query set (``aggregate="mean"``: of their mean score), as
-        :meth:`Store.topk`."""
-        from daunce_store.scoring._attribution import Attribution, check_aggregate, kernel_queries, scoring_request
-
-        check_aggregate(aggregate)
-        if self.query_set is None:
-            raise InvalidInputError(
-                "this scorer was made without a query set; make it with store.scorer('<query set>') "
-                "or pass query losses to topk_losses"
-            )
-        req = scoring_request(self.store, self.query_set, queries, k, self.measure.name, side, self.snapshot,
-                              self.columns, self.block_rows)
-        prep = req.prepared()
-        q, prepared, names = kernel_queries(req, prep, self.query_set, queries, aggregate)
-        result = check_underflow(self.kernel.select(q, k, req.sides, queries_prepared=prepared), q, prepared, prep.kernel,
-                                 names, req.measure.name)
-        return Attribution.from_result(names, self.store.train_ids_at, result, req.measure.name, req.num_columns)
-
-    def topk_losses(self, losses: np.ndarray, *, k: int = 10, side: str = "both",
-                    names: Sequence[str] | None = None) -> Attribution:
-        """Top-k for new query loss rows (m, K): one loss per column of the scorer (the snapshot's
-        columns for its query set, in their order, ``columns`` applied)."""
-        from daunce_store.scoring._attribution import Attribution, _warn_constant_queries, check_k, resolve_sides
-        from daunce_store.scoring._measures import prepare
-
-        sides = resolve_sides(side)
-        check_k(k, self.store.n_train)
-        q = np.asarray(losses, dtype=np.float32)
-        q = q[None, :] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[0] < 1 or q.shape[1] != self.num_columns:
-            raise InvalidInputError(
-                f"query losses must be an (m, {self.num_columns}) array (one loss per column of this scorer), "
-                f"not shape {np.shape(losses)}"
-            )
-        if not np.isfinite(q).all():
-            raise InvalidInputError(f"query losses hold NaN or inf (row {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])})")
-        names = tuple(str(n) for n in names) if names is not None else tuple(str(j) for j in range(q.shape[0]))
-        if len(names) != q.shape[0]:
-            raise InvalidInputError(f"{len(names)} names for {q.shape[0]} query rows")
-        _warn_constant_queries(q, names)
-        prep = prepare(self.measure, q, self.gram, self.positions)
-        qk, prepared = prep.kernel_queries
-        result = check_underflow(self.kernel.select(qk, k, sides, queries_prepared=prepared), qk, prepared, prep.kernel,
-                                 names, self.measure.name)
-        return Attribution.from_result(names, self.store.train_ids_at, result, self.measure.name, self.num_columns)
-
-
-def scorer(store: LossStore, query_set: str | None = None, *, measure: str = DEFAULT_MEASURE, device: Any = None,
-           snapshot: Snapshot | None = None, columns: Sequence[int] | None = None, allow_tf32: bool = False,
-           block_rows: int | None = None) -> StoreScorer:
-    """Read the store's train rows once, prepare them for ``measure`` and keep them on a torch ``device``
-    (default: cuda when available, else cpu), for repeated top-k without reading the store again.
-
-    ``query_set`` fixes the columns (those with losses for it; None: every committed column). Needs torch
-    (``pip install 'daunce-store[torch]'``).
-
-    >>> s = store.scorer("test", device="cuda")                 # doctest: +SKIP
-    >>> s.topk(["q0", "q1"], k=10).to_pandas()                    # doctest: +SKIP
-    >>> s.topk_losses(new_losses, k=10)                           # doctest: +SKIP
-    """
-    return StoreScorer(store, query_set, measure=measure, snapshot=snapshot, columns=columns, device=device,
-                       allow_tf32=allow_tf32, block_rows=block_rows)

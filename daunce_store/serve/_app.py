@@ -35,7 +35,7 @@ from daunce_store.errors import (
     UnknownIdError,
     UnknownQuerySetError,
 )
-from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE
+from daunce_store.scoring import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, TOPK_MEASURE, side_choice
 from daunce_store.serve._batch import MAX_BATCH_QUERIES, TopkBatcher
 from daunce_store.serve._data import ExampleData, RefusedFileError
 from daunce_store.serve._guard import Access, AccessGuard
@@ -208,7 +208,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         return {"query_set": query_set, "total": len(ids), "ids": ids[:limit]}
 
     def plain_topk(query_set: str, query: list[str], k: int, measure: str, side: str) -> dict[str, Any]:
-        return store.topk(query_set, query or None, k=k, measure=measure, side=side, snapshot=store.current()).envelope()  # type: ignore[arg-type]
+        return store.topk(query_set, query or None, k=k, measure=measure, side=side_choice(side), snapshot=store.current()).envelope()
 
     def checked_names(query_set: str, query: list[str], k: int) -> int:
         store.query_index(query_set, query)  # an unknown set or id fails this request alone, not its batch
@@ -237,7 +237,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         budget.check(k=1, queries=n_queries(query_set, query))  # one ranking, k records per side
         budget.check(k=k, queries=1)
         snap = store.current()
-        return store.influence(query_set, query or None, k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
+        return store.influence(query_set, query or None, k=k, measure=measure, side=side_choice(side), snapshot=snap).envelope()
 
     @app.get("/api/self-influence")
     @lane.expensive
@@ -245,7 +245,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         """`daunce self-influence --format json`: highest (pos) or lowest (neg) self-scores."""
         budget.check(k=k, queries=1)
         snap = store.current()
-        return store.self_influence(k=k, measure=measure, side=side, snapshot=snap).envelope()  # type: ignore[arg-type]
+        return store.self_influence(k=k, measure=measure, side=side_choice(side), snapshot=snap).envelope()
 
     @app.get("/api/stability")
     @lane.expensive
@@ -255,7 +255,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
         """`daunce stability --format json`: top-k overlap over nested column subsets and bootstrap SEs."""
         budget.check(k=k, queries=n_queries(query_set, query), passes=len(fraction) + bootstrap, bootstrap=bootstrap)
         snap = store.current()
-        result = store.stability(query_set, query or None, k=k, measure=measure, side=side, fractions=tuple(fraction),  # type: ignore[arg-type]
+        result = store.stability(query_set, query or None, k=k, measure=measure, side=side_choice(side), fractions=tuple(fraction),
                                  bootstrap=bootstrap, seed=seed, snapshot=snap)
         # NaN there means "not computed" (no bootstrap resamples): null, as `daunce stability --format json` writes it
         return json_ready({"measure": result.measure, "num_columns": result.num_columns, "summary": result.summary_records(),

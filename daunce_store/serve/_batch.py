@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from daunce_store.scoring import envelope
+from daunce_store.scoring import envelope, side_choice
 from daunce_store.serve._rows import ServedStore
 
 __all__ = ["MAX_BATCH_QUERIES", "TopkBatcher"]
@@ -69,7 +69,8 @@ class TopkBatcher:
                 groups.setdefault(request.key, []).append(request)
             for key, requests in groups.items():
                 while requests:
-                    take, size = [], 0
+                    take: list[_Request] = []
+                    size = 0
                     while requests and (not take or size + len(requests[0].queries) <= MAX_BATCH_QUERIES):
                         size += len(requests[0].queries)
                         take.append(requests.pop(0))
@@ -80,7 +81,7 @@ class TopkBatcher:
         try:
             names = list(dict.fromkeys(q for r in requests for q in r.queries))  # each query scored once
             self.scans += 1
-            result = self._store.topk(query_set, names, k=k, measure=measure, side=side,  # type: ignore[arg-type]
+            result = self._store.topk(query_set, names, k=k, measure=measure, side=side_choice(side),
                                       snapshot=self._store.current())
             by_query: dict[str, list[dict[str, Any]]] = {}
             for record in result.records():

@@ -8,11 +8,13 @@ from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, Data
                                         read_ids, read_losses, validate_ids, validate_losses)
 from daunce_store.store._matrix import append_query_matrix, read_loss_matrix
 from daunce_store.store._maintenance import DEFAULT_GRACE_SECONDS, Finding, GcReport, VerifyReport
-from daunce_store.store._loss_store import Commit, Lease, LossStore, Snapshot, ids_checksummed, ids_digest, init_store, open_store
+from daunce_store.store._ids import ids_checksummed, ids_digest
+from daunce_store.store._loss_store import Commit, Lease, LossStore, OpenMode, Snapshot, init_store, open_store
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
 from daunce_store.store._storage import Storage
-from daunce_store.store._tables import TABLE_FORMATS, dumps_json, json_ready, write_frames, write_json, write_records
+from daunce_store.store._store_like import StoreLike
+from daunce_store.store._tables import EXPORT_FORMS, TABLE_FORMATS, ExportForm, TableFormat, dumps_json, json_ready, write_frames, write_json, write_records
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -29,6 +31,7 @@ __all__ = [
     "PerturbationDraw",
     "Snapshot",
     "Storage",
+    "StoreLike",
     "ids_checksummed",
     "ids_digest",
     "init_store",
@@ -38,6 +41,10 @@ __all__ = [
     "iso",
     "storage_errors",
     "TABLE_FORMATS",
+    "TableFormat",
+    "EXPORT_FORMS",
+    "ExportForm",
+    "OpenMode",
     "write_frames",
     "write_json",
     "write_records",

@@ -8,7 +8,7 @@ layout").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -18,8 +18,8 @@ from daunce_store import _constants as C
 from daunce_store.errors import CapacityError, CorruptRecordError, ReclaimedError
 from daunce_store.store._maintenance import GcReport
 from daunce_store.store._oserrors import storage_errors
-from daunce_store.store._records import Commit, ImmutableRecords, claim_numbered, default_worker_name, now_iso
-from daunce_store.store._storage import Storage
+from daunce_store.store._records import claim_numbered, default_worker_name, now_iso
+from daunce_store.store._shape import StoreShape
 
 __all__ = ["CompactionMixin"]
 
@@ -31,25 +31,8 @@ def _parse_manifest(key: str, rec: dict[str, Any]) -> tuple[int, list[int]]:
         raise CorruptRecordError(f"pack manifest {key!r} lacks or garbles {e}; restore it from a copy") from None
 
 
-class CompactionMixin:
+class CompactionMixin(StoreShape):
     """The compaction methods of :class:`~daunce_store.LossStore`."""
-
-    _storage: Storage
-    _root: Any
-    _train_losses: Any
-    _packed: Any
-    _manifests: ImmutableRecords[tuple[int, list[int]]]
-    url: str
-    n_train: int
-    capacity: int
-    chunk_rows: int
-    pack_width: int
-
-    if TYPE_CHECKING:  # provided by LossStore and the read path (stubs outside TYPE_CHECKING would shadow them in the MRO)
-        def _require_writable(self) -> None: ...
-        def commits(self) -> list[Commit]: ...  # type: ignore[empty-body]
-        def _read_rows(self, arr: Any, r0: int, r1: int, slots: Any, *, use_packs: bool = True) -> np.ndarray: ...  # type: ignore[empty-body]
-        def _delete_column_chunks(self, arr: Any, column: int, report: Any) -> None: ...
 
     def compact(self, *, worker: str | None = None) -> list[int]:
         """Pack committed columns, ``pack_width`` at a time (slot order), into the wide array

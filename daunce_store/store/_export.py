@@ -15,30 +15,29 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.store._tables import STREAMING_FORMATS, write_frames
+from daunce_store.store._records import Snapshot
+from daunce_store.store._shape import StoreShape
+from daunce_store.store._tables import EXPORT_FORMS, STREAMING_FORMATS, ExportForm, write_frames
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from daunce_store.store._loss_store import LossStore, Snapshot
-
 __all__ = ["EXPORT_FORMATS", "export_losses", "losses_to_pandas"]
 
 EXPORT_FORMATS = STREAMING_FORMATS
-Form = Literal["wide", "long"]
 KEY_COLUMNS = ("set", "id")
 
 
-def _frames(store: LossStore, form: Form, snapshot: Snapshot | None, block_rows: int | None) -> Iterator[pd.DataFrame]:
+def _frames(store: StoreShape, form: ExportForm, snapshot: Snapshot | None, block_rows: int | None) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
-    if form not in ("wide", "long"):
-        raise InvalidInputError(f"form must be 'wide' or 'long', not {form!r}")
+    if form not in EXPORT_FORMS:
+        raise InvalidInputError(f"form must be {' or '.join(map(repr, EXPORT_FORMS))}, not {form!r}")
     snap = snapshot or store.snapshot()
     names = list(snap.perturbations)
     if form == "wide" and set(names) & set(KEY_COLUMNS):
@@ -78,7 +77,7 @@ def _frames(store: LossStore, form: Form, snapshot: Snapshot | None, block_rows:
             yield frame(qset, ids, np.ascontiguousarray(losses), [names[position[s]] for s in slots])
 
 
-def losses_to_pandas(store: LossStore, *, form: Form = "wide", snapshot: Snapshot | None = None) -> pd.DataFrame:
+def losses_to_pandas(store: StoreShape, *, form: ExportForm = "wide", snapshot: Snapshot | None = None) -> pd.DataFrame:
     """The train and query loss matrices of ``store`` in one frame (see the module docstring)."""
     import pandas as pd
 
@@ -86,10 +85,10 @@ def losses_to_pandas(store: LossStore, *, form: Form = "wide", snapshot: Snapsho
 
 
 def export_losses(
-    store: LossStore,
+    store: StoreShape,
     path: str | os.PathLike[str],
     *,
-    form: Form = "wide",
+    form: ExportForm = "wide",
     fmt: str | None = None,
     snapshot: Snapshot | None = None,
     block_rows: int | None = None,

@@ -8,7 +8,7 @@ import json
 import os
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import DivergedError, IdNormalizationWarning, InvalidInputError, MissingDependencyError
 
 __all__ = ["DATA_FILE_FORMATS", "DataFile", "data_file_format", "data_file_specs", "read_data_file", "read_ids", "read_losses",
-           "validate_ids", "validate_losses", "out_of_range", "out_of_range_summary", "DIVERGED_ADVICE"]
+           "validate_ids", "validate_losses", "out_of_range", "out_of_range_summary", "DIVERGED_ADVICE", "json_mapping"]
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -495,3 +495,16 @@ def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         raise MissingDependencyError(f"{path} is a saved Hugging Face dataset; reading it needs `pip install datasets`") from None
     return datasets.load_from_disk(os.fspath(path)).to_list()
+
+
+def json_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """``value`` as a dict that JSON can store (records and attributes are JSON), or InvalidInputError."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(f"{what} must be a mapping (a dict of JSON values), not {type(value).__name__}")
+    try:
+        json.dumps(dict(value))
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{what} must hold JSON values only (str, numbers, lists, dicts): {e}") from None
+    return dict(value)

@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from daunce_store import _constants as C
 from daunce_store.errors import AlreadyCommittedError, LeaseError
@@ -30,20 +30,13 @@ from daunce_store.store._records import (
     lease_state,
     process_start_time,
 )
-from daunce_store.store._storage import Storage
+from daunce_store.store._shape import StoreShape
 
 __all__ = ["LeasesMixin"]
 
 
-class LeasesMixin:
+class LeasesMixin(StoreShape):
     """The lease methods of :class:`~daunce_store.LossStore`."""
-
-    _storage: Storage
-
-    if TYPE_CHECKING:  # provided by LossStore (stubs outside TYPE_CHECKING would shadow them in the MRO)
-        def _require_writable(self) -> None: ...
-        def _committed_ids(self) -> set[str]: ...  # type: ignore[empty-body]
-        def is_committed(self, perturbation: str) -> bool: ...  # type: ignore[empty-body]
 
     def _leased_ids(self) -> set[str]:
         return {k.split("/")[2] for k in self._storage.list(C.LEASES_PREFIX + "/")}

@@ -14,8 +14,6 @@ only one wins. A killed writer leaves at most an unreferenced slot.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ import crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, VLenUTF8Codec, ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from daunce_store import _constants as C
 from daunce_store._ext import extension
@@ -43,7 +41,9 @@ from daunce_store.errors import (
     UnknownQuerySetError,
 )
 from daunce_store.store._compact import CompactionMixin, _parse_manifest
-from daunce_store.store._inputs import validate_ids, validate_losses
+from daunce_store.store._export import export_losses, losses_to_pandas
+from daunce_store.store._ids import ids_checksummed, ids_digest, plain_id_chunks, read_ids_array
+from daunce_store.store._inputs import json_mapping, validate_ids, validate_losses
 from daunce_store.store._leases import LeasesMixin
 from daunce_store.store._maintenance import GcReport, MaintenanceMixin
 from daunce_store.store._oserrors import storage_errors
@@ -64,10 +64,12 @@ from daunce_store.store._records import (
     record_number,
 )
 from daunce_store.store._storage import Storage
+from daunce_store.store._tables import ExportForm
 
-__all__ = ["LossStore", "Commit", "Lease", "Snapshot", "init_store", "open_store"]
+__all__ = ["LossStore", "OpenMode", "Commit", "Lease", "Snapshot", "init_store", "open_store"]
 
 S = TypeVar("S", bound="LossStore")
+OpenMode = Literal["r", "a"]  # read only, or append
 
 
 class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
@@ -84,7 +86,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
     3
     """
 
-    def __init__(self, storage: Storage, mode: Literal["r", "a"] = "a"):
+    def __init__(self, storage: Storage, mode: OpenMode = "a"):
         self._storage = storage
         self.mode = mode
 
@@ -168,7 +170,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
                 raise InvalidInputError(f"{name} must be a whole number >= 0, not {value!r}")
         if query_sets is not None and not isinstance(query_sets, Mapping):
             raise InvalidInputError(f"query_sets must map a name to its ids, e.g. {{'test': ids}}, not {type(query_sets).__name__}")
-        attributes = _json_mapping(attributes, "attributes")
+        attributes = json_mapping(attributes, "attributes")
         ids = validate_ids(train_ids, what="train ids")
         sets = {check_query_set_name(k): validate_ids(v, what=f"query set {k!r} ids") for k, v in (query_sets or {}).items()}
         if pack_width is None:  # columns per compacted group (see LossStore.compact)
@@ -208,7 +210,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         return cls(storage, mode="a")
 
     @classmethod
-    def open(cls: type[S], url: str | os.PathLike[str], mode: Literal["r", "a"] = "a", storage_options: dict[str, Any] | None = None) -> S:
+    def open(cls: type[S], url: str | os.PathLike[str], mode: OpenMode = "a", storage_options: dict[str, Any] | None = None) -> S:
         """Open an existing store; NotADaunceStoreError if there is none, StoreVersionError if too new."""
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode must be 'r' or 'a', not {mode!r}")
@@ -275,7 +277,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         wanted = np.unique(rows)
         if not wanted.size:
             return np.empty(rows.shape, dtype=str)
-        ids = self._ids_by_chunk(arr, wanted) if _plain_id_chunks(arr) else read_ids_array(arr, self.url, wanted)
+        ids = self._ids_by_chunk(arr, wanted) if plain_id_chunks(arr) else read_ids_array(arr, self.url, wanted)
         return ids[np.searchsorted(wanted, rows)]
 
     def _ids_by_chunk(self, arr: Any, wanted: np.ndarray) -> np.ndarray:
@@ -422,7 +424,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
         """
         self._require_writable()
         pid = check_perturbation_id(perturbation)
-        metadata = _json_mapping(metadata, "metadata")  # checked before a slot is claimed, like everything else
+        metadata = json_mapping(metadata, "metadata")  # checked before a slot is claimed, like everything else
         if query_losses is not None and not isinstance(query_losses, Mapping):
             raise InvalidInputError(f"query_losses must map a query-set name to its losses, not {type(query_losses).__name__}")
         train = validate_losses(train_losses, self.n_train, what=f"train losses of {pid!r}")
@@ -550,7 +552,7 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
             raise InvalidInputError(f"{self.url} was opened read-only; open it with mode='a' to write")
 
     # --- export ---------------------------------------------------------------------------------
-    def to_pandas(self, *, form: Literal["wide", "long"] = "wide", snapshot: Snapshot | None = None) -> Any:
+    def to_pandas(self, *, form: ExportForm = "wide", snapshot: Snapshot | None = None) -> Any:
         """Train and query loss matrices with their ids in one DataFrame.
 
         ``wide``: columns ``set``, ``id`` and one float32 column per perturbation (NaN where a query set
@@ -558,15 +560,11 @@ class LossStore(ReadPathMixin, LeasesMixin, CompactionMixin, MaintenanceMixin):
 
         >>> store.to_pandas().set_index(["set", "id"]).loc["train"]   # doctest: +SKIP
         """
-        from daunce_store.store._export import losses_to_pandas
-
         return losses_to_pandas(self, form=form, snapshot=snapshot)
 
-    def export(self, path: str | os.PathLike[str], *, form: Literal["wide", "long"] = "wide", fmt: str | None = None, snapshot: Snapshot | None = None) -> int:
+    def export(self, path: str | os.PathLike[str], *, form: ExportForm = "wide", fmt: str | None = None, snapshot: Snapshot | None = None) -> int:
         """Write :meth:`to_pandas`'s table to a .parquet, .csv or .jsonl file, one row block at a time;
         returns the number of rows written."""
-        from daunce_store.store._export import export_losses
-
         return export_losses(self, path, form=form, fmt=fmt, snapshot=snapshot)
 
     # --- status ---------------------------------------------------------------------------------
@@ -621,19 +619,6 @@ def _append_left(pid: str, progress: dict[str, Any]) -> str:
     return f"nothing of {pid!r} is visible; `daunce gc` reclaims its slot {slot}"
 
 
-def _json_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """``value`` as a dict that JSON can store (records and attributes are JSON), or InvalidInputError."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidInputError(f"{what} must be a mapping (a dict of JSON values), not {type(value).__name__}")
-    try:
-        json.dumps(dict(value))
-    except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"{what} must hold JSON values only (str, numbers, lists, dicts): {e}") from None
-    return dict(value)
-
-
 def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> np.ndarray:
     out = np.empty(len(ids), dtype=np.int64)
     for i, key in enumerate(ids):
@@ -642,54 +627,6 @@ def _lookup(index: dict[str, int], ids: Sequence[str], what: str) -> np.ndarray:
         except KeyError:
             raise UnknownIdError(f"id {key!r} is not in the {what}; check the spelling or the set") from None
     return out
-
-
-def _plain_id_chunks(arr: Any) -> bool:
-    """Whether an ids array has the layout new stores write (vlen-utf8, zstd, crc32c; default keys), which
-    :meth:`LossStore._ids_by_chunk` reads directly."""
-    codecs = tuple(arr.metadata.codecs)
-    return (
-        len(codecs) == 3 and isinstance(codecs[0], VLenUTF8Codec) and isinstance(codecs[1], ZstdCodec)
-        and isinstance(codecs[2], Crc32cCodec) and type(arr.metadata.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
-        and getattr(arr.metadata.chunk_key_encoding, "separator", "/") == "/"
-    )
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """The sha256 of the ids joined by newlines (the digest perturbation records call train_ids_sha256)."""
-    return hashlib.sha256("\n".join(np.asarray(ids).tolist()).encode()).hexdigest()
-
-
-def ids_checksummed(arr: Any) -> bool:
-    """Whether an ids array's chunks carry a checksum (stores made before ids had one do not)."""
-    return any(isinstance(c, Crc32cCodec) or (isinstance(c, ZstdCodec) and c.checksum) for c in arr.compressors)
-
-
-def read_ids_array(arr: Any, url: str, rows: np.ndarray | None = None) -> np.ndarray:
-    """An ids array (or its sorted unique ``rows``), as strings, after the checks every read can afford:
-    checksums (in the codec), no empty id (an absent chunk reads as the fill value ""), and, for a whole
-    old array without checksums, no duplicate (what a flipped character most often makes)."""
-    try:
-        ids = np.array((arr[:] if rows is None else arr.get_coordinate_selection(rows)).tolist(), dtype=str)
-    except (ValueError, RuntimeError) as e:
-        raise CorruptChunkError(
-            f"the ids {arr.path!r} of {url} are damaged ({e}); restore the store from a copy "
-            "(`daunce verify` names every damaged chunk)"
-        ) from e
-    blank = np.flatnonzero(ids == "")
-    if len(blank):
-        row = int(blank[0] if rows is None else rows[blank[0]])
-        raise CorruptChunkError(
-            f"chunk '{arr.path}/c/{row // int(arr.chunks[0])}' of {url} is missing: {len(blank)} ids read as empty from row "
-            f"{row}; restore the chunk from a complete copy of the store"
-        )
-    if rows is None and not ids_checksummed(arr) and len(set(ids.tolist())) != len(ids):
-        uniq, counts = np.unique(ids, return_counts=True)
-        raise CorruptChunkError(
-            f"the ids {arr.path!r} of {url} hold duplicates {uniq[counts > 1][:3].tolist()}: an id was damaged "
-            "(this store predates id checksums, so the damage cannot be located); restore it from a copy"
-        )
-    return ids
 
 
 def _create_column_arrays(root: Any, path: str, ids: np.ndarray, capacity: int, chunk_rows: int) -> None:

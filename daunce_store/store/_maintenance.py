@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -53,8 +53,10 @@ from rich.progress import Progress
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
 from daunce_store.store._derived import derived_matrix_problem
+from daunce_store.store._ids import ids_checksummed, ids_digest, read_ids_array
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
+from daunce_store.store._shape import StoreShape
 from daunce_store.store._storage import Storage
 
 __all__ = ["Finding", "MaintenanceMixin", "VerifyReport", "GcReport"]
@@ -102,29 +104,8 @@ class GcReport:
     completed: list[str] = dataclasses.field(default_factory=list)  # commits and manifests gc created from their fates
 
 
-class MaintenanceMixin:
+class MaintenanceMixin(StoreShape):
     """``verify``, ``gc`` and the housekeeping part of ``status`` for :class:`~daunce_store.LossStore`."""
-
-    _storage: Storage
-    _root: Any
-    _train_losses: Any
-    _train_ids_arr: Any
-    _manifests: Any  # ImmutableRecords of the pack manifests (LossStore)
-    url: str
-    n_train: int
-    capacity: int
-    chunk_rows: int
-    pack_width: int
-
-    if TYPE_CHECKING:  # provided by LossStore and the other mixins
-        def _require_writable(self) -> None: ...
-        def commits(self) -> list[Commit]: ...  # type: ignore[empty-body]
-        def snapshot(self) -> Snapshot: ...  # type: ignore[empty-body]
-        def query_sets(self) -> dict[str, int]: ...  # type: ignore[empty-body]
-        def _query(self, name: str) -> tuple[Any, np.ndarray, dict[str, int]]: ...  # type: ignore[empty-body]
-        def _pack_map(self) -> dict[int, tuple[int, int]]: ...  # type: ignore[empty-body]
-        def _packed_array(self, create: bool = False) -> Any: ...
-        def stale_leases(self) -> list[dict[str, Any]]: ...  # type: ignore[empty-body]
 
     # --- the leftovers, found from the records alone (cheap: listings and small JSON) ---------------
     def _records(self, prefix: str, keep: Callable[[int], bool] | None = None) -> dict[str, dict[str, Any]]:
@@ -367,6 +348,7 @@ class MaintenanceMixin:
         good: set[int] = set()
         packed = self._packed_array() if by_group else None
         for group, members in sorted(by_group.items()):
+            assert packed is not None  # by_group is not empty
             ok = set(members)
             rows, width = int(packed.chunks[0]), self.pack_width
             for r0 in range(0, self.n_train, rows):
@@ -504,8 +486,6 @@ class MaintenanceMixin:
                                                        "recomputes the matrix; delete it (the next writable scoring call writes it again)")
 
     def _check_ids(self, checked: dict[str, int]) -> Iterator[Finding]:
-        from daunce_store.store._loss_store import ids_checksummed, ids_digest, read_ids_array
-
         arrays = [self._train_ids_arr] + [self._root[f"{C.QUERIES_GROUP}/{name}/{C.IDS_ARRAY}"] for name in self.query_sets()]
         for arr in arrays:
             checked["ids_arrays"] += 1

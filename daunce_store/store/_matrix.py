@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -38,15 +38,14 @@ from daunce_store.store._inputs import (
     DIVERGED_ADVICE,
     _check_file,
     _first_line,
+    json_mapping,
     out_of_range,
     out_of_range_summary,
     read_table,
     validate_ids,
 )
 from daunce_store.store._records import Commit, check_perturbation_id
-
-if TYPE_CHECKING:
-    from daunce_store.store._loss_store import LossStore
+from daunce_store.store._shape import StoreShape
 
 __all__ = ["LossMatrix", "read_loss_matrix", "append_matrix", "append_query_matrix", "warn_missing_query_losses"]
 
@@ -229,7 +228,7 @@ def _from_arrays(arrays: dict[str, Any], source: str) -> LossMatrix:
     return LossMatrix(source, perturbations, blocks)
 
 
-def warn_missing_query_losses(store: LossStore, perturbations: Sequence[str], given: Iterable[str], stacklevel: int = 3) -> None:
+def warn_missing_query_losses(store: StoreShape, perturbations: Sequence[str], given: Iterable[str], stacklevel: int = 3) -> None:
     """A MissingQueryLossesWarning when columns were appended without losses for some of the store's query
     sets (they cannot be scored against those sets until ``daunce append-queries`` fills them)."""
     missing = sorted(set(store.query_sets()) - set(given))
@@ -254,18 +253,17 @@ def _partial_failure(error: DaunceStoreError, done: list[str], rest: list[str], 
         out = type(error)(message)
     except TypeError:
         out = DaunceStoreError(message)
-    out.committed = list(done)  # type: ignore[attr-defined]
-    out.not_committed = list(rest)  # type: ignore[attr-defined]
+    out.committed = list(done)
+    out.not_committed = list(rest)
     return out
 
 
-def append_matrix(store: LossStore, table_or_path: Any, *, metadata: Mapping[str, Any] | None = None) -> list[Commit]:
+def append_matrix(store: StoreShape, table_or_path: Any, *, metadata: Mapping[str, Any] | None = None) -> list[Commit]:
     """Append one column per perturbation of a loss matrix (layouts: module docstring); see
     :meth:`LossStore.append_matrix`."""
-    from daunce_store.store._loss_store import _json_mapping
 
     store._require_writable()
-    metadata = _json_mapping(metadata, "metadata")
+    metadata = json_mapping(metadata, "metadata")
     matrix = read_loss_matrix(table_or_path)
     if TRAIN not in matrix.blocks:
         raise InvalidInputError(f"{matrix.source}: no train rows; every perturbation needs its train losses (rows with set `train`)")
@@ -303,7 +301,7 @@ def append_matrix(store: LossStore, table_or_path: Any, *, metadata: Mapping[str
     return commits
 
 
-def append_query_matrix(store: LossStore, name: str, table_or_path: Any) -> list[str]:
+def append_query_matrix(store: StoreShape, name: str, table_or_path: Any) -> list[str]:
     """Fill query set ``name``'s losses of already committed columns from a matrix (``id`` + one column per
     committed perturbation; rows joined on ids), one :meth:`LossStore.append_query_losses` per column;
     returns the perturbation ids filled. Every column is checked (committed, no losses for ``name`` yet,

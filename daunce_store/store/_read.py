@@ -23,32 +23,21 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import numpy as np
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from daunce_store._ext import extension
 from daunce_store.errors import CorruptChunkError, InvalidInputError
+from daunce_store.store._shape import StoreShape
 from daunce_store.store._records import Snapshot
 
 __all__ = ["ReadPathMixin", "prefetched", "scatter_columns"]
 
 
-class ReadPathMixin:
+class ReadPathMixin(StoreShape):
     """The reading methods of :class:`~daunce_store.LossStore`."""
-
-    _train_losses: Any
-    _storage: Any
-    url: str
-    n_train: int
-    chunk_rows: int
-
-    if TYPE_CHECKING:  # provided by LossStore and the compaction mixin (stubs outside TYPE_CHECKING would shadow them in the MRO)
-        def snapshot(self) -> Snapshot: ...  # type: ignore[empty-body]
-        def _query(self, name: str) -> tuple[Any, np.ndarray, dict[str, int]]: ...  # type: ignore[empty-body]
-        def _pack_map(self) -> dict[int, tuple[int, int]]: ...  # type: ignore[empty-body]
-        def _packed_array(self, create: bool = False) -> Any: ...
 
     def committed_slots(self, *, snapshot: Snapshot | None = None, query_set: str | None = None) -> list[int]:
         """The slots of the committed columns of ``snapshot`` (taken now when None), in slot order; with
@@ -170,7 +159,7 @@ class ReadPathMixin:
 
         return _BlockReader(read, sources)
 
-    def _name_damage(self, err: Exception, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> None:
+    def _name_damage(self, err: Exception, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> NoReturn:
         """Raise CorruptChunkError for the Rust reader's ``ChunkReadError`` over rows ``r0:r1``."""
         kind, key, message = err.args
         # zarr-python's checks name the damage in the words every path uses (a race with a writer
@@ -398,7 +387,7 @@ def _plain_chunks(arr: Any) -> bool:
     """Whether ``arr``'s chunks are what the Rust reader decodes: a regular grid of float32 chunks,
     codecs exactly ``bytes`` (little endian) + ``crc32c``, default chunk keys ``c/<i>/<j>``, 2-d."""
     meta = getattr(arr, "metadata", None)
-    if getattr(meta, "zarr_format", None) != 3 or len(getattr(arr, "shape", ())) != 2:
+    if meta is None or getattr(meta, "zarr_format", None) != 3 or len(getattr(arr, "shape", ())) != 2:
         return False
     codecs = tuple(meta.codecs)
     encoding = meta.chunk_key_encoding

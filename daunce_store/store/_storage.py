@@ -87,7 +87,7 @@ class Storage:
         if self.is_local:
             path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
             self.path: Path | None = path
-            self._log = obstore.store.LocalStore(str(path), mkdir=True) if path.is_dir() else None
+            self._log: obstore.store.ObjectStore | None = obstore.store.LocalStore(str(path), mkdir=True) if path.is_dir() else None
             self._zarr_store: zarr.storage.StoreLike = zarr.storage.LocalStore(str(path))
         else:
             self.path = None

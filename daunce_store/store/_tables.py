@@ -11,17 +11,20 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal, get_args
 
 from daunce_store.errors import InvalidInputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TABLE_FORMATS", "STREAMING_FORMATS", "write_frames", "write_records", "write_json", "json_ready", "dumps_json"]
+__all__ = ["TableFormat", "TABLE_FORMATS", "STREAMING_FORMATS", "ExportForm", "EXPORT_FORMS", "write_frames", "write_records", "write_json", "json_ready", "dumps_json"]
 
-TABLE_FORMATS = ("json", "jsonl", "csv", "parquet")
-STREAMING_FORMATS = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
+TableFormat = Literal["json", "jsonl", "csv", "parquet"]
+TABLE_FORMATS: tuple[TableFormat, ...] = get_args(TableFormat)
+STREAMING_FORMATS: tuple[TableFormat, ...] = ("jsonl", "csv", "parquet")  # written frame by frame, so any size fits (json is one array)
+ExportForm = Literal["wide", "long"]  # the loss matrices exported: one column per perturbation, or one row per loss
+EXPORT_FORMS: tuple[ExportForm, ...] = get_args(ExportForm)
 
 
 def _write(frames: Iterable[pd.DataFrame], f: IO[Any], fmt: str, binary: bool) -> int:
