@@ -32,6 +32,7 @@ CLOCK_PREFIX = f"{LOG_PREFIX}/clock"  # clock/<uuid>.json : gc's storage-clock p
 RECLAIMED_PREFIX = f"{LOG_PREFIX}/reclaimed"  # reclaimed/<slot>.json : a packed slot's per-column chunks are gone (gc)
 ADAPTERS_PREFIX = f"{LOG_PREFIX}/adapters"  # adapters/<perturbation>.safetensors : a perturbation's trained weights
 MATRICES_PREFIX = f"{LOG_PREFIX}/matrices"  # matrices/<kind>/<key sha256>.json : a K x K matrix derived from committed columns
+SCALES_PREFIX = f"{LOG_PREFIX}/row-scales"  # row-scales/<kind>/<key sha256>.json + <bytes sha256>.f32 : the -corr measures' per-row scales
 
 # Compaction: committed per-column chunks are copied, PACK_WIDTH columns at a time, into the wide array
 # train/packed with chunks (min(chunk_rows, PACK_ROWS), PACK_WIDTH); wide chunks read several times

@@ -78,6 +78,10 @@ class TopKAccumulator:
         """Score every row pushed from now on as ``center(x) @ transform`` ((K, K) float32), then prepared
         as usual (the normalised preconditioned measures: transform = M^½)."""
 
+    def set_row_scales(self, scales: npt.NDArray[np.float32]) -> None:
+        """Multiply every score of train row i pushed from now on by ``scales[i]`` ((n,) float32): the
+        normalised preconditioned measures scored as cov rows with their persisted self-score norms."""
+
     def push_block(self, offset: int, block: npt.NDArray[np.float32]) -> None:
         """Fold rows ``offset .. offset + R`` of a C-contiguous float32 (R, K) block (any order)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, DataFile, json_ready, validate_losses, write_frames, write_json, write_records
 from daunce_store.store._inputs import ID_FIELD
-from daunce_store.scoring._backend import make_accumulator, push_checked, row_variance
+from daunce_store.scoring._backend import make_accumulator, push_checked, row_variance, takes_row_scales
 from daunce_store.scoring._vocabulary import SIDES, Side, side_choice
 from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
@@ -30,6 +30,7 @@ from daunce_store.scoring._measures import (
     metric_self_scores,
     prepare,
     resolve_measure,
+    stored_row_scales,
 )
 
 if TYPE_CHECKING:
@@ -445,10 +446,15 @@ def topk_store(
 def _topk_request(store: LossStore, req: ScoringRequest, query_set: str, queries: Sequence[str] | None, k: int,
                   backend: str, block_rows: int | None, aggregate: str | None) -> Attribution:
     prep = req.prepared()
+    if prep.transform is not None and req.positions is None and req.gram is not None and takes_row_scales(backend):
+        scales = stored_row_scales(store, req.snapshot, req.slots, req.gram, block_rows)
+        if scales is not None:  # persisted (or just written): cov's cost, no K × K product per row
+            prep = prep.scaled(scales)
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
     acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
     push_train_rows(acc, prep, store, req.snapshot, req.slots, req.positions, lambda: req.blocks(store, block_rows))
-    result = check_underflow(acc.finish(), q, prepared, prep.kernel, names, req.measure.name)
+    # The measure's kernel, not the prepared one: scaled rows rank correlations, which cannot underflow.
+    result = check_underflow(acc.finish(), q, prepared, req.measure.kernel, names, req.measure.name)
     return Attribution.from_result(names, store.train_ids_at, result, req.measure.name, req.num_columns)
 
 
@@ -501,6 +507,8 @@ def push_train_rows(
     in_kernel = prep.transform is not None and hasattr(acc, "set_transform")
     if in_kernel:
         acc.set_transform(prep.transform)
+    if prep.row_scales is not None:  # the caller checked takes_row_scales
+        acc.set_row_scales(prep.row_scales)
     fused = (prep.transform is None or in_kernel) and positions is None and hasattr(acc, "push_chunks")
     if fused and store.scan_fused(acc.push_chunks, snapshot=snapshot, slots=slots, row_range=row_range):
         return

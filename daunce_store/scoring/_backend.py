@@ -110,6 +110,11 @@ class _RustTopK:
         take the fused read-and-score pass too."""
         self._acc.set_transform(np.ascontiguousarray(transform, np.float32))
 
+    def set_row_scales(self, scales: np.ndarray) -> None:
+        """Multiply every score of train row i pushed from now on by ``scales[i]`` ((n,) float32): the
+        normalised preconditioned measures with their persisted row scales, scored as cov rows."""
+        self._acc.set_row_scales(np.ascontiguousarray(scales, np.float32).reshape(-1))
+
     def push_chunks(self, root: str, sources: list[Any], r0: int, r1: int) -> None:
         """Rows r0:r1 read by the kernel itself from a local store's chunk files (``LossStore.scan_fused``);
         a damaged chunk raises the extension's ChunkReadError, which the store names."""
@@ -167,6 +172,16 @@ def make_accumulator(
 
         return NumbaTopK(queries, k, measure, tuple(sides), queries_prepared)
     return NumpyTopK(queries, k, measure, tuple(sides), queries_prepared)
+
+
+# The backends whose accumulators take per-row score factors (``set_row_scales``): the -corr measures'
+# persisted row scales. torch scores those measures through the per-block transform.
+ROW_SCALE_BACKENDS = ("rust", "numba", "numpy")
+
+
+def takes_row_scales(backend: str) -> bool:
+    """Whether ``backend`` (a name or ``auto``) resolves to one of :data:`ROW_SCALE_BACKENDS`."""
+    return resolve_backend(backend) in ROW_SCALE_BACKENDS
 
 
 def row_variance(block: np.ndarray, backend: str = "auto") -> np.ndarray:

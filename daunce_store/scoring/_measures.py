@@ -39,7 +39,7 @@ from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import DivergedError, InvalidInputError
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.scoring._preconditioners import PRECONDITIONERS, Preconditioner, preconditioner_named
-from daunce_store.store import PerturbationDraw, read_derived_matrix, write_derived_matrix
+from daunce_store.store import PerturbationDraw, read_derived_matrix, read_row_scales, write_derived_matrix, write_row_scales
 
 if TYPE_CHECKING:
     from daunce_store.store import LossStore, Snapshot
@@ -262,7 +262,8 @@ class Gram:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """One scoring request, ready for the kernel: ``queries`` (m, K) float32 prepared rows, the kernel's
-    row preparation, and an optional (K, K) ``transform`` of each centered block (normalised measures).
+    row preparation, and an optional (K, K) ``transform`` of each centered block (normalised measures), or
+    instead (:meth:`scaled`) the persisted ``row_scales`` that multiply each train row's cov score.
 
     ``raw`` (plain cov/corr) hands the kernel the raw query losses, exactly as before measures existed.
     """
@@ -272,6 +273,15 @@ class Prepared:
     queries: np.ndarray
     raw_queries: np.ndarray | None
     transform: np.ndarray | None
+    row_scales: np.ndarray | None = None
+
+    def scaled(self, row_scales: np.ndarray) -> Prepared:
+        """This normalised measure scored with its persisted row scales s_i = 1/‖ū_i M^½‖ (:func:`row_scales`):
+        ⟨ū_i M^½ s_i, q̂_j⟩ = s_i·⟨ū_i, M^½ q̂_j⟩, so the kernel scores plain centered rows (cov) against the
+        queries times M^½ and multiplies each row's scores by s_i, with no K × K product per row."""
+        assert self.transform is not None and self.kernel == "corr"
+        queries = np.ascontiguousarray((self.queries.astype(np.float64) @ self.transform.T.astype(np.float64)).astype(np.float32))
+        return dataclasses.replace(self, kernel="cov", queries=queries, transform=None, row_scales=row_scales)
 
     @property
     def kernel_queries(self) -> tuple[np.ndarray, bool]:
@@ -290,6 +300,45 @@ class Prepared:
         return prepare_rows(self.block(block), self.kernel) @ self.queries.T
 
 
+def row_scales(blocks: Iterable[tuple[int, np.ndarray]], n: int, root: np.ndarray) -> np.ndarray | None:
+    """(n,) float32: each train row's 1/‖ū_i M^½‖ (0 for a row with no spread under M), computed as the
+    kernel prepares a transformed corr row (centered, times ``root``, centered again, norm summed in float64);
+    None when some row's scale is beyond float32 (a norm below ~3e-39) or not finite (a NaN row), where only
+    the in-pass transform gives the right answer (or error)."""
+    out = np.empty(n, np.float32)
+    with threadpool_limits(1, user_api="blas"), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for offset, block in blocks:
+            t = prepare_rows(prepare_rows(block, "cov") @ root, "cov")
+            norm = np.sqrt(np.einsum("ij,ij->i", t, t, dtype=np.float64))
+            out[offset : offset + len(block)] = np.where(norm > 0, 1.0 / np.where(norm > 0, norm, 1.0), 0.0)
+    return out if np.isfinite(out).all() else None
+
+
+def stored_row_scales(store: LossStore, snapshot: Snapshot, slots: Sequence[int], gram: Gram, block_rows: int | None = None) -> np.ndarray | None:
+    """The row scales (:func:`row_scales`) of ``gram``'s normalised measure over every column in ``slots``:
+    the handle's cache, the store's persisted ones, or (writable handles only) one pass, then persisted
+    create-if-absent beside the matrix (``_daunce/row-scales/``, FORMAT.md). None on a read-only handle of a
+    store without them (the kernel then transforms each row in the pass) or where they cannot serve."""
+    key = ("row-scales", gram.kind, tuple(int(s) for s in slots))
+    cache = store.derived_cache
+    if key not in cache:
+        found = read_row_scales(store, gram.kind, snapshot, slots)
+        if found is None and store.mode != "r":
+            root = root_of(gram.preconditioner())
+            blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
+            found = row_scales(blocks, int(store.n_train), root.astype(np.float32))
+            if found is not None:
+                write_row_scales(store, gram.kind, snapshot, slots, found)
+        cache[key] = found
+    return cache[key]
+
+
+def root_of(m: np.ndarray) -> np.ndarray:
+    """M^½ of a symmetric M (float64; range ⊥ 1 when M's is)."""
+    vals, vecs = np.linalg.eigh(m)
+    return (vecs * np.sqrt(np.maximum(vals, 0.0))) @ vecs.T
+
+
 def metric_self_scores(block: np.ndarray, metric: np.ndarray) -> np.ndarray:
     """ū_iᵀ M ū_i per row of a block, (R,) float32: the self-influence of a preconditioned measure."""
     u = _center(block)
@@ -306,8 +355,7 @@ def prepare(measure: Measure, q: np.ndarray, gram: Gram | None, positions: np.nd
     qc = _center(q)
     if not measure.normalized:
         return Prepared(measure, "cov", np.ascontiguousarray(_float32(qc @ m, measure)), None, None)
-    vals, vecs = np.linalg.eigh(m)
-    root = (vecs * np.sqrt(np.maximum(vals, 0.0))) @ vecs.T  # M^½ (symmetric, range ⊥ 1)
+    root = root_of(m)  # M^½ (symmetric, range ⊥ 1)
     queries = prepare_rows(_float32(qc @ root, measure), "corr")
     return Prepared(measure, "corr", queries, None, _float32(root, measure))
 
@@ -369,7 +417,8 @@ def persist_grams(store: LossStore, measure: str = AUTO) -> list[tuple[str, int]
     for slots in sorted(s for s in sets if len(s) >= 2):
         resolved = resolve_measure(measure, snap, slots)
         if resolved.preconditioner is not None:
-            gram_for(store, snap, list(slots), resolved.preconditioner)
+            gram = gram_for(store, snap, list(slots), resolved.preconditioner)
+            stored_row_scales(store, snap, list(slots), gram)  # the -corr measures' (auto-corr is topk's default)
             done.append((resolved.preconditioner, len(slots)))
     return done
 

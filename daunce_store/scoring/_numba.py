@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, score_overflow_error
+from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, row_scales_of, score_overflow_error
 from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["NumbaTopK", "available"]
@@ -147,6 +147,11 @@ class NumbaTopK:
         self.k, self.corr, self.sides = int(k), measure == "corr", tuple(sides)
         self.state = {s: _SideState(self.qp.shape[0], self.k) for s in self.sides}
         self.rows_seen = 0
+        self.row_scales: np.ndarray | None = None
+
+    def set_row_scales(self, scales: np.ndarray) -> None:
+        """Multiply every score of train row i pushed from now on by ``scales[i]`` (as the Rust kernel)."""
+        self.row_scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
 
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         """Fold scores (R,) of rows ``offset .. offset + R`` for a single query, or (m, R) for m."""
@@ -170,6 +175,8 @@ class NumbaTopK:
             prep = _prepare_rows(block[r0 : r0 + rows], self.corr)
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by finish, by query
                 scores = self.qp @ prep.T  # (m, rows), C-contiguous
+                if self.row_scales is not None:
+                    scores *= row_scales_of(self.row_scales, offset + r0, len(prep))[None, :]
             self.push_scores(offset + r0, scores)
 
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -113,6 +113,13 @@ def first_nan_query(scores: np.ndarray) -> int | None:
     return int(np.flatnonzero(nan)[0]) if nan.any() else None
 
 
+def row_scales_of(scales: np.ndarray, offset: int, rows: int) -> np.ndarray:
+    """The row scales of rows ``offset .. offset + rows``; rows beyond them are an error (as in the kernel)."""
+    if offset + rows > len(scales):
+        raise InvalidInputError(f"rows {offset}..{offset + rows} pushed, but the row scales cover rows 0..{len(scales)}")
+    return scales[offset : offset + rows]
+
+
 def prepare_rows(x: np.ndarray, measure: str) -> np.ndarray:
     """Center each row over the K columns; for ``corr`` also scale it to unit norm.
 
@@ -181,6 +188,12 @@ class NumpyTopK:
         empty = (np.empty(0, np.int64), np.empty(0, np.float32))
         self.best = {side: [empty] * self.qp.shape[0] for side in self.sides}
         self.rows_seen = 0
+        self.row_scales: np.ndarray | None = None
+
+    def set_row_scales(self, scales: np.ndarray) -> None:
+        """Multiply every score of train row i pushed from now on by ``scales[i]`` (one float32 per train
+        row): the normalised preconditioned measures with their persisted row scales (as the Rust kernel)."""
+        self.row_scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
 
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         """Fold scores (R,) or (R, m) of rows ``offset .. offset + R``."""
@@ -205,6 +218,8 @@ class NumpyTopK:
         # (R, m); never more than one block at a time. An overflow is reported by push_scores, by query.
         with np.errstate(over="ignore", invalid="ignore"):
             scores = prepare_rows(block, self.measure) @ self.qp.T
+            if self.row_scales is not None:
+                scores *= row_scales_of(self.row_scales, offset, len(block))[:, None]
         self.push_scores(offset, scores)
 
     def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

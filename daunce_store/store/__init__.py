@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daunce_store.store._derived import column_checksum, read_derived_matrix, write_derived_matrix
+from daunce_store.store._derived import column_checksum, read_derived_matrix, read_row_scales, write_derived_matrix, write_row_scales
 from daunce_store.store._draws import DRAW_SCHEME, PerturbationDraw, perturbation_weights, weights_block
 from daunce_store.store._inputs import (DATA_FILE_FORMATS, DIVERGED_ADVICE, DataFile, data_file_format, data_file_specs, read_data_file,
                                         read_ids, read_losses, validate_ids, validate_losses)
@@ -25,6 +25,8 @@ __all__ = [
     "column_checksum",
     "read_derived_matrix",
     "write_derived_matrix",
+    "read_row_scales",
+    "write_row_scales",
     "Commit",
     "Lease",
     "LossStore",

@@ -18,6 +18,15 @@ and the matrix:
   the bits it was written with: a persisted matrix gives the answers of the pass that made it.
 
 Handles opened read-only (``mode="r"``) never write one.
+
+Beside each matrix, the normalised (``-corr``) measures keep one float32 per train row, the row's scale
+1/√(ū_iᵀ M ū_i) under that matrix's M (:func:`read_row_scales`): n values are too many for a JSON record,
+so they are a raw little-endian float32 object named by its own sha256
+(``_daunce/row-scales/<kind>/<bytes sha256>.f32``, written first; whole-object puts are atomic and a name
+holds only its own bytes) and a create-if-absent JSON record under the matrix's key name
+(``_daunce/row-scales/<kind>/<key sha256>.json``) holding the same key, the object's name and sha256, and
+n. A reader uses them only when the key matches and the object's bytes match the record's sha256; an object
+no record names (a writer killed between the two puts) is never read.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ if TYPE_CHECKING:
     from daunce_store.store._loss_store import LossStore
     from daunce_store.store._records import Commit, Snapshot
 
-__all__ = ["column_checksum", "read_derived_matrix", "write_derived_matrix", "derived_matrix_problem"]
+__all__ = ["column_checksum", "read_derived_matrix", "write_derived_matrix", "derived_matrix_problem", "read_row_scales",
+           "write_row_scales", "row_scales_problem"]
 
 _KIND = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _KEY_FIELDS = ("kind", "slots", "columns", "n_train", "train_ids_sha256")
@@ -66,9 +76,9 @@ def _key(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequence[int]) 
     }
 
 
-def _path(key: dict[str, Any]) -> str:
+def _path(key: dict[str, Any], prefix: str = C.MATRICES_PREFIX) -> str:
     digest = hashlib.sha256(json.dumps({f: key[f] for f in _KEY_FIELDS}, sort_keys=True).encode()).hexdigest()
-    return f"{C.MATRICES_PREFIX}/{key['kind']}/{digest}.json"
+    return f"{prefix}/{key['kind']}/{digest}.json"
 
 
 def read_derived_matrix(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequence[int]) -> tuple[np.ndarray, dict[str, Any]] | None:
@@ -130,4 +140,63 @@ def derived_matrix_problem(key: str, record: dict[str, Any]) -> str | None:
         return "its matrix does not match its sha256, shape or dtype"
     if matrix.shape != (len(record["slots"]), len(record["slots"])) or not np.isfinite(matrix).all():
         return f"its matrix is {matrix.shape[0]} x {matrix.shape[1]} for {len(record['slots'])} columns, or not finite"
+    return None
+
+
+# --- the -corr measures' per-row scales ------------------------------------------------------------------
+def _scales_object(kind: str, sha256: str) -> str:
+    return f"{C.SCALES_PREFIX}/{kind}/{sha256}.f32"
+
+
+def read_row_scales(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequence[int]) -> np.ndarray | None:
+    """The persisted (n,) float32 row scales of the ``kind`` matrix of the columns in ``slots``, or None when
+    there are none whose key matches exactly and whose bytes match their record."""
+    key = _key(store, kind, snapshot, slots)
+    try:
+        record = store._storage.get(_path(key, C.SCALES_PREFIX))
+        if record is None or any(record.get(f) != key[f] for f in _KEY_FIELDS) or not isinstance(record.get("sha256"), str):
+            return None
+        data = store._storage.get_bytes(_scales_object(kind, record["sha256"]))
+    except (DaunceStoreError, OSError, obstore.exceptions.BaseError):  # damaged or unreadable: no answer; verify names it
+        return None
+    if data is None or hashlib.sha256(data).hexdigest() != record["sha256"] or len(data) != 4 * key["n_train"] \
+            or record.get("dtype") != "<f4":
+        return None
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def write_row_scales(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequence[int], scales: np.ndarray) -> bool:
+    """Persist the row scales of the ``kind`` matrix of the columns in ``slots``: the bytes object, then its
+    record (create-if-absent). True when the record is there afterwards naming these bytes; a read-only handle
+    or a store refusing the write gives False and changes nothing the readers see (this is a cache)."""
+    if store.mode == "r":
+        return False
+    key = _key(store, kind, snapshot, slots)
+    data = np.ascontiguousarray(scales, dtype="<f4").tobytes()
+    if len(data) != 4 * key["n_train"]:
+        raise ValueError(f"row scales hold {len(data) // 4} values, not one per train row ({key['n_train']})")
+    sha = hashlib.sha256(data).hexdigest()
+    record = {**key, "n": key["n_train"], "dtype": "<f4", "sha256": sha, "object": _scales_object(kind, sha),
+              "format_version": C.FORMAT_VERSION}
+    try:
+        store._storage.put_bytes(_scales_object(kind, sha), data)
+        return store._storage.put_if_absent(_path(key, C.SCALES_PREFIX), record)
+    except (DaunceStoreError, OSError, obstore.exceptions.BaseError):
+        return False
+
+
+def row_scales_problem(key: str, record: dict[str, Any], data: bytes | None) -> str | None:
+    """What is wrong with the row-scales record at ``key`` and the object it names (``data``: its bytes,
+    None when absent), for ``verify``; None when whole."""
+    if any(f not in record for f in _KEY_FIELDS) or not isinstance(record["kind"], str) or not isinstance(record.get("sha256"), str):
+        return f"it lacks its key ({', '.join(_KEY_FIELDS)}) or its sha256"
+    if key != _path(record, C.SCALES_PREFIX):
+        return "its name is not the sha256 of the key it holds"
+    if data is None:
+        return f"the object it names ({_scales_object(record['kind'], record['sha256'])}) is missing"
+    if hashlib.sha256(data).hexdigest() != record["sha256"] or len(data) != 4 * int(record.get("n_train") or 0) \
+            or record.get("dtype") != "<f4":
+        return "its object's bytes do not match its sha256, n or dtype"
+    if not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
+        return "its scales are not finite"
     return None

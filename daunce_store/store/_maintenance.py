@@ -52,7 +52,7 @@ from rich.progress import Progress
 
 from daunce_store import _constants as C
 from daunce_store.errors import CorruptRecordError, DaunceStoreError
-from daunce_store.store._derived import derived_matrix_problem
+from daunce_store.store._derived import derived_matrix_problem, row_scales_problem
 from daunce_store.store._ids import ids_checksummed, ids_digest, read_ids_array
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import Commit, Snapshot, now_iso, record_number
@@ -141,7 +141,8 @@ class MaintenanceMixin(StoreShape):
             if folder in known and record_number(key) is None:
                 out.append(key)
             elif folder not in known and not key.startswith((C.COMMITS_PREFIX + "/", C.QUERY_COMMITS_PREFIX + "/", C.LEASES_PREFIX + "/",
-                                                                C.ADAPTERS_PREFIX + "/", C.CLOCK_PREFIX + "/", C.MATRICES_PREFIX + "/")):
+                                                                C.ADAPTERS_PREFIX + "/", C.CLOCK_PREFIX + "/", C.MATRICES_PREFIX + "/",
+                                                                C.SCALES_PREFIX + "/")):
                 out.append(key)
         return out
 
@@ -484,6 +485,23 @@ class MaintenanceMixin(StoreShape):
             if problem:
                 yield Finding("damage", "matrix", key, f"the derived matrix {key!r} is damaged: {problem}. Scoring ignores it and "
                                                        "recomputes the matrix; delete it (the next writable scoring call writes it again)")
+        # The -corr measures' row scales: each record whole, named by its key, and naming whole bytes (the
+        # .f32 objects are checked through the records; one no record names is a killed writer's, unused).
+        for key in self._storage.list(C.SCALES_PREFIX):
+            if not key.endswith(".json"):
+                continue
+            checked["records"] += 1
+            try:
+                record = self._storage.get(key)
+                sha = (record or {}).get("sha256")
+                data = self._storage.get_bytes(f"{C.SCALES_PREFIX}/{record['kind']}/{sha}.f32") \
+                    if record is not None and isinstance(sha, str) and isinstance(record.get("kind"), str) else None
+                problem = None if record is None else row_scales_problem(key, record, data)
+            except CorruptRecordError as e:
+                problem = str(e)
+            if problem:
+                yield Finding("damage", "row-scales", key, f"the row scales {key!r} are damaged: {problem}. Scoring ignores them and "
+                                                           "scores without; delete the record (the next writable scoring call writes it again)")
 
     def _check_ids(self, checked: dict[str, int]) -> Iterator[Finding]:
         arrays = [self._train_ids_arr] + [self._root[f"{C.QUERIES_GROUP}/{name}/{C.IDS_ARRAY}"] for name in self.query_sets()]

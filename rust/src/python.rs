@@ -196,6 +196,15 @@ impl PyTopKAccumulator {
         self.acc()?.set_transform(&t).map_err(to_py_err)
     }
 
+    /// Multiply every score of train row i pushed from now on by `scales[i]` ((n,) float32, one per
+    /// train row): the normalised preconditioned measures scored as cov rows with their persisted
+    /// self-score norms, no transform per row.
+    fn set_row_scales(&mut self, scales: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let s = contiguous(&scales, "scales")?.to_vec();
+        self.acc()?.set_row_scales(&s);
+        Ok(())
+    }
+
     /// Fold rows `offset .. offset + R` of a C-contiguous float32 (R, K) block.
     fn push_block(&mut self, py: Python<'_>, offset: u64, block: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
         let ncols = self.ncols;
@@ -217,6 +226,11 @@ impl PyTopKAccumulator {
         let ncols = self.ncols;
         let sources = chunk_columns(sources);
         let acc = self.acc()?;
+        if let Some(limit) = acc.row_limit() {
+            if r1 as u64 > limit {
+                return Err(PyValueError::new_err(format!("rows {r0}..{r1} pushed, but the row scales cover rows 0..{limit}")));
+            }
+        }
         let rows = r1.saturating_sub(r0) as u64;
         py.detach(|| acc.push_with(rows, |lanes, fold| read::visit_segments(&root, &sources, r0, r1, ncols, lanes, fold)))
             .map_err(read_error)

@@ -447,6 +447,8 @@ struct Pass<'a> {
     neg: bool,
     queries: &'a [f32],
     transform: Option<&'a [f32]>,
+    /// Per-row factors indexed by train row (see [`TopKAccumulator::set_row_scales`]).
+    row_scales: Option<&'a [f32]>,
 }
 
 /// Prepare rows `r0 .. r1` chunk by chunk, score each chunk against every tile of queries, select.
@@ -496,8 +498,16 @@ fn lane_pass<const AVX: bool>(lane: &mut Lane, p: &Pass<'_>, r0: usize, r1: usiz
             let j1 = (j0 + mt).min(m);
             let tile = &mut lane.scores[..(j1 - j0) * nr];
             gemm_tile(&p.queries[j0 * kc..j1 * kc], prep, kc, j1 - j0, nr, a_row, a_col, tile);
-            for (t, s) in tile.chunks_exact(nr).enumerate() {
+            for (t, s) in tile.chunks_exact_mut(nr).enumerate() {
                 let j = j0 + t;
+                if let Some(scales) = p.row_scales {
+                    // The persisted self-score norms of the -corr measures: each row's score times its
+                    // own factor, in place of a K × K transform per row.
+                    for (x, &f) in s.iter_mut().zip(&scales[base as usize..base as usize + nr]) {
+                        *x *= f;
+                    }
+                }
+                let s = &*s;
                 match (p.pos, p.neg) {
                     (true, true) => {
                         let (ps, ns) = (&mut lane.pos[j], &mut lane.neg[j]);
@@ -609,6 +619,8 @@ pub struct TopKAccumulator {
     query_tile: usize,
     /// A (K × K) row-major matrix T: every pushed row x is scored as prepare(center(x) · T).
     transform: Option<Vec<f32>>,
+    /// One factor per train row: row i's scores are multiplied by `row_scales[i]`.
+    row_scales: Option<Vec<f32>>,
 }
 
 impl TopKAccumulator {
@@ -665,6 +677,7 @@ impl TopKAccumulator {
             chunk_rows,
             query_tile: 128,
             transform: None,
+            row_scales: None,
         })
     }
 
@@ -677,6 +690,18 @@ impl TopKAccumulator {
         }
         self.transform = Some(t.to_vec());
         Ok(())
+    }
+
+    /// Multiply every score of train row i pushed from now on by `scales[i]` (one value per train row;
+    /// rows pushed must lie below `scales.len()`): the normalised preconditioned measures with their
+    /// per-row self-score norms persisted, scored as cov rows against queries prepared with M.
+    pub fn set_row_scales(&mut self, scales: &[f32]) {
+        self.row_scales = Some(scales.to_vec());
+    }
+
+    /// Rows pushed must lie below this (the row scales' length), if set.
+    pub fn row_limit(&self) -> Option<u64> {
+        self.row_scales.as_ref().map(|s| s.len() as u64)
     }
 
     pub fn num_queries(&self) -> usize {
@@ -700,6 +725,14 @@ impl TopKAccumulator {
         if r == 0 {
             return Ok(());
         }
+        if let Some(limit) = self.row_limit() {
+            if offset + r as u64 > limit {
+                return Err(TopKError::Shape(format!(
+                    "rows {offset}..{} pushed, but the row scales cover rows 0..{limit}",
+                    offset + r as u64
+                )));
+            }
+        }
         self.rows_seen += r as u64;
         let nlanes = self.lanes.len();
         // Contiguous row ranges, one per lane, rounded to whole chunks where possible.
@@ -718,6 +751,7 @@ impl TopKAccumulator {
             neg: self.neg,
             queries: &self.queries,
             transform: self.transform.as_deref(),
+            row_scales: self.row_scales.as_deref(),
         };
         for_each_lane(&mut self.lanes, |li, lane| {
             let r0 = (li * per).min(r);
@@ -752,8 +786,9 @@ impl TopKAccumulator {
             (self.k, self.cap, self.m, self.measure, self.chunk_rows, self.query_tile, self.pos, self.neg);
         let queries = &self.queries;
         let transform = self.transform.as_deref();
+        let row_scales = self.row_scales.as_deref();
         let fold = |lane: &mut Lane, offset: usize, block: &[f32]| {
-            let pass = Pass { block, offset: offset as u64, kc, k, cap, m, measure, rc, mt, pos, neg, queries, transform };
+            let pass = Pass { block, offset: offset as u64, kc, k, cap, m, measure, rc, mt, pos, neg, queries, transform, row_scales };
             lane_pass_dispatch(lane, &pass, 0, block.len() / kc);
         };
         let result = feed(&mut lanes, &fold);
@@ -933,6 +968,33 @@ mod tests {
                 check(&x, &q, kc, k, Measure::Corr, block);
             }
         }
+    }
+
+    #[test]
+    fn row_scales_multiply_each_rows_scores() {
+        // Scores with row scales s equal the scores of the rows multiplied by s (centering is linear),
+        // in blocks pushed out of order; a row pushed beyond the scales is an error.
+        let (n, kc, m, k) = (3000, 12, 3, 25);
+        let mut seed = 7;
+        let x: Vec<f32> = (0..n * kc).map(|_| lcg(&mut seed)).collect();
+        let q: Vec<f32> = (0..m * kc).map(|_| lcg(&mut seed)).collect();
+        let s: Vec<f32> = (0..n).map(|i| if i % 97 == 0 { 0.0 } else { 0.1 + lcg(&mut seed).abs() * 3.0 }).collect();
+        let scaled: Vec<f32> = x.chunks_exact(kc).zip(&s).flat_map(|(r, &f)| r.iter().map(move |v| v * f)).collect();
+        let (want_p, want_n) = run(&scaled, &q, kc, k, Measure::Cov, 3000);
+        let mut acc = TopKAccumulator::new(&q, kc, k, Measure::Cov, true, true, false).unwrap();
+        acc.set_row_scales(&s);
+        acc.push_block(1000, &x[1000 * kc..]).unwrap();
+        acc.push_block(0, &x[..1000 * kc]).unwrap();
+        let (p, ng) = acc.finish().unwrap();
+        for (got, want) in [(p.unwrap(), want_p), (ng.unwrap(), want_n)] {
+            assert_eq!(got.indices, want.indices);
+            for (a, b) in got.scores.iter().zip(&want.scores) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+        let mut acc = TopKAccumulator::new(&q, kc, k, Measure::Cov, true, true, false).unwrap();
+        acc.set_row_scales(&s[..10]);
+        assert!(acc.push_block(5, &x[..10 * kc]).is_err());
     }
 
     #[test]
