@@ -308,3 +308,24 @@ def _cached_scales_of(path: Path) -> np.ndarray:
     found = read_row_scales(store, "whitened", snap, store.committed_slots(snapshot=snap))
     assert found is not None
     return found
+
+
+def test_the_fused_read_and_score_pass_takes_the_scales(store_path, monkeypatch):
+    """With the Rust kernel on a local store the rows go through the fused pass (the kernel reads the chunk
+    files), scaled, with no transform set, before and after compaction, and rank as the in-pass transform does."""
+    from daunce_store.scoring import _backend
+
+    if "rust" not in available_backends():
+        pytest.skip("the Rust extension is not available")
+    want = _unpersisted(store_path, "nystrom-corr", k=8, backend="rust")
+    daunce_store.open(store_path).topk("test", k=3, measure="nystrom-corr")
+    calls: list[str] = []
+    for name in ("push_chunks", "set_row_scales", "set_transform", "push_block"):
+        real = getattr(_backend._RustTopK, name)
+        monkeypatch.setattr(_backend._RustTopK, name, lambda self, *a, _real=real, _name=name: (calls.append(_name), _real(self, *a))[1])
+    for compacted in (False, True):
+        calls.clear()
+        _same(daunce_store.open(store_path, "r").topk("test", k=8, measure="nystrom-corr", backend="rust"), want, CORR_ATOL)
+        assert calls[0] == "set_row_scales" and "push_chunks" in calls and "set_transform" not in calls and "push_block" not in calls, calls
+        if not compacted:
+            daunce_store.open(store_path).compact()

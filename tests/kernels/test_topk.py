@@ -190,3 +190,76 @@ def test_huge_finite_losses_are_not_taken_for_inf(backend):
     got = topk(blocks_of(x, 256), q, 5, "corr", backend=backend)
     want = topk_numpy(blocks_of(x, 256), q, 5, "corr")
     np.testing.assert_array_equal(got["pos"][0], want["pos"][0])
+
+
+# --- per-row score factors (the -corr measures' persisted row scales) -------------------------------------
+def _scaled_topk(x: np.ndarray, q: np.ndarray, k: int, scales: np.ndarray, backend: str, rows: int) -> dict:
+    """Top-k of cov scores times each row's scale, blocks pushed last first."""
+    acc = make_accumulator(q, k, "cov", ("pos", "neg"), backend)
+    acc.set_row_scales(scales)
+    for offset, block in reversed(list(blocks_of(x, rows))):
+        acc.push_block(offset, block)
+    return acc.finish()
+
+
+def _row_scale_backend(backend: str) -> str:
+    from daunce_store.scoring._backend import ROW_SCALE_BACKENDS
+
+    if backend not in ROW_SCALE_BACKENDS:
+        pytest.skip(f"{backend} scores the -corr measures through the per-block transform, not row scales")
+    return backend
+
+
+@pytest.mark.parametrize(("n", "m", "kc", "k", "rows"), [(3000, 5, 16, 10, 512), (1000, 1, 7, 1, 1000), (2500, 40, 33, 250, 999)])
+def test_row_scales_match_exact_and_reference(backend, n, m, kc, k, rows):
+    _row_scale_backend(backend)
+    x, q = _random(n, m, kc, seed=n)
+    scales = np.random.default_rng(n).uniform(0.05, 4.0, n).astype(np.float32)
+    s = exact_scores(x, q, "cov") * scales[:, None]
+    tol = 1e-5 * float(np.abs(s).max())
+    got = _scaled_topk(x, q, k, scales, backend, rows)
+    assert_valid_topk(got, s, k, tol)
+    assert_same_topk(got, _scaled_topk(x, q, k, scales, "numpy", rows), s, tol)
+
+
+def test_row_scales_on_adversarial_rows_agree_exactly_in_indices(backend):
+    """Constant rows (score 0 whatever the scale), a zero-spread row with scale 0, huge and tiny scales on
+    rows of tiny and huge spread (products of order 1), duplicated rows with equal scales (ties to the lower
+    index): every backend lists the reference's indices exactly, scores to float32 rounding."""
+    _row_scale_backend(backend)
+    x, q = _random(600, 4, 12, seed=3)
+    scales = np.random.default_rng(3).uniform(0.5, 2.0, len(x)).astype(np.float32)
+    x[::50] = 7.0  # constant rows
+    scales[::100] = 0.0  # ... some of them with scale 0
+    x[13] = 1.0 + 1e-30 * x[14]  # no spread in float32: its centered row is 0
+    scales[13] = 0.0
+    x[21] = (x[22] * 1e-25).astype(np.float32)
+    scales[21] = 1e25
+    x[31] = x[32] * 1e6
+    scales[31] = 1e-6
+    x[[40, 41, 301]] = x[40]  # duplicates, equal scales: exact ties
+    scales[[40, 41, 301]] = scales[40]
+    s = exact_scores(x, q, "cov") * scales[:, None].astype(np.float64)
+    want = _scaled_topk(x, q, 60, scales, "numpy", 128)
+    for rows in (128, 600, 77):
+        got = _scaled_topk(x, q, 60, scales, backend, rows)
+        for side in ("pos", "neg"):
+            np.testing.assert_array_equal(got[side][0], want[side][0])
+            np.testing.assert_allclose(got[side][1], want[side][1], rtol=1e-5, atol=1e-6)
+        assert_valid_topk(got, s, 60, 1e-5 * float(np.abs(s).max()))
+    full = _scaled_topk(x, q, len(x), scales, backend, 128)
+    for side in ("pos", "neg"):
+        idx, sc = full[side]
+        assert np.all(sc[np.isin(idx, np.r_[0:600:50, 13])] == 0.0)
+        for j in range(len(q)):  # the duplicates: listed in index order, equal scores
+            where = [int(np.flatnonzero(idx[j] == r)[0]) for r in (40, 41, 301)]
+            assert where == sorted(where) and len({float(sc[j, w]) for w in where}) == 1
+
+
+def test_rows_beyond_the_row_scales_are_an_error(backend):
+    _row_scale_backend(backend)
+    x, q = _random(100, 2, 6)
+    acc = make_accumulator(q, 3, "cov", ("pos",), backend)
+    acc.set_row_scales(np.ones(50, np.float32))
+    with pytest.raises(InvalidInputError, match="row scales cover rows 0..50"):
+        acc.push_block(40, x[:20])
