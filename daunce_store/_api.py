@@ -155,9 +155,10 @@ class Store(LossStore):
         return client is not None
 
     def persist_matrices(self, measure: str = DEFAULT_MEASURE) -> list[tuple[str, int]]:
-        """Persist ``measure``'s K × K matrix for every column set scoring asks for (all committed columns,
-        each query set's), one pass each where the store holds none yet, so that read-only scoring (the
-        CLI, a server, Dask) starts without that pass; returns (kind, K) per set. ``daunce compact`` runs it."""
+        """Persist ``measure``'s K × K matrix, and the row scales of its ``-corr`` form, for every column set
+        scoring asks for (all committed columns, each query set's), one pass each where the store holds none
+        yet, so that read-only scoring (the CLI, a server, Dask) starts without that pass and scores ``-corr``
+        at cov's cost; returns (kind, K) per set. ``daunce compact`` runs it."""
         from daunce_store.scoring._measures import persist_grams
 
         self._require_writable()
