@@ -25,8 +25,10 @@ into (65536, 64) chunks; page cache warm, so these are decode-path numbers):
   best of ``--repeat``; each against the same case's max(sgemm floor, read floor);
 * default measures (issue 23): ``store.topk`` under ``auto`` and ``auto-corr`` (no recorded draws here:
   whitened and whitened-corr) against cov in the same run, on an open read-only handle whose K × K matrix
-  comes from the store's persisted record (written once by ``persist_matrices``, timed as ``persist``);
-  and the whole ``daunce topk`` process under each measure (the default is ``auto-corr``).
+  comes from the store's persisted record (written once by ``persist_matrices``, timed as ``persist``), and
+  ``auto-corr`` scored with its persisted row scales (cov rows times a scale per row) and, in the same run,
+  without them (``auto-corr, transform``: the kernel multiplies each row by M^½ in the pass, what a store
+  without them gets); and the whole ``daunce topk`` process under each measure (the default is ``auto-corr``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,19 @@ def scan(store) -> None:
         pass
 
 
+def without_row_scales(path: Path, measure: str):
+    """A fresh read-only handle that scores ``measure`` (a -corr one) as a store without persisted row scales
+    does: its cache says there are none, so the kernel transforms each row in the pass."""
+    import daunce_store
+    from daunce_store.scoring._measures import resolve_measure
+
+    store = daunce_store.open(path, mode="r")
+    snap = store.snapshot()
+    slots = store.committed_slots(snapshot=snap, query_set="bench")
+    store.derived_cache[("row-scales", resolve_measure(measure, snap, slots).preconditioner, tuple(slots))] = None
+    return store
+
+
 def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None:
     import daunce_store
 
@@ -119,6 +134,7 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         # from the store's record, as a new process would), interleaved with cov to share the load.
         t_measures = {measure: best(lambda: daunce_store.open(path, mode="r").topk("bench", queries, k=K_TOP, measure=measure), repeat)
                       for measure in ("cov", "auto", "auto-corr")}
+        t_measures["auto-corr, transform"] = best(lambda: without_row_scales(path, "auto-corr").topk("bench", queries, k=K_TOP, measure="auto-corr"), repeat)
         os.environ["DAUNCE_STORE_FUSED"] = "0"  # the same call on the block path (read blocks, then score them)
         try:
             t_blocks = best(lambda: store.topk("bench", queries, k=K_TOP, measure="cov"), repeat)
@@ -223,8 +239,8 @@ def print_measures_table(rows: list[dict]) -> None:
           "whitened-corr here (no recorded draws), their K × K matrix read from the store's persisted record; "
           "`store.topk`: a fresh read-only handle per call; process: the whole `daunce topk --format json`; "
           "/ sgemm: against the sgemm floor of the same n, K, m):\n")
-    print("| n | K | m | how | cov | auto | auto / cov | auto-corr (default) | auto-corr / cov | cov / sgemm | auto / sgemm | auto-corr / sgemm | load1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| n | K | m | how | cov | auto | auto / cov | auto-corr (default) | auto-corr / cov | auto-corr, transform (no row scales) | / cov | cov / sgemm | auto / sgemm | auto-corr / sgemm | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines, tops = [], {}
     for r in rows:  # in file order: a process row goes with the sgemm floor measured just before it, in its run
         if r["what"] == "topk":
@@ -236,11 +252,14 @@ def print_measures_table(rows: list[dict]) -> None:
     for r, how, top in sorted(lines, key=lambda x: (x[0]["n"], x[0]["K"], x[0]["m"], x[1], x[0]["date"])):
         t = r["fresh_seconds"] if how == "store.topk" else r["seconds"]
         floor = lambda x: f"{x / top['sgemm_floor']:.2f}×" if top else "—"  # noqa: E731
+        tr = t.get("auto-corr, transform")
+        transform = f"{tr:.3g} s | {tr / t['cov']:.2f}×" if tr else "— | —"
         print(f"| {r['n']:,} | {r['K']} | {r['m']} | {how} | {t['cov']:.3g} s | {t['auto']:.3g} s | {t['auto'] / t['cov']:.2f}× | "
-              f"{t['auto-corr']:.3g} s | {t['auto-corr'] / t['cov']:.2f}× | {floor(t['cov'])} | {floor(t['auto'])} | {floor(t['auto-corr'])} | {r['load1']} |")
+              f"{t['auto-corr']:.3g} s | {t['auto-corr'] / t['cov']:.2f}× | {transform} | {floor(t['cov'])} | {floor(t['auto'])} | {floor(t['auto-corr'])} | {r['load1']} |")
     for r in rows:
         if r["what"] == "persist":
-            print(f"\n(persisting the matrix, once per column set: {r['seconds']:.3g} s at {r['n']:,} × {r['K']}, load1 {r['load1']})")
+            print(f"\n(persisting the matrix (and, since the row-scales change, the -corr row scales), once per column set: "
+                  f"{r['seconds']:.3g} s at {r['n']:,} × {r['K']}, load1 {r['load1']})")
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import obstore
@@ -45,8 +45,22 @@ from daunce_store import _constants as C
 from daunce_store.errors import DaunceStoreError
 
 if TYPE_CHECKING:
-    from daunce_store.store._loss_store import LossStore
     from daunce_store.store._records import Commit, Snapshot
+    from daunce_store.store._storage import Storage
+
+
+class LossStore(Protocol):
+    """What these records need of a store handle (a ``LossStore``; named structurally so that this module,
+    which ``_maintenance`` imports, does not import ``_loss_store`` back)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def n_train(self) -> int: ...
+    @property
+    def _storage(self) -> Storage: ...
+    @property
+    def _train_ids_arr(self) -> Any: ...
 
 __all__ = ["column_checksum", "read_derived_matrix", "write_derived_matrix", "derived_matrix_problem", "read_row_scales",
            "write_row_scales", "row_scales_problem"]
