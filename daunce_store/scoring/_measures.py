@@ -36,7 +36,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from daunce_store._constants import MAX_ABS_LOSS
-from daunce_store.errors import DivergedError, InvalidInputError
+from daunce_store.errors import DaunceStoreError, DivergedError, InvalidInputError
 from daunce_store.scoring._numpy import prepare_queries, prepare_rows
 from daunce_store.scoring._preconditioners import PRECONDITIONERS, Preconditioner, preconditioner_named
 from daunce_store.store import PerturbationDraw, read_derived_matrix, read_row_scales, write_derived_matrix, write_row_scales
@@ -418,7 +418,10 @@ def persist_grams(store: LossStore, measure: str = AUTO) -> list[tuple[str, int]
         resolved = resolve_measure(measure, snap, slots)
         if resolved.preconditioner is not None:
             gram = gram_for(store, snap, list(slots), resolved.preconditioner)
-            stored_row_scales(store, snap, list(slots), gram)  # the -corr measures' (auto-corr is topk's default)
+            try:  # the -corr measures' (auto-corr is topk's default)
+                stored_row_scales(store, snap, list(slots), gram)
+            except DaunceStoreError:  # losses M cannot be made of (scoring says so itself); the matrix stays
+                pass
             done.append((resolved.preconditioner, len(slots)))
     return done
 
