@@ -176,7 +176,7 @@ def read_row_scales(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequ
     if data is None or hashlib.sha256(data).hexdigest() != record["sha256"] or len(data) != 4 * key["n_train"] \
             or record.get("dtype") != "<f4":
         return None
-    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    return np.frombuffer(data, dtype="<f4")  # read-only, no copy (n × 4 bytes per handle; float32 on little-endian hosts)
 
 
 def write_row_scales(store: LossStore, kind: str, snapshot: Snapshot, slots: Sequence[int], scales: np.ndarray) -> bool:

@@ -201,7 +201,7 @@ impl PyTopKAccumulator {
     /// self-score norms, no transform per row.
     fn set_row_scales(&mut self, scales: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
         let s = contiguous(&scales, "scales")?.to_vec();
-        self.acc()?.set_row_scales(&s);
+        self.acc()?.set_row_scales(s);
         Ok(())
     }
 

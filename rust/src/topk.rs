@@ -695,8 +695,8 @@ impl TopKAccumulator {
     /// Multiply every score of train row i pushed from now on by `scales[i]` (one value per train row;
     /// rows pushed must lie below `scales.len()`): the normalised preconditioned measures with their
     /// per-row self-score norms persisted, scored as cov rows against queries prepared with M.
-    pub fn set_row_scales(&mut self, scales: &[f32]) {
-        self.row_scales = Some(scales.to_vec());
+    pub fn set_row_scales(&mut self, scales: Vec<f32>) {
+        self.row_scales = Some(scales);
     }
 
     /// Rows pushed must lie below this (the row scales' length), if set.
@@ -982,7 +982,7 @@ mod tests {
         let scaled: Vec<f32> = x.chunks_exact(kc).zip(&s).flat_map(|(r, &f)| r.iter().map(move |v| v * f)).collect();
         let (want_p, want_n) = run(&scaled, &q, kc, k, Measure::Cov, 3000);
         let mut acc = TopKAccumulator::new(&q, kc, k, Measure::Cov, true, true, false).unwrap();
-        acc.set_row_scales(&s);
+        acc.set_row_scales(s.clone());
         acc.push_block(1000, &x[1000 * kc..]).unwrap();
         acc.push_block(0, &x[..1000 * kc]).unwrap();
         let (p, ng) = acc.finish().unwrap();
@@ -993,7 +993,7 @@ mod tests {
             }
         }
         let mut acc = TopKAccumulator::new(&q, kc, k, Measure::Cov, true, true, false).unwrap();
-        acc.set_row_scales(&s[..10]);
+        acc.set_row_scales(s[..10].to_vec());
         assert!(acc.push_block(5, &x[..10 * kc]).is_err());
     }
 
