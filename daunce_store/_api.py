@@ -10,6 +10,7 @@ store ← scoring ← this façade), so the methods users call most have real si
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -23,7 +24,7 @@ from daunce_store import _select, scoring
 from daunce_store._select import Remove, Selection, Write
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring import DEFAULT_MEASURE, TOPK_MEASURE, Attribution, BackendChoice, Scores, SideChoice, Stability, StoreScorer
-from daunce_store.store import LossStore, OpenMode, Snapshot
+from daunce_store.store import LossStore, OpenMode, Snapshot, Storage
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -53,6 +54,12 @@ class Store(LossStore):
     """
 
     _storage_options: dict[str, Any] | None = None
+
+    def __init__(self, storage: Storage, mode: OpenMode = "a"):
+        super().__init__(storage, mode)
+        self._kept: dict[str, Any] = {}  # attribute's models, per device
+        # One attribute call at a time per Store: the kept models swap each adapter's weights into one model in place.
+        self._kept_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -212,8 +219,7 @@ class Store(LossStore):
         >>> store.attribute(prompt="What is a list?", completion="A mutable sequence.").to_pandas()   # doctest: +SKIP
         """
         rows = _new_rows(rows, prompt, completion)
-        # One call at a time per Store: the kept models swap each adapter's weights into one model in place.
-        with self.__dict__.setdefault("_kept_lock", threading.Lock()):
+        with self._kept_lock:
             kept = self._kept_models(device)
             losses = kept.losses(rows)
         names = [str(r["id"]) if r.get("id") is not None else f"new-{i}" for i, r in enumerate(rows)]
@@ -231,7 +237,7 @@ class Store(LossStore):
                       "this store was not made by a recipe (daunce perturb --recipe ...): it keeps no models to evaluate new examples under")
         elif not any(c.metadata.get("adapter") for c in commits):
             reason = "its run kept no adapters (keep_adapters: false); rerun `daunce perturb --recipe ...` into a new store"
-        elif missing := [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]:
+        elif missing := _missing_train_packages():
             reason = f"this install lacks {', '.join(missing)}: pip install 'daunce-store[train]'"
         else:
             reason = None
@@ -245,7 +251,7 @@ class Store(LossStore):
         from daunce_store.perturb import KeptModels
 
         snap = self.snapshot()
-        cache = self.__dict__.setdefault("_kept", {})
+        cache = self._kept
         kept = cache.get(device)
         if kept is None or kept.snapshot.perturbations != snap.perturbations:
             kept = cache[device] = KeptModels(self, snapshot=snap, device=device, reuse=kept)
@@ -264,6 +270,12 @@ class Store(LossStore):
         """
         return scoring.scorer(self, query_set, measure=measure, device=device, snapshot=snapshot, columns=columns,
                               allow_tf32=allow_tf32, block_rows=block_rows)
+
+
+@functools.cache
+def _missing_train_packages() -> list[str]:
+    """The perturbation extra's packages this install lacks (asked once: serve polls attribute_support)."""
+    return [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
 
 
 def _new_rows(rows: Sequence[Mapping[str, Any]] | None, prompt: str | None, completion: str | None) -> list[dict[str, Any]]:

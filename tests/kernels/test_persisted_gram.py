@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,28 +162,40 @@ store.topk("test", k=3, measure="whitened")
 """
 
 
-def test_a_writer_killed_at_each_storage_op_of_its_record_leaves_none_visible(store_path):
-    """The writer's operations are counted from its op log; it is then killed at each one from the record's
-    read on (the failpoint harness: SIGKILL just before the operation runs). Afterwards there is no record or
-    a whole one, and the next reader's matrix equals one pass's, bit for bit."""
+def kill_at_each_op(writer: str, store_path: Path, prefix: str, clear: Callable[[], None]) -> Iterator[str]:
+    """Run ``writer`` (a Python script given the store's path) once to count its storage operations from its op
+    log, then once per operation from the first one under ``prefix`` on, killed there (the failpoint harness:
+    SIGKILL just before the operation runs), after ``clear()``. Yields each killed-at operation once the killed
+    writer is gone, for the caller to check the store."""
     base = {**os.environ, "PYTHONPATH": str(REPO)}
     base.pop("DAUNCE_STORE_FAILPOINT", None)
     trace = store_path.parent / "count.txt"
-    subprocess.run([sys.executable, "-c", WRITER, str(store_path)], check=True, env={**base, "DAUNCE_STORE_TRACE_OPS": str(trace)})
+    subprocess.run([sys.executable, "-c", writer, str(store_path)], check=True, env={**base, "DAUNCE_STORE_TRACE_OPS": str(trace)})
     ops = trace.read_text().splitlines()
-    first = next(i for i, op in enumerate(ops) if C.MATRICES_PREFIX in op)
-    assert ops[first].startswith("get ") and any(op.startswith(f"put {C.MATRICES_PREFIX}/") for op in ops[first:]), ops
-    want = _pass(daunce_store.open(store_path, "r"), "whitened").matrix
+    first = next(i for i, op in enumerate(ops) if prefix in op)
+    assert ops[first].startswith("get ") and any(op.startswith(f"put {prefix}/") for op in ops[first:]), ops
     for n in range(first + 1, len(ops) + 1):
-        for record in _records(store_path):
-            record.unlink()
-        proc = subprocess.run([sys.executable, "-c", WRITER, str(store_path)], env={**base, "DAUNCE_STORE_FAILPOINT": f"kill@any:{n}"},
+        clear()
+        proc = subprocess.run([sys.executable, "-c", writer, str(store_path)], env={**base, "DAUNCE_STORE_FAILPOINT": f"kill@any:{n}"},
                               capture_output=True)
         assert proc.returncode == -9, (n, ops[n - 1], proc.stderr[-500:])
+        yield ops[n - 1]
+
+
+def test_a_writer_killed_at_each_storage_op_of_its_record_leaves_none_visible(store_path):
+    """Killed at each storage operation from the record's read on: afterwards there is no record or a whole
+    one, and the next reader's matrix equals one pass's, bit for bit."""
+    want = _pass(daunce_store.open(store_path, "r"), "whitened").matrix
+
+    def clear() -> None:
+        for record in _records(store_path):
+            record.unlink()
+
+    for op in kill_at_each_op(WRITER, store_path, C.MATRICES_PREFIX, clear):
         store = daunce_store.open(store_path, "r")
         snap = store.snapshot()
         found = read_derived_matrix(store, "whitened", snap, store.committed_slots(snapshot=snap))
-        assert found is None or np.array_equal(found[0], want), ops[n - 1]
+        assert found is None or np.array_equal(found[0], want), op
         assert gram_for(store, snap, store.committed_slots(snapshot=snap), "whitened").matrix.tobytes() == want.tobytes()
         assert store.verify(grace_seconds=0).ok
 

@@ -23,7 +23,7 @@ from daunce_store.scoring import _measures
 from daunce_store.scoring._backend import ROW_SCALE_BACKENDS, available_backends
 from daunce_store.store import read_row_scales
 
-from test_persisted_gram import CORR_ATOL, REPO, _adversarial, _build, _random, _same
+from test_persisted_gram import CORR_ATOL, REPO, _adversarial, _build, _random, _same, kill_at_each_op
 
 NORMALISED = ("nystrom-corr", "whitened-corr", "auto-corr")
 
@@ -160,27 +160,20 @@ def test_a_writer_killed_at_each_storage_op_of_its_scales_leaves_none_or_whole_o
     verify finds nothing wrong (an object no record names is a killed writer's, never read)."""
     want = _unpersisted(store_path, "whitened-corr", k=3)
     reference = _reference_scales(store_path, "whitened")
-    base = {**os.environ, "PYTHONPATH": str(REPO)}
-    base.pop("DAUNCE_STORE_FAILPOINT", None)
-    trace = store_path.parent / "count.txt"
-    subprocess.run([sys.executable, "-c", WRITER, str(store_path)], check=True, env={**base, "DAUNCE_STORE_TRACE_OPS": str(trace)})
-    ops = trace.read_text().splitlines()
-    first = next(i for i, op in enumerate(ops) if C.SCALES_PREFIX in op)
-    assert ops[first].startswith("get ") and any(op.startswith(f"put {C.SCALES_PREFIX}/") for op in ops[first:]), ops
-    killed_at = []
-    for n in range(first + 1, len(ops) + 1):
+
+    def clear() -> None:
         for folder in (C.MATRICES_PREFIX, C.SCALES_PREFIX):
             shutil.rmtree(store_path / folder, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-c", WRITER, str(store_path)], env={**base, "DAUNCE_STORE_FAILPOINT": f"kill@any:{n}"},
-                              capture_output=True)
-        assert proc.returncode == -9, (n, ops[n - 1], proc.stderr[-500:])
-        killed_at.append(ops[n - 1])
+
+    killed_at = []
+    for op in kill_at_each_op(WRITER, store_path, C.SCALES_PREFIX, clear):
+        killed_at.append(op)
         store = daunce_store.open(store_path, "r")
         snap = store.snapshot()
         found = read_row_scales(store, "whitened", snap, store.committed_slots(snapshot=snap))
-        assert found is None or np.array_equal(found, reference), ops[n - 1]
+        assert found is None or np.array_equal(found, reference), op
         _same(store.topk("test", k=3, measure="whitened-corr"), want, CORR_ATOL)
-        assert store.verify(grace_seconds=0).ok, ops[n - 1]
+        assert store.verify(grace_seconds=0).ok, op
     assert any(op.startswith(f"put {C.SCALES_PREFIX}/") and op.endswith(".json") for op in killed_at), killed_at
 
 
