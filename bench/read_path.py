@@ -120,7 +120,7 @@ def run_size(n: int, kc: int, ms: list[int], repeat: int, latency: bool) -> None
         append_row(RESULTS, {"what": "scan", "engine": name, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
     snap = store.snapshot()
     slots = store.committed_slots(snapshot=snap)
-    rows = scan_block_rows(store, slots)
+    rows = scan_block_rows(store.rows(slots=slots))
     t = best(lambda: [None for _ in store.iter_row_blocks(block_rows=rows)], repeat)
     append_row(RESULTS, {"what": "scan", "engine": "rust", "block_rows": rows, "n": n, "K": kc, "seconds": t, "gbps": gb / t, "runs": repeat})
     read_floor = min(floors["rust"], t)

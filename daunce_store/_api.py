@@ -103,12 +103,9 @@ class Store(LossStore):
         >>> store.topk("test", ["q0"], k=5, measure="nystrom").to_pandas()   # doctest: +SKIP
         >>> store.topk("test", k=5, client="tcp://10.0.0.5:8786")           # doctest: +SKIP
         """
-        if self._distributed(client, partition_rows):
-            return scoring.topk_distributed(self, query_set, queries, client=client, partition_rows=partition_rows,
-                                            storage_options=self.storage_options, k=k, measure=measure, side=side,
-                                            backend=backend, snapshot=snapshot, columns=columns, block_rows=block_rows)
         return scoring.topk_store(self, query_set, queries, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
-                                  columns=columns, block_rows=block_rows)
+                                  columns=columns, block_rows=block_rows, client=client, partition_rows=partition_rows,
+                                  storage_options=self.storage_options)
 
     def influence(
         self, query_set: str, queries: Sequence[str] | None = None, *, k: int = 10, measure: str = DEFAULT_MEASURE,
@@ -116,11 +113,9 @@ class Store(LossStore):
         columns: Sequence[int] | None = None, client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Aggregate influence on a whole query set (the mean score over its queries), top-k per side."""
-        options = dict(k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, columns=columns)
-        if self._distributed(client, partition_rows):
-            return scoring.influence_distributed(self, query_set, queries, client=client, partition_rows=partition_rows,
-                                                 storage_options=self.storage_options, **options)
-        return scoring.influence(self, query_set, queries, **options)
+        return scoring.influence(self, query_set, queries, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
+                                 columns=columns, client=client, partition_rows=partition_rows,
+                                 storage_options=self.storage_options)
 
     def self_influence(
         self, *, k: int = 10, measure: str = DEFAULT_MEASURE, side: SideChoice = "pos", backend: BackendChoice = "auto",
@@ -128,11 +123,9 @@ class Store(LossStore):
         client: Client | str | None = None, partition_rows: int | None = None,
     ) -> Attribution:
         """Self-influence ū_iᵀ M ū_i (``cov``: the loss variance): top-k, for mislabel and outlier search."""
-        if self._distributed(client, partition_rows):
-            return scoring.self_influence_distributed(self, client=client, partition_rows=partition_rows,
-                                                      storage_options=self.storage_options, k=k, measure=measure, side=side,
-                                                      backend=backend, snapshot=snapshot, block_rows=block_rows)
-        return scoring.self_influence(self, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot, block_rows=block_rows)
+        return scoring.self_influence(self, k=k, measure=measure, side=side, backend=backend, snapshot=snapshot,
+                                      block_rows=block_rows, client=client, partition_rows=partition_rows,
+                                      storage_options=self.storage_options)
 
     def recipe_config(self, snapshot: Snapshot | None = None) -> dict[str, Any] | None:
         """The run config behind the newest committed column when a recipe made it (``daunce perturb
@@ -154,12 +147,6 @@ class Store(LossStore):
         if isinstance(queries, dict):
             files.update({str(name): path for name, path in queries.items() if isinstance(path, str)})
         return files
-
-    @staticmethod
-    def _distributed(client: object, partition_rows: int | None) -> bool:
-        if client is None and partition_rows is not None:
-            raise InvalidInputError("partition_rows splits a distributed scan; give client= (a Dask client or scheduler address) too")
-        return client is not None
 
     def persist_matrices(self, measure: str = DEFAULT_MEASURE) -> list[tuple[str, int]]:
         """Persist ``measure``'s K × K matrix, and the row scales of its ``-corr`` form, for every column set

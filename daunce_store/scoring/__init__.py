@@ -1,13 +1,13 @@
 """Scoring: the streaming top-k kernel and its backends, the score measures, and the attribution results
 built on them; :func:`scorer` keeps prepared train rows on a torch device for repeated queries;
-:func:`topk_distributed` and its siblings give the same answers from a Dask cluster."""
+:func:`topk_store`, :func:`influence` and :func:`self_influence` run in this process or, given ``client=``, on a
+Dask cluster, with the same answers."""
 
 from __future__ import annotations
 
 from daunce_store.scoring._attribution import Attribution, Scores, envelope, influence, scores, self_influence, topk_losses, topk_store
 from daunce_store.scoring._backend import available_backends, topk
 from daunce_store.scoring._drift import drift_share
-from daunce_store.scoring._distributed import influence_distributed, self_influence_distributed, topk_distributed
 from daunce_store.scoring._numpy import ScoreUnderflowError, prepare_queries, prepare_rows
 from daunce_store.scoring._measures import DEFAULT_MEASURE, MEASURE_HELP, MEASURE_NAMES, MEASURES, TOPK_MEASURE, Measure
 from daunce_store.scoring._stability import Stability, stability
@@ -41,17 +41,14 @@ __all__ = [
     "drift_share",
     "envelope",
     "influence",
-    "influence_distributed",
     "prepare_queries",
     "prepare_rows",
     "scorer",
     "scores",
     "self_influence",
-    "self_influence_distributed",
     "side_choice",
     "stability",
     "topk",
-    "topk_distributed",
     "topk_losses",
     "topk_store",
 ]

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +17,9 @@ import numpy as np
 from daunce_store.errors import ConstantQueryWarning, InvalidInputError, NotEnoughColumnsError
 from daunce_store.store import TABLE_FORMATS, DataFile, json_ready, validate_losses, write_frames, write_json, write_records
 from daunce_store.store._inputs import ID_FIELD
-from daunce_store.scoring._backend import make_accumulator, push_checked, row_variance, takes_row_scales
+from daunce_store.scoring._backend import accumulator_class
+from daunce_store.scoring._distributed import executor
+from daunce_store.scoring._executor import Executor, LocalExecutor, SelfTask, TopKTask, scan_block_rows, scan_self, scan_topk
 from daunce_store.scoring._vocabulary import SIDES, Side, side_choice
 from daunce_store.scoring._numpy import _TINY, check_underflow, query_spread, score_overflow_error, score_underflow_error, underflowed
 from daunce_store.scoring._measures import (
@@ -27,7 +29,6 @@ from daunce_store.scoring._measures import (
     Measure,
     Prepared,
     gram_for,
-    metric_self_scores,
     prepare,
     resolve_measure,
     stored_row_scales,
@@ -35,6 +36,7 @@ from daunce_store.scoring._measures import (
 
 if TYPE_CHECKING:
     import pandas as pd
+    from distributed import Client
 
     from daunce_store.store import LossStore, Snapshot
 
@@ -272,27 +274,9 @@ class ScoringRequest:
     def blocks(self, store: LossStore, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Train row blocks over the request's columns (positions applied), ``block_rows`` high (None:
         :func:`scan_block_rows`)."""
-        rows = scan_block_rows(store, self.slots, block_rows)
-        for offset, block in store.iter_row_blocks(snapshot=self.snapshot, slots=self.slots, block_rows=rows):
+        rows = store.rows(self.snapshot, self.slots)
+        for offset, block in rows.blocks(scan_block_rows(rows, block_rows)):
             yield offset, block if self.positions is None else np.ascontiguousarray(block[:, self.positions])
-
-
-# A scoring scan's blocks: whole row chunks of what is read (a block that cuts a chunk reads it twice),
-# about this many bytes. The iter_row_blocks default (the store's 2^18-row chunks) makes 256 MB blocks
-# at K = 256, which the Rust reader assembles at half the speed of 64 MB ones (2^16 rows, one packed
-# chunk per group) and which hold 4x the memory; at K = 64 the size made no measurable difference
-# (bench/RESULTS.md, "Read path").
-SCAN_BLOCK_BYTES = 32 << 20
-
-
-def scan_block_rows(store: LossStore, slots: Sequence[int], block_rows: int | None = None) -> int:
-    """``block_rows`` when given, else the rows of a scoring block: the most whole row chunks of the
-    scan (``LossStore._scan_unit_rows``: 2^16 rows of a compacted store, so no chunk is read twice)
-    within :data:`SCAN_BLOCK_BYTES`, at least one."""
-    if block_rows is not None:
-        return int(block_rows)
-    unit = store._scan_unit_rows(slots)
-    return unit * max(1, SCAN_BLOCK_BYTES // (unit * 4 * max(len(slots), 1)))
 
 
 def _positions(columns: Sequence[int] | None, num: int, query_set: str | None) -> np.ndarray | None:
@@ -430,31 +414,44 @@ def topk_store(
     columns: Sequence[int] | None = None,
     block_rows: int | None = None,
     aggregate: str | None = None,
+    client: Client | str | None = None,
+    partition_rows: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Attribution:
     """Top-k proponents/opponents among train examples for each query of ``query_set``; with
     ``aggregate="mean"``, for their mean score over the queries (see :func:`influence`).
 
     ``measure``: see :data:`daunce_store.scoring.MEASURES` (``auto``: nystrom when every column records
     its draw, else whitened). ``columns``: positions 0..K-1 of the snapshot's columns for this query set
-    (default: all).
+    (default: all). ``client``: score on that Dask cluster (a ``distributed.Client`` or a scheduler address),
+    with the same answer, one task per partition of about ``partition_rows`` rows, each opening the store's
+    URL with ``storage_options`` (see :func:`~daunce_store.scoring._distributed.executor`).
     """
     check_aggregate(aggregate)  # before any reading
-    req = scoring_request(store, query_set, queries, k, measure, side, snapshot, columns, block_rows)
-    return _topk_request(store, req, query_set, queries, k, backend, block_rows, aggregate)
+    # The request's checks before the Gram pass (which may run on a cluster), so bad input fails before any scan.
+    check_query_request(store, query_set, queries, k, measure, side)
+    snap, slots, _, resolved = measure_plan(store, measure, snapshot, query_set, columns, block_rows)
+    with executor(store, snap, slots, block_rows, client=client, partition_rows=partition_rows,
+                  storage_options=storage_options) as ex:
+        ex.gram(resolved.preconditioner)  # where scoring_request finds it: the handle's cache
+        req = scoring_request(store, query_set, queries, k, measure, side, snap, columns, block_rows)
+        return _topk_request(store, ex, req, query_set, queries, k, backend, block_rows, aggregate)
 
 
-def _topk_request(store: LossStore, req: ScoringRequest, query_set: str, queries: Sequence[str] | None, k: int,
-                  backend: str, block_rows: int | None, aggregate: str | None) -> Attribution:
+def _topk_request(store: LossStore, ex: Executor, req: ScoringRequest, query_set: str, queries: Sequence[str] | None,
+                  k: int, backend: str, block_rows: int | None, aggregate: str | None) -> Attribution:
     prep = req.prepared()
-    if prep.transform is not None and req.positions is None and req.gram is not None and takes_row_scales(backend):
-        scales = stored_row_scales(store, req.snapshot, req.slots, req.gram, block_rows)
-        if scales is not None:  # persisted (or just written): cov's cost, no K × K product per row
+    if (prep.transform is not None and req.positions is None and req.gram is not None
+            and accumulator_class(backend).takes_row_scales):
+        # Persisted (or, in this process, just written): cov's cost, no K × K product per row.
+        scales = stored_row_scales(store, req.snapshot, req.slots, req.gram, block_rows, compute=ex.local)
+        if scales is not None:
             prep = prep.scaled(scales)
     q, prepared, names = kernel_queries(req, prep, query_set, queries, aggregate)
-    acc = make_accumulator(q, k, prep.kernel, req.sides, backend, queries_prepared=prepared)
-    push_train_rows(acc, prep, store, req.snapshot, req.slots, req.positions, lambda: req.blocks(store, block_rows))
-    # The measure's kernel, not the prepared one: scaled rows rank correlations, which cannot underflow.
-    result = check_underflow(acc.finish(), q, prepared, req.measure.kernel, names, req.measure.name)
+    task = TopKTask(prep, q, prepared, int(k), req.sides, backend, req.positions, block_rows)
+    # On the merged answer, with the measure's kernel, not the prepared one: scaled rows rank correlations,
+    # which cannot underflow; and a partition's rows may all score 0 where others do not.
+    result = check_underflow(ex.topk(scan_topk, task, int(k)), q, prepared, req.measure.kernel, names, req.measure.name)
     return Attribution.from_result(names, store.train_ids_at, result, req.measure.name, req.num_columns)
 
 
@@ -493,27 +490,8 @@ def topk_losses(
     names = tuple(str(n) for n in names)
     _warn_constant_queries(q, names)
     req = ScoringRequest(sides, snap, np.arange(len(names)), names, chosen, pos, q, resolved, gram)
-    return _topk_request(store, req, "new", None, k, backend, block_rows, None)
-
-
-def push_train_rows(
-    acc: Any, prep: Prepared, store: LossStore, snapshot: Snapshot, slots: Sequence[int], positions: np.ndarray | None,
-    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], row_range: tuple[int, int] | None = None,
-) -> None:
-    """Feed the train rows of ``slots`` (rows ``row_range``, default all) to ``acc``. The Rust kernel reads a
-    local store's chunks itself and scores them while they are in cache (``LossStore.scan_fused``) where it
-    sees the stored rows with all columns (a normalised preconditioned measure's transform applied by the
-    kernel itself, ``set_transform``); else the ``blocks()`` are pushed through the measure's transform."""
-    in_kernel = prep.transform is not None and hasattr(acc, "set_transform")
-    if in_kernel:
-        acc.set_transform(prep.transform)
-    if prep.row_scales is not None:  # the caller checked takes_row_scales
-        acc.set_row_scales(prep.row_scales)
-    fused = (prep.transform is None or in_kernel) and positions is None and hasattr(acc, "push_chunks")
-    if fused and store.scan_fused(acc.push_chunks, snapshot=snapshot, slots=slots, row_range=row_range):
-        return
-    for offset, block in blocks():
-        push_checked(acc, offset, block if in_kernel else prep.block(block))
+    ex = LocalExecutor(store, store.rows(snap, chosen), block_rows)
+    return _topk_request(store, ex, req, "new", None, k, backend, block_rows, None)
 
 
 def influence(store: LossStore, query_set: str, queries: Sequence[str] | None = None, **options: Any) -> Attribution:
@@ -543,19 +521,21 @@ def self_influence(
     backend: str = "auto",
     snapshot: Snapshot | None = None,
     block_rows: int | None = None,
+    client: Client | str | None = None,
+    partition_rows: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Attribution:
     """Self-influence of each train example, top-k largest (``pos``: likely mislabeled or outliers)
     and/or smallest (``neg``): var_k(L_i) = cov(i, i) for ``cov``, ū_iᵀ M ū_i for ``whitened`` and
     ``nystrom`` (``auto``: nystrom when every column records its draw). Same streaming selection as
-    :func:`topk_store`."""
+    :func:`topk_store`, on the same executors (``client``, ``partition_rows``, ``storage_options``)."""
     sides = check_self_influence(store, k, measure, side)
-    snap, slots, _, resolved, gram = measure_inputs(store, measure, snapshot, None, None, block_rows)
-    metric = None if gram is None else gram.preconditioner()
-    # One "query" whose scores are pushed precomputed: the self-scores of each block.
-    acc = make_accumulator(np.zeros((1, 2), np.float32), k, "cov", sides, backend, queries_prepared=True)
-    for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=scan_block_rows(store, slots, block_rows)):
-        acc.push_scores(offset, row_variance(block, backend) if metric is None else metric_self_scores(block, metric))
-    best = acc.finish()
+    snap, slots, _, resolved = measure_plan(store, measure, snapshot, None, None, block_rows)
+    with executor(store, snap, slots, block_rows, client=client, partition_rows=partition_rows,
+                  storage_options=storage_options) as ex:
+        gram = ex.gram(resolved.preconditioner)
+        metric = None if gram is None else gram.preconditioner()
+        best = ex.topk(scan_self, SelfTask(metric, int(k), sides, backend, block_rows), int(k))
     name = "var" if resolved.name == "cov" else resolved.name
     return Attribution.from_result(("<self>",), store.train_ids_at, best, name, len(slots))
 

@@ -2,7 +2,7 @@
 
 Every backend is a streaming accumulator with the same three methods — ``push_block(offset, block)``,
 ``push_scores(offset, scores)`` (precomputed single-query scores, e.g. self-influence) and ``finish()``
-— so callers feed the store's prefetching ``iter_row_blocks`` block by block and memory stays
+— so callers feed the blocks of a row source (``store.rows(...).blocks()``, prefetched) one by one and memory stays
 O(R·K + m·k) whatever n is. Setting ``DAUNCE_STORE_NO_EXT=1`` hides the Rust extension.
 
 ``torch`` (:mod:`daunce_store.scoring._torch`: a GPU when there is one) is never picked by ``auto``, even
@@ -15,7 +15,7 @@ when torch imports.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -23,16 +23,13 @@ from daunce_store._constants import NO_EXT_ENV
 from daunce_store._ext import _built, extension
 from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
+from daunce_store.store import ChunkPlan
+from daunce_store.scoring._accumulator import Accumulator
 from daunce_store.scoring._numpy import NumpyTopK, check_underflow
 from daunce_store.scoring._vocabulary import BACKEND_CHOICES, BACKENDS, KERNEL_MEASURES, SIDES
 
-__all__ = ["available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES", "SIDES", "BACKENDS"]
-
-
-class Accumulator(Protocol):
-    def push_block(self, offset: int, block: np.ndarray) -> None: ...
-    def push_scores(self, offset: int, scores: np.ndarray) -> None: ...
-    def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...
+__all__ = ["accumulator_class", "available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES",
+           "SIDES", "BACKENDS"]
 
 
 def _kernel_module() -> Any:
@@ -85,10 +82,14 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-class _RustTopK:
-    """Adapts the extension's accumulator: float32 C-contiguous inputs, kernel errors as ours."""
+class _RustTopK(Accumulator):
+    """Adapts the extension's accumulator: float32 C-contiguous inputs, kernel errors as ours. Its
+    capabilities are declared here, beside the pyclass they describe."""
 
     checks_finite = True  # the kernel names a row holding NaN or inf while preparing it, at no cost
+    takes_transform = True
+    takes_row_scales = True
+    takes_chunks = True
 
     def __init__(self, queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...], queries_prepared: bool):
         try:
@@ -115,10 +116,10 @@ class _RustTopK:
         normalised preconditioned measures with their persisted row scales, scored as cov rows."""
         self._acc.set_row_scales(np.ascontiguousarray(scales, np.float32).reshape(-1))
 
-    def push_chunks(self, root: str, sources: list[Any], r0: int, r1: int) -> None:
-        """Rows r0:r1 read by the kernel itself from a local store's chunk files (``LossStore.scan_fused``);
+    def push_chunks(self, root: str, plan: ChunkPlan, r0: int, r1: int) -> None:
+        """Rows r0:r1 read by the kernel itself from a local store's chunk files (``RowSource.push_into``);
         a damaged chunk raises the extension's ChunkReadError, which the store names."""
-        self._acc.push_chunks(root, sources, int(r0), int(r1))
+        self._acc.push_chunks(root, plan, int(r0), int(r1))
 
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         try:
@@ -144,6 +145,22 @@ def _check(queries: np.ndarray, k: int, measure: str, sides: tuple[str, ...]) ->
     if queries.ndim != 2 or queries.shape[0] < 1 or queries.shape[1] < 2:
         raise InvalidInputError(f"queries must be an (m, K) array with m >= 1 and K >= 2, not shape {queries.shape}")
     return queries
+
+
+def accumulator_class(backend: str) -> type[Accumulator]:
+    """The accumulator class ``backend`` (a name or ``auto``) resolves to here: what it declares it takes."""
+    name = resolve_backend(backend)
+    if name == "torch":
+        from daunce_store.scoring._torch import TorchTopK
+
+        return TorchTopK
+    if name == "rust":
+        return _RustTopK
+    if name == "numba":
+        from daunce_store.scoring._numba import NumbaTopK
+
+        return NumbaTopK
+    return NumpyTopK
 
 
 def make_accumulator(
@@ -172,16 +189,6 @@ def make_accumulator(
 
         return NumbaTopK(queries, k, measure, tuple(sides), queries_prepared)
     return NumpyTopK(queries, k, measure, tuple(sides), queries_prepared)
-
-
-# The backends whose accumulators take per-row score factors (``set_row_scales``): the -corr measures'
-# persisted row scales. torch scores those measures through the per-block transform.
-ROW_SCALE_BACKENDS = ("rust", "numba", "numpy")
-
-
-def takes_row_scales(backend: str) -> bool:
-    """Whether ``backend`` (a name or ``auto``) resolves to one of :data:`ROW_SCALE_BACKENDS`."""
-    return resolve_backend(backend) in ROW_SCALE_BACKENDS
 
 
 def row_variance(block: np.ndarray, backend: str = "auto") -> np.ndarray:

@@ -89,7 +89,7 @@ def drift_share(store: LossStore, *, snapshot: Snapshot | None = None, columns: 
     acc = DriftAccumulator.of(snap, slots, store.n_train)
     if acc is None:
         return None
-    for _, block in store.iter_row_blocks(snapshot=snap, slots=slots):
+    for _, block in store.rows(snap, slots).blocks():
         acc.push(block)
     return acc.share
 

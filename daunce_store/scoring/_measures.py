@@ -42,10 +42,10 @@ from daunce_store.scoring._preconditioners import PRECONDITIONERS, Preconditione
 from daunce_store.store import PerturbationDraw, read_derived_matrix, read_row_scales, write_derived_matrix, write_row_scales
 
 if TYPE_CHECKING:
-    from daunce_store.store import LossStore, Snapshot
+    from daunce_store.store import LossStore, RowSource, Snapshot
 
 __all__ = ["MEASURES", "MEASURE_NAMES", "DEFAULT_MEASURE", "TOPK_MEASURE", "AUTOS", "Measure", "Gram", "Prepared", "resolve_measure", "prepare", "metric_self_scores",
-           "gram_part", "gram_for", "stored_gram", "persist_grams", "column_names"]
+           "gram_part", "gram_parts", "gram_pass", "gram_for", "stored_gram", "persist_grams", "column_names"]
 
 # A Gram block term whose entries are all below this is made of float32 products at or under float32's normal
 # range (1.2e-38): losses that vary only by ~1e-19 or less (e.g. subnormal losses ~1e-40). Such a Gram has lost
@@ -314,23 +314,29 @@ def row_scales(blocks: Iterable[tuple[int, np.ndarray]], n: int, root: np.ndarra
     return out if np.isfinite(out).all() else None
 
 
-def stored_row_scales(store: LossStore, snapshot: Snapshot, slots: Sequence[int], gram: Gram, block_rows: int | None = None) -> np.ndarray | None:
+def stored_row_scales(store: LossStore, snapshot: Snapshot, slots: Sequence[int], gram: Gram, block_rows: int | None = None,
+                      *, compute: bool = True) -> np.ndarray | None:
     """The row scales (:func:`row_scales`) of ``gram``'s normalised measure over every column in ``slots``:
-    the handle's cache, the store's persisted ones, or (writable handles only) one pass, then persisted
-    create-if-absent beside the matrix (``_daunce/row-scales/``, FORMAT.md). None on a read-only handle of a
-    store without them (the kernel then transforms each row in the pass) or where they cannot serve."""
+    the handle's cache, the store's persisted ones, or (writable handles only, and where ``compute``) one
+    pass, then persisted create-if-absent beside the matrix (``_daunce/row-scales/``, FORMAT.md). None on a
+    read-only handle of a store without them (the kernel then transforms each row in the pass) or where they
+    cannot serve."""
     key = ("row-scales", gram.kind, tuple(int(s) for s in slots))
     cache = store.derived_cache
-    if key not in cache:
-        found = read_row_scales(store, gram.kind, snapshot, slots)
-        if found is None and store.mode != "r":
-            root = root_of(gram.preconditioner())
-            blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
-            found = row_scales(blocks, int(store.n_train), root.astype(np.float32))
-            if found is not None:
-                write_row_scales(store, gram.kind, snapshot, slots, found)
-        cache[key] = found
-    return cache[key]
+    if key in cache:
+        return cache[key]
+    found = read_row_scales(store, gram.kind, snapshot, slots)
+    if found is None and (store.mode == "r" or not compute):
+        if store.mode == "r":
+            cache[key] = None  # a read-only handle never writes them: no need to look again
+        return None
+    if found is None:
+        root = root_of(gram.preconditioner())
+        found = row_scales(store.rows(snapshot, slots).blocks(block_rows), int(store.n_train), root.astype(np.float32))
+        if found is not None:
+            write_row_scales(store, gram.kind, snapshot, slots, found)
+    cache[key] = found
+    return found
 
 
 def root_of(m: np.ndarray) -> np.ndarray:
@@ -375,16 +381,31 @@ def _float32(x: np.ndarray, measure: Measure) -> np.ndarray:
     return out
 
 
+def _draws_and_names(rows: RowSource, kind: str) -> tuple[list[PerturbationDraw], list[str]]:
+    """What a Gram pass of ``kind`` over ``rows`` needs besides the rows: the columns' draws (where the kind
+    needs them) and perturbation ids (for errors)."""
+    draws = recorded_draws(rows.snapshot, rows.slots) if preconditioner_named(kind).needs_draws else []
+    return draws, column_names(rows.snapshot, rows.slots)
+
+
+def gram_pass(rows: RowSource, kind: str, block_rows: int | None = None) -> Gram:
+    """The Gram of ``kind`` over ``rows``: one streaming pass (:meth:`Gram.accumulate`), ``block_rows`` high
+    (default the chunk rows)."""
+    return Gram.accumulate(kind, rows.blocks(block_rows), *_draws_and_names(rows, kind))
+
+
+def gram_parts(rows: RowSource, kind: str, block_rows: int, row_range: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """:func:`gram_part` of each block of rows ``row_range``, unsummed and in row order (one partition of a
+    distributed pass: the driver sums them with :meth:`Gram.from_parts`, as :func:`gram_pass` would)."""
+    draws, names = _draws_and_names(rows, kind)
+    with threadpool_limits(1, user_api="blas"):  # as in Gram.accumulate: the same GEMM path, the same bits
+        return [gram_part(kind, block, offset, draws, names) for offset, block in rows.blocks(block_rows, row_range)]
+
+
 def gram_for(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, block_rows: int | None = None) -> Gram:
     """The Gram of ``kind`` over the columns in ``slots``: the store handle's, the store's persisted one, or
-    one streaming pass (then persisted; see :func:`stored_gram`)."""
-
-    def one_pass() -> Gram:
-        draws = recorded_draws(snapshot, slots) if preconditioner_named(kind).needs_draws else []
-        blocks = store.iter_row_blocks(snapshot=snapshot, slots=list(slots), block_rows=block_rows)
-        return Gram.accumulate(kind, blocks, draws, column_names(snapshot, slots))
-
-    return stored_gram(store, snapshot, slots, kind, one_pass)
+    one streaming pass over ``store.rows`` (then persisted; see :func:`stored_gram`)."""
+    return stored_gram(store, snapshot, slots, kind, lambda: gram_pass(store.rows(snapshot, slots), kind, block_rows))
 
 
 def stored_gram(store: LossStore, snapshot: Snapshot, slots: Sequence[int], kind: str, compute: Callable[[], Gram]) -> Gram:

@@ -13,6 +13,7 @@ import numpy as np
 
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import _TINY, check_scores, prepare_queries, row_scales_of, score_overflow_error
+from daunce_store.scoring._accumulator import Accumulator
 from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["NumbaTopK", "available"]
@@ -135,8 +136,10 @@ class _SideState:
         self.nan = np.zeros(m, np.bool_)
 
 
-class NumbaTopK:
+class NumbaTopK(Accumulator):
     """Streaming accumulator with the same interface as the Rust ``TopKAccumulator``."""
+
+    takes_row_scales = True
 
     def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False):

@@ -11,6 +11,7 @@ import numpy as np
 
 from daunce_store._constants import MAX_ABS_LOSS
 from daunce_store.errors import InvalidInputError, ScoreUnderflowError
+from daunce_store.scoring._accumulator import Accumulator
 from daunce_store.scoring._vocabulary import SIDES
 
 __all__ = ["prepare_rows", "prepare_queries", "topk_numpy", "merge_topk", "NumpyTopK", "score_overflow_error", "check_scores",
@@ -175,11 +176,13 @@ def _select_block(scores: np.ndarray, offset: int, k: int, best: list[tuple[np.n
         best[j] = merge_topk(bi, bv, cand + offset, scores[cand, j], k)
 
 
-class NumpyTopK:
+class NumpyTopK(Accumulator):
     """The reference as a streaming accumulator: ``push_block(offset, block)`` then ``finish()``.
 
     ``push_scores(offset, scores)`` folds precomputed scores of a single query (e.g. self-influence).
     """
+
+    takes_row_scales = True
 
     def __init__(self, queries: np.ndarray, k: int, measure: str = "cov", sides: tuple[str, ...] = SIDES,
                  queries_prepared: bool = False):

@@ -42,7 +42,7 @@ class StoreScorer:
         proto = prepare(resolved, np.zeros((1, self.num_columns), np.float32), gram, positions)
 
         def blocks() -> Iterator[tuple[int, np.ndarray]]:
-            for offset, block in store.iter_row_blocks(snapshot=snap, slots=slots, block_rows=block_rows):
+            for offset, block in store.rows(snap, slots).blocks(block_rows):
                 yield offset, proto.block(block if positions is None else np.ascontiguousarray(block[:, positions]))
 
         self.kernel = TorchScorer.from_blocks(blocks(), proto.kernel, n_rows=store.n_train, device=device,

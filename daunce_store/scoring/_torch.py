@@ -41,6 +41,7 @@ import numpy as np
 from daunce_store._optional import import_optional
 from daunce_store.errors import InvalidInputError
 from daunce_store.scoring._numpy import _TINY, check_scores, check_underflow, prepare_queries, score_overflow_error
+from daunce_store.scoring._accumulator import Accumulator
 from daunce_store.scoring._vocabulary import KERNEL_MEASURES, SIDES
 
 __all__ = ["TORCH_EXTRA", "TorchTopK", "TorchScorer", "available", "default_device"]
@@ -273,7 +274,7 @@ def _column_error(shape: tuple[int, ...], k_cols: int) -> InvalidInputError:
     )
 
 
-class TorchTopK:
+class TorchTopK(Accumulator):
     """The streaming accumulator of ``backend="torch"``: ``push_block(offset, block)``,
     ``push_scores(offset, scores)``, ``finish()``, like the Rust ``TopKAccumulator``.
 

@@ -1,10 +1,10 @@
 """The served store: a read-only :class:`~daunce_store.Store` whose committed train rows sit in memory.
 
 A server answers many scoring requests against one store; :class:`ServedStore` reads the committed columns
-once per snapshot and hands them to every scan. Scans read train rows through ``iter_row_blocks`` (cut
-here into the blocks the store's own block path yields) or the fused Rust pass ``scan_fused`` (declined
-here while the rows are in memory), so the façade's own ``topk``, ``influence``, ``self_influence`` and
-``stability`` run unchanged on memory. Columns that land later are picked up by
+once per snapshot and hands them to every scan as its row source: every scan reads ``store.rows(snapshot,
+slots)``, which here is a :class:`~daunce_store.store.MemoryRows` over the cached rows (cut into the blocks the
+store's own block path yields, so sums over blocks give the same bits), so the façade's own ``topk``,
+``influence``, ``self_influence`` and ``stability`` run unchanged on memory. Columns that land later are picked up by
 :meth:`ServedStore.current`, which each request calls: one listing of the commit records, and a reload
 only when it found new ones (incremental attribution without a restart).
 """
@@ -14,15 +14,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from daunce_store._api import Store
 from daunce_store.errors import InvalidInputError
-from daunce_store.scoring._attribution import scan_block_rows
-from daunce_store.store import Snapshot
+from daunce_store.store import MemoryRows, RowSource, Snapshot
 
 __all__ = ["DEFAULT_CACHE_BYTES", "ServedStore"]
 
@@ -90,47 +89,20 @@ class ServedStore(Store):
         if not snap.slots or nbytes > self.cache_bytes:
             return _Rows(snap.slots, None, 0, 0.0)
         start = time.perf_counter()
-        slots = list(snap.slots)
-        losses = np.empty((self.n_train, len(slots)), np.float32)
-        for offset, block in super().iter_row_blocks(snapshot=snap, slots=slots, block_rows=scan_block_rows(self, slots)):
+        source = super().rows(snap, snap.slots)
+        losses = np.empty((self.n_train, len(snap.slots)), np.float32)
+        for offset, block in source.blocks(source.unit_rows):
             losses[offset : offset + len(block)] = block
         losses.flags.writeable = False  # shared by every request: a consumer that writes into it fails, not corrupts
         return _Rows(snap.slots, losses, nbytes, time.perf_counter() - start)
 
-    def _cached_columns(self, rows: _Rows | None, snapshot: Snapshot | None, query_set: str | None,
-                        slots: Sequence[int] | None) -> np.ndarray | None:
-        """Where the chosen columns sit in ``rows``, or None when they are not all there (no cache, or an
-        older or newer snapshot than the cached one)."""
-        if rows is None or rows.losses is None:
-            return None
-        chosen = self._resolve_slots(snapshot, query_set, slots)
-        where = {s: i for i, s in enumerate(rows.slots)}
-        if not all(s in where for s in chosen):
-            return None
-        return np.array([where[s] for s in chosen], dtype=np.int64)
-
-    def scan_fused(self, push: Callable[..., None], *, snapshot: Snapshot | None = None,
-                   slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None) -> bool:
-        """No fused read of the store's chunks when the rows are in memory: the scan then takes the blocks
-        of :meth:`iter_row_blocks`, from memory."""
-        if self._cached_columns(self._rows, snapshot, None, slots) is not None:
-            return False
-        return super().scan_fused(push, snapshot=snapshot, slots=slots, row_range=row_range)
-
-    def iter_row_blocks(self, *, snapshot: Snapshot | None = None, query_set: str | None = None,
-                        slots: Sequence[int] | None = None, block_rows: int | None = None, prefetch: int = 2,
-                        row_range: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """The store's row blocks, from memory when the cached rows hold the chosen columns, cut as the
-        store cuts them (``block_rows``, default the chunk rows): sums over blocks (the measures' Gram
-        matrices) then add in the same order and give the same bits; otherwise read from the store."""
+    def rows(self, snapshot: Snapshot | None = None, slots: Sequence[int] | None = None, *,
+             query_set: str | None = None) -> RowSource:
+        """The rows in memory when they hold the chosen columns (the cached snapshot's, or some of them: a
+        committed column never changes), else the store's."""
         rows = self._rows  # one reference for the whole scan: a reload meanwhile swaps in a new object
-        cols = None if row_range is not None else self._cached_columns(rows, snapshot, query_set, slots)
-        if rows is None or rows.losses is None or cols is None:
-            yield from super().iter_row_blocks(snapshot=snapshot, query_set=query_set, slots=slots,
-                                               block_rows=block_rows, prefetch=prefetch, row_range=row_range)
-            return
-        whole = np.array_equal(cols, np.arange(len(rows.slots)))
-        step = int(block_rows or self.chunk_rows)
-        for offset in range(0, self.n_train, step):
-            block = rows.losses[offset : offset + step]  # a row range of a C-contiguous array: contiguous, no copy
-            yield offset, block if whole else np.ascontiguousarray(block[:, cols])
+        snap = snapshot or self.snapshot()
+        chosen = self._resolve_slots(snap, query_set, slots)
+        if rows is None or rows.losses is None or not set(chosen) <= set(rows.slots):
+            return super().rows(snap, chosen)
+        return MemoryRows(rows.losses, rows.slots, snap, chosen, self.chunk_rows, self._scan_unit_rows(rows.slots))

@@ -32,6 +32,7 @@ from daunce_store._ext import extension
 from daunce_store.errors import CorruptChunkError, InvalidInputError
 from daunce_store.store._shape import StoreShape
 from daunce_store.store._records import Snapshot
+from daunce_store.store._rows import ChunkPlan, RowSource, StoreRows
 
 __all__ = ["ReadPathMixin", "prefetched", "scatter_columns"]
 
@@ -64,6 +65,14 @@ class ReadPathMixin(StoreShape):
                 "are physical column numbers (Commit.slot, Snapshot.slots), not positions 0..K-1"
             )
         return chosen
+
+    def rows(self, snapshot: Snapshot | None = None, slots: Sequence[int] | None = None, *,
+             query_set: str | None = None) -> RowSource:
+        """The train rows of ``slots`` (committed slots of ``snapshot``, taken now when None, checked; by
+        default all of them, or those with losses for ``query_set``): what every scan reads, in blocks or
+        through a fused read-and-score pass (:class:`~daunce_store.store.RowSource`)."""
+        snap = snapshot or self.snapshot()
+        return StoreRows(self, snap, self._resolve_slots(snap, query_set, slots))
 
     def iter_row_blocks(
         self,
@@ -171,7 +180,7 @@ class ReadPathMixin(StoreShape):
         ) from err
 
     def scan_fused(
-        self, push: Callable[[str, list[tuple[str, int, int, int, list[tuple[int, int]]]], int, int], None], *,
+        self, push: Callable[[str, ChunkPlan, int, int], None], *,
         snapshot: Snapshot | None = None, slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None,
     ) -> bool:
         """Feed every train row of ``slots`` to ``push(root, sources, r0, r1)``, an accumulator's fused

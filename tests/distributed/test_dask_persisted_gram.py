@@ -18,15 +18,15 @@ pytestmark = pytest.mark.dask
 
 @pytest.fixture
 def gram_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The kinds of the Gram passes the Dask driver runs on the cluster (the real ``_Run.gram``, wrapped)."""
+    """The kinds of the Gram passes the Dask driver runs on the cluster (the real ``DaskExecutor.gram_pass``, wrapped)."""
     seen: list[str] = []
-    real = _distributed._Run.gram
+    real = _distributed.DaskExecutor.gram_pass
 
     def counted(run, kind):
         seen.append(kind)
         return real(run, kind)
 
-    monkeypatch.setattr(_distributed._Run, "gram", counted)
+    monkeypatch.setattr(_distributed.DaskExecutor, "gram_pass", counted)
     return seen
 
 

@@ -182,14 +182,15 @@ def test_a_store_on_s3(cluster, s3_location):
 
 # Hooks installed in the worker processes with client.run (this module is pickled by value).
 def _install(hook: str, flag: str, url: str) -> None:
-    from daunce_store.scoring import _distributed as d
+    from daunce_store.store import StoreRows as d
 
-    original = d._Source.blocks
-    d._Source._original_blocks = original
+    original = d.blocks
+    d._original_blocks = original
 
-    def blocks(self, r0, r1, *args, **kwargs):
+    def blocks(self, block_rows=None, row_range=None, *args, **kwargs):
         first = True
-        for item in original(self, r0, r1, *args, **kwargs):
+        r0 = 0 if row_range is None else row_range[0]
+        for item in original(self, block_rows, row_range, *args, **kwargs):
             yield item
             if first and r0 > 0:
                 first = False
@@ -206,18 +207,18 @@ def _install(hook: str, flag: str, url: str) -> None:
                     loud = np.random.default_rng(9).standard_normal(n).astype(np.float32) * 100
                     store.append("late", loud, {"test": loud[: len(store.query_ids("test"))]})
 
-    d._Source.blocks = blocks
+    d.blocks = blocks
     os.environ["DAUNCE_STORE_FUSED"] = "0"  # the hook hangs on the block path: no fused read-and-score pass
 
 
 def _uninstall() -> None:
-    from daunce_store.scoring import _distributed as d
+    from daunce_store.store import StoreRows as d
 
     os.environ.pop("DAUNCE_STORE_FUSED", None)
-    original = d._Source.__dict__.get("_original_blocks")
+    original = d.__dict__.get("_original_blocks")
     if original is not None:
-        d._Source.blocks = original
-        del d._Source._original_blocks
+        d.blocks = original
+        del d._original_blocks
 
 
 @pytest.fixture

@@ -275,12 +275,12 @@ def test_subnormal_cov_is_an_error_on_every_path(tmp_path: Path) -> None:
     assert result.exit_code == 0 and '"train_id":"t17"' in result.stdout.replace(" ", ""), result.output
 
     distributed = pytest.importorskip("distributed")
-    from daunce_store.scoring import topk_distributed
+    from daunce_store.scoring import topk_store
 
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
         with pytest.raises(ScoreUnderflowError, match=UNDERFLOW):
-            topk_distributed(store, "test", k=3, measure="cov", client=client, partition_rows=16)
-        got = topk_distributed(store, "test", k=5, measure="corr", client=client, partition_rows=16)
+            topk_store(store, "test", k=3, measure="cov", client=client, partition_rows=16)
+        got = topk_store(store, "test", k=5, measure="corr", client=client, partition_rows=16)
     np.testing.assert_array_equal(got.indices["pos"], store.topk("test", k=5, measure="corr").indices["pos"])
 
 

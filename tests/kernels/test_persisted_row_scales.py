@@ -20,7 +20,7 @@ import pytest
 import daunce_store
 from daunce_store import _constants as C
 from daunce_store.scoring import _measures
-from daunce_store.scoring._backend import ROW_SCALE_BACKENDS, available_backends
+from daunce_store.scoring._backend import accumulator_class, available_backends
 from daunce_store.store import read_row_scales
 
 from test_persisted_gram import CORR_ATOL, REPO, _adversarial, _build, _random, _same, kill_at_each_op
@@ -267,7 +267,7 @@ def test_daunce_compact_persists_the_default_measures_scales(tmp_path, monkeypat
 def test_scaled_answers_equal_the_in_pass_transform_on_every_backend(tmp_path, losses):
     path = tmp_path / "s.zarr"
     _build(path, *losses())
-    backends = [b for b in ROW_SCALE_BACKENDS if b in available_backends()]
+    backends = [b for b in available_backends() if accumulator_class(b).takes_row_scales]
     for measure in NORMALISED:
         for backend in backends:
             want = _unpersisted(path, measure, k=9, backend=backend)

@@ -160,7 +160,7 @@ def test_scans_read_memory_not_the_store(tmp_path):
 
 def test_cached_blocks_are_read_only(served):
     store = ServedStore.open_served(served["url"])
-    offset, block = next(iter(store.iter_row_blocks(snapshot=store.current())))
+    offset, block = next(iter(store.rows(store.current()).blocks()))
     with pytest.raises(ValueError, match="read-only"):  # a consumer writing into shared rows fails loudly
         block[0, 0] = 1.0
 
@@ -242,7 +242,7 @@ def test_rows_are_the_stores(served):
     """The rows in memory are the store's rows, bit for bit."""
     store = ServedStore.open_served(served["url"])
     snap = store.current()
-    got = np.concatenate([b for _, b in store.iter_row_blocks(snapshot=snap)])
+    got = np.concatenate([b for _, b in store.rows(snap).blocks()])
     assert np.array_equal(got, daunce_store.open(served["url"], "r").train_losses(snapshot=snap))
 
 
