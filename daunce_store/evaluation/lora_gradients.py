@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fresh_lora", "less_adam_scores", "logra_scores", "lora_gradients", "train_lora"]
+__all__ = ["adam_update", "fresh_lora", "less_adam_scores", "logra_scores", "lora_gradients", "train_lora"]
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 
@@ -83,6 +83,17 @@ def lora_gradients(model: Any, params: list[Any], task: Any, items: list[Any], *
     return out
 
 
+def adam_update(opt: Any, p: Any, g: Any) -> Any:
+    """The step direction Adam(W) would take on parameter ``p`` given gradient ``g`` next, from ``opt``'s state:
+    m̂/(√v̂ + ε) after one more moment update (LESS's Γ; AdamW moves p by −lr times it, plus its decay)."""
+    (beta1, beta2), eps = opt.defaults["betas"], opt.defaults["eps"]
+    state = opt.state[p]
+    step = int(state["step"]) + 1
+    m = (beta1 * state["exp_avg"] + (1 - beta1) * g) / (1 - beta1**step)
+    v = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g) / (1 - beta2**step)
+    return m / (v.sqrt() + eps)
+
+
 def less_adam_scores(tail: Any, task: Any, train: list[Any], queries: list[Any], *, epochs: int = 4, lr: float = 2e-3,
                      batch_size: int = 8, r: int = 16, seed: int = 0) -> np.ndarray:
     """LESS: a LoRA warm-up of ``epochs`` epochs on ``train`` (AdamW, constant ``lr``), a checkpoint after each
@@ -92,18 +103,10 @@ def less_adam_scores(tail: Any, task: Any, train: list[Any], queries: list[Any],
     total = np.zeros((len(queries), len(train)))
 
     def score_checkpoint(opt: Any) -> None:
-        (beta1, beta2), eps = opt.defaults["betas"], opt.defaults["eps"]
-
-        def adam_update(p: Any, g: Any) -> Any:
-            state = opt.state[p]
-            step = int(state["step"]) + 1
-            m = (beta1 * state["exp_avg"] + (1 - beta1) * g) / (1 - beta1**step)
-            v = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g) / (1 - beta2**step)
-            return m / (v.sqrt() + eps)
-
         model.eval()
         q = lora_gradients(model, params, task, queries, normalize=True)
-        t = lora_gradients(model, params, task, train, normalize=True, update=adam_update)
+        t = lora_gradients(model, params, task, train, normalize=True,
+                           update=lambda p, g: adam_update(opt, p, g))
         total[:] += lr * (q.astype(np.float64) @ t.T.astype(np.float64))
 
     train_lora(model, task, train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, after_epoch=score_checkpoint)
