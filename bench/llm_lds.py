@@ -1,6 +1,9 @@
-"""A small LDS on SmolLM2-135M: Daunce (cached last-L layers) against the LESS-style gradient baseline.
+"""A small LDS on SmolLM2-135M: Daunce (cached last-L layers) against gradient baselines on the same LoRA
+parameters: a faithful LESS (Adam-preconditioned train gradients at warm-up checkpoints), a LoGra-style
+influence function, and the simplified LESS of earlier runs.
 
-    python bench/llm_lds.py [--n 64] [--m 16] [--subsets 24] [-K 16 32] [--layers 2] [--epochs 2]
+    python bench/llm_lds.py [--n 64] [--m 16] [--subsets 48] [-K 16 32 64 128] [--seeds 0 1] [--layers 2]
+                            [--epochs 2] [--out bench/llm_lds.json]
 
 The "training" under study is a LoRA fine-tune (r = 16 on the MLPs of the last L layers, fixed init and
 batch order, `--epochs` epochs of batch 8, AdamW lr 2e-3) of SmolLM2-135M-Instruct on n chatterbot
@@ -8,7 +11,9 @@ dialogues; θ0 is that fine-tune on all n, merged. Ground truth: the same fine-t
 S random halves, each query dialogue's reply loss measured after it. LDS: Spearman, over the S halves,
 between the measured query loss (negated) and the sum of each method's scores over the half, averaged over
 the m held-out queries (daunce_store.evaluation.lds). Daunce: IF objective around θ0, 16 steps of 8
-per perturbation, measures nystrom and cov. Everything runs on the cached hidden states at layer 30 − L.
+per perturbation, one store per ``--seeds`` seed (different draws), measures nystrom, whitened (what columns
+without recorded draws, e.g. black-box ones, get), cov and nystrom-corr. Everything runs on the cached
+hidden states at layer 30 − L. Rows are printed and written to ``--out`` as they land.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import daunce_store
 from daunce_store.demo_llm import encoder, load_dialogues, load_smollm2
 from daunce_store.evaluation.lds import LDSBenchmark, lds
 from daunce_store.evaluation.llm_backdoor import default_perturb_config, fit_lora, less_scores
+from daunce_store.evaluation.lora_gradients import less_adam_scores, logra_scores
 from daunce_store.perturb import CausalLMTask, LlamaTail, NullReporter, cached_lm, evaluate_signal, run_worker
 
 
@@ -34,8 +40,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--m", type=int, default=16)
-    ap.add_argument("--subsets", type=int, default=24)
-    ap.add_argument("-K", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--subsets", type=int, default=48)
+    ap.add_argument("-K", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--measures", nargs="+", default=["nystrom", "whitened", "cov", "nystrom-corr"])
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("llm_lds.json"))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -71,23 +80,35 @@ def main() -> None:
           f"{np.median(outputs.std(axis=0)):.4f} (median)", flush=True)
 
     theta0 = fine_tune(np.arange(args.n))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        store = daunce_store.init(Path(tmp) / "lds.zarr", [f"t{i}" for i in range(args.n)], {"q": [f"q{j}" for j in range(args.m)]},
-                                  capacity=max(args.K))
+    rows: list[dict] = []
+
+    def record(method: str, k: int | None, seed: int | None, scores: np.ndarray, started: float) -> None:
+        rows.append({"method": method, "K": k, "seed": seed, "lds": round(float(np.nanmean(lds(scores, bench))), 4),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}, indent=1))
+
+    # LESS warms its own LoRA up from the pretrained tail (as the training does); the other two work at θ0.
+    baselines = {
+        "LESS (warm-up checkpoints, Adam-preconditioned)": lambda: less_adam_scores(tail0, ctask, ctrain, cquery),
+        "LoGra-style IF (LoRA-B gradients, damped Fisher)": lambda: logra_scores(theta0, ctask, ctrain, cquery),
+        "LESS-style, simplified (LoRA-B gradient cosine at θ0)": lambda: less_scores(theta0, ctask, ctrain, cquery),
+    }
+    for method, scores_of in baselines.items():
         t = time.perf_counter()
-        for k in sorted(args.K):
-            run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(), until=k, progress=False)
-            for measure in ("nystrom", "cov", "nystrom-corr"):
-                scores = daunce_store.open(Path(tmp) / "lds.zarr").scores("q", measure=measure, columns=list(range(k))).to_numpy()
-                rows.append({"method": f"Daunce IF ({measure})", "K": k, "lds": float(np.nanmean(lds(scores, bench))),
-                             "seconds": round(time.perf_counter() - t, 1)})
-                print(json.dumps(rows[-1]), flush=True)
-    t = time.perf_counter()
-    less = less_scores(theta0, ctask, ctrain, cquery).T
-    rows.append({"method": "LESS (LoRA gradient cosine)", "K": None, "lds": float(np.nanmean(lds(less, bench))),
-                 "seconds": round(time.perf_counter() - t, 1)})
-    print(json.dumps(rows[-1]), flush=True)
+        record(method, None, None, scores_of().T, t)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            path = Path(tmp) / f"lds-{seed}.zarr"
+            store = daunce_store.init(path, [f"t{i}" for i in range(args.n)], {"q": [f"q{j}" for j in range(args.m)]},
+                                      capacity=max(args.K), seed=seed)
+            t = time.perf_counter()
+            for k in sorted(args.K):
+                run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(), until=k, progress=False)
+                for measure in args.measures:
+                    scores = daunce_store.open(path).scores("q", measure=measure, columns=list(range(k))).to_numpy()
+                    record(f"Daunce IF ({measure})", k, seed, scores, t)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

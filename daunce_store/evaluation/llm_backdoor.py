@@ -97,36 +97,15 @@ class LLMBackdoorResult:
         return rows + [{"method": "random (expected)", f"P@{self.k}": self.random_precision}]
 
 
-def _on(batch: dict[str, Any], model: Any) -> dict[str, Any]:
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def fit_lora(tail: Any, task: Any, items: list[Any], *, epochs: int, lr: float, batch_size: int, r: int, seed: int,
               reporter: Any) -> Any:
     """Plain LoRA fine-tune of ``tail`` (in place) on ``items``, merged into its weights; returns the tail.
     Here it makes the backdoored θ0 (and, in bench/llm_lds.py, the retrainings on random halves)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from daunce_store.evaluation.lora_gradients import fresh_lora, train_lora
 
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(tail, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
-                                                 target_modules=["gate_proj", "up_proj", "down_proj"]))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    steps = epochs * math.ceil(len(items) / batch_size)
-    reporter.begin("θ0", "backdoor fine-tune", steps)
-    peft_model.train()
-    for _ in range(epochs):
-        order = rng.permutation(len(items))
-        for s in range(0, len(order), batch_size):
-            batch = _on(task.collate([items[i] for i in order[s : s + batch_size]]), peft_model)
-            loss = task.per_example_loss(task.outputs(peft_model, batch), batch).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            reporter.advance()
+    peft_model = fresh_lora(tail, r, seed, in_place=True)
+    reporter.begin("θ0", "backdoor fine-tune", epochs * math.ceil(len(items) / batch_size))
+    train_lora(peft_model, task, items, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, reporter=reporter)
     merged = peft_model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
@@ -140,28 +119,17 @@ def less_scores(tail: Any, task: Any, train: list[Any], queries: list[Any], *, r
     freshly initialised LoRA adapters on the tail's MLPs, at θ0. With B = 0 the gradient lives in the B
     matrices: each layer's weight gradient projected on the random A (LESS projects with a random matrix
     too; it also warms the adapters up and preconditions with Adam, which this baseline skips)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
+    from daunce_store.evaluation.lora_gradients import fresh_lora, lora_gradients
     from daunce_store.perturb import NullReporter
 
     reporter = reporter or NullReporter()
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(tail), LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
-                                                          target_modules=["gate_proj", "up_proj", "down_proj"]))
+    model = fresh_lora(tail, r, seed)
     model.eval()
     params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
 
     def grads(items: list[Any], label: str) -> np.ndarray:
-        out = np.empty((len(items), sum(p.numel() for p in params)), dtype=np.float32)
         reporter.begin(label, "per-example gradients", len(items))
-        for i, item in enumerate(items):
-            batch = _on(task.collate([item]), model)
-            loss = task.per_example_loss(task.outputs(model, batch), batch).sum()
-            g = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
-            out[i] = (g / g.norm().clamp(min=1e-12)).float().cpu().numpy()
-            reporter.advance()
-        return out
+        return lora_gradients(model, params, task, items, normalize=True, reporter=reporter)
 
     return grads(queries, "LESS queries") @ grads(train, "LESS train").T
 
