@@ -7,6 +7,8 @@ Testbeds (each is one ``compare_methods`` call; every measure is scored from the
 * ``mlp`` — digits, 64-32-10 tanh MLP (2410 parameters)           → bench/accuracy_mlp.json, lds_vs_k_mlp.png
 * ``bc``  — breast_cancer, 30-32-2 tanh MLP (1058 parameters)     → bench/accuracy_breast_cancer.json,
   lds_vs_k_breast_cancer.png
+* ``dia`` — diabetes progression tertiles, 10-32-32-3 SiLU MLP (1507 parameters) → bench/accuracy_diabetes.json,
+  lds_vs_k_diabetes.png (issue 25's new testbed: regression data with overlapping classes, a deeper net)
 * ``poison`` — backdoor and mislabel on digits logistic regression → bench/accuracy_poison.json
 
 It writes the ``## Accuracy (LDS, backdoor, mislabel)`` section of bench/RESULTS.md from the JSON files.
@@ -47,6 +49,8 @@ TESTBEDS: dict[str, dict[str, Any]] = {
             "kwargs": {"dataset": "digits", "model_kind": "mlp", "if_damping": 1e-3, "num_subsets": 60}},
     "bc": {"json": "accuracy_breast_cancer.json", "plot": "lds_vs_k_breast_cancer.png", "title": "breast_cancer, tanh MLP",
            "kwargs": {"dataset": "breast_cancer", "model_kind": "mlp", "if_damping": 1e-3, "num_subsets": 100}},
+    "dia": {"json": "accuracy_diabetes.json", "plot": "lds_vs_k_diabetes.png", "title": "diabetes tertiles, two-layer SiLU MLP",
+            "kwargs": {"dataset": "diabetes", "model_kind": "mlp2", "if_damping": 1e-3, "num_subsets": 100}},
 }
 POISON_JSON = "accuracy_poison.json"
 MEASURE_COLORS = {"cov": "tab:red", "corr": "tab:olive", "whitened": "tab:blue", "whitened-corr": "tab:cyan",
