@@ -1,0 +1,261 @@
+"""Issue 25: the reweighted-loss objective against the IF form, and the measure choice, on every small testbed.
+
+Per testbed of bench/lds.py (digits LR, digits MLP, breast_cancer, diabetes) and objective form (``if``, the
+default, and ``reweighted``: mean (2 − c) ℓ + λ/2‖θ‖², curvature H + λ; docs/objectives.md), with the runner's
+defaults otherwise (PerturbConfig(): r = 1.0, ρ = γ = 1, Adam lr 3e-3 cosine, 20 epochs of batch 64, l2_center
+zero): one store of K_max columns; for K in 32/64/128 the LDS of nystrom, whitened, cov and ``auto`` (what
+``resolve_measure`` picks, scored through the store as a user gets it) per disjoint group of K columns, and the
+signals a measure choice can read (``choice_signals`` of daunce_store.scoring: asymmetry and negative-eigenvalue
+share of W̄ᵀŪ; the drift share). The exact-Hessian influence function is the reference.
+
+Stores, targets and LDS ground truths are kept under bench/_data/objectives/ and reused, so a re-run after a
+change of the measure choice only re-scores (``--rescore``); delete the folder to start over.
+
+    python bench/objectives.py                      # every testbed and form, writes bench/objectives.json + RESULTS.md
+    python bench/objectives.py --only dia           # some testbeds
+    python bench/objectives.py --rescore            # reuse every store, re-score only
+    python bench/objectives.py --render             # only re-render RESULTS.md from bench/objectives.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _results import write_section  # bench/_results.py (the script's folder is on sys.path)
+from lds import TESTBEDS, code_version, machine  # the testbeds of bench/lds.py, as they are
+
+import daunce_store
+from daunce_store.evaluation import baselines
+from daunce_store.evaluation._daunce import column_groups, fill_store
+from daunce_store.evaluation._digits import DATASETS, fit, load_split, make_model, predict_logits
+from daunce_store.evaluation.lds import LDSBenchmark, lds, make_lds_benchmark
+from daunce_store.perturb import PerturbConfig
+from daunce_store.scoring import drift_share
+from daunce_store.scoring._measures import resolve_measure
+from daunce_store.store import PerturbationDraw, weights_block
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "_data" / "objectives"
+JSON = HERE / "objectives.json"
+SECTION = "## Objective forms and the measure choice (issue 25)"
+FORMS: dict[str, dict[str, Any]] = {"if": {}, "reweighted": {"objective": "reweighted"}}
+MEASURES = ("nystrom", "whitened", "cov", "auto")
+KS = (32, 64, 128)
+# Testbeds that only check the measure choice, run after it was fitted on TESTBEDS (the IF form alone): known
+# data with the new testbed's architecture.
+HOLDOUT: dict[str, dict[str, Any]] = {
+    "bc2": {"title": "breast_cancer, two-layer SiLU MLP (hold-out)",
+            "kwargs": {"dataset": "breast_cancer", "model_kind": "mlp2", "if_damping": 1e-3, "num_subsets": 100}},
+    "wine2": {"title": "wine, two-layer SiLU MLP (hold-out)",
+              "kwargs": {"dataset": "wine", "model_kind": "mlp2", "if_damping": 1e-3, "num_subsets": 100}},
+}
+BEDS = {**TESTBEDS, **HOLDOUT}
+
+
+def testbed(name: str) -> tuple[Any, Any, LDSBenchmark, dict[str, Any]]:
+    """(data, target θ0, LDS ground truth, facts): fitted and retrained once, then read from bench/_data."""
+    import torch
+
+    spec = BEDS[name]["kwargs"]
+    dataset, kind = spec["dataset"], spec["model_kind"]
+    data = load_split(dataset, seed=0)
+    wd = DATASETS[dataset]["weight_decay"]
+    torch.set_num_threads(1)
+    target = make_model(kind, num_features=data.num_features, num_classes=data.num_classes)
+    cache = DATA / f"{name}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        target.load_state_dict(torch.load(DATA / f"{name}.pt"))
+        bench = LDSBenchmark(z["masks"], z["outputs"], "margin", 1)
+        facts = json.loads(str(z["facts"]))
+        return data, target, bench, facts
+    t = time.perf_counter()
+    fit(target, data.x_train, data.y_train, weight_decay=wd)
+    bench = make_lds_benchmark(data, num_subsets=spec["num_subsets"], model_kind=kind, weight_decay=wd, seed=1234)
+    if_lds = float(np.nanmean(lds(baselines.influence_function_scores(
+        target, data.x_train, data.y_train, data.x_test, data.y_test, weight_decay=wd, damping=spec.get("if_damping", 0.0)), bench)))
+    facts = {"title": BEDS[name]["title"], "num_subsets": spec["num_subsets"], "weight_decay": wd,
+             "n_train": len(data.y_train), "n_queries": len(data.y_test), "num_params": sum(p.numel() for p in target.parameters()),
+             "test_accuracy": float((predict_logits(target, data.x_test).argmax(1) == data.y_test).mean()),
+             "if_lds": if_lds, "bench_seconds": round(time.perf_counter() - t, 1)}
+    DATA.mkdir(parents=True, exist_ok=True)
+    torch.save(target.state_dict(), DATA / f"{name}.pt")
+    np.savez(cache, masks=bench.masks, outputs=bench.outputs, facts=json.dumps(facts))
+    return data, target, bench, facts
+
+
+def store_of(name: str, form: str, kmax: int, data: Any, target: Any, wd: float) -> tuple[Any, float | None]:
+    """The testbed's store of ``kmax`` columns of ``form`` (filled now, or reused); the seconds it took to fill."""
+    import torch
+
+    path = DATA / f"{name}-{form}-{kmax}.zarr"
+    if path.exists():
+        store = daunce_store.open(path, mode="r")
+        if store.num_columns() >= kmax:
+            return store, None
+        raise SystemExit(f"{path} holds {store.num_columns()} of {kmax} columns (an interrupted run?): delete it and run again")
+    config = PerturbConfig(eval_batch_size=2048, **FORMS[form])  # the runner's defaults otherwise
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    store = fill_store(path, target, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, kmax,
+                       config=config, weight_decay=wd, progress=False)
+    return store, time.perf_counter() - t
+
+
+def signals(store: Any, slots: list[int]) -> dict[str, float]:
+    """What a measure choice could read from these columns (dense here: small n). B = the centred W̄ᵀŪ (what
+    nystrom inverts), A = ŪᵀŪ (what whitened inverts): B's asymmetry ‖B − Bᵀ‖/‖B + Bᵀ‖; of sym(B)'s K − 1
+    eigenvalues outside the centring's null direction, the share that is negative, the share of their absolute
+    sum that is negative, the share the 3 % Nyström floor raises; A's participation ratio / K."""
+    snap = store.snapshot()
+    losses = store.train_losses(snapshot=snap, slots=slots).astype(np.float64)
+    u = losses - losses.mean(axis=1, keepdims=True)
+    by_slot = {c.slot: c for c in snap.commits}
+    draws = [PerturbationDraw.from_metadata(by_slot[s].metadata) for s in slots]
+    w, members = weights_block(draws, 0, len(losses))
+    b = (w.astype(np.float64).T @ u) / np.maximum(members, 1)[:, None]
+    p = np.eye(len(b)) - 1.0 / len(b)
+    b = p @ b @ p
+    vals = np.linalg.eigvalsh(0.5 * (b + b.T))
+    vals = np.delete(vals, np.argmin(np.abs(vals)))  # the centring's null direction
+    a = np.linalg.eigvalsh(u.T @ u)
+    a = np.delete(a, np.argmin(np.abs(a)))
+    return {"asymmetry": float(np.linalg.norm(b - b.T) / np.linalg.norm(b + b.T)),
+            "negative_share": float(np.mean(vals < 0)),
+            "negative_mass": float(-vals[vals < 0].sum() / np.abs(vals).sum()),
+            "floored_share": float(np.mean(vals < 0.03 * vals.max())),
+            "whitened_rank": float(a.sum() ** 2 / (a * a).sum() / len(a))}
+
+
+def score(store: Any, bench: LDSBenchmark, max_groups: int) -> dict[str, Any]:
+    """Per K: the LDS of each measure and the choice signals, for every group of K columns."""
+    out: dict[str, Any] = {}
+    for k in KS:
+        groups = column_groups(store, "test", k, max_groups=max_groups)
+        rows = []
+        for g in groups:
+            snap = store.snapshot()
+            slots = [snap.slots[p] for p in g]
+            row: dict[str, Any] = {"auto_is": resolve_measure("auto", snap, slots).name}
+            for measure in MEASURES:
+                row[measure] = float(np.nanmean(lds(store.scores("test", measure=measure, columns=g).to_numpy(), bench)))
+            row.update(signals(store, slots))
+            row["drift_share"] = drift_share(store, columns=g)
+            rows.append(row)
+        out[str(k)] = rows
+    return out
+
+
+def run(name: str, kmax: int, max_groups: int, result: dict[str, Any], forms: list[str]) -> None:
+    import os
+
+    load0 = os.getloadavg()[0]
+    data, target, bench, facts = testbed(name)
+    bed = result["testbeds"].setdefault(name, {"forms": {}})
+    bed.update(facts)
+    print(f"{name}: IF LDS {facts['if_lds']:.3f}", flush=True)
+    for form in forms:
+        store, seconds = store_of(name, form, kmax, data, target, facts["weight_decay"])
+        rec = bed["forms"].setdefault(form, {})
+        if seconds is not None:
+            rec["seconds"] = round(seconds, 1)
+        ratios = [c.metadata["convergence"]["ratio"] for c in store.commits()]
+        rec.update(convergence_median=float(np.median(ratios)), drift_share=drift_share(store), K=score(store, bench, max_groups))
+        for k, rows in rec["K"].items():
+            print(f"  {form:<10} K={k:<4} " + " ".join(f"{m} {np.mean([r[m] for r in rows]):.3f}" for m in MEASURES)
+                  + f" auto→{','.join(sorted({r['auto_is'] for r in rows}))} "
+                  + " ".join(f"{s} {np.mean([r[s] for r in rows]):.3f}" for s in ("asymmetry", "negative_share", "drift_share")),
+                  flush=True)
+    bed["run"] = {"command": "python bench/objectives.py " + " ".join(sys.argv[1:]), "code": code_version(),
+                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "load": f"{load0:.1f}–{os.getloadavg()[0]:.1f}"}
+
+
+def mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
+def render(result: dict[str, Any]) -> str:
+    beds = result["testbeds"]
+    lines = [
+        f"Run: `{result['command']}` ({result['seconds']:.0f} s in all, one run; load average {result['load']}) on "
+        f"{result['machine']}; {result['date']}; code {result['code']}. Raw numbers (every group): `bench/objectives.json`.",
+        "",
+        "**Protocol.** The testbeds, targets and LDS ground truth of `bench/lds.py` (S retrained 50 % subsets, test margins, "
+        "Spearman per query), the fourth one new (diabetes progression tertiles, a 10-32-32-3 SiLU MLP). Daunce with the "
+        "runner's defaults (`PerturbConfig()`: r = 1.0, ρ = γ = 1, Adam lr 3e-3 cosine, 20 epochs of batch 64, the target's "
+        "λ, `l2_center: zero`) and `objective` `if` (the default) or `reweighted` (mean (2 − c)ℓ + λ/2‖θ‖²), one store of "
+        f"{result['kmax']} columns per testbed and form; a cell is the mean ± std over disjoint groups of K columns (4 at "
+        "K = 32, 2 at 64, 1 at 128). `auto` is what `resolve_measure` picks for that group, scored through the store.",
+        "",
+        "### Worst case over the testbeds (nystrom, the default measure)",
+        "",
+        "| objective | " + " | ".join(f"K={k}" for k in KS) + " |", "|---|" + "---|" * len(KS),
+    ]
+    worst = {}
+    for form in FORMS:
+        worst[form] = [min(mean(beds[n]["forms"][form]["K"][str(k)], "nystrom") for n in TESTBEDS) for k in KS]
+        lines.append(f"| `{form}` | " + " | ".join(f"{v:.3f}" for v in worst[form]) + " |")
+    better = [k for k, a, b in zip(KS, worst["if"], worst["reweighted"]) if b > a]
+    lines += ["", f"The reweighted form's worst case is higher at K = {', '.join(map(str, better)) or 'none'} of "
+              f"{', '.join(map(str, KS))}: " + ("**it becomes the default.**" if len(better) == len(KS) else
+              "**the default stays `if`** (the rule: switch only when the worst case over the testbeds improves)."), ""]
+    for name, b in beds.items():
+        lines += [f"### {b['title']}", "",
+                  f"{b['n_train']} train / {b['n_queries']} test examples, {b['num_params']} parameters, λ = {b['weight_decay']}, "
+                  f"target test accuracy {b['test_accuracy']:.3f}, S = {b['num_subsets']}; exact-Hessian influence function "
+                  f"LDS **{b['if_lds']:.3f}**. " + "; ".join(
+                      f"`{f}`: " + (f"{r['seconds']:.0f} s for the columns, " if "seconds" in r else "")
+                      + f"median convergence ratio {r['convergence_median']:.2f}, drift share {r['drift_share']:.3f}"
+                      for f, r in b["forms"].items()) + ".", "",
+                  "| objective | K | " + " | ".join(MEASURES) + " | `auto` picked | asymmetry | negative eig. share | drift share |",
+                  "|---|---|" + "---|" * (len(MEASURES) + 4)]
+        for form, r in b["forms"].items():
+            for k in KS:
+                rows = r["K"][str(k)]
+                picked = ", ".join(f"{m} ×{sum(x['auto_is'] == m for x in rows)}" for m in sorted({x["auto_is"] for x in rows}))
+                lines.append(f"| `{form}` | {k} | " + " | ".join(f"{mean(rows, m):.3f} ± {np.std([x[m] for x in rows]):.3f}" for m in MEASURES)
+                             + f" | {picked} | {mean(rows, 'asymmetry'):.3f} | {mean(rows, 'negative_share'):.2f} | {mean(rows, 'drift_share'):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kmax", type=int, default=128)
+    ap.add_argument("--only", default=",".join(TESTBEDS), help=f"testbeds, comma-separated ({', '.join(BEDS)})")
+    ap.add_argument("--forms", default=",".join(FORMS), help=f"objective forms, comma-separated ({', '.join(FORMS)})")
+    ap.add_argument("--max-groups", type=int, default=4)
+    ap.add_argument("--rescore", action="store_true", help="(the default when the stores exist) re-score every kept store")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    import os
+
+    result = json.loads(JSON.read_text()) if JSON.exists() else {}
+    if not args.render:
+        t = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        result.setdefault("testbeds", {})
+        result["kmax"] = args.kmax
+        for name in args.only.split(","):
+            run(name, args.kmax, args.max_groups, result, args.forms.split(","))
+            JSON.write_text(json.dumps(result, indent=1))
+        result.update({"command": "python bench/objectives.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "code": code_version(),
+                       "seconds": time.perf_counter() - t, "load": f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"})
+        JSON.write_text(json.dumps(result, indent=1))
+    if set(TESTBEDS) <= set(result.get("testbeds", {})):
+        write_section(SECTION, SECTION + "\n\n" + render(result), HERE / "RESULTS.md")
+        print(render(result))
+
+
+if __name__ == "__main__":
+    main()
