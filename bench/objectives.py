@@ -3,17 +3,18 @@
 Per testbed of bench/lds.py (digits LR, digits MLP, breast_cancer, diabetes) and objective form (``if``, the
 default, and ``reweighted``: mean (2 − c) ℓ + λ/2‖θ‖², curvature H + λ; docs/objectives.md), with the runner's
 defaults otherwise (PerturbConfig(): r = 1.0, ρ = γ = 1, Adam lr 3e-3 cosine, 20 epochs of batch 64, l2_center
-zero): one store of K_max columns; for K in 32/64/128 the LDS of nystrom, whitened, cov and ``auto`` (what
-``resolve_measure`` picks, scored through the store as a user gets it) per disjoint group of K columns, and the
-signals a measure choice can read (``choice_signals`` of daunce_store.scoring: asymmetry and negative-eigenvalue
-share of W̄ᵀŪ; the drift share). The exact-Hessian influence function is the reference.
+zero): one store of K_max columns; for K in 32/64/128 the LDS of nystrom, whitened and cov (scored through the
+store as a user gets them; ``auto`` is nystrom on all of them), of a blend of nystrom and whitened, and the signals
+a measure choice could read (asymmetry and negative-eigenvalue share of W̄ᵀŪ, the drift share, ...), per disjoint
+group of K columns; then how well threshold rules on those signals pick the better of nystrom and whitened, on the
+four testbeds and on two hold-out ones. The exact-Hessian influence function is the reference.
 
-Stores, targets and LDS ground truths are kept under bench/_data/objectives/ and reused, so a re-run after a
-change of the measure choice only re-scores (``--rescore``); delete the folder to start over.
+Stores, targets and LDS ground truths are kept under bench/_data/objectives/ and reused, so a re-run only
+re-scores; delete the folder to start over.
 
     python bench/objectives.py                      # every testbed and form, writes bench/objectives.json + RESULTS.md
     python bench/objectives.py --only dia           # some testbeds
-    python bench/objectives.py --rescore            # reuse every store, re-score only
+    python bench/objectives.py --only bc2,wine2 --forms if   # the hold-out testbeds
     python bench/objectives.py --render             # only re-render RESULTS.md from bench/objectives.json
 """
 
@@ -40,6 +41,7 @@ from daunce_store.evaluation.lds import LDSBenchmark, lds, make_lds_benchmark
 from daunce_store.perturb import PerturbConfig
 from daunce_store.scoring import drift_share
 from daunce_store.scoring._measures import resolve_measure
+from daunce_store.scoring._preconditioners import preconditioner_named
 from daunce_store.store import PerturbationDraw, weights_block
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +49,8 @@ DATA = HERE / "_data" / "objectives"
 JSON = HERE / "objectives.json"
 SECTION = "## Objective forms and the measure choice (issue 25)"
 FORMS: dict[str, dict[str, Any]] = {"if": {}, "reweighted": {"objective": "reweighted"}}
-MEASURES = ("nystrom", "whitened", "cov", "auto")
+STORE_MEASURES = ("nystrom", "whitened", "cov")  # scored through the store, as a user gets them
+MEASURES = (*STORE_MEASURES, "blend")
 KS = (32, 64, 128)
 # Testbeds that only check the measure choice, run after it was fitted on TESTBEDS (the IF form alone): known
 # data with the new testbed's architecture.
@@ -110,44 +113,49 @@ def store_of(name: str, form: str, kmax: int, data: Any, target: Any, wd: float)
     return store, time.perf_counter() - t
 
 
-def signals(store: Any, slots: list[int]) -> dict[str, float]:
-    """What a measure choice could read from these columns (dense here: small n). B = the centred W̄ᵀŪ (what
-    nystrom inverts), A = ŪᵀŪ (what whitened inverts): B's asymmetry ‖B − Bᵀ‖/‖B + Bᵀ‖; of sym(B)'s K − 1
-    eigenvalues outside the centring's null direction, the share that is negative, the share of their absolute
-    sum that is negative, the share the 3 % Nyström floor raises; A's participation ratio / K."""
+def analyse(store: Any, slots: list[int], bench: LDSBenchmark) -> dict[str, float]:
+    """What a measure choice could read from these columns, and the LDS of a blend (dense here: small n).
+
+    B = the centred W̄ᵀŪ (what nystrom inverts), A = ŪᵀŪ (what whitened inverts): B's asymmetry
+    ‖B − Bᵀ‖/‖B + Bᵀ‖; of sym(B)'s K − 1 eigenvalues outside the centring's null direction, the share below 0,
+    the share of their absolute sum that is negative, the share the 3 % Nyström floor raises; A's participation
+    ratio / K. ``blend``: scores ū_iᵀ M q̄_j with M = M_nystrom / tr(M_nystrom A) + M_whitened / tr(M_whitened A)
+    (each measure scaled so the train rows' self-scores sum to 1), the two measures' own M."""
     snap = store.snapshot()
-    losses = store.train_losses(snapshot=snap, slots=slots).astype(np.float64)
-    u = losses - losses.mean(axis=1, keepdims=True)
+    train = store.train_losses(snapshot=snap, slots=slots).astype(np.float64)
+    query = store.query_losses("test", snapshot=snap, slots=slots).astype(np.float64)
+    u, q = train - train.mean(axis=1, keepdims=True), query - query.mean(axis=1, keepdims=True)
     by_slot = {c.slot: c for c in snap.commits}
-    draws = [PerturbationDraw.from_metadata(by_slot[s].metadata) for s in slots]
-    w, members = weights_block(draws, 0, len(losses))
-    b = (w.astype(np.float64).T @ u) / np.maximum(members, 1)[:, None]
-    p = np.eye(len(b)) - 1.0 / len(b)
-    b = p @ b @ p
+    w, members = weights_block([PerturbationDraw.from_metadata(by_slot[s].metadata) for s in slots], 0, len(train))
+    p = np.eye(len(slots)) - 1.0 / len(slots)
+    b = p @ ((w.astype(np.float64).T @ u) / np.maximum(members, 1)[:, None]) @ p
+    a = p @ (u.T @ u) @ p
     vals = np.linalg.eigvalsh(0.5 * (b + b.T))
     vals = np.delete(vals, np.argmin(np.abs(vals)))  # the centring's null direction
-    a = np.linalg.eigvalsh(u.T @ u)
-    a = np.delete(a, np.argmin(np.abs(a)))
+    spectrum = np.delete(np.linalg.eigvalsh(a), 0)
+    m_ny = p @ preconditioner_named("nystrom").matrix(b, False) @ p
+    m_wh = p @ preconditioner_named("whitened").matrix(a, False) @ p
+    blend = m_ny / np.trace(m_ny @ a) + m_wh / np.trace(m_wh @ a)
     return {"asymmetry": float(np.linalg.norm(b - b.T) / np.linalg.norm(b + b.T)),
             "negative_share": float(np.mean(vals < 0)),
             "negative_mass": float(-vals[vals < 0].sum() / np.abs(vals).sum()),
             "floored_share": float(np.mean(vals < 0.03 * vals.max())),
-            "whitened_rank": float(a.sum() ** 2 / (a * a).sum() / len(a))}
+            "whitened_rank": float(spectrum.sum() ** 2 / (spectrum * spectrum).sum() / len(spectrum)),
+            "blend": float(np.nanmean(lds(u @ blend @ q.T, bench)))}
 
 
 def score(store: Any, bench: LDSBenchmark, max_groups: int) -> dict[str, Any]:
     """Per K: the LDS of each measure and the choice signals, for every group of K columns."""
     out: dict[str, Any] = {}
+    snap = store.snapshot()
     for k in KS:
-        groups = column_groups(store, "test", k, max_groups=max_groups)
         rows = []
-        for g in groups:
-            snap = store.snapshot()
+        for g in column_groups(store, "test", k, max_groups=max_groups):
             slots = [snap.slots[p] for p in g]
-            row: dict[str, Any] = {"auto_is": resolve_measure("auto", snap, slots).name}
-            for measure in MEASURES:
-                row[measure] = float(np.nanmean(lds(store.scores("test", measure=measure, columns=g).to_numpy(), bench)))
-            row.update(signals(store, slots))
+            assert resolve_measure("auto", snap, slots).name == "nystrom"  # auto today, on these columns
+            row: dict[str, Any] = {m: float(np.nanmean(lds(store.scores("test", measure=m, columns=g).to_numpy(), bench)))
+                                   for m in STORE_MEASURES}
+            row.update(analyse(store, slots, bench))
             row["drift_share"] = drift_share(store, columns=g)
             rows.append(row)
         out[str(k)] = rows
@@ -166,12 +174,12 @@ def run(name: str, kmax: int, max_groups: int, result: dict[str, Any], forms: li
         store, seconds = store_of(name, form, kmax, data, target, facts["weight_decay"])
         rec = bed["forms"].setdefault(form, {})
         if seconds is not None:
-            rec["seconds"] = round(seconds, 1)
+            rec.update(seconds=round(seconds, 1), filled=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         ratios = [c.metadata["convergence"]["ratio"] for c in store.commits()]
         rec.update(convergence_median=float(np.median(ratios)), drift_share=drift_share(store), K=score(store, bench, max_groups))
         for k, rows in rec["K"].items():
             print(f"  {form:<10} K={k:<4} " + " ".join(f"{m} {np.mean([r[m] for r in rows]):.3f}" for m in MEASURES)
-                  + f" auto→{','.join(sorted({r['auto_is'] for r in rows}))} "
+                  + " "
                   + " ".join(f"{s} {np.mean([r[s] for r in rows]):.3f}" for s in ("asymmetry", "negative_share", "drift_share")),
                   flush=True)
     bed["run"] = {"command": "python bench/objectives.py " + " ".join(sys.argv[1:]), "code": code_version(),
@@ -183,20 +191,62 @@ def mean(rows: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+SIGNALS = ("asymmetry", "negative_share", "negative_mass", "floored_share", "whitened_rank", "drift_share")
+# The two-signal rule, fixed from the four testbeds before the hold-out ones ran (commit 42e93a3).
+FIXED_RULE = ("negative share > 0.1 and asymmetry < 0.15", lambda r: r["negative_share"] > 0.1 and r["asymmetry"] < 0.15)
+
+
+def cells(beds: dict[str, Any], names: list[str]) -> list[tuple[str, str, int, list[dict[str, Any]]]]:
+    return [(n, f, k, beds[n]["forms"][f]["K"][str(k)]) for n in names if n in beds for f in beds[n]["forms"] for k in KS]
+
+
+def miss(rule: Any, cs: list[tuple[str, str, int, list[dict[str, Any]]]]) -> tuple[float, str, float]:
+    """(worst miss of a cell: the better measure's mean LDS minus the rule's, where, worst miss of one group)."""
+    worst, where, group = -1.0, "", 0.0
+    for n, f, k, rows in cs:
+        picked = [r["whitened"] if rule(r) else r["nystrom"] for r in rows]
+        m = max(mean(rows, "nystrom"), mean(rows, "whitened")) - float(np.mean(picked))
+        group = max(group, *(max(r["nystrom"], r["whitened"]) - p for r, p in zip(rows, picked)))
+        if m > worst:
+            worst, where = m, f"{n} `{f}` K={k}"
+    return (worst, where, group) if worst > 1e-12 else (0.0, "nowhere", group)
+
+
+def best_single(cs: list[tuple[str, str, int, list[dict[str, Any]]]]) -> tuple[str, Any]:
+    """The one-signal threshold rule (whitened above or below t) with the smallest worst cell miss on ``cs``."""
+    rows = [r for *_, rs in cs for r in rs]
+    best = (np.inf, "", None)
+    for s in SIGNALS:
+        vals = sorted({r[s] for r in rows})
+        for t in [(a + b) / 2 for a, b in zip(vals, vals[1:])]:
+            for above in (True, False):
+                rule = (lambda r, s=s, t=t, above=above: (r[s] > t) == above)
+                m = miss(rule, cs)[0]
+                if m < best[0]:
+                    best = (m, f"{s.replace('_', ' ')} {'>' if above else '<'} {t:.3f}", rule)
+    return best[1], best[2]
+
+
 def render(result: dict[str, Any]) -> str:
     beds = result["testbeds"]
+    fitting = [n for n in TESTBEDS if n in beds]
+    holdout = [n for n in HOLDOUT if n in beds]
+    runs = "; ".join(f"{beds[n]['title']}: `{beds[n]['run']['command']}`, {beds[n]['run']['date']}, load average "
+                     f"{beds[n]['run']['load']}, code {beds[n]['run']['code']}" for n in beds if "run" in beds[n])
     lines = [
-        f"Run: `{result['command']}` ({result['seconds']:.0f} s in all, one run; load average {result['load']}) on "
-        f"{result['machine']}; {result['date']}; code {result['code']}. Raw numbers (every group): `bench/objectives.json`.",
+        f"Machine: {result['machine']}. Runs: {runs}. Raw numbers (every column group): `bench/objectives.json`; stores, "
+        "targets and ground truths are kept under `bench/_data/objectives/` for re-scoring.",
         "",
         "**Protocol.** The testbeds, targets and LDS ground truth of `bench/lds.py` (S retrained 50 % subsets, test margins, "
-        "Spearman per query), the fourth one new (diabetes progression tertiles, a 10-32-32-3 SiLU MLP). Daunce with the "
+        "Spearman per query), the fourth one new (diabetes progression tertiles, a 10-32-32-3 SiLU MLP), and two hold-out "
+        "testbeds with its architecture on breast_cancer and wine, run after the measure rule below was fixed. Daunce with the "
         "runner's defaults (`PerturbConfig()`: r = 1.0, ρ = γ = 1, Adam lr 3e-3 cosine, 20 epochs of batch 64, the target's "
         "λ, `l2_center: zero`) and `objective` `if` (the default) or `reweighted` (mean (2 − c)ℓ + λ/2‖θ‖²), one store of "
         f"{result['kmax']} columns per testbed and form; a cell is the mean ± std over disjoint groups of K columns (4 at "
-        "K = 32, 2 at 64, 1 at 128). `auto` is what `resolve_measure` picks for that group, scored through the store.",
+        "K = 32, 2 at 64, 1 at 128). nystrom, whitened and cov are scored through the store (`auto` is nystrom on every "
+        "group); `blend` is M = M_nystrom/tr(M_nystrom ŪᵀŪ) + M_whitened/tr(M_whitened ŪᵀŪ), scored densely by the bench.",
         "",
-        "### Worst case over the testbeds (nystrom, the default measure)",
+        "### The reweighted form: worst case over the four testbeds (nystrom, the default measure)",
         "",
         "| objective | " + " | ".join(f"K={k}" for k in KS) + " |", "|---|" + "---|" * len(KS),
     ]
@@ -208,6 +258,23 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", f"The reweighted form's worst case is higher at K = {', '.join(map(str, better)) or 'none'} of "
               f"{', '.join(map(str, KS))}: " + ("**it becomes the default.**" if len(better) == len(KS) else
               "**the default stays `if`** (the rule: switch only when the worst case over the testbeds improves)."), ""]
+
+    fit_cells, hold_cells = cells(beds, fitting), cells(beds, holdout)
+    single_name, single = best_single(fit_cells)
+    rules = [("always nystrom (`auto` today)", lambda r: False), ("always whitened", lambda r: True),
+             (f"best one-signal threshold on the four: {single_name}", single), FIXED_RULE]
+    lines += ["### Choosing nystrom or whitened from the store's signals", "",
+              "A rule picks whitened or nystrom per column group from its signals; its miss on a cell is the better measure's "
+              "mean LDS minus the rule's (0 = it picks the better one there). Signals per group: asymmetry of B = W̄ᵀŪ, "
+              "negative-eigenvalue share / mass and floored share of sym(B), whitened participation ratio / K, drift share.", "",
+              "| rule (whitened when …) | worst cell miss, four testbeds | where | worst cell miss, hold-outs | where | worst one-group miss, all |",
+              "|---|---|---|---|---|---|"]
+    for label, rule in rules:
+        fm, fw, fg = miss(rule, fit_cells)
+        hm, hw, hg = miss(rule, hold_cells) if hold_cells else (float("nan"), "", 0.0)
+        lines.append(f"| {label} | {fm:.3f} | {fw} | {hm:.3f} | {hw} | {max(fg, hg):.3f} |")
+    bl = [max(mean(rows, "nystrom"), mean(rows, "whitened")) - mean(rows, "blend") for *_, rows in fit_cells + hold_cells]
+    lines += [f"| (blend, not a choice) | | | | | worst cell miss over all six: {max(bl):.3f} |", ""]
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
                   f"{b['n_train']} train / {b['n_queries']} test examples, {b['num_params']} parameters, λ = {b['weight_decay']}, "
@@ -216,14 +283,15 @@ def render(result: dict[str, Any]) -> str:
                       f"`{f}`: " + (f"{r['seconds']:.0f} s for the columns, " if "seconds" in r else "")
                       + f"median convergence ratio {r['convergence_median']:.2f}, drift share {r['drift_share']:.3f}"
                       for f, r in b["forms"].items()) + ".", "",
-                  "| objective | K | " + " | ".join(MEASURES) + " | `auto` picked | asymmetry | negative eig. share | drift share |",
+                  "| objective | K | " + " | ".join(MEASURES) + f" | rule ({FIXED_RULE[0]}) | asymmetry | negative eig. share | drift share |",
                   "|---|---|" + "---|" * (len(MEASURES) + 4)]
         for form, r in b["forms"].items():
             for k in KS:
                 rows = r["K"][str(k)]
-                picked = ", ".join(f"{m} ×{sum(x['auto_is'] == m for x in rows)}" for m in sorted({x["auto_is"] for x in rows}))
+                ruled = [x["whitened"] if FIXED_RULE[1](x) else x["nystrom"] for x in rows]
                 lines.append(f"| `{form}` | {k} | " + " | ".join(f"{mean(rows, m):.3f} ± {np.std([x[m] for x in rows]):.3f}" for m in MEASURES)
-                             + f" | {picked} | {mean(rows, 'asymmetry'):.3f} | {mean(rows, 'negative_share'):.2f} | {mean(rows, 'drift_share'):.3f} |")
+                             + f" | {np.mean(ruled):.3f} ({sum(FIXED_RULE[1](x) for x in rows)}/{len(rows)} whitened)"
+                             + f" | {mean(rows, 'asymmetry'):.3f} | {mean(rows, 'negative_share'):.2f} | {mean(rows, 'drift_share'):.3f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -234,24 +302,15 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(TESTBEDS), help=f"testbeds, comma-separated ({', '.join(BEDS)})")
     ap.add_argument("--forms", default=",".join(FORMS), help=f"objective forms, comma-separated ({', '.join(FORMS)})")
     ap.add_argument("--max-groups", type=int, default=4)
-    ap.add_argument("--rescore", action="store_true", help="(the default when the stores exist) re-score every kept store")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
-    import os
-
     result = json.loads(JSON.read_text()) if JSON.exists() else {}
     if not args.render:
-        t = time.perf_counter()
-        load0 = os.getloadavg()[0]
         result.setdefault("testbeds", {})
-        result["kmax"] = args.kmax
+        result.update(kmax=args.kmax, machine=machine())
         for name in args.only.split(","):
             run(name, args.kmax, args.max_groups, result, args.forms.split(","))
             JSON.write_text(json.dumps(result, indent=1))
-        result.update({"command": "python bench/objectives.py " + " ".join(sys.argv[1:]), "machine": machine(),
-                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "code": code_version(),
-                       "seconds": time.perf_counter() - t, "load": f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"})
-        JSON.write_text(json.dumps(result, indent=1))
     if set(TESTBEDS) <= set(result.get("testbeds", {})):
         write_section(SECTION, SECTION + "\n\n" + render(result), HERE / "RESULTS.md")
         print(render(result))
