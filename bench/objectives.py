@@ -231,8 +231,12 @@ def render(result: dict[str, Any]) -> str:
     beds = result["testbeds"]
     fitting = [n for n in TESTBEDS if n in beds]
     holdout = [n for n in HOLDOUT if n in beds]
-    runs = "; ".join(f"{beds[n]['title']}: `{beds[n]['run']['command']}`, {beds[n]['run']['date']}, load average "
-                     f"{beds[n]['run']['load']}, code {beds[n]['run']['code']}" for n in beds if "run" in beds[n])
+    by_command: dict[str, list[str]] = {}
+    for n in beds:
+        by_command.setdefault(beds[n]["run"]["command"], []).append(n)
+    runs = "; ".join(f"`{c}` ({', '.join(ns)}: {beds[ns[0]]['run']['date']}–{beds[ns[-1]]['run']['date'][-9:]}, load average "
+                     + ", ".join(beds[n]["run"]["load"] for n in ns) + f", code {beds[ns[0]]['run']['code']})"
+                     for c, ns in by_command.items())
     lines = [
         f"Machine: {result['machine']}. Runs: {runs}. Raw numbers (every column group): `bench/objectives.json`; stores, "
         "targets and ground truths are kept under `bench/_data/objectives/` for re-scoring.",
@@ -267,14 +271,17 @@ def render(result: dict[str, Any]) -> str:
               "A rule picks whitened or nystrom per column group from its signals; its miss on a cell is the better measure's "
               "mean LDS minus the rule's (0 = it picks the better one there). Signals per group: asymmetry of B = W̄ᵀŪ, "
               "negative-eigenvalue share / mass and floored share of sym(B), whitened participation ratio / K, drift share.", "",
-              "| rule (whitened when …) | worst cell miss, four testbeds | where | worst cell miss, hold-outs | where | worst one-group miss, all |",
-              "|---|---|---|---|---|---|"]
+              "| rule (whitened when …) | worst cell miss, four testbeds | where | worst cell miss, hold-outs | where | worst one-group miss, all | worst cell miss, `if` columns (the default), all |",
+              "|---|---|---|---|---|---|---|"]
+    if_cells = [c for c in fit_cells + hold_cells if c[1] == "if"]
     for label, rule in rules:
         fm, fw, fg = miss(rule, fit_cells)
         hm, hw, hg = miss(rule, hold_cells) if hold_cells else (float("nan"), "", 0.0)
-        lines.append(f"| {label} | {fm:.3f} | {fw} | {hm:.3f} | {hw} | {max(fg, hg):.3f} |")
-    bl = [max(mean(rows, "nystrom"), mean(rows, "whitened")) - mean(rows, "blend") for *_, rows in fit_cells + hold_cells]
-    lines += [f"| (blend, not a choice) | | | | | worst cell miss over all six: {max(bl):.3f} |", ""]
+        im, iw, _ = miss(rule, if_cells)
+        lines.append(f"| {label} | {fm:.3f} | {fw} | {hm:.3f} | {hw} | {max(fg, hg):.3f} | {im:.3f} ({iw}) |")
+    bl = {f"{n} `{f}` K={k}": max(mean(rows, "nystrom"), mean(rows, "whitened")) - mean(rows, "blend") for n, f, k, rows in fit_cells + hold_cells}
+    at = max(bl, key=bl.get)
+    lines += [f"| (the blend, not a choice) | | | | | | worst cell miss over all six testbeds and both forms: {bl[at]:.3f} ({at}) |", ""]
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
                   f"{b['n_train']} train / {b['n_queries']} test examples, {b['num_params']} parameters, λ = {b['weight_decay']}, "
