@@ -95,11 +95,12 @@ def testbed(name: str) -> tuple[Any, Any, LDSBenchmark, dict[str, Any]]:
     return data, target, bench, facts
 
 
-def store_of(name: str, form: str, kmax: int, data: Any, target: Any, wd: float) -> tuple[Any, float | None]:
-    """The testbed's store of ``kmax`` columns of ``form`` (filled now, or reused); the seconds it took to fill."""
+def store_of(name: str, form: str, kmax: int, data: Any, target: Any, wd: float, seed: int = 0) -> tuple[Any, float | None]:
+    """The testbed's store of ``kmax`` columns of ``form`` with store seed ``seed`` (filled now, or reused); the
+    seconds it took to fill."""
     import torch
 
-    path = DATA / f"{name}-{form}-{kmax}.zarr"
+    path = DATA / (f"{name}-{form}-{kmax}.zarr" if seed == 0 else f"{name}-{form}-{kmax}-seed{seed}.zarr")
     if path.exists():
         store = daunce_store.open(path, mode="r")
         if store.num_columns() >= kmax:
@@ -109,7 +110,7 @@ def store_of(name: str, form: str, kmax: int, data: Any, target: Any, wd: float)
     torch.set_num_threads(1)
     t = time.perf_counter()
     store = fill_store(path, target, data.x_train, data.y_train, {"test": (data.x_test, data.y_test)}, kmax,
-                       config=config, weight_decay=wd, progress=False)
+                       config=config, weight_decay=wd, progress=False, seed=seed)
     return store, time.perf_counter() - t
 
 
@@ -162,16 +163,19 @@ def score(store: Any, bench: LDSBenchmark, max_groups: int) -> dict[str, Any]:
     return out
 
 
-def run(name: str, kmax: int, max_groups: int, result: dict[str, Any], forms: list[str]) -> None:
+def run(name: str, kmax: int, max_groups: int, result: dict[str, Any], forms: list[str], seed: int = 0) -> None:
+    """Score testbed ``name``'s stores into ``result``: under ``testbeds`` for store seed 0, under ``seeds``
+    (the same perturbation settings, other draws) for another seed."""
     import os
 
     load0 = os.getloadavg()[0]
     data, target, bench, facts = testbed(name)
-    bed = result["testbeds"].setdefault(name, {"forms": {}})
+    bed = result["testbeds"].setdefault(name, {"forms": {}}) if seed == 0 else \
+        result.setdefault("seeds", {}).setdefault(f"{name}-seed{seed}", {"testbed": name, "seed": seed, "forms": {}})
     bed.update(facts)
     print(f"{name}: IF LDS {facts['if_lds']:.3f}", flush=True)
     for form in forms:
-        store, seconds = store_of(name, form, kmax, data, target, facts["weight_decay"])
+        store, seconds = store_of(name, form, kmax, data, target, facts["weight_decay"], seed)
         rec = bed["forms"].setdefault(form, {})
         if seconds is not None:
             rec.update(seconds=round(seconds, 1), filled=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -282,6 +286,20 @@ def render(result: dict[str, Any]) -> str:
     bl = {f"{n} `{f}` K={k}": max(mean(rows, "nystrom"), mean(rows, "whitened")) - mean(rows, "blend") for n, f, k, rows in fit_cells + hold_cells}
     at = max(bl, key=bl.get)
     lines += [f"| (the blend, not a choice) | | | | | | worst cell miss over all six testbeds and both forms: {bl[at]:.3f} ({at}) |", ""]
+    if result.get("seeds"):
+        lines += ["### The spread across store seeds", "",
+                  "The same testbeds and settings with another store seed (other subsets and weights ξ for every "
+                  "perturbation); mean over the same column groups.", "",
+                  "| testbed | objective | K | nystrom, seed 0 → other | whitened, seed 0 → other | blend, seed 0 → other | "
+                  "negative share / asymmetry, other seed | run |", "|---|---|---|---|---|---|---|---|"]
+        for key, s in result["seeds"].items():
+            for form, r in s["forms"].items():
+                for k in KS:
+                    rows, base = r["K"][str(k)], beds[s["testbed"]]["forms"][form]["K"][str(k)]
+                    lines.append(f"| {s['title']} | `{form}` | {k} | " + " | ".join(f"{mean(base, m):.3f} → {mean(rows, m):.3f}"
+                                 for m in ("nystrom", "whitened", "blend")) + f" | {mean(rows, 'negative_share'):.2f} / "
+                                 f"{mean(rows, 'asymmetry'):.3f} | `{s['run']['command']}`, {s['run']['date']} |")
+        lines.append("")
     for name, b in beds.items():
         lines += [f"### {b['title']}", "",
                   f"{b['n_train']} train / {b['n_queries']} test examples, {b['num_params']} parameters, λ = {b['weight_decay']}, "
@@ -309,6 +327,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(TESTBEDS), help=f"testbeds, comma-separated ({', '.join(BEDS)})")
     ap.add_argument("--forms", default=",".join(FORMS), help=f"objective forms, comma-separated ({', '.join(FORMS)})")
     ap.add_argument("--max-groups", type=int, default=4)
+    ap.add_argument("--store-seed", type=int, default=0, help="another store seed (other draws) for the spread across "
+                    "seeds: recorded beside the seed-0 results, not in the rule tables")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     result = json.loads(JSON.read_text()) if JSON.exists() else {}
@@ -316,7 +336,7 @@ def main() -> None:
         result.setdefault("testbeds", {})
         result.update(kmax=args.kmax, machine=machine())
         for name in args.only.split(","):
-            run(name, args.kmax, args.max_groups, result, args.forms.split(","))
+            run(name, args.kmax, args.max_groups, result, args.forms.split(","), args.store_seed)
             JSON.write_text(json.dumps(result, indent=1))
     if set(TESTBEDS) <= set(result.get("testbeds", {})):
         write_section(SECTION, SECTION + "\n\n" + render(result), HERE / "RESULTS.md")
