@@ -1,5 +1,5 @@
 """The accuracy benchmark: LDS of Daunce's score measures against gradient / influence-function / TRAK
-baselines on three testbeds, then backdoor retrieval and mislabel detection per measure.
+baselines on four testbeds, then backdoor retrieval and mislabel detection per measure.
 
 Testbeds (each is one ``compare_methods`` call; every measure is scored from the same stored columns):
 
@@ -287,7 +287,7 @@ def render_testbed(d: dict) -> str:
 
 {s['num_params']} parameters, {s['n_train']} train / {s['n_queries']} test examples, L2 penalty {s['weight_decay']}, test accuracy
 {s['target_test_accuracy']:.3f}; S = {s['num_subsets']} retrained halves{'' if not s['if_damping'] else f"; the influence function adds {s['if_damping']}·I to the exact Hessian"}.
-{d['elapsed_s']:.0f} s for this testbed. Median convergence ratio of the perturbed fine-tunes
+{d['elapsed_s']:.0f} s for this testbed ({d['date']}, code {d.get('code', 'unknown')}). Median convergence ratio of the perturbed fine-tunes
 (|∇ objective| at the end / at θ0, `metadata["convergence"]`): {conv_txt or 'not recorded'}.
 
 {pivot(d)}
@@ -343,8 +343,8 @@ def render(beds: dict[str, dict], poison: dict | None, command: str) -> str:
     total = sum(d["elapsed_s"] for d in beds.values()) + (poison["elapsed_s"] if poison else 0.0)
     parts = [f"""{SECTION}
 
-Run: `{command}` ({total:.0f} s in all, one run) on {any_bed['machine']}; {any_bed['date']}; code
-{any_bed.get('code', 'unknown')}. The raw numbers are in `bench/accuracy*.json`. Every Daunce LDS is computed with the
+Run: `{command}` ({total:.0f} s in all, one run per testbed) on {any_bed['machine']}; each testbed's date and code are in
+its section. The raw numbers are in `bench/accuracy*.json`. Every Daunce LDS is computed with the
 public `store.scores(query_set, measure=..., columns=positions)` on the columns one store holds, so all measures of a
 testbed share their perturbations.
 
@@ -371,7 +371,7 @@ correlation over subsets.
     if rows:
         ks = [int(c[2:]) for c in rows[0] if c.startswith("K=")]
         win = "; ".join(f"K = {k}: **{m}, r = {r}** ({v:.3f})" for k, (m, r, v) in winners.items())
-        parts.append(f"""### Which measure and r: the worst case over the three testbeds
+        parts.append(f"""### Which measure and r: the worst case over the {len(beds)} testbeds
 
 Minimum LDS over {', '.join(d['title'] for d in beds.values())} for each measure and subset ratio
 (the defaults are picked by this worst case, not by the best testbed). Best worst case per K: {win}.
