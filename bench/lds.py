@@ -62,12 +62,14 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The commit the numbers come from (and whether the working tree had uncommitted changes)."""
+    """The commit the numbers come from (and whether the working tree had uncommitted changes; the result files
+    the benches write, bench/*.json, *.png and RESULTS.md, do not count)."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!bench/*.json", ":!bench/*.png",
+                                ":!bench/RESULTS.md"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes" if dirty else "")
