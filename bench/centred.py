@@ -118,7 +118,7 @@ def render(result: dict[str, Any]) -> str:
     ks = result["ks"]
     beds = result["testbeds"]
     lines = [
-        f"Run: `{result['command']}` ({result['seconds']:.0f} s in all, one run) on {result['machine']}; {result['date']}; code "
+        f"Run: `{result['command']}` ({result['seconds']:.0f} s in all, one run per testbed) on {result['machine']}; {result['date']}; code "
         f"{result['code']}. Raw numbers: `bench/centred.json`.",
         "",
         "**Protocol.** The testbeds, targets and LDS ground truth of `bench/lds.py` (S retrained 50 % subsets, test margins, "
@@ -153,8 +153,10 @@ def render(result: dict[str, Any]) -> str:
                              f"{z['convergence_median']:.2f} / {c['convergence_median']:.2f} | `{v['command']}`, {v['date']}, code {v['code']} |")
         lines.append("")
     for name, b in beds.items():
+        run = b.get("run")
         lines += [f"### {b['title']}", "",
-                  f"{b['n_train']} train / {b['n_queries']} test examples, λ = {b['weight_decay']}, target test accuracy "
+                  (f"Run: `{run['command']}`, {run['date']}, code {run['code']}. " if run else "")
+                  + f"{b['n_train']} train / {b['n_queries']} test examples, λ = {b['weight_decay']}, target test accuracy "
                   f"{b['test_accuracy']:.3f}, S = {b['num_subsets']}; exact-Hessian influence function LDS **{b['if_lds']:.3f}**. "
                   + "; ".join(f"`{c}`: {r['seconds']:.0f} s for {result['kmax']} columns, median convergence ratio "
                               f"{r['convergence_median']:.2f}, mean train loss change {r['mean_change']:+.4f}, drift share over all "
@@ -202,6 +204,8 @@ def main() -> None:
         testbeds = result.get("testbeds", {})
         for name in args.only.split(","):
             testbeds[name] = run_testbed(name, args.kmax, ks, args.max_groups)
+            testbeds[name]["run"] = {"command": "python bench/centred.py " + " ".join(sys.argv[1:]), "code": code_version(),
+                                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
             result.update({"kmax": args.kmax, "ks": ks, "testbeds": testbeds})
             JSON.write_text(json.dumps(result, indent=1))
         result.update({"command": "python bench/centred.py " + " ".join(sys.argv[1:]), "machine": machine(),

@@ -1,5 +1,5 @@
 """The accuracy benchmark: LDS of Daunce's score measures against gradient / influence-function / TRAK
-baselines on three testbeds, then backdoor retrieval and mislabel detection per measure.
+baselines on four testbeds, then backdoor retrieval and mislabel detection per measure.
 
 Testbeds (each is one ``compare_methods`` call; every measure is scored from the same stored columns):
 
@@ -7,6 +7,8 @@ Testbeds (each is one ``compare_methods`` call; every measure is scored from the
 * ``mlp`` — digits, 64-32-10 tanh MLP (2410 parameters)           → bench/accuracy_mlp.json, lds_vs_k_mlp.png
 * ``bc``  — breast_cancer, 30-32-2 tanh MLP (1058 parameters)     → bench/accuracy_breast_cancer.json,
   lds_vs_k_breast_cancer.png
+* ``dia`` — diabetes progression tertiles, 10-32-32-3 SiLU MLP (1507 parameters) → bench/accuracy_diabetes.json,
+  lds_vs_k_diabetes.png (issue 25's new testbed: regression data with overlapping classes, a deeper net)
 * ``poison`` — backdoor and mislabel on digits logistic regression → bench/accuracy_poison.json
 
 It writes the ``## Accuracy (LDS, backdoor, mislabel)`` section of bench/RESULTS.md from the JSON files.
@@ -47,6 +49,8 @@ TESTBEDS: dict[str, dict[str, Any]] = {
             "kwargs": {"dataset": "digits", "model_kind": "mlp", "if_damping": 1e-3, "num_subsets": 60}},
     "bc": {"json": "accuracy_breast_cancer.json", "plot": "lds_vs_k_breast_cancer.png", "title": "breast_cancer, tanh MLP",
            "kwargs": {"dataset": "breast_cancer", "model_kind": "mlp", "if_damping": 1e-3, "num_subsets": 100}},
+    "dia": {"json": "accuracy_diabetes.json", "plot": "lds_vs_k_diabetes.png", "title": "diabetes tertiles, two-layer SiLU MLP",
+            "kwargs": {"dataset": "diabetes", "model_kind": "mlp2", "if_damping": 1e-3, "num_subsets": 100}},
 }
 POISON_JSON = "accuracy_poison.json"
 MEASURE_COLORS = {"cov": "tab:red", "corr": "tab:olive", "whitened": "tab:blue", "whitened-corr": "tab:cyan",
@@ -58,12 +62,14 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The commit the numbers come from (and whether the working tree had uncommitted changes)."""
+    """The commit the numbers come from (and whether the working tree had uncommitted changes; the result files
+    the benches write, bench/*.json, *.png and RESULTS.md, do not count)."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/*.json", ":(top,exclude)bench/*.png",
+                                ":(top,exclude)bench/RESULTS.md"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes" if dirty else "")
@@ -283,7 +289,7 @@ def render_testbed(d: dict) -> str:
 
 {s['num_params']} parameters, {s['n_train']} train / {s['n_queries']} test examples, L2 penalty {s['weight_decay']}, test accuracy
 {s['target_test_accuracy']:.3f}; S = {s['num_subsets']} retrained halves{'' if not s['if_damping'] else f"; the influence function adds {s['if_damping']}·I to the exact Hessian"}.
-{d['elapsed_s']:.0f} s for this testbed. Median convergence ratio of the perturbed fine-tunes
+{d['elapsed_s']:.0f} s for this testbed ({d['date']}, code {d.get('code', 'unknown')}). Median convergence ratio of the perturbed fine-tunes
 (|∇ objective| at the end / at θ0, `metadata["convergence"]`): {conv_txt or 'not recorded'}.
 
 {pivot(d)}
@@ -339,8 +345,8 @@ def render(beds: dict[str, dict], poison: dict | None, command: str) -> str:
     total = sum(d["elapsed_s"] for d in beds.values()) + (poison["elapsed_s"] if poison else 0.0)
     parts = [f"""{SECTION}
 
-Run: `{command}` ({total:.0f} s in all, one run) on {any_bed['machine']}; {any_bed['date']}; code
-{any_bed.get('code', 'unknown')}. The raw numbers are in `bench/accuracy*.json`. Every Daunce LDS is computed with the
+Run: `{command}` ({total:.0f} s in all, one run per testbed) on {any_bed['machine']}; each testbed's date and code are in
+its section. The raw numbers are in `bench/accuracy*.json`. Every Daunce LDS is computed with the
 public `store.scores(query_set, measure=..., columns=positions)` on the columns one store holds, so all measures of a
 testbed share their perturbations.
 
@@ -367,7 +373,7 @@ correlation over subsets.
     if rows:
         ks = [int(c[2:]) for c in rows[0] if c.startswith("K=")]
         win = "; ".join(f"K = {k}: **{m}, r = {r}** ({v:.3f})" for k, (m, r, v) in winners.items())
-        parts.append(f"""### Which measure and r: the worst case over the three testbeds
+        parts.append(f"""### Which measure and r: the worst case over the {len(beds)} testbeds
 
 Minimum LDS over {', '.join(d['title'] for d in beds.values())} for each measure and subset ratio
 (the defaults are picked by this worst case, not by the best testbed). Best worst case per K: {win}.

@@ -655,7 +655,8 @@ def stability(
     if format == "json":
         # Strict JSON: NaN ("not computed": no bootstrap resamples) as null, never a bare NaN token.
         sys.stdout.write(dumps_json({"summary": result.summary_records(), "records": result.records(),
-                                     "asymmetry": result.asymmetry, "drift_share": result.drift_share,
+                                     "asymmetry": result.asymmetry, "negative_share": result.negative_share,
+                                     "drift_share": result.drift_share,
                                      "l2_center": result.l2_center}, nan_as_null=True, indent=1) + "\n")
         return
     table = Table(
@@ -663,7 +664,8 @@ def stability(
         caption="K=c: overlap of the top-k of the first c columns with the full list; boot: mean overlap over "
         "resamples; SE/|score|: median bootstrap standard error relative to the score"
         + ("" if result.asymmetry is None else
-           f"; asymmetry of W^T U {result.asymmetry:.3f} (0 = the fine-tunes respond linearly; lower is healthier)")
+           f"; asymmetry of W^T U {result.asymmetry:.3f} (0 = the fine-tunes respond linearly; lower is healthier), "
+           f"negative-eigenvalue share of its symmetric part {result.negative_share:.2f} (0 for a linear response)")
         + "; drift share " + ("unknown (a column records no loss change from θ0)" if result.drift_share is None else
                               f"{result.drift_share:.3f} (of the loss change, the part common to all columns; lower is healthier)")
         + f"; L2 centre {result.l2_center or 'unknown'}",

@@ -335,7 +335,7 @@ def compare_methods(
                     add(f"Daunce {measure}{suffix}", store.scores("test", measure=measure, columns=first).to_numpy(), k=k,
                         seconds=seconds * k / kmax, spread=spread, measure=measure, config=label)
     settings = {
-        "dataset": dataset, "model_kind": model_kind, "hidden": hidden if model_kind == "mlp" else None, "num_params": num_params,
+        "dataset": dataset, "model_kind": model_kind, "hidden": hidden if model_kind != "logreg" else None, "num_params": num_params,
         "if_damping": if_damping, "n_train": len(ytr), "n_queries": len(yq), "num_subsets": num_subsets, "fraction": 0.5,
         "weight_decay": weight_decay, "output": "margin", "target_test_accuracy": acc, "signal": signal, "measures": list(measures),
         "daunce_configs": {label: (c.to_dict() if c is not None else None) for label, c in configs.items()},

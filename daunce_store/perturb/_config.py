@@ -47,7 +47,7 @@ DEFAULT_LORA: dict[str, Any] = {
     "layers": None,
 }
 
-_OBJECTIVES = ("if", "fisher", "blackbox")
+_OBJECTIVES = ("if", "fisher", "blackbox", "reweighted")
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 _SCHEDULERS = ("cosine", "linear", "constant")
 _PRECISIONS = ("fp32", "bf16")
@@ -74,7 +74,9 @@ class PerturbConfig:
     """
 
     objective: str = _field("if", "Objective form: 'if' (influence-function form, c = 1 + rho(2 xi - 1)), "
-                            "'fisher' (squared loss change, c = rho(2 xi - 1)) or 'blackbox' (plain fine-tuning on D_k).")
+                            "'fisher' (squared loss change, c = rho(2 xi - 1)), 'blackbox' (plain fine-tuning on D_k) or "
+                            "'reweighted' (the loss reweighted by 2 - c, c as for 'if': curvature H + lambda, the full "
+                            "Hessian; gamma 1, l2_center zero; docs/objectives.md).")
     # r = 1.0 (every example perturbed in every column) had the best worst-case LDS over three testbeds at
     # every K from 16 to 256, with the nystrom measure, and costs less per column than it gains
     # (bench/RESULTS.md, "Accuracy"); the paper's 0.3 was slightly better for backdoor retrieval only.
@@ -163,11 +165,14 @@ class PerturbConfig:
             bad(f"weight_decay {self.weight_decay} must be >= 0 (or null to take it from the task)")
         if self.l2_center not in L2_CENTERS:
             bad(f"l2_center {self.l2_center!r} is not one of {', '.join(L2_CENTERS)}")
-        if self.l2_center == "theta0" and self.objective == "blackbox":
-            # Plain fine-tuning's optimum is theta0 with lambda/2 ||theta||^2 already (theta0 minimised it); centred
-            # on theta0, its gradient there would be mean g = -lambda theta0: a drift (docs/objectives.md).
-            bad("l2_center 'theta0' is for the 'if' and 'fisher' objectives; the 'blackbox' fine-tune keeps the target's "
-                "own lambda/2 ||theta||^2 (l2_center: zero), whose optimum is theta0 already")
+        if self.l2_center == "theta0" and self.objective in ("blackbox", "reweighted"):
+            # Fine-tuning the loss itself has theta0 as its optimum with lambda/2 ||theta||^2 already (theta0 minimised
+            # it); centred on theta0, its gradient there would be mean g = -lambda theta0: a drift (docs/objectives.md).
+            bad(f"l2_center 'theta0' is for the 'if' and 'fisher' objectives; the {self.objective!r} fine-tune keeps the "
+                "target's own lambda/2 ||theta||^2 (l2_center: zero), whose optimum is theta0 already")
+        if self.objective == "reweighted" and float(self.gamma) != 1.0:
+            # mean (2 - c) l has no loss-change term to weight: gamma would only scale the loss (and move the optimum).
+            bad(f"gamma {self.gamma} has no meaning for the 'reweighted' objective (its loss weights are 2 - c); leave it at 1")
         if int(self.convergence_probe) < 0:
             bad(f"convergence_probe {self.convergence_probe} must be >= 0 (0 disables the convergence check)")
         if self.optimizer not in _OPTIMIZERS:

@@ -6,10 +6,16 @@ Per batch B of the random subset D_k::
              c_ik = 1 + rho (2 xi_ik - 1)
     Fisher:  gamma * mean_i [l_i(theta) - l_i(theta0)]^2  - mean_i c_ik <...>,   c_ik = rho (2 xi_ik - 1)
     blackbox: mean_i l_i(theta)   (plain fine-tuning on D_k)
+    reweighted: mean_i (2 - c_ik) l_i(theta),   c_ik as for IF (gamma = 1)
 
 The inner product's gradient is J_i(theta)^T dl_i/df|theta0, which at theta = theta0 is the per-example
 parameter gradient: so the objective's gradient at theta0 is mean_i (gamma - c_ik) grad l_i (IF) and
 -mean_i c_ik grad l_i (Fisher), a randomly reweighted loss, without any per-example parameter gradient.
+
+The reweighted form fine-tunes that reweighted loss itself: the same gradient at theta0 as the IF form at
+gamma = 1 (with r = 1), but its curvature is the full Hessian H + lambda, where the IF form's is the
+Gauss-Newton GGN + lambda (it drops the model's own curvature N = H - GGN; docs/objectives.md). It needs no
+reference outputs, like the black-box form.
 
 The runner adds an L2 term over the trainable parameters to every form (:func:`l2_penalty`), centred where
 ``PerturbConfig.l2_center`` says:
@@ -35,7 +41,11 @@ import torch
 from daunce_store.errors import InvalidInputError
 from daunce_store.store import perturbation_weights
 
-__all__ = ["perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective", "l2_penalty", "l2_center"]
+__all__ = ["LOSS_ONLY", "perturbation_weights", "reference_terms", "perturbed_objective", "batch_objective", "l2_penalty",
+           "l2_center"]
+
+#: The objective forms computed from the fine-tuned model's losses alone (no theta0 outputs).
+LOSS_ONLY = ("blackbox", "reweighted")
 
 
 def l2_penalty(params: Iterable[torch.Tensor], weight_decay: float,
@@ -86,6 +96,8 @@ def perturbed_objective(
     """The scalar objective of one batch (see the module docstring)."""
     if objective == "blackbox":
         return losses.mean()
+    if objective == "reweighted":
+        return ((2.0 - c.to(losses.dtype)) * losses).mean()
     assert losses0 is not None and outputs0 is not None and grad0 is not None
     delta = losses - losses0
     first = delta.mean() if objective == "if" else (delta**2).mean()
@@ -106,11 +118,11 @@ def batch_objective(
     """Forward ``model`` on ``batch`` and return the perturbed objective.
 
     ``reference(batch)`` returns theta0's outputs (a frozen copy, the same model with its adapters
-    disabled, or a cache); it is not called for the black-box form.
+    disabled, or a cache); it is not called for the forms in :data:`LOSS_ONLY`.
     """
     outputs = task.outputs(model, batch)
     losses = task.per_example_loss(outputs, batch)
-    if objective == "blackbox":
+    if objective in LOSS_ONLY:
         return perturbed_objective(objective, losses, outputs, c)
     if reference is None:
         raise InvalidInputError(f"the {objective!r} objective needs theta0's outputs (a reference function)")

@@ -27,7 +27,7 @@ import torch
 from daunce_store.errors import AlreadyCommittedError, ConvergenceWarning, DivergedError, InvalidInputError, LeaseError
 from daunce_store.perturb._config import CONVERGENCE_THRESHOLD, PROBE_FRACTION, PerturbConfig, lora_layer_count
 from daunce_store.perturb._fingerprint import model_fingerprint
-from daunce_store.perturb._objective import batch_objective, l2_center, l2_penalty
+from daunce_store.perturb._objective import LOSS_ONLY, batch_objective, l2_center, l2_penalty
 from daunce_store.perturb._progress import NullReporter, Reporter, duration
 from daunce_store.perturb._task import Task
 from daunce_store.perturb._theta0 import Theta0Check
@@ -561,7 +561,7 @@ def _train_evaluate_append(run: _Run) -> Commit:
                 batch = _to_device(_fetch(run.train_data, idx, run.task), run.device)
                 c = run.c_all[torch.as_tensor(idx, dtype=torch.long)].to(run.device)
                 with _autocast(run.config, run.device):
-                    if theta0.active and run.config.objective == "blackbox":  # its objective needs no reference
+                    if theta0.active and run.config.objective in LOSS_ONLY:  # its objective needs no reference
                         with torch.no_grad():
                             prep.reference(batch)
                     obj = batch_objective(run.task, prep.model, batch, c, run.config.objective, run.config.gamma, prep.reference)
@@ -675,7 +675,7 @@ def _first_estimate(pid: str, steps: int, seconds: float, t_probe: float, total_
     quarter of a training step's per-example cost (IF/Fisher: theta0's forward, the forward and the backward,
     ~2 forwards; black-box: a third)."""
     per_step = seconds / steps
-    forwards = 3 if config.objective == "blackbox" else 4
+    forwards = 3 if config.objective in LOSS_ONLY else 4
     guess = 2 * t_probe + per_step * total_steps + n_eval * per_step / (config.batch_size * forwards)
     basis = (f"from {steps} timed training step{'s' if steps > 1 else ''} of {pid} ({duration(per_step)} each); "
              f"the evaluation of {n_eval:,} rows guessed from them; refined after the first perturbation")

@@ -101,9 +101,13 @@ class Nystrom(Preconditioner):
         return (vecs / vals) @ vecs.T
 
     def diagnostics(self, b: np.ndarray) -> dict[str, float]:
-        # ‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ: 0 for a perfectly linear response (lower went with
-        # better Nyström scores).
-        return {"asymmetry": float(np.linalg.norm(b - b.T)) / max(float(np.linalg.norm(b + b.T)), 1e-300)}
+        # asymmetry: ‖B − Bᵀ‖ / ‖B + Bᵀ‖ of the centered W̄ᵀŪ, 0 for a perfectly linear response. negative_share:
+        # of sym(B)'s K − 1 eigenvalues outside the centring's null direction, the share below 0 (a linear response
+        # makes sym(B) = W̄ᵀTW̄ positive semi-definite); the floor raises them. Reported by ``stability``.
+        vals = np.linalg.eigvalsh(0.5 * (b + b.T))
+        vals = np.delete(vals, np.argmin(np.abs(vals)))
+        return {"asymmetry": float(np.linalg.norm(b - b.T)) / max(float(np.linalg.norm(b + b.T)), 1e-300),
+                "negative_share": float(np.mean(vals < 0)) if len(vals) else 0.0}
 
 
 class Whitened(Preconditioner):

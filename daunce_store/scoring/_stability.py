@@ -61,13 +61,16 @@ class Stability:
     overlap: dict[str, np.ndarray]
     bootstrap_overlap: dict[str, np.ndarray]
     # Nyström health: asymmetry of the centered W̄ᵀŪ (0 = the losses respond linearly to the weights;
-    # lower went with better scores on the LDS testbeds). None for measures without weights.
+    # lower went with better scores on the LDS testbeds) and the share of negative eigenvalues of its symmetric
+    # part (what the Nyström floor raises; no measure choice follows from either: bench/RESULTS.md, "Objective
+    # forms and the measure choice"). None for measures without weights.
     asymmetry: float | None = None
     # The share of the train loss change common to all columns (scoring/_drift.py; None: unknown, a column
     # records no loss change), and where the columns' objective centred its L2 term ("zero", "theta0",
     # "mixed"; None: unknown).
     drift_share: float | None = None
     l2_center: str | None = None
+    negative_share: float | None = None
 
     def summary_records(self) -> list[dict[str, Any]]:
         """One dict per (query, side): overlaps per column count, bootstrap overlap, median relative SE."""
@@ -164,6 +167,7 @@ def stability(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InvalidInputError(f"seed must be a whole number >= 0, not {seed!r}")
     req = scoring_request(store, query_set, queries, k, measure, side, snapshot, None, block_rows)
+    signals = {} if req.gram is None else req.gram.diagnostics()  # nystrom's; none for whitened
     sides, num = req.sides, req.num_columns
     counts = _column_counts(fractions, num)
     rng = np.random.default_rng(seed)
@@ -209,6 +213,6 @@ def stability(
         queries=req.names, train_ids=RowIds.of(np.concatenate([full[s][0].ravel() for s in sides]), store.train_ids_at), measure=req.measure.name, k=int(k), num_columns=num, columns=counts,
         bootstrap=int(bootstrap), indices={s: full[s][0] for s in sides}, scores={s: full[s][1] for s in sides},
         stderr=stderr, overlap=overlap, bootstrap_overlap=boot_overlap,
-        asymmetry=None if req.gram is None else req.gram.diagnostics().get("asymmetry"),
+        asymmetry=signals.get("asymmetry"), negative_share=signals.get("negative_share"),
         drift_share=None if drift is None else drift.share, l2_center=l2_center_of(req.snapshot, req.slots),
     )

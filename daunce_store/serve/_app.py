@@ -259,7 +259,7 @@ def create_app(store: ServedStore, data: Mapping[str, ExampleData] | None = None
                                  bootstrap=bootstrap, seed=seed, snapshot=snap)
         # NaN there means "not computed" (no bootstrap resamples): null, as `daunce stability --format json` writes it
         return json_ready({"measure": result.measure, "num_columns": result.num_columns, "summary": result.summary_records(),
-                           "records": result.records(), "asymmetry": result.asymmetry,
+                           "records": result.records(), "asymmetry": result.asymmetry, "negative_share": result.negative_share,
                            "drift_share": result.drift_share, "l2_center": result.l2_center}, nan_as_null=True, what="the stability answer")
 
     @app.post("/api/attribute")

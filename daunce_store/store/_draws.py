@@ -25,7 +25,7 @@ from daunce_store.errors import CorruptRecordError, InvalidInputError
 __all__ = ["DRAW_SCHEME", "OBJECTIVES", "PerturbationDraw", "perturbation_weights", "weights_block"]
 
 DRAW_SCHEME = "splitmix64-v1"
-OBJECTIVES = ("if", "fisher", "blackbox")
+OBJECTIVES = ("if", "fisher", "blackbox", "reweighted")
 _SUBSET_STREAM, _XI_STREAM = 0, 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -44,9 +44,10 @@ def _uniforms(key: np.uint64, r0: int, r1: int) -> np.ndarray:
 
 
 def perturbation_weights(xi: np.ndarray, objective: str, rho: float) -> np.ndarray:
-    """c_ik from xi_ik ~ U(0, 1): 1 + rho(2 xi - 1) for 'if', rho(2 xi - 1) for 'fisher', 0 for 'blackbox'."""
+    """c_ik from xi_ik ~ U(0, 1): 1 + rho(2 xi - 1) for 'if' and 'reweighted' (whose loss weights are 2 - c),
+    rho(2 xi - 1) for 'fisher', 0 for 'blackbox'."""
     xi = np.asarray(xi, dtype=np.float64)
-    if objective == "if":
+    if objective in ("if", "reweighted"):
         return 1.0 + rho * (2.0 * xi - 1.0)
     if objective == "fisher":
         return rho * (2.0 * xi - 1.0)
@@ -107,8 +108,8 @@ class PerturbationDraw:
         """(a_ik · 1[i ∈ D_k] of rows r0 .. r1-1 as float64, how many of those rows are in D_k).
 
         Linearized, the fine-tune moves θ by H⁻¹ Σ_i a_ik 1[i∈D_k] g_i / |D_k| (DESIGN §1.1): a = c − γ
-        (IF form), c (Fisher form; its H is the Fisher), −1 (black-box: plain fine-tuning on D_k, up to a
-        term that is the same for every k).
+        (IF form; the reweighted-loss form too, whose γ is 1), c (Fisher form; its H is the Fisher), −1
+        (black-box: plain fine-tuning on D_k, up to a term that is the same for every k).
         """
         params = self._parameters()
         fused = getattr(extension(), "draw_linear_weights", None)
@@ -124,7 +125,7 @@ class PerturbationDraw:
 
     def _parameters(self) -> tuple[int, int, float, float, float, float, bool]:
         """(key_subset, key_xi, ratio, base, rho, shift, blackbox): a = (base + rho(2ξ − 1)) − shift."""
-        base, shift = (1.0, float(self.gamma)) if self.objective == "if" else (0.0, 0.0)
+        base, shift = (1.0, float(self.gamma)) if self.objective in ("if", "reweighted") else (0.0, 0.0)
         return (int(self._key(_SUBSET_STREAM)), int(self._key(_XI_STREAM)), float(self.ratio), base, float(self.rho),
                 shift, self.objective == "blackbox")
 

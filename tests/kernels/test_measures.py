@@ -131,7 +131,20 @@ def test_stability_full_list_is_the_topk(linear_store, backend):
         assert np.all(np.isfinite(st.stderr[side])) and np.all(st.stderr[side] >= 0)
     assert st.measure == "nystrom" and st.columns == (12, 24)
     assert 0.0 <= st.asymmetry < 0.2  # a linear response: W̄ᵀŪ = W̄ᵀTW̄ is nearly symmetric
-    assert store.stability("test", k=3, measure="whitened", bootstrap=0).asymmetry is None
+    assert 0.0 <= st.negative_share <= 1.0
+    other = store.stability("test", k=3, measure="whitened", bootstrap=0)
+    assert other.asymmetry is None and other.negative_share is None
+
+
+def test_nystrom_diagnostics_count_negative_eigenvalues_outside_the_centring_direction():
+    from daunce_store.scoring._preconditioners import preconditioner_named
+
+    k = 6
+    basis, _ = np.linalg.qr(np.column_stack([np.ones(k), np.random.default_rng(3).standard_normal((k, k - 1))]))
+    for spectrum, share in (([3.0, 2.0, 1.0, 0.5, 0.1], 0.0), ([3.0, 2.0, 1.0, -0.5, -0.2], 0.4)):
+        b = basis[:, 1:] @ np.diag(spectrum) @ basis[:, 1:].T  # centred: the 1 direction has eigenvalue 0
+        diag = preconditioner_named("nystrom").diagnostics(b)
+        assert diag["negative_share"] == pytest.approx(share) and diag["asymmetry"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_nystrom_recovers_the_influence_kernel_better_than_cov(linear_store):

@@ -41,7 +41,7 @@ class _DoubleClassification(ClassificationTask):
         return torch.nn.functional.cross_entropy(outputs, batch[1], reduction="none")
 
 
-@pytest.mark.parametrize("objective", ["if", "fisher", "blackbox"])
+@pytest.mark.parametrize("objective", ["if", "fisher", "blackbox", "reweighted"])
 def test_gradient_at_theta0_is_reweighted_per_example_gradients(objective: str) -> None:
     model, batch = _tiny()
     frozen = copy.deepcopy(model)
@@ -53,7 +53,7 @@ def test_gradient_at_theta0_is_reweighted_per_example_gradients(objective: str) 
     grads = torch.autograd.grad(obj, list(model.parameters()))
 
     # Per-example parameter gradients by autograd, one example at a time (the thing Daunce never forms).
-    weights = {"if": gamma - c, "fisher": -c, "blackbox": torch.ones(6, dtype=torch.float64)}[objective]
+    weights = {"if": gamma - c, "fisher": -c, "blackbox": torch.ones(6, dtype=torch.float64), "reweighted": 2 - c}[objective]
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(6):
         one = (batch[0][i : i + 1], batch[1][i : i + 1])
@@ -63,8 +63,62 @@ def test_gradient_at_theta0_is_reweighted_per_example_gradients(objective: str) 
             e += weights[i] * g / 6
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
-    if objective != "blackbox":
+    if objective in ("if", "fisher"):
         assert abs(obj.item()) < 1e-12  # both terms vanish at theta0
+
+
+def _flat_hessian(fn, model: torch.nn.Module) -> torch.Tensor:
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def of_flat(flat: torch.Tensor) -> torch.Tensor:
+        params, at = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[at : at + shape.numel()].view(shape)
+            at += shape.numel()
+        return fn(lambda x: functional_call(model, params, (x,)))
+
+    return torch.autograd.functional.hessian(of_flat, flat0)
+
+
+def test_curvature_at_theta0_is_gauss_newton_for_the_if_form_and_the_full_hessian_for_the_reweighted_one() -> None:
+    """docs/objectives.md's table, with c = 1 (rho = 0): the IF form's Hessian at theta0 is the Gauss-Newton
+    matrix mean J_iᵀ (diag p_i − p_i p_iᵀ) J_i (it drops the model's own curvature N), the reweighted form's is
+    the mean loss's Hessian H = GGN + N; on a tanh MLP the two differ."""
+    model, batch = _tiny()
+    frozen = copy.deepcopy(model)
+    task = _DoubleClassification()
+    c = torch.ones(6, dtype=torch.float64)
+    hess = {o: _flat_hessian(lambda f, o=o: perturbed_objective_of(task, f, batch, c, o, frozen), model) for o in ("if", "reweighted")}
+    full = _flat_hessian(lambda f: task.per_example_loss(f(batch[0]), batch).mean(), model)
+    jac = torch.autograd.functional.jacobian(lambda flat: _outputs_of_flat(model, flat, batch[0]),
+                                             torch.cat([p.detach().flatten() for p in model.parameters()]))  # (6, 3, P)
+    p = torch.softmax(model(batch[0]), dim=1).detach()
+    ggn = sum(jac[i].T @ (torch.diag(p[i]) - torch.outer(p[i], p[i])) @ jac[i] for i in range(6)) / 6
+    torch.testing.assert_close(hess["reweighted"], full, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(hess["if"], ggn, rtol=1e-8, atol=1e-10)
+    assert (full - ggn).abs().max() > 1e-3  # N is not 0 on the MLP: the forms target different curvatures
+
+
+def perturbed_objective_of(task, forward, batch, c, objective, frozen):
+    class _Fn(torch.nn.Module):
+        def forward(self, x):
+            return forward(x)
+
+    return batch_objective(task, _Fn(), batch, c, objective, 1.0, lambda b: task.outputs(frozen, b))
+
+
+def _outputs_of_flat(model: torch.nn.Module, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    from torch.func import functional_call
+
+    params, at = {}, 0
+    for name, p in model.named_parameters():
+        params[name] = flat[at : at + p.numel()].view(p.shape)
+        at += p.numel()
+    return functional_call(model, params, (x,))
 
 
 def test_forms_differ_away_from_theta0() -> None:
@@ -90,6 +144,10 @@ def test_perturbation_weights() -> None:
     np.testing.assert_allclose(perturbation_weights(xi, "if", 1.0), [0.0, 0.5, 1.0, 2.0])
     np.testing.assert_allclose(perturbation_weights(xi, "fisher", 0.5), [-0.5, -0.25, 0.0, 0.5])
     np.testing.assert_allclose(perturbation_weights(xi, "blackbox", 1.0), 0.0)
+    np.testing.assert_allclose(perturbation_weights(xi, "reweighted", 1.0), perturbation_weights(xi, "if", 1.0))
+    # Its linear response has the IF form's weights at gamma = 1: (2 - c) l moves theta by H^-1 mean (c - 1) g.
+    a, _ = PerturbationDraw(0, 2, 1.0, "reweighted").linear_weights(0, 50)
+    np.testing.assert_array_equal(a, PerturbationDraw(0, 2, 1.0, "if").linear_weights(0, 50)[0])
     with pytest.raises(InvalidInputError):
         perturbation_weights(xi, "newton", 1.0)
 
@@ -136,7 +194,7 @@ def test_objective_forms_are_selectable(tmp_path: Path, digits) -> None:
     model, task, train, queries = digits
     store = _digits_store(tmp_path / "s.zarr")
     cols = {}
-    for k, objective in enumerate(("if", "fisher", "blackbox")):
+    for k, objective in enumerate(("if", "fisher", "blackbox", "reweighted")):
         commit = run_perturbation(store, k, model, task, train, queries, PerturbConfig(objective=objective, epochs=2, lr=1e-2))
         assert commit.metadata["objective"] == objective
         cols[objective] = store.train_losses(slots=[commit.slot])[:, 0]
@@ -146,6 +204,10 @@ def test_objective_forms_are_selectable(tmp_path: Path, digits) -> None:
         base = task.per_example_loss(model(train.tensors[0]), train.tensors).numpy()
     assert cols["blackbox"][subset].mean() < base[subset].mean()
     assert not np.allclose(cols["if"], cols["fisher"]) and not np.allclose(cols["if"], cols["blackbox"])
+    assert not np.allclose(cols["reweighted"], cols["if"]) and not np.allclose(cols["reweighted"], cols["blackbox"])
+    for bad, match in (({"gamma": 2.0}, "gamma 2.0 has no meaning"), ({"l2_center": "theta0"}, "'reweighted' fine-tune keeps")):
+        with pytest.raises(InvalidInputError, match=match):
+            PerturbConfig(objective="reweighted", **bad)
 
 
 def test_margin_signal_and_bad_inputs(tmp_path: Path, digits) -> None:

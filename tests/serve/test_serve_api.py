@@ -74,7 +74,7 @@ def test_stability_and_status_are_the_cli_json(server, served):
     body = httpx.get(server.url + "/api/stability", params={"query_set": "test", "query": ["q2"], "k": 4, "bootstrap": 6},
                      timeout=30).raise_for_status().json()
     expected = cli_json("stability", served["url"], "--query-set", "test", "--query", "q2", "-k", "4", "--bootstrap", "6", "--format", "json")
-    assert {k: body[k] for k in ("summary", "records", "asymmetry", "drift_share", "l2_center")} == expected  # json.dumps both: exact
+    assert {k: body[k] for k in ("summary", "records", "asymmetry", "negative_share", "drift_share", "l2_center")} == expected  # json.dumps both: exact
     assert len(expected["records"]) == 2 * 4
     status = httpx.get(server.url + "/api/status").raise_for_status().json()
     assert status == cli_json("status", served["url"], "--format", "json")

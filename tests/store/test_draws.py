@@ -12,7 +12,7 @@ from daunce_store.errors import CorruptRecordError, InvalidInputError
 from daunce_store.store import PerturbationDraw, weights_block
 
 
-@pytest.mark.parametrize("objective", ["if", "fisher", "blackbox"])
+@pytest.mark.parametrize("objective", ["if", "fisher", "blackbox", "reweighted"])
 def test_blocks_equal_the_whole(objective):
     d = PerturbationDraw(store_seed=5, k=17, ratio=0.3, objective=objective, rho=0.7, gamma=0.9)
     n = 10_000
@@ -28,7 +28,7 @@ def test_blocks_equal_the_whole(objective):
     np.testing.assert_array_equal(np.flatnonzero(member), d.subset(n))
     assert abs(member.mean() - 0.3) < 0.02  # Poisson sampling at the ratio
     c = d.c(0, n)
-    expect = {"if": c - 0.9, "fisher": c, "blackbox": -np.ones(n)}[objective]
+    expect = {"if": c - 0.9, "fisher": c, "blackbox": -np.ones(n), "reweighted": c - 0.9}[objective]
     np.testing.assert_array_equal(w, np.where(member, expect, 0.0))
 
 
@@ -42,7 +42,8 @@ def test_draws_differ_by_seed_and_perturbation():
 def test_extension_and_numpy_fallback_give_the_same_bits(monkeypatch):
     if extension() is None:
         pytest.fail(f"the Rust extension is not built; run `maturin develop --release` (or set {NO_EXT_ENV}=1)")
-    draws = [PerturbationDraw(s, k, r, obj) for s, k, r, obj in [(0, 0, 0.3, "if"), (9, 123456, 1.0, "fisher"), (2**40, 3, 0.01, "blackbox")]]
+    draws = [PerturbationDraw(s, k, r, obj) for s, k, r, obj in [(0, 0, 0.3, "if"), (9, 123456, 1.0, "fisher"), (2**40, 3, 0.01, "blackbox"),
+                                                                 (4, 5, 1.0, "reweighted")]]
     fast = [(d.linear_weights(777, 300_777), d.xi(0, 10)) for d in draws]
     assert all(m > 0 for (_, m), _ in fast)
     monkeypatch.setenv(NO_EXT_ENV, "1")
