@@ -115,10 +115,11 @@ class _RustTopK:
         normalised preconditioned measures with their persisted row scales, scored as cov rows."""
         self._acc.set_row_scales(np.ascontiguousarray(scales, np.float32).reshape(-1))
 
-    def push_chunks(self, root: str, sources: list[Any], r0: int, r1: int) -> None:
-        """Rows r0:r1 read by the kernel itself from a local store's chunk files (``LossStore.scan_fused``);
-        a damaged chunk raises the extension's ChunkReadError, which the store names."""
-        self._acc.push_chunks(root, sources, int(r0), int(r1))
+    def push_chunks(self, source: Any, plan: Any, r0: int, r1: int) -> None:
+        """Rows r0:r1 read by the kernel itself from a store's chunks (``LossStore.scan_fused``: a local
+        root or an object store's client, and a ``ChunkPlan``); a damaged chunk raises the extension's
+        ChunkReadError, which the store names."""
+        self._acc.push_chunks(source, plan, int(r0), int(r1))
 
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         try:
