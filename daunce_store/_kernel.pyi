@@ -36,6 +36,7 @@ class ChunkReadError(ValueError):
     column it copies, or the object store did not answer its GET; ``args`` = (kind: "missing" | "corrupt"
     | "nan" | "fetch", chunk key, message)."""
 
+@final
 class ChunkPlan:
     """Which chunks make up a block (rust/src/python.rs): for each block column, the array column it comes
     from. Chunks are plain float32 little endian + crc32c, keys ``<array>/c/<row chunk>/<column chunk>``."""

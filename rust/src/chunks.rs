@@ -103,8 +103,12 @@ impl ObjectStoreChunks {
             builder = builder.with_config(key, value);
         }
         let store = builder.build().map_err(|e| format!("store URL {url:?}: {e}"))?;
-        let prefix = parsed.path().trim_matches('/').to_string();
-        Ok(ObjectStoreChunks { store: Arc::new(store), prefix, gets: Arc::new(AtomicU64::new(0)) })
+        Ok(Self::with_store(Arc::new(store), parsed.path()))
+    }
+
+    /// A client of the store under `prefix` of `store` (any object_store backend).
+    pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        ObjectStoreChunks { store, prefix: prefix.trim_matches('/').to_string(), gets: Arc::new(AtomicU64::new(0)) }
     }
 
     /// How many chunk GETs this client has sent (tests assert the Rust path read the chunks).
@@ -187,5 +191,46 @@ impl ChunkBytes for ObjectStoreChunks {
 impl<T: ChunkBytes + Send> ChunkBytes for Arc<T> {
     fn fetch<'a>(&'a self, keys: Vec<String>, ahead: usize) -> Chunks<'a> {
         self.as_ref().fetch(keys, ahead)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    /// `objects` (key, bytes) put under `prefix/` of object_store's in-memory store, and a client of it.
+    pub(crate) fn in_memory(prefix: &str, objects: Vec<(String, Vec<u8>)>) -> ObjectStoreChunks {
+        let mem = Arc::new(InMemory::new());
+        runtime().block_on(async {
+            for (key, bytes) in objects {
+                mem.put(&ObjectPath::from(format!("{prefix}/{key}")), bytes.into()).await.unwrap();
+            }
+        });
+        ObjectStoreChunks::with_store(mem, prefix)
+    }
+
+    fn bytes_of(chunk: Chunk) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut chunk = chunk;
+        chunk.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn fetches_in_order_many_at_once_and_names_a_missing_key() {
+        let objects: Vec<(String, Vec<u8>)> = (0..50).map(|i| (format!("a/c/{i}/0"), vec![i as u8; 1000 + i])).collect();
+        let client = in_memory("some/store.zarr", objects.clone());
+        for ahead in [1, 4, 64] {
+            let keys = objects.iter().map(|(k, _)| k.clone()).collect();
+            let got: Vec<Vec<u8>> = client.fetch(keys, ahead).map(|c| bytes_of(c.unwrap())).collect();
+            assert_eq!(got, objects.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>());
+        }
+        assert_eq!(client.gets(), 150);
+        let keys = vec!["a/c/0/0".to_string(), "a/c/99/0".to_string(), "a/c/1/0".to_string()];
+        let mut it = client.fetch(keys, 4);
+        assert_eq!(bytes_of(it.next().unwrap().unwrap()), objects[0].1);
+        assert_eq!(it.next().unwrap().err(), Some(ReadError::Missing { key: "a/c/99/0".into() }));
+        assert!(it.next().is_none(), "the fetches stop at the first error");
     }
 }

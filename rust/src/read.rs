@@ -732,6 +732,38 @@ mod tests {
     }
 
     #[test]
+    fn an_object_store_reads_and_scans_as_the_local_files() {
+        let root = tempdir("object");
+        packed(&root, 23, 5, 4, 0);
+        packed(&root, 23, 5, 4, 1);
+        let objects: Vec<(String, Vec<u8>)> = (0..5)
+            .flat_map(|rc| (0..2).map(move |g| format!("a/c/{rc}/{g}")))
+            .map(|key| (key.clone(), std::fs::read(root.join(&key)).unwrap()))
+            .collect();
+        let client = crate::chunks::tests::in_memory("s3-prefix/s.zarr", objects);
+        let scattered = [src(1, 5, 4, vec![(3, 0), (0, 2)]), src(0, 5, 4, vec![(1, 1), (2, 3), (3, 4)])];
+        let direct = [src(0, 5, 4, vec![(0, 0), (1, 1), (2, 2), (3, 3)])];
+        for (sources, ncols) in [(&scattered[..], 5), (&direct[..], 4)] {
+            for (r0, r1) in [(0, 23), (3, 22), (7, 8)] {
+                let want = read_block(&root, sources, r0, r1, ncols, 1).unwrap();
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    read_block_from(&client, sources, r0, r1, ncols, threads, &mut got).unwrap();
+                    assert_eq!(got, want);
+                }
+            }
+        }
+        // Damage is named as on local files: a flipped byte, a missing object.
+        let mut bad = std::fs::read(root.join("a/c/2/0")).unwrap();
+        bad[9] ^= 0x40;
+        let client = crate::chunks::tests::in_memory("p", vec![("a/c/0/0".into(), std::fs::read(root.join("a/c/0/0")).unwrap()), ("a/c/2/0".into(), bad)]);
+        let mut out = vec![0.0; 5 * 4];
+        let e = read_block_from(&client, &direct, 0, 5, 4, 1, &mut out).map(|_| ()).and_then(|_| read_block_from(&client, &direct, 10, 15, 4, 2, &mut out)).unwrap_err();
+        assert_eq!((e.kind(), e.key()), ("corrupt", Some("a/c/2/0")));
+        assert_eq!(read_block_from(&client, &direct, 5, 10, 4, 2, &mut out).unwrap_err(), ReadError::Missing { key: "a/c/1/0".into() });
+    }
+
+    #[test]
     fn refuses_inconsistent_requests() {
         let root = tempdir("invalid");
         let e = read_block(&root, &[src(0, 4, 2, vec![(0, 0), (1, 0)])], 0, 4, 2, 1).unwrap_err();
