@@ -8,10 +8,7 @@ import numpy.typing as npt
 from typing_extensions import Self
 
 __all__ = ["row_variance", "splitmix64_uniforms", "draw_linear_weights", "draw_weights_block", "read_block", "vlen_utf8_take",
-           "ChunkReadError", "TopKAccumulator"]
-
-#: (stub only) One source of ``read_block``: (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
-_ChunkSource = tuple[str, int, int, int, list[tuple[int, int]]]
+           "ChunkReadError", "ChunkPlan", "ObjectStoreChunks", "TopKAccumulator"]
 
 def row_variance(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Per-row variance (ddof = 1) of a C-contiguous float32 (R, K) block, summed in float64."""
@@ -36,22 +33,50 @@ def draw_weights_block(
 
 class ChunkReadError(ValueError):
     """A chunk ``read_block`` needed is missing, has the wrong size or a failed crc32c, or holds NaN in a
-    column it copies; ``args`` = (kind: "missing" | "corrupt" | "nan", chunk key, message)."""
+    column it copies, or the object store did not answer its GET; ``args`` = (kind: "missing" | "corrupt"
+    | "nan" | "fetch", chunk key, message)."""
+
+@final
+class ChunkPlan:
+    """Which chunks make up a block (rust/src/python.rs): for each block column, the array column it comes
+    from. Chunks are plain float32 little endian + crc32c, keys ``<array>/c/<row chunk>/<column chunk>``."""
+
+    def __new__(cls) -> Self: ...
+    def add_column(self, array: str, chunk_rows: int, chunk_cols: int, column: int, block_column: int) -> None:
+        """Block column ``block_column`` is column ``column`` of the array at path ``array`` in the store,
+        whose chunks are (chunk_rows, chunk_cols); ValueError for an empty chunk shape or a second shape."""
+    @property
+    def chunk_heights(self) -> list[int]:
+        """The chunk height of each chunk file of a row chunk (one per array and column chunk)."""
+    @property
+    def ncols(self) -> int:
+        """The block's columns (as many as were added)."""
+
+@final
+class ObjectStoreChunks:
+    """The Rust reader's client of an ``s3://`` store (rust/src/chunks.rs), configured by the ``AWS_*``
+    environment and ``options`` (object_store's keys: ``endpoint``, ``access_key_id``, ``allow_http``, ...);
+    ValueError for another scheme or an unknown key."""
+
+    def __new__(cls, url: str, options: dict[str, str]) -> Self: ...
+    @property
+    def gets(self) -> int:
+        """How many chunk GETs this client has sent."""
 
 def read_block(
-    root: str | os.PathLike[str],
-    sources: list[_ChunkSource],
+    source: str | os.PathLike[str] | ObjectStoreChunks,
+    plan: ChunkPlan,
     r0: int,
     r1: int,
     out: npt.NDArray[np.float32],
     threads: int | None = None,
 ) -> None:
-    """Fill ``out``, a C-contiguous float32 (r1 - r0, ncols) array, with rows ``r0 .. r1`` read from the Zarr
-    v3 chunk files under the local store ``root`` (rust/src/read.rs): each source is (array path, chunk
-    rows, chunk columns, column chunk, [(column in chunk, block column)]), chunks plain float32 little
-    endian + crc32c, keys ``<array>/c/<row chunk>/<column chunk>``. Every checksum is verified; every block
-    column must be named once. Runs on ``threads`` threads (default: the kernel's) with the GIL released.
-    ValueError for an inconsistent request, ChunkReadError for damage."""
+    """Fill ``out``, a C-contiguous float32 (r1 - r0, ncols) array, with rows ``r0 .. r1`` of the block
+    ``plan`` assembles from the Zarr v3 chunks of ``source`` (a local store's root, or an object store's
+    client: its chunks fetched many at once; the plan's chunk heights must then be one) (rust/src/read.rs).
+    Every checksum is verified; every block column must be named once. Runs on ``threads`` threads
+    (default: the kernel's) with the GIL released. ValueError for an inconsistent request,
+    ChunkReadError for damage."""
 
 @final
 class TopKAccumulator:
@@ -85,10 +110,11 @@ class TopKAccumulator:
     def push_block(self, offset: int, block: npt.NDArray[np.float32]) -> None:
         """Fold rows ``offset .. offset + R`` of a C-contiguous float32 (R, K) block (any order)."""
 
-    def push_chunks(self, root: str | os.PathLike[str], sources: list[_ChunkSource], r0: int, r1: int) -> None:
-        """Fold rows ``r0 .. r1`` read straight from the Zarr chunk files under ``root`` (``sources`` as for
-        :func:`read_block`), each segment scored while it is in cache, the GIL released. On a
-        ``ChunkReadError`` the accumulator is void: make a new one."""
+    def push_chunks(self, source: str | os.PathLike[str] | ObjectStoreChunks, plan: ChunkPlan, r0: int, r1: int) -> None:
+        """Fold rows ``r0 .. r1`` of the block ``plan`` assembles from the chunks of ``source`` (as for
+        :func:`read_block`; one chunk height), each segment scored while it is in cache (an object store's
+        chunks fetched ahead), the GIL released. On a ``ChunkReadError`` the accumulator is void: make a
+        new one."""
 
     def push_scores(self, offset: int, scores: npt.NDArray[np.float32]) -> None:
         """Fold precomputed scores (R,) of rows ``offset .. offset + R``; single-query accumulators."""

@@ -2,7 +2,7 @@
 
 A scan asks the accumulator, not its type or its attributes: ``takes_transform`` (a normalised preconditioned
 measure's K × K transform applied in the kernel, ``set_transform``), ``takes_row_scales`` (the persisted
-per-row score factors, ``set_row_scales``), ``takes_chunks`` (it reads a local store's chunk files itself in
+per-row score factors, ``set_row_scales``), ``takes_chunks`` (it reads a store's chunks itself in
 the fused read-and-score pass, ``push_chunks``: a :class:`~daunce_store.store.ChunkSink`) and ``checks_finite``
 (it names a row holding NaN or inf itself, so the scan need not check blocks first).
 """
@@ -10,11 +10,14 @@ the fused read-and-score pass, ``push_chunks``: a :class:`~daunce_store.store.Ch
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from daunce_store.store import ChunkPlan
+from daunce_store.store import ChunkSource
+
+if TYPE_CHECKING:
+    from daunce_store._kernel import ChunkPlan
 
 __all__ = ["Accumulator", "Result"]
 
@@ -47,6 +50,6 @@ class Accumulator(abc.ABC):
         """Multiply every score of train row i pushed from now on by ``scales[i]`` (where ``takes_row_scales``)."""
         raise NotImplementedError(f"{type(self).__name__} does not take row scales")
 
-    def push_chunks(self, root: str, plan: ChunkPlan, r0: int, r1: int) -> None:
+    def push_chunks(self, source: ChunkSource, plan: ChunkPlan, r0: int, r1: int) -> None:
         """Rows r0:r1 read from a local store's chunk files by the kernel itself (where ``takes_chunks``)."""
         raise NotImplementedError(f"{type(self).__name__} does not read chunk files")

@@ -15,7 +15,7 @@ when torch imports.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,10 +23,13 @@ from daunce_store._constants import NO_EXT_ENV
 from daunce_store._ext import _built, extension
 from daunce_store._ext import ext_disabled as _ext_disabled
 from daunce_store.errors import InvalidInputError
-from daunce_store.store import ChunkPlan
+from daunce_store.store import ChunkSource
 from daunce_store.scoring._accumulator import Accumulator
 from daunce_store.scoring._numpy import NumpyTopK, check_underflow
 from daunce_store.scoring._vocabulary import BACKEND_CHOICES, BACKENDS, KERNEL_MEASURES, SIDES
+
+if TYPE_CHECKING:
+    from daunce_store._kernel import ChunkPlan
 
 __all__ = ["accumulator_class", "available_backends", "make_accumulator", "row_variance", "topk", "Accumulator", "KERNEL_MEASURES",
            "SIDES", "BACKENDS"]
@@ -116,10 +119,11 @@ class _RustTopK(Accumulator):
         normalised preconditioned measures with their persisted row scales, scored as cov rows."""
         self._acc.set_row_scales(np.ascontiguousarray(scales, np.float32).reshape(-1))
 
-    def push_chunks(self, root: str, plan: ChunkPlan, r0: int, r1: int) -> None:
-        """Rows r0:r1 read by the kernel itself from a local store's chunk files (``RowSource.push_into``);
-        a damaged chunk raises the extension's ChunkReadError, which the store names."""
-        self._acc.push_chunks(root, plan, int(r0), int(r1))
+    def push_chunks(self, source: ChunkSource, plan: ChunkPlan, r0: int, r1: int) -> None:
+        """Rows r0:r1 read by the kernel itself from a store's chunks (``LossStore.scan_fused``: a local
+        root or an object store's client, and a ``ChunkPlan``); a damaged chunk raises the extension's
+        ChunkReadError, which the store names."""
+        self._acc.push_chunks(source, plan, int(r0), int(r1))
 
     def push_scores(self, offset: int, scores: np.ndarray) -> None:
         try:

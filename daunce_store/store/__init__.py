@@ -12,7 +12,7 @@ from daunce_store.store._ids import ids_checksummed, ids_digest
 from daunce_store.store._loss_store import Commit, Lease, LossStore, OpenMode, Snapshot, init_store, open_store
 from daunce_store.store._oserrors import storage_errors
 from daunce_store.store._records import default_worker_name, iso, perturbation_id
-from daunce_store.store._rows import ChunkPlan, ChunkSink, MemoryRows, RowSource, StoreRows
+from daunce_store.store._rows import ChunkSink, ChunkSource, MemoryRows, RowSource, StoreRows
 from daunce_store.store._storage import Storage
 from daunce_store.store._store_like import StoreLike
 from daunce_store.store._tables import EXPORT_FORMS, TABLE_FORMATS, ExportForm, TableFormat, dumps_json, json_ready, write_frames, write_json, write_records
@@ -34,8 +34,8 @@ __all__ = [
     "PerturbationDraw",
     "Snapshot",
     "Storage",
-    "ChunkPlan",
     "ChunkSink",
+    "ChunkSource",
     "MemoryRows",
     "RowSource",
     "StoreRows",

@@ -4,13 +4,15 @@ Readers trust commit records only (a snapshot names the slots to read); packed g
 their manifest exists. Chunks carry crc32c: a failed checksum or decode becomes a CorruptChunkError that
 names the chunk.
 
-Two engines read the same chunks: on a local store with the extension built, ``_kernel.read_block``
-(rust/src/read.rs) reads the chunk files itself, in parallel with the GIL released, verifies each
-crc32c and assembles the block (several times zarr-python's one-thread decode; bench/RESULTS.md, "Read
-path"); otherwise (object stores, ``DAUNCE_STORE_NO_EXT=1``, arrays with other codecs) zarr-python
-reads them. Both return bit-identical blocks. When the Rust reader finds damage (a missing file, a
-failed checksum, a NaN in a committed column), the block is read again with zarr-python, whose checks
-name the chunk in the words below, so an error reads the same on both paths.
+Two engines read the same chunks: with the extension built, ``_kernel.read_block`` (rust/src/read.rs)
+reads the chunks itself, from a local store's files or an ``s3://`` store's objects (its own client,
+rust/src/chunks.rs, many GETs in flight), in parallel with the GIL released, verifies each crc32c and
+assembles the block (several times zarr-python's one-thread decode; bench/RESULTS.md, "Read path" and
+"S3 scan"); otherwise (other object stores, ``DAUNCE_STORE_NO_EXT=1``, arrays with other codecs, an
+object store's columns of mixed chunk heights) zarr-python reads them. Both return bit-identical blocks.
+When the Rust reader finds damage (a missing chunk, a failed checksum, a NaN in a committed column), the
+block is read again with zarr-python, whose checks name the chunk in the words below, so an error reads
+the same on both paths.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from daunce_store._ext import extension
-from daunce_store.errors import CorruptChunkError, InvalidInputError
+from daunce_store.errors import CorruptChunkError, InvalidInputError, StorageError
 from daunce_store.store._shape import StoreShape
 from daunce_store.store._records import Snapshot
-from daunce_store.store._rows import ChunkPlan, RowSource, StoreRows
+from daunce_store.store._rows import ChunkSource, RowSource, StoreRows
+
+if TYPE_CHECKING:
+    from daunce_store._kernel import ChunkPlan, ObjectStoreChunks
 
 __all__ = ["ReadPathMixin", "prefetched", "scatter_columns"]
 
@@ -108,8 +113,8 @@ class ReadPathMixin(StoreShape):
         # A block of fewer chunk files than cores leaves the Rust reader's other threads idle (one file
         # per thread): then read the next blocks at the same time instead (bench/RESULTS.md, "Read path").
         workers = 1
-        if read.sources:
-            files = sum(-(-rows // chunk_rows) for _, chunk_rows, _, _, _ in read.sources)
+        if read.plan is not None and self._storage.is_local:
+            files = sum(-(-rows // chunk_rows) for chunk_rows in read.plan.chunk_heights)
             workers = max(1, min(prefetch, _cores() // files))
         yield from prefetched(((lambda r0=r0: (r0, read(r0, min(r0 + rows, end)))) for r0 in starts), depth=prefetch, workers=workers)
 
@@ -148,11 +153,11 @@ class ReadPathMixin(StoreShape):
         applies, else zarr-python. What the rows do not change (pack map, sources) is worked out here once."""
         packs = self._pack_map() if use_packs and arr is self._train_losses else {}
         slots = list(slots)
-        sources = self._native_sources(arr, slots, packs)
-        if sources is None:
+        plan = self._chunk_plan(arr, slots, packs)
+        source = self._chunk_source()
+        if plan is None or source is None or not (self._storage.is_local or len(set(plan.chunk_heights)) <= 1):
             return _BlockReader(lambda r0, r1: self._zarr_read_rows(arr, r0, r1, slots, packs), None)
         ext = extension()
-        root = str(self._storage.path)
 
         def read(r0: int, r1: int) -> np.ndarray:
             # numpy's buffer, not one Rust allocates: numpy backs large arrays with huge pages, and the
@@ -161,16 +166,22 @@ class ReadPathMixin(StoreShape):
             shape = (r1 - r0, len(slots))
             out = pool.take(shape) if pool is not None else np.empty(shape, dtype=np.float32)
             try:
-                ext.read_block(root, sources, r0, r1, out, threads)
+                ext.read_block(source, plan, r0, r1, out, threads)
                 return out
             except ext.ChunkReadError as e:
                 self._name_damage(e, arr, r0, r1, slots, packs)
 
-        return _BlockReader(read, sources)
+        return _BlockReader(read, plan)
 
     def _name_damage(self, err: Exception, arr: Any, r0: int, r1: int, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> NoReturn:
-        """Raise CorruptChunkError for the Rust reader's ``ChunkReadError`` over rows ``r0:r1``."""
+        """Raise CorruptChunkError for the Rust reader's ``ChunkReadError`` over rows ``r0:r1`` (StorageError
+        where the object store did not answer)."""
         kind, key, message = err.args
+        if kind == "fetch":  # the client's retries are spent; the chunk may well be fine
+            raise StorageError(
+                f"{message.replace(repr(key), f'{key!r} of {self.url}', 1)}; check that the store is reachable "
+                "(endpoint, credentials, network) and run the command again"
+            ) from err
         # zarr-python's checks name the damage in the words every path uses (a race with a writer
         # cannot make it read cleanly: committed chunks are never rewritten).
         self._zarr_read_rows(arr, r0, r1, slots, packs)
@@ -180,14 +191,15 @@ class ReadPathMixin(StoreShape):
         ) from err
 
     def scan_fused(
-        self, push: Callable[[str, ChunkPlan, int, int], None], *,
+        self, push: Callable[[ChunkSource, ChunkPlan, int, int], None], *,
         snapshot: Snapshot | None = None, slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None,
     ) -> bool:
-        """Feed every train row of ``slots`` to ``push(root, sources, r0, r1)``, an accumulator's fused
-        read-and-score pass (``_kernel.TopKAccumulator.push_chunks``: it reads the chunk files itself and
-        scores each 1 MB segment while it is in cache, so no block is written to memory and read back),
-        and return True; return False, having pushed nothing, where that pass does not apply: where the
-        Rust reader does not (object stores, ``DAUNCE_STORE_NO_EXT=1``), where the columns' chunks differ in
+        """Feed every train row of ``slots`` to ``push(source, plan, r0, r1)``, an accumulator's fused
+        read-and-score pass (``_kernel.TopKAccumulator.push_chunks``: it reads the chunks itself, from a
+        local store's files or an ``s3://`` store's objects fetched ahead, and scores each 1 MB segment
+        while it is in cache, so no block is written to memory and read back), and return True; return
+        False, having pushed nothing, where that pass does not apply: where the Rust reader does not
+        (object stores other than S3, ``DAUNCE_STORE_NO_EXT=1``), where the columns' chunks differ in
         height (young columns beside packed groups), or with ``DAUNCE_STORE_FUSED=0`` (for A/B timing).
         ``row_range=(r0, r1)``: only those rows (one partition of a distributed scan; partitions that start
         on chunk boundaries score every row as the whole scan does, to the bit). Damage raises
@@ -197,37 +209,54 @@ class ReadPathMixin(StoreShape):
         chosen = self._resolve_slots(snapshot, None, slots)
         first, end = _row_range(row_range, self.n_train)
         packs = self._pack_map()
-        sources = self._native_sources(self._train_losses, chosen, packs)
-        if not sources or len({chunk_rows for _, chunk_rows, _, _, _ in sources}) != 1:
+        plan = self._chunk_plan(self._train_losses, chosen, packs)
+        source = self._chunk_source()
+        if plan is None or source is None or len(set(plan.chunk_heights)) != 1:
             return False
-        unit = sources[0][1]
-        step = unit * 4 * _cores()  # a few chunks per thread per call: the GIL comes back for Ctrl-C every few ms
-        root = str(self._storage.path)
+        unit = plan.chunk_heights[0]
+        # A few chunks per thread per call: the GIL comes back for Ctrl-C every few ms. An object store's
+        # calls are longer (its prefetch restarts with each), about 1 GB of chunks.
+        step = unit * 4 * _cores() if self._storage.is_local else unit * max(4 * _cores(), (1 << 28) // (unit * plan.ncols))
         ext = extension()
         for r0 in range(first, end, step):
             r1 = min(r0 + step, end)
             try:
-                push(root, sources, r0, r1)
+                push(source, plan, r0, r1)
             except ext.ChunkReadError as e:
                 self._name_damage(e, self._train_losses, r0, r1, chosen, packs)
         return True
 
-    def _native_sources(
-        self, arr: Any, slots: Sequence[int], packs: dict[int, tuple[int, int]],
-    ) -> list[tuple[str, int, int, int, list[tuple[int, int]]]] | None:
-        """The chunk sources ``_kernel.read_block`` assembles ``slots`` from, or None where the Rust
-        reader does not apply (not a local store, extension not built or switched off, an array whose
-        chunks are not plain float32 + crc32c)."""
+    def _chunk_source(self) -> ChunkSource | None:
+        """Where the Rust reader reads this store's chunks: the local root, or its own client of an
+        ``s3://`` store (made once per store, with the options it was opened with); None where it does not
+        read (extension not built or switched off, another kind of object store)."""
         ext = extension()
-        root = self._storage.path if self._storage.is_local else None
-        if ext is None or root is None or not hasattr(ext, "read_block") or not _plain_chunks(arr):
+        if ext is None or not hasattr(ext, "ChunkPlan"):
             return None
-        # (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
-        sources: dict[tuple[str, int], tuple[str, int, int, int, list[tuple[int, int]]]] = {}
+        storage = self._storage
+        if storage.is_local:
+            return str(storage.path)
+        if storage.chunk_client is None:
+            options = storage.rust_client_options()
+            if options is None:
+                return None
+            try:
+                storage.chunk_client = ext.ObjectStoreChunks(storage.url, options)
+            except ValueError:  # an option the Rust client does not know: obstore's path reads
+                storage.chunk_client = False
+        return storage.chunk_client or None
+
+    def _chunk_plan(self, arr: Any, slots: Sequence[int], packs: dict[int, tuple[int, int]]) -> ChunkPlan | None:
+        """The chunks ``_kernel.read_block`` assembles ``slots`` from, or None where the Rust reader does
+        not apply (extension not built or switched off, an array whose chunks are not plain float32 +
+        crc32c)."""
+        ext = extension()
+        if ext is None or not hasattr(ext, "ChunkPlan") or not _plain_chunks(arr):
+            return None
+        plan = ext.ChunkPlan()
 
         def add(a: Any, column: int, j: int) -> None:
-            rows, width = int(a.chunks[0]), int(a.chunks[1])
-            sources.setdefault((a.path, column // width), (a.path, rows, width, column // width, []))[4].append((column % width, j))
+            plan.add_column(a.path, int(a.chunks[0]), int(a.chunks[1]), column, j)
 
         if any(s in packs for s in slots):
             packed = self._packed_array()
@@ -242,7 +271,7 @@ class ReadPathMixin(StoreShape):
         else:
             for j, slot in enumerate(slots):
                 add(arr, slot, j)
-        return list(sources.values())
+        return plan
 
     def _scan_unit_rows(self, slots: Sequence[int]) -> int:
         """The smallest block height that reads every chunk of a scan of ``slots`` once: the row chunk
@@ -346,14 +375,14 @@ def _row_range(row_range: tuple[int, int] | None, n: int) -> tuple[int, int]:
 
 
 class _BlockReader:
-    """``read(r0, r1)`` of :meth:`ReadPathMixin._block_reader`; ``sources``: the Rust reader's chunk
-    sources, None where zarr-python reads."""
+    """``read(r0, r1)`` of :meth:`ReadPathMixin._block_reader`; ``plan``: the Rust reader's chunk plan,
+    None where zarr-python reads."""
 
-    __slots__ = ("read", "sources")
+    __slots__ = ("plan", "read")
 
-    def __init__(self, read: Callable[[int, int], np.ndarray], sources: list[tuple[str, int, int, int, list[tuple[int, int]]]] | None):
+    def __init__(self, read: Callable[[int, int], np.ndarray], plan: ChunkPlan | None):
         self.read = read
-        self.sources = sources
+        self.plan = plan
 
     def __call__(self, r0: int, r1: int) -> np.ndarray:
         return self.read(r0, r1)

@@ -14,25 +14,26 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from daunce_store._kernel import ChunkPlan, ObjectStoreChunks
     from daunce_store.store._records import Snapshot
 
-__all__ = ["ChunkPlan", "ChunkSink", "MemoryRows", "RowSource", "StoreRows"]
+__all__ = ["ChunkSink", "ChunkSource", "MemoryRows", "RowSource", "StoreRows"]
 
-#: The Rust reader's plan of the chunks a scan assembles: per source, (array path, chunk rows, chunk columns,
-#: column chunk, [(column in chunk, block column)]).
-ChunkPlan = list[tuple[str, int, int, int, list[tuple[int, int]]]]
+#: Where the Rust reader reads chunks (``_kernel.read_block``, ``TopKAccumulator.push_chunks``, each with a
+#: ``_kernel.ChunkPlan`` of the chunks a scan assembles): a local store's root, or an ``s3://`` store's client.
+ChunkSource: TypeAlias = "str | ObjectStoreChunks"
 
 
 class ChunkSink(Protocol):
     """What takes a store's fused read-and-score pass: an accumulator that reads chunk files itself
     (``_kernel.TopKAccumulator.push_chunks``)."""
 
-    def push_chunks(self, root: str, plan: ChunkPlan, r0: int, r1: int) -> None: ...
+    def push_chunks(self, source: ChunkSource, plan: ChunkPlan, r0: int, r1: int) -> None: ...
 
 
 class _ChunkStore(Protocol):
@@ -47,7 +48,7 @@ class _ChunkStore(Protocol):
     def iter_row_blocks(self, *, snapshot: Snapshot | None = None, query_set: str | None = None,
                         slots: Sequence[int] | None = None, block_rows: int | None = None, prefetch: int = 2,
                         row_range: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]: ...
-    def scan_fused(self, push: Callable[[str, ChunkPlan, int, int], None], *, snapshot: Snapshot | None = None,
+    def scan_fused(self, push: Callable[[ChunkSource, ChunkPlan, int, int], None], *, snapshot: Snapshot | None = None,
                    slots: Sequence[int] | None = None, row_range: tuple[int, int] | None = None) -> bool: ...
 
 

@@ -74,6 +74,10 @@ class Storage:
         self.hook: Hook | None = env_hook()
         self.is_local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
         options = dict(storage_options or {})
+        self._options = options
+        # The Rust reader's own client of this location (``_kernel.ObjectStoreChunks``), made by the read
+        # path on first use (store/_read.py) and kept: a client holds its connection pool.
+        self.chunk_client: Any = None
         if not self.is_local and parsed.scheme not in _URL_SCHEMES:
             # http(s) is a WebDAV store in obstore: it has no create-if-absent, which the commit log needs.
             raise InvalidInputError(
@@ -101,6 +105,22 @@ class Storage:
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise InvalidInputError(f"store URL {url!r}: {first}; check the URL and storage_options") from None
             self._zarr_store = zarr.storage.ObjectStore(self._bulk)
+
+    def rust_client_options(self) -> dict[str, str] | None:
+        """The options the Rust reader's client of an ``s3://`` location is made with: the storage_options
+        with ``client_options`` merged in and every value a string (booleans ``"true"``/``"false"``);
+        None for a local or non-S3 location, or options that are not plain values (a credential provider),
+        which only zarr-python's path (obstore) can use."""
+        if self.is_local or urlparse(self.url).scheme not in ("s3", "s3a"):
+            return None
+        flat: dict[str, Any] = {k: v for k, v in self._options.items() if k != "client_options"}
+        client = self._options.get("client_options") or {}
+        if not isinstance(client, dict):
+            return None
+        flat.update(client)
+        if not all(isinstance(v, (str, bool, int, float)) for v in flat.values()):
+            return None
+        return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in flat.items()}
 
     # --- the commit log: small JSON records ---------------------------------------------------
     def _log_store(self) -> Any:

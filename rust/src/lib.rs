@@ -1,6 +1,7 @@
 //! daunce-store's compute kernels. The kernel logic lives in plain-Rust modules with their own unit
 //! tests; `python` holds the thin PyO3 wrappers; this file only registers them.
 
+pub mod chunks;
 pub mod draws;
 pub mod read;
 pub mod stats;

@@ -6,6 +6,10 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::chunks::{ChunkBytes, LocalDir, ObjectStoreChunks};
 use crate::draws;
 use crate::read;
 use crate::stats;
@@ -30,19 +34,102 @@ pyo3::create_exception!(
     "A chunk the reader needed is missing, has a failed checksum or wrong size, or holds NaN; args: (kind, key, message)."
 );
 
-/// One source of `read_block`: (array path, chunk rows, chunk columns, column chunk, [(column in chunk, block column)]).
-type ChunkSource = (String, usize, usize, u64, Vec<(usize, usize)>);
+/// Which chunks make up a block: for each block column, the array column it comes from, grouped by
+/// chunk file (one `read::ChunkColumns` per array and column chunk). Built once per scan.
+#[pyclass(module = "daunce_store._kernel", name = "ChunkPlan")]
+#[derive(Default)]
+struct PyChunkPlan {
+    sources: Vec<read::ChunkColumns>,
+}
+
+#[pymethods]
+impl PyChunkPlan {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// Block column `block_column` is column `column` of the array at `array` (its path in the store),
+    /// whose chunks are (chunk_rows, chunk_cols) float32 + crc32c.
+    fn add_column(&mut self, array: String, chunk_rows: usize, chunk_cols: usize, column: u64, block_column: usize) -> PyResult<()> {
+        if chunk_rows == 0 || chunk_cols == 0 {
+            return Err(PyValueError::new_err(format!("array {array} has an empty chunk shape ({chunk_rows}, {chunk_cols})")));
+        }
+        let col_chunk = column / chunk_cols as u64;
+        let pair = ((column % chunk_cols as u64) as usize, block_column);
+        match self.sources.iter_mut().find(|s| s.array == array && s.col_chunk == col_chunk) {
+            Some(s) if (s.chunk_rows, s.chunk_cols) != (chunk_rows, chunk_cols) => {
+                return Err(PyValueError::new_err(format!("array {array} was added with chunks ({}, {})", s.chunk_rows, s.chunk_cols)));
+            }
+            Some(s) => s.pairs.push(pair),
+            None => self.sources.push(read::ChunkColumns { array, chunk_rows, chunk_cols, col_chunk, pairs: vec![pair] }),
+        }
+        Ok(())
+    }
+
+    /// The chunk height of each chunk file of a row chunk (one entry per array and column chunk).
+    #[getter]
+    fn chunk_heights(&self) -> Vec<usize> {
+        self.sources.iter().map(|s| s.chunk_rows).collect()
+    }
+
+    /// The block's columns (as many as were added).
+    #[getter]
+    fn ncols(&self) -> usize {
+        self.sources.iter().map(|s| s.pairs.len()).sum()
+    }
+}
+
+/// A client of a store on an object store, for `read_block` and `push_chunks` (see `chunks.rs`).
+#[pyclass(module = "daunce_store._kernel", name = "ObjectStoreChunks", frozen)]
+struct PyObjectStoreChunks {
+    inner: Arc<ObjectStoreChunks>,
+}
+
+#[pymethods]
+impl PyObjectStoreChunks {
+    #[new]
+    fn new(url: &str, options: HashMap<String, String>) -> PyResult<Self> {
+        let inner = ObjectStoreChunks::new(url, options.into_iter().collect()).map_err(PyValueError::new_err)?;
+        Ok(PyObjectStoreChunks { inner: Arc::new(inner) })
+    }
+
+    /// How many chunk GETs this client has sent.
+    #[getter]
+    fn gets(&self) -> u64 {
+        self.inner.gets()
+    }
+}
+
+/// Where `read_block` and `push_chunks` read chunks: a local store's root or an object-store client.
+enum Where {
+    Local(std::path::PathBuf),
+    Object(Arc<ObjectStoreChunks>),
+}
+
+impl Where {
+    fn extract(source: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(client) = source.cast::<PyObjectStoreChunks>() {
+            return Ok(Where::Object(client.get().inner.clone()));
+        }
+        source.extract::<std::path::PathBuf>().map(Where::Local).map_err(|_| {
+            PyValueError::new_err(format!("chunks are read from a local store's root path or an ObjectStoreChunks, not {}", source.get_type()))
+        })
+    }
+}
 
 /// Fill `out`, a C-contiguous float32 (r1 - r0, ncols) array, with rows `r0 .. r1` of the block
-/// assembled from the Zarr chunk files under `root` (see `read::read_block_into`), checksums verified,
-/// on `threads` threads (default: the kernel's lanes), the GIL released.
+/// `plan` assembles from the Zarr chunks under `source` (a local root: `read::read_block_into`; an
+/// object store: `read::read_block_from`), checksums verified, on `threads` threads (default: the
+/// kernel's lanes), the GIL released.
 #[pyfunction]
-#[pyo3(signature = (root, sources, r0, r1, out, threads = None))]
+#[pyo3(signature = (source, plan, r0, r1, out, threads = None))]
 fn read_block(
-    py: Python<'_>, root: std::path::PathBuf, sources: Vec<ChunkSource>, r0: usize, r1: usize, mut out: PyReadwriteArray2<'_, f32>,
+    py: Python<'_>, source: &Bound<'_, PyAny>, plan: PyRef<'_, PyChunkPlan>, r0: usize, r1: usize, mut out: PyReadwriteArray2<'_, f32>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let sources = chunk_columns(sources);
+    let source = Where::extract(source)?;
+    let sources = plan.sources.clone();
     let threads = threads.unwrap_or_else(crate::topk::num_lanes);
     let shape = out.shape().to_vec();
     if shape[0] != r1.saturating_sub(r0) {
@@ -50,14 +137,11 @@ fn read_block(
     }
     let ncols = shape[1];
     let data = out.as_slice_mut().map_err(|_| PyValueError::new_err("out must be a C-contiguous float32 array"))?;
-    py.detach(|| read::read_block_into(&root, &sources, r0, r1, ncols, threads, data)).map_err(read_error)
-}
-
-fn chunk_columns(sources: Vec<ChunkSource>) -> Vec<read::ChunkColumns> {
-    sources
-        .into_iter()
-        .map(|(array, chunk_rows, chunk_cols, col_chunk, pairs)| read::ChunkColumns { array, chunk_rows, chunk_cols, col_chunk, pairs })
-        .collect()
+    py.detach(|| match &source {
+        Where::Local(root) => read::read_block_into(root, &sources, r0, r1, ncols, threads, data),
+        Where::Object(client) => read::read_block_from(client.as_ref(), &sources, r0, r1, ncols, threads, data),
+    })
+    .map_err(read_error)
 }
 
 fn read_error(e: read::ReadError) -> PyErr {
@@ -219,12 +303,14 @@ impl PyTopKAccumulator {
         py.detach(|| acc.push_block(offset, data)).map_err(to_py_err)
     }
 
-    /// Fold rows `r0 .. r1` read straight from the Zarr chunk files under `root` (`sources` as for
-    /// `read_block`), each segment scored while it is in cache (`read::visit_segments`), the GIL
-    /// released. On a `ChunkReadError` the accumulator is void: make a new one.
-    fn push_chunks(&mut self, py: Python<'_>, root: std::path::PathBuf, sources: Vec<ChunkSource>, r0: usize, r1: usize) -> PyResult<()> {
+    /// Fold rows `r0 .. r1` of the block `plan` assembles from the chunks under `source` (as for
+    /// `read_block`), each segment scored while it is in cache (`read::visit_chunks`; an object store's
+    /// chunks fetched ahead), the GIL released. On a `ChunkReadError` the accumulator is void: make a
+    /// new one.
+    fn push_chunks(&mut self, py: Python<'_>, source: &Bound<'_, PyAny>, plan: PyRef<'_, PyChunkPlan>, r0: usize, r1: usize) -> PyResult<()> {
         let ncols = self.ncols;
-        let sources = chunk_columns(sources);
+        let source = Where::extract(source)?;
+        let sources = plan.sources.clone();
         let acc = self.acc()?;
         if let Some(limit) = acc.row_limit() {
             if r1 as u64 > limit {
@@ -232,7 +318,11 @@ impl PyTopKAccumulator {
             }
         }
         let rows = r1.saturating_sub(r0) as u64;
-        py.detach(|| acc.push_with(rows, |lanes, fold| read::visit_segments(&root, &sources, r0, r1, ncols, lanes, fold)))
+        let store: Box<dyn ChunkBytes + Send> = match source {
+            Where::Local(root) => Box::new(LocalDir(root)),
+            Where::Object(client) => Box::new(client),
+        };
+        py.detach(|| acc.push_with(rows, |lanes, fold| read::visit_chunks(store.as_ref(), &sources, r0, r1, ncols, lanes, fold)))
             .map_err(read_error)
     }
 
@@ -275,5 +365,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vlen_utf8_take, m)?)?;
     m.add("ChunkReadError", m.py().get_type::<ChunkReadError>())?;
     m.add_class::<PyTopKAccumulator>()?;
+    m.add_class::<PyChunkPlan>()?;
+    m.add_class::<PyObjectStoreChunks>()?;
     Ok(())
 }

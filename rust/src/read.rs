@@ -22,8 +22,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::chunks::{ChunkBytes, LocalDir};
+
 /// Bytes streamed per step of one chunk file (whole rows; at least one row).
 const SEGMENT_BYTES: usize = 1 << 20;
+/// About how many bytes of chunks an object-store scan keeps in flight, and in how many GETs at least
+/// and at most: 64 MB hides a loopback or same-region round trip behind the scoring of the chunks
+/// before it, at a few 16 MB packed chunks; 1 MB per-column chunks get more GETs at once.
+const PREFETCH_BYTES: usize = 64 << 20;
+const MIN_AHEAD: usize = 4;
+const MAX_AHEAD: usize = 64;
 
 /// The columns one column chunk of one array contributes to the block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +58,8 @@ pub enum ReadError {
     Corrupt { key: String, why: String },
     /// A copied value is NaN: the chunk holds the fill value where a committed column is finite.
     Nan { key: String, column: usize, row: usize },
+    /// The object store did not answer a GET (after its client's retries); the chunk may be fine.
+    Fetch { key: String, why: String },
 }
 
 impl ReadError {
@@ -60,6 +70,7 @@ impl ReadError {
             ReadError::Missing { .. } => "missing",
             ReadError::Corrupt { .. } => "corrupt",
             ReadError::Nan { .. } => "nan",
+            ReadError::Fetch { .. } => "fetch",
         }
     }
 
@@ -67,7 +78,9 @@ impl ReadError {
     pub fn key(&self) -> Option<&str> {
         match self {
             ReadError::Invalid(_) => None,
-            ReadError::Missing { key } | ReadError::Corrupt { key, .. } | ReadError::Nan { key, .. } => Some(key),
+            ReadError::Missing { key } | ReadError::Corrupt { key, .. } | ReadError::Nan { key, .. } | ReadError::Fetch { key, .. } => {
+                Some(key)
+            }
         }
     }
 }
@@ -81,6 +94,7 @@ impl fmt::Display for ReadError {
             ReadError::Nan { key, column, row } => {
                 write!(f, "chunk '{key}' holds NaN where a committed column has finite losses (block column {column}, row {row})")
             }
+            ReadError::Fetch { key, why } => write!(f, "chunk '{key}' could not be fetched ({why})"),
         }
     }
 }
@@ -290,16 +304,27 @@ fn read_chunk(
 
 /// A chunk file opened and its size checked (the full chunk shape of float32 plus the checksum).
 fn open_chunk(root: &Path, src: &ChunkColumns, row_chunk: u64) -> Result<(File, String), ReadError> {
-    let key = format!("{}/c/{}/{}", src.array, row_chunk, src.col_chunk);
+    let key = chunk_key(src, row_chunk);
     let path: PathBuf = root.join(&key);
-    let corrupt = |why: String| ReadError::Corrupt { key: key.clone(), why };
     let file = match File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(ReadError::Missing { key }),
-        Err(e) => return Err(corrupt(format!("cannot open: {e}"))),
+        Err(e) => return Err(ReadError::Corrupt { key, why: format!("cannot open: {e}") }),
     };
+    let size = file.metadata().map_err(|e| ReadError::Corrupt { key: key.clone(), why: format!("cannot stat: {e}") })?.len();
+    check_size(src, &key, size)?;
+    Ok((file, key))
+}
+
+/// The key of a source's chunk in row chunk `row_chunk`, relative to the store root.
+fn chunk_key(src: &ChunkColumns, row_chunk: u64) -> String {
+    format!("{}/c/{}/{}", src.array, row_chunk, src.col_chunk)
+}
+
+/// A chunk's size against the full chunk shape of float32 plus the checksum.
+fn check_size(src: &ChunkColumns, key: &str, size: u64) -> Result<(), ReadError> {
     let data_bytes = src.chunk_rows * src.chunk_cols * 4;
-    let size = file.metadata().map_err(|e| corrupt(format!("cannot stat: {e}")))?.len();
+    let corrupt = |why: String| ReadError::Corrupt { key: key.to_string(), why };
     if size != (data_bytes + 4) as u64 {
         return Err(corrupt(format!(
             "{size} bytes where a ({}, {}) float32 chunk and its checksum take {}",
@@ -308,11 +333,11 @@ fn open_chunk(root: &Path, src: &ChunkColumns, row_chunk: u64) -> Result<(File, 
             data_bytes + 4
         )));
     }
-    Ok((file, key))
+    Ok(())
 }
 
-/// Read `values.len()` float32 of a chunk file (little endian on disk) and fold them into `crc`.
-fn read_values(file: &mut File, key: &str, values: &mut [f32], crc: &mut u32) -> Result<(), ReadError> {
+/// Read `values.len()` float32 of a chunk (little endian as stored) and fold them into `crc`.
+fn read_values(file: &mut impl Read, key: &str, values: &mut [f32], crc: &mut u32) -> Result<(), ReadError> {
     // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1.
     let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) };
     file.read_exact(bytes).map_err(|e| ReadError::Corrupt { key: key.to_string(), why: format!("read failed: {e}") })?;
@@ -326,7 +351,7 @@ fn read_values(file: &mut File, key: &str, values: &mut [f32], crc: &mut u32) ->
 }
 
 /// The chunk's stored checksum (its last 4 bytes, read after the data) against the computed one.
-fn check_crc(file: &mut File, key: &str, crc: u32) -> Result<(), ReadError> {
+fn check_crc(file: &mut impl Read, key: &str, crc: u32) -> Result<(), ReadError> {
     let corrupt = |why: String| ReadError::Corrupt { key: key.to_string(), why };
     let mut stored = [0u8; 4];
     file.read_exact(&mut stored).map_err(|e| corrupt(format!("read failed: {e}")))?;
@@ -349,6 +374,37 @@ fn check_crc(file: &mut File, key: &str, crc: u32) -> Result<(), ReadError> {
 /// states hold rows that may be damaged and must be discarded.
 pub fn visit_segments<S, F>(
     root: &Path, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, states: &mut [S], visit: F,
+) -> Result<(), ReadError>
+where
+    S: Send,
+    F: Fn(&mut S, usize, &[f32]) + Sync,
+{
+    visit_chunks(&LocalDir(root.to_path_buf()), sources, r0, r1, ncols, states, visit)
+}
+
+/// [`read_block_into`] from any [`ChunkBytes`] (an object store), on `threads` threads; the sources must
+/// share one chunk height (see [`visit_chunks`]).
+pub fn read_block_from(
+    store: &dyn ChunkBytes, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, threads: usize, out: &mut [f32],
+) -> Result<(), ReadError> {
+    if out.len() != r1.saturating_sub(r0) * ncols {
+        return Err(ReadError::Invalid(format!("the output holds {} values, not ({} rows) x ({ncols} columns)", out.len(), r1.saturating_sub(r0))));
+    }
+    let shared = &SharedOut { ptr: out.as_mut_ptr(), len: out.len() };
+    let mut lanes = vec![(); threads.max(1)];
+    visit_chunks(store, sources, r0, r1, ncols, &mut lanes, |_, row, rows| {
+        let at = (row - r0) * ncols;
+        assert!(at + rows.len() <= shared.len);
+        // SAFETY: in bounds (checked), and every row is visited exactly once (`visit_chunks`).
+        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), shared.ptr.add(at), rows.len()) };
+    })
+}
+
+/// [`visit_segments`] over the chunks of any [`ChunkBytes`]: the row chunks are asked for in order, so an
+/// object store fetches ahead (about [`PREFETCH_BYTES`] in flight) while the threads verify and score
+/// the chunks that have arrived, each taking the next row chunk's objects.
+pub fn visit_chunks<S, F>(
+    store: &dyn ChunkBytes, sources: &[ChunkColumns], r0: usize, r1: usize, ncols: usize, states: &mut [S], visit: F,
 ) -> Result<(), ReadError>
 where
     S: Send,
@@ -381,7 +437,12 @@ where
     };
     let seg_rows = (SEGMENT_BYTES / (ncols * 4)).max(1);
     let chunks: Vec<usize> = ((r0 / chunk_rows)..=((r1 - 1) / chunk_rows)).collect();
-    let next = AtomicUsize::new(0);
+    let keys: Vec<String> = chunks.iter().flat_map(|&rc| sources.iter().map(move |s| chunk_key(s, rc as u64))).collect();
+    let largest = sources.iter().map(|s| s.chunk_rows * s.chunk_cols * 4 + 4).max().unwrap_or(1);
+    let ahead = (PREFETCH_BYTES / largest).clamp(MIN_AHEAD, MAX_AHEAD).max(sources.len());
+    // The chunks in key order and the index of the next row chunk; a thread takes one row chunk's
+    // objects (one per source) at a time.
+    let queue = Mutex::new((store.fetch(keys, ahead), 0usize));
     let stop = AtomicBool::new(false);
     let error: Mutex<Option<ReadError>> = Mutex::new(None);
     let lanes = states.len().min(chunks.len());
@@ -389,12 +450,30 @@ where
         let mut bufs: Vec<Vec<f32>> = sources.iter().map(|s| vec![0.0; seg_rows * s.chunk_cols]).collect();
         let mut seg: Vec<f32> = if direct { Vec::new() } else { vec![0.0; seg_rows * ncols] };
         while !stop.load(Ordering::Relaxed) {
-            let Some(&rc) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-            let result = (|| -> Result<(), ReadError> {
-                let mut files = Vec::with_capacity(sources.len());
-                for s in &sources {
-                    files.push(open_chunk(root, s, rc as u64)?);
-                }
+            let result = (|| -> Result<bool, ReadError> {
+                let (rc, mut files) = {
+                    let mut queue = queue.lock().expect("chunk queue");
+                    let Some(&rc) = chunks.get(queue.1) else { return Ok(false) };
+                    queue.1 += 1;
+                    let mut files = Vec::with_capacity(sources.len());
+                    for s in &sources {
+                        let key = chunk_key(s, rc as u64);
+                        let chunk = match queue.0.next() {
+                            Some(Ok(chunk)) => chunk,
+                            Some(Err(e)) => {
+                                // Recorded before the queue is let go: the next thread finds it ended.
+                                stop.store(true, Ordering::Relaxed);
+                                error.lock().expect("error slot").get_or_insert(e.clone());
+                                return Err(e);
+                            }
+                            None => return Err(ReadError::Invalid(format!("the chunk store ended before {key}"))),
+                        };
+                        let size = chunk.len().map_err(|e| ReadError::Corrupt { key: key.clone(), why: format!("cannot stat: {e}") })?;
+                        check_size(s, &key, size)?;
+                        files.push((chunk, key));
+                    }
+                    (rc, files)
+                };
                 let mut crcs = vec![0u32; sources.len()];
                 let c0 = rc * chunk_rows;
                 let (want0, want1) = (r0.max(c0) - c0, r1.min(c0 + chunk_rows) - c0);
@@ -434,12 +513,16 @@ where
                 for ((file, key), crc) in files.iter_mut().zip(crcs) {
                     check_crc(file, key, crc)?;
                 }
-                Ok(())
+                Ok(true)
             })();
-            if let Err(e) = result {
-                stop.store(true, Ordering::Relaxed);
-                error.lock().expect("error slot").get_or_insert(e);
-                break;
+            match result {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    error.lock().expect("error slot").get_or_insert(e);
+                    break;
+                }
             }
         }
     };
@@ -646,6 +729,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_object_store_reads_and_scans_as_the_local_files() {
+        let root = tempdir("object");
+        packed(&root, 23, 5, 4, 0);
+        packed(&root, 23, 5, 4, 1);
+        let objects: Vec<(String, Vec<u8>)> = (0..5)
+            .flat_map(|rc| (0..2).map(move |g| format!("a/c/{rc}/{g}")))
+            .map(|key| (key.clone(), std::fs::read(root.join(&key)).unwrap()))
+            .collect();
+        let client = crate::chunks::tests::in_memory("s3-prefix/s.zarr", objects);
+        let scattered = [src(1, 5, 4, vec![(3, 0), (0, 2)]), src(0, 5, 4, vec![(1, 1), (2, 3), (3, 4)])];
+        let direct = [src(0, 5, 4, vec![(0, 0), (1, 1), (2, 2), (3, 3)])];
+        for (sources, ncols) in [(&scattered[..], 5), (&direct[..], 4)] {
+            for (r0, r1) in [(0, 23), (3, 22), (7, 8)] {
+                let want = read_block(&root, sources, r0, r1, ncols, 1).unwrap();
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    read_block_from(&client, sources, r0, r1, ncols, threads, &mut got).unwrap();
+                    assert_eq!(got, want);
+                }
+            }
+        }
+        // Damage is named as on local files: a flipped byte, a missing object.
+        let mut bad = std::fs::read(root.join("a/c/2/0")).unwrap();
+        bad[9] ^= 0x40;
+        let client = crate::chunks::tests::in_memory("p", vec![("a/c/0/0".into(), std::fs::read(root.join("a/c/0/0")).unwrap()), ("a/c/2/0".into(), bad)]);
+        let mut out = vec![0.0; 5 * 4];
+        let e = read_block_from(&client, &direct, 0, 5, 4, 1, &mut out).map(|_| ()).and_then(|_| read_block_from(&client, &direct, 10, 15, 4, 2, &mut out)).unwrap_err();
+        assert_eq!((e.kind(), e.key()), ("corrupt", Some("a/c/2/0")));
+        assert_eq!(read_block_from(&client, &direct, 5, 10, 4, 2, &mut out).unwrap_err(), ReadError::Missing { key: "a/c/1/0".into() });
     }
 
     #[test]

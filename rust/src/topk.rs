@@ -392,6 +392,7 @@ fn transform_rows(x: &[f32], t: &[f32], r: usize, k: usize, out: &mut [f32]) {
 /// `!(x < floor)` so that a NaN score is a hit and gets noted (`Running::nan`), never silently skipped;
 /// keys are `+ 0.0` so that -0 and +0 tie (as in the other backends) under `total_cmp`.
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x < floor)` is meant: NaN must test true (see above)
 fn select_scores<const POS: bool, const NEG: bool>(s: &[f32], base: u64, k: usize, cap: usize, p: &mut Running, n: &mut Running) {
     const W: usize = 32;
     let mut c0 = 0;
