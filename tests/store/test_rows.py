@@ -74,8 +74,8 @@ def test_only_a_store_offers_the_fused_pass(small_store):
     calls: list[tuple[int, int]] = []
 
     class Sink:
-        def push_chunks(self, root, plan, r0, r1):
-            assert plan and all(len(source) == 5 for source in plan)
+        def push_chunks(self, source, plan, r0, r1):
+            assert source == store._chunk_source() and plan.ncols == len(snap.slots)
             calls.append((r0, r1))
 
     memory = MemoryRows(store.train_losses(snapshot=snap), snap.slots, snap, snap.slots, store.chunk_rows, store.chunk_rows)
