@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_row, write_section  # noqa: E402
+from read_path import engine  # noqa: E402  (rust: the store's default; zarr: the read path without the Rust reader)
 from topk import DATA, _size, build_store  # noqa: E402  (the bench helpers)
 
 RESULTS = DATA / "s3_scan.jsonl"
@@ -72,20 +73,6 @@ def s3s_fs(root: Path) -> Iterator[dict]:
     finally:
         proc.terminate()
         proc.wait()
-
-
-@contextlib.contextmanager
-def engine(name: str) -> Iterator[None]:
-    """``rust``: the store's default; ``zarr``: the read path without the Rust reader."""
-    import daunce_store.store._read as read
-
-    real = read.extension
-    if name == "zarr":
-        read.extension = lambda: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        read.extension = real  # type: ignore[assignment]
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
