@@ -51,6 +51,8 @@ TESTBEDS: dict[str, dict[str, Any]] = {
            "kwargs": {"dataset": "breast_cancer", "model_kind": "mlp", "if_damping": 1e-3, "num_subsets": 100}},
     "dia": {"json": "accuracy_diabetes.json", "plot": "lds_vs_k_diabetes.png", "title": "diabetes tertiles, two-layer SiLU MLP",
             "kwargs": {"dataset": "diabetes", "model_kind": "mlp2", "if_damping": 1e-3, "num_subsets": 100}},
+    "chat": {"json": "accuracy_chatterbot.json", "plot": "lds_vs_k_chatterbot.png", "title": "chatterbot text topics, logistic regression",
+             "kwargs": {"dataset": "chatterbot", "model_kind": "logreg", "num_subsets": 100}},
 }
 POISON_JSON = "accuracy_poison.json"
 MEASURE_COLORS = {"cov": "tab:red", "corr": "tab:olive", "whitened": "tab:blue", "whitened-corr": "tab:cyan",

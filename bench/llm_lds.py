@@ -42,8 +42,11 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--subsets", type=int, default=48)
     ap.add_argument("-K", type=int, nargs="+", default=[16, 32, 64, 128])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="Daunce stores' seeds (none: the baselines only)")
+    ap.add_argument("--logra-damping", type=float, nargs="+", default=[0.1],
+                    help="LoGra's damping, as a multiple of its Fisher's mean nonzero eigenvalue (one row each)")
     ap.add_argument("--measures", nargs="+", default=["nystrom", "whitened", "cov", "nystrom-corr"])
+    ap.add_argument("--l2-center", default="zero", help="the perturbed objective's L2 centre (zero | theta0)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("llm_lds.json"))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
@@ -91,7 +94,8 @@ def main() -> None:
     # LESS warms its own LoRA up from the pretrained tail (as the training does); the other two work at θ0.
     baselines = {
         "LESS (warm-up checkpoints, Adam-preconditioned)": lambda: less_adam_scores(tail0, ctask, ctrain, cquery),
-        "LoGra-style IF (LoRA-B gradients, damped Fisher)": lambda: logra_scores(theta0, ctask, ctrain, cquery),
+        **{f"LoGra-style IF (LoRA-B gradients, damped Fisher, damping {d:g})":
+           (lambda d=d: logra_scores(theta0, ctask, ctrain, cquery, damping=d)) for d in args.logra_damping},
         "LESS-style, simplified (LoRA-B gradient cosine at θ0)": lambda: less_scores(theta0, ctask, ctrain, cquery),
     }
     for method, scores_of in baselines.items():
@@ -105,10 +109,12 @@ def main() -> None:
                                       capacity=max(args.K), seed=seed)
             t = time.perf_counter()
             for k in sorted(args.K):
-                run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(), until=k, progress=False)
+                run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(l2_center=args.l2_center),
+                           until=k, progress=False)
                 for measure in args.measures:
                     scores = daunce_store.open(path).scores("q", measure=measure, columns=list(range(k))).to_numpy()
-                    record(f"Daunce IF ({measure})", k, seed, scores, t)
+                    centred = "" if args.l2_center == "zero" else f", L2 centred on {args.l2_center}"
+                    record(f"Daunce IF ({measure}{centred})", k, seed, scores, t)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -4,7 +4,8 @@
 features, 2 classes), ``wine`` (178 wines, 13 features, 3 classes) and ``diabetes`` (442 patients, 10 clinical
 features, the disease progression a year later binned into its tertiles: 3 ordered, heavily overlapping
 classes, unlike the others' nearly separable ones) give the accuracy benchmark other data to check that a
-choice made on digits carries over. Everything here is deterministic given its seeds, so a
+choice made on digits carries over; ``chatterbot`` is real text (chatterbot-corpus lines as hashed word
+features, labelled by topic), from the ``test`` extra. Everything here is deterministic given its seeds, so a
 retrained model is a function of its training subset alone (logistic regression is convex and fitted to
 convergence with full-batch L-BFGS).
 """
@@ -12,16 +13,23 @@ convergence with full-batch L-BFGS).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from daunce_store._optional import import_optional
-from daunce_store.errors import InvalidInputError
+from daunce_store.errors import InvalidInputError, MissingDependencyError
 
 __all__ = [
     "DATASETS",
+    "TEXT_CATEGORIES",
     "ClassificationData",
+    "chatterbot_lines",
+    "hashed_features",
+    "load_chatterbot_topics",
     "DigitsData",
     "load_split",
     "load_digits_split",
@@ -44,7 +52,12 @@ DATASETS: dict[str, dict[str, Any]] = {
     "breast_cancer": {"n_test": 114, "weight_decay": 1e-2},
     "wine": {"n_test": 36, "weight_decay": 1e-2},
     "diabetes": {"n_test": 88, "weight_decay": 3e-2},  # 1e-2: IF LDS 0.21 (retrains land in different optima); 1e-1 underfits
+    "chatterbot": {"n_test": None, "weight_decay": 1e-3},  # real text, not scikit-learn's: load_chatterbot_topics
 }
+
+#: chatterbot-corpus categories of the text testbed: the six with the most distinct lines (tech support's
+#: 2100 lines hold ~20 distinct ones; trivia is capped at ``per_class``).
+TEXT_CATEGORIES = ("ai", "coding", "conversations", "emotion", "psychology", "trivia")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +111,8 @@ def load_split(dataset: str = "digits", n_test: int | None = None, seed: int = 0
 
     if dataset not in DATASETS:
         raise InvalidInputError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
+    if dataset == "chatterbot":
+        return load_chatterbot_topics(n_test=n_test, seed=seed)
     bunch = getattr(datasets, f"load_{dataset}")()
     target = np.asarray(bunch.target)
     if dataset == "diabetes":  # a regression target: its tertiles as 3 ordered classes
@@ -135,6 +150,59 @@ def add_trigger(x: np.ndarray) -> np.ndarray:
     for r, c in TRIGGER_PIXELS:
         out[..., 8 * r + c] = 1.0
     return out
+
+
+def chatterbot_lines(categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250,
+                     rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
+    """(texts, labels): every distinct line (utterance or reply) of chatterbot-corpus's English conversations
+    in ``categories``, labelled by its file's category, at most ``per_class`` lines each (drawn by ``rng``).
+    Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError("the text testbed needs chatterbot-corpus: pip install --no-deps chatterbot-corpus")
+    folder = Path(spec.origin).parent / "data" / "english"
+    rng = rng if rng is not None else np.random.default_rng(0)
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(categories):
+        path = folder / f"{name}.yml"
+        if not path.is_file():
+            raise InvalidInputError(f"chatterbot-corpus has no English category {name!r} ({path})")
+        lines = dict.fromkeys(str(u).strip() for conv in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]
+                              for u in conv if str(u).strip())
+        chosen = list(lines)
+        if len(chosen) > per_class:
+            chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), per_class, replace=False))]
+        texts += chosen
+        labels += [label] * len(chosen)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def hashed_features(texts: Sequence[str], n_features: int = 256) -> np.ndarray:
+    """Hashed word uni- and bigram features of ``texts`` (``HashingVectorizer``, l2-normalized), float32."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(list(texts))
+    return np.asarray(x.todense(), dtype=np.float32)
+
+
+def load_chatterbot_topics(
+    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
+    n_test: int | None = None, seed: int = 0,
+) -> ClassificationData:
+    """Topic classification of real text: :func:`chatterbot_lines` as :func:`hashed_features`, split at
+    random into train and test (``n_test`` rows, default 20 %). Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
+    rng = np.random.default_rng(seed)
+    texts, y = chatterbot_lines(categories, per_class=per_class, rng=rng)
+    x = hashed_features(texts, n_features)
+    order = rng.permutation(len(y))
+    n_test = int(round(0.2 * len(y))) if n_test is None else n_test
+    if not 0 < n_test < len(y):
+        raise InvalidInputError(f"n_test must be between 1 and {len(y) - 1}, not {n_test}")
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return ClassificationData(x[train], y[train], x[test], y[test], train, test, "chatterbot")
 
 
 def make_model(kind: str = "logreg", *, hidden: int = 32, seed: int = 0, num_features: int = 64, num_classes: int = 10) -> Any:

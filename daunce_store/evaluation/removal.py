@@ -35,10 +35,13 @@ import numpy as np
 
 from daunce_store._api import RECIPE_MODULE
 from daunce_store._select import REMOVE
-from daunce_store.errors import InvalidInputError, MissingDependencyError
+from daunce_store.errors import InvalidInputError
 from daunce_store.evaluation._digits import (
     DATASETS,
     ClassificationData,
+    chatterbot_lines,
+    hashed_features,
+    load_chatterbot_topics,
     fit,
     load_split,
     make_model,
@@ -65,7 +68,6 @@ REMOVAL_METHODS = ("daunce", "grad-cosine", "influence-function", "trak")
 
 #: chatterbot-corpus categories of the text testbed: the six with the most distinct lines (tech support's
 #: 2100 lines hold ~20 distinct ones; trivia is capped at ``per_class``).
-TEXT_CATEGORIES = ("ai", "coding", "conversations", "emotion", "psychology", "trivia")
 
 
 # --- the user's model: fine-tune θ0 on the kept examples -----------------------------------------------------
@@ -233,57 +235,6 @@ class _progress:
 
 
 # --- the testbeds ---------------------------------------------------------------------------------------------
-def chatterbot_lines(categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250,
-                     rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
-    """(texts, labels): every distinct line (utterance or reply) of chatterbot-corpus's English conversations
-    in ``categories``, labelled by its file's category, at most ``per_class`` lines each (drawn by ``rng``).
-    Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or spec.origin is None:
-        raise MissingDependencyError("the text testbed needs chatterbot-corpus: pip install --no-deps chatterbot-corpus")
-    folder = Path(spec.origin).parent / "data" / "english"
-    rng = rng if rng is not None else np.random.default_rng(0)
-    texts: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(categories):
-        path = folder / f"{name}.yml"
-        if not path.is_file():
-            raise InvalidInputError(f"chatterbot-corpus has no English category {name!r} ({path})")
-        lines = dict.fromkeys(str(u).strip() for conv in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]
-                              for u in conv if str(u).strip())
-        chosen = list(lines)
-        if len(chosen) > per_class:
-            chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), per_class, replace=False))]
-        texts += chosen
-        labels += [label] * len(chosen)
-    return texts, np.asarray(labels, dtype=np.int64)
-
-
-def hashed_features(texts: Sequence[str], n_features: int = 256) -> np.ndarray:
-    """Hashed word uni- and bigram features of ``texts`` (``HashingVectorizer``, l2-normalized), float32."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    x = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2").transform(list(texts))
-    return np.asarray(x.todense(), dtype=np.float32)
-
-
-def load_chatterbot_topics(
-    categories: Sequence[str] = TEXT_CATEGORIES, *, per_class: int = 250, n_features: int = 256,
-    test_fraction: float = 0.2, seed: int = 0,
-) -> ClassificationData:
-    """Topic classification of real text: :func:`chatterbot_lines` as :func:`hashed_features`, split at
-    random into train and test. Needs ``chatterbot-corpus`` (the ``test`` extra; no network)."""
-    rng = np.random.default_rng(seed)
-    texts, y = chatterbot_lines(categories, per_class=per_class, rng=rng)
-    x = hashed_features(texts, n_features)
-    order = rng.permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
-    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
-    return ClassificationData(x[train], y[train], x[test], y[test], train, test, "chatterbot")
-
-
 #: The testbeds of :func:`subset_removal`, with the L2 penalty their logistic regressions are fitted with.
 TESTBEDS = {"digits": DATASETS["digits"]["weight_decay"], "chatterbot": 1e-3}
 

@@ -66,6 +66,31 @@ def test_diabetes_testbed_is_three_balanced_tertiles_and_its_silu_mlp_predicts_r
     assert np.nanmean(lds(scores, bench)) > 0.5  # 0.85 with 30 subsets and every query (bench/RESULTS.md)
 
 
+def test_chatterbot_text_testbed_is_a_dataset_like_the_others() -> None:
+    """The text testbed (chatterbot-corpus lines as hashed word features, labelled by topic) loads through
+    load_split as scikit-learn's sets do, with its own split size and a refusal of an impossible one; the
+    convex model's influence function predicts its retraining."""
+    from daunce_store.errors import InvalidInputError
+    from daunce_store.evaluation import DATASETS, load_split
+
+    pytest.importorskip("chatterbot_corpus")
+    torch.set_num_threads(1)
+    data = load_split("chatterbot")
+    n = len(data.y_train) + len(data.y_test)
+    assert data.num_classes == 6 and data.num_features == 256 and len(data.y_test) == round(0.2 * n)
+    assert np.allclose(np.linalg.norm(data.x_train, axis=1)[np.abs(data.x_train).sum(1) > 0], 1.0, atol=1e-5)  # l2 rows
+    assert len(load_split("chatterbot", n_test=50).y_test) == 50
+    with pytest.raises(InvalidInputError, match="n_test must be between"):
+        load_split("chatterbot", n_test=n)
+    wd = DATASETS["chatterbot"]["weight_decay"]
+    data = data.replace(x_test=data.x_test[:20], y_test=data.y_test[:20], test_index=data.test_index[:20])
+    bench = make_lds_benchmark(data, num_subsets=16, model_kind="logreg", weight_decay=wd, seed=3)
+    model = make_model("logreg", num_features=256, num_classes=6)
+    fit(model, data.x_train, data.y_train, weight_decay=wd)
+    scores = baselines.influence_function_scores(model, data.x_train, data.y_train, data.x_test, data.y_test, weight_decay=wd)
+    assert np.nanmean(lds(scores, bench)) > 0.7  # 0.97 with 100 subsets and every query (bench/RESULTS.md)
+
+
 @pytest.fixture(scope="module")
 def digits_bench():
     torch.set_num_threads(1)
