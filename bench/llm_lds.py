@@ -43,8 +43,9 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=48)
     ap.add_argument("-K", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="Daunce stores' seeds (none: the baselines only)")
-    ap.add_argument("--logra-damping", type=float, nargs="+", default=[0.1],
-                    help="LoGra's damping, as a multiple of its Fisher's mean nonzero eigenvalue (one row each)")
+    ap.add_argument("--logra-damping", type=float, nargs="+", default=[10.0],
+                    help="LoGra's damping, as a multiple of its Fisher's mean nonzero eigenvalue (one row each; 10 was the "
+                         "best of 0.001 ... 100 here, bench/RESULTS.md)")
     ap.add_argument("--measures", nargs="+", default=["nystrom", "whitened", "cov", "nystrom-corr"])
     ap.add_argument("--l2-center", default="zero", help="the perturbed objective's L2 centre (zero | theta0)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("llm_lds.json"))
