@@ -211,21 +211,27 @@ def plot(d: dict, out: Path) -> None:
     plt.close(fig)
 
 
+TIE = 0.01  # worst cases this close are a tie (the seed spread); the mean over the testbeds breaks it
+
+
 def worst_case(beds: dict[str, dict]) -> tuple[list[dict], dict[int, tuple[str, str, float]]]:
-    """Per (measure, r): the LDS on each testbed and the minimum over testbeds, per K; and the winner per K."""
+    """Per (measure, r): the LDS on each testbed and the minimum over testbeds, per K; and the winner per K: the best
+    worst case, or among worst cases within :data:`TIE` of it the best mean over the testbeds."""
     ks = sorted(set.intersection(*(set(ks_of(d)) for d in beds.values())))
-    rows, winners = [], {}
+    rows, winners, means = [], {}, {}
     for label in RATIOS:
         for measure in MEASURES:
             row: dict[str, Any] = {"measure": measure, "r": label[2:]}
             for k in ks:
                 vals = [curve(d, measure, label).get(k) for d in beds.values()]
                 row[f"K={k}"] = None if None in vals else min(vals)
+                means[measure, label[2:], k] = None if None in vals else float(np.mean(vals))
             rows.append(row)
     for k in ks:
         cand = [(r[f"K={k}"], r["measure"], r["r"]) for r in rows if r[f"K={k}"] is not None]
         if cand:
-            v, m, r = max(cand)
+            best = max(v for v, _, _ in cand)
+            _, v, m, r = max((means[m, r, k], v, m, r) for v, m, r in cand if v >= best - TIE)
             winners[k] = (m, r, v)
     return rows, winners
 
@@ -378,7 +384,8 @@ correlation over subsets.
         parts.append(f"""### Which measure and r: the worst case over the {len(beds)} testbeds
 
 Minimum LDS over {', '.join(d['title'] for d in beds.values())} for each measure and subset ratio
-(the defaults are picked by this worst case, not by the best testbed). Best worst case per K: {win}.
+(the defaults are picked by this worst case, not by the best testbed; worst cases within {TIE} of the best, the seed
+spread, are a tie that the mean over the testbeds breaks). Best worst case per K: {win}.
 
 {md_table(rows, ['measure', 'r'] + [f'K={k}' for k in ks])}
 """)
