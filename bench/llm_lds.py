@@ -47,6 +47,8 @@ def main() -> None:
                     help="LoGra's damping, as a multiple of its Fisher's mean nonzero eigenvalue (one row each; 10 was the "
                          "best of 0.001 ... 100 here, bench/RESULTS.md)")
     ap.add_argument("--measures", nargs="+", default=["nystrom", "whitened", "cov", "nystrom-corr"])
+    ap.add_argument("--objective", default="if", help="the perturbation's objective: if, or blackbox (fine-tunes on random "
+                    "halves, as a fine-tuning API would run them; their subsets are recorded, so nystrom applies)")
     ap.add_argument("--l2-center", default="zero", help="the perturbed objective's L2 centre (zero | theta0)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("llm_lds.json"))
     ap.add_argument("--layers", type=int, default=2)
@@ -110,12 +112,13 @@ def main() -> None:
                                       capacity=max(args.K), seed=seed)
             t = time.perf_counter()
             for k in sorted(args.K):
-                run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(l2_center=args.l2_center),
+                run_worker(store, theta0, ctask, ctrain, {"q": cquery}, default_perturb_config(args.objective, l2_center=args.l2_center),
                            until=k, progress=False)
                 for measure in args.measures:
                     scores = daunce_store.open(path).scores("q", measure=measure, columns=list(range(k))).to_numpy()
                     centred = "" if args.l2_center == "zero" else f", L2 centred on {args.l2_center}"
-                    record(f"Daunce IF ({measure}{centred})", k, seed, scores, t)
+                    record(f"Daunce {args.objective.upper() if args.objective == 'if' else args.objective} ({measure}{centred})",
+                           k, seed, scores, t)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
