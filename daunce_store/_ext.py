@@ -25,7 +25,8 @@ def _built() -> Any:
         from daunce_store import _kernel
     except ImportError:
         return None
-    return _kernel if hasattr(_kernel, "TopKAccumulator") else None
+    # An extension built from older sources lacks what this package calls: treat it as not built.
+    return _kernel if all(hasattr(_kernel, name) for name in ("TopKAccumulator", "ChunkPlan")) else None
 
 
 def extension() -> Any:

@@ -231,7 +231,7 @@ class ReadPathMixin(StoreShape):
         ``s3://`` store (made once per store, with the options it was opened with); None where it does not
         read (extension not built or switched off, another kind of object store)."""
         ext = extension()
-        if ext is None or not hasattr(ext, "ChunkPlan"):
+        if ext is None:
             return None
         storage = self._storage
         if storage.is_local:
@@ -251,7 +251,7 @@ class ReadPathMixin(StoreShape):
         not apply (extension not built or switched off, an array whose chunks are not plain float32 +
         crc32c)."""
         ext = extension()
-        if ext is None or not hasattr(ext, "ChunkPlan") or not _plain_chunks(arr):
+        if ext is None or not _plain_chunks(arr):
             return None
         plan = ext.ChunkPlan()
 

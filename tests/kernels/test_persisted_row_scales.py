@@ -23,16 +23,9 @@ from daunce_store.scoring import _measures
 from daunce_store.scoring._backend import accumulator_class, available_backends
 from daunce_store.store import read_row_scales
 
-from test_persisted_gram import CORR_ATOL, REPO, _adversarial, _build, _random, _same, kill_at_each_op
+from test_persisted_gram import CORR_ATOL, REPO, _adversarial, _build, _random, _same, kill_at_each_op, store_path  # noqa: F401 (a fixture)
 
 NORMALISED = ("nystrom-corr", "whitened-corr", "auto-corr")
-
-
-@pytest.fixture
-def store_path(tmp_path: Path) -> Path:
-    path = tmp_path / "s.zarr"
-    _build(path, *_random())
-    return path
 
 
 def _scales_records(path: Path) -> list[Path]:
